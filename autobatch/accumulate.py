@@ -1,0 +1,193 @@
+"""One optimizer step over a rank's micro-batches, equal to the full-batch step.
+
+Every micro-step but the last runs forward *and* backward inside
+``ddp.no_sync()``; the last runs synced, so there is exactly one gradient
+all-reduce per optimizer step however many micro-steps a rank runs (ranks may
+run different numbers). Each micro-batch's loss is the SUM over its items
+(samples or target tokens) times ``world_size / N_global``, where N_global is
+the item count of the whole global batch on all ranks: DDP's average over
+ranks then yields the full-batch mean gradient. Dividing per-micro-batch means
+by the number of micro-steps would instead over-weight small micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+Precision = Literal["fp32", "bf16", "fp16"]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""(model, micro_batch) -> the SUM of the per-item losses of that micro-batch."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean loss per item of the global batch (this rank's part if not synced)
+    local_items: int | None  # items this rank processed, when `count_items` was given
+    global_items: int
+    micro_steps: int
+    grad_norm: float | None  # total norm before clipping, when clipping is on
+    skipped: bool = False  # fp16 overflow: no optimizer update, on every rank alike
+    oom: bool = False  # some rank ran out of memory in a no_sync micro-step: step not taken
+    oom_here: bool = False  # ... and it was this rank
+
+
+class Accumulator:
+    """Runs optimizer steps made of micro-batches on one rank (DDP or a plain module).
+
+    >>> acc = Accumulator(ddp_model, optimizer, max_grad_norm=1.0)
+    >>> result = acc.step(micro_batches, loss_fn, global_items=global_batch_size)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float | None = None,
+        precision: Precision = "fp32",
+        scaler: torch.amp.GradScaler | None = None,
+        agree_on_oom: bool = False,
+    ) -> None:
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0 or None")
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.precision = precision
+        self.device_type = next(model.parameters()).device.type
+        if precision == "fp16" and scaler is None:
+            scaler = torch.amp.GradScaler(self.device_type)
+        self.scaler = scaler
+        self.agree_on_oom = agree_on_oom
+        self.is_ddp = isinstance(model, DDP)
+        self.world_size = dist.get_world_size() if self.is_ddp else 1
+
+    # -- the optimizer step ------------------------------------------------
+    def step(
+        self,
+        micro_batches: Sequence[Any],
+        loss_fn: LossFn,
+        *,
+        global_items: int | None = None,
+        count_items: Callable[[Any], int] | None = None,
+        sync_loss: bool = True,
+    ) -> StepResult:
+        """One optimizer step over this rank's micro-batches.
+
+        Give `global_items` (the item count of the whole global batch, e.g. the
+        global batch size for a per-sample loss) when it is known; otherwise give
+        `count_items(micro_batch)` and the count is summed over ranks by one small
+        all-reduce before the first backward.
+        """
+        if not micro_batches:
+            raise ValueError("a rank needs at least one micro-batch per optimizer step")
+        local_items = None
+        if count_items is not None:
+            local_items = sum(int(count_items(mb)) for mb in micro_batches)
+        if global_items is None:
+            if local_items is None:
+                raise ValueError("give global_items, or count_items to count them over ranks")
+            global_items = int(self._all_reduce_sum(local_items, torch.int64))
+        if global_items < 1:
+            raise ValueError(f"global_items={global_items} must be >= 1")
+        weight = self.world_size / global_items
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        oom_here = False
+        for mb in micro_batches[:-1]:
+            try:
+                with self._no_sync():
+                    loss_sum += self._forward_backward(mb, loss_fn, weight)
+            except torch.OutOfMemoryError:
+                if not self.agree_on_oom:
+                    raise
+                oom_here = True  # recover outside the except block: its frame pins tensors
+            if oom_here:
+                break
+        if self.agree_on_oom and self._any_rank(oom_here):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(
+                loss=float("nan"),
+                local_items=local_items,
+                global_items=global_items,
+                micro_steps=0,
+                grad_norm=None,
+                oom=True,
+                oom_here=oom_here,
+            )
+        loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight)
+        grad_norm, skipped = self._update()
+
+        if sync_loss:
+            loss_sum = self._all_reduce_sum(float(loss_sum), torch.float64)
+        return StepResult(
+            float(loss_sum) / global_items, local_items, global_items, len(micro_batches), grad_norm, skipped
+        )
+
+    def _forward_backward(self, mb: Any, loss_fn: LossFn, weight: float) -> torch.Tensor:
+        with self._autocast():
+            loss = loss_fn(self.model, mb)
+        scaled = loss.float() * weight
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        return loss.detach().to(torch.float64).cpu()
+
+    def _update(self) -> tuple[float | None, bool]:
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        skipped = False
+        if self.scaler is not None:
+            # Gradients are identical on every rank after the all-reduce, so every
+            # rank finds the same inf/nan and skips (or not) alike.
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skipped
+
+    # -- helpers -------------------------------------------------------------
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return self.model.no_sync() if self.is_ddp else contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device_type, dtype=dtype)
+
+    def _all_reduce_sum(self, value: float, dtype: torch.dtype) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=dtype, device=self._collective_device())
+        dist.all_reduce(t)
+        return t.item()
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _collective_device(self) -> torch.device:
+        backend = dist.get_backend()
+        return next(self.model.parameters()).device if backend == "nccl" else torch.device("cpu")
+

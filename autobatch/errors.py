@@ -1,0 +1,33 @@
+"""Every error autobatch raises on purpose.
+
+    AutobatchError
+    ├── PlanError(ValueError)      the planner got an input it cannot satisfy
+    ├── SamplerError(ValueError)   the sampler's dataset/batch/state is inconsistent
+    ├── ProbeError                 a device or model could not be measured
+    └── LaunchError                the launcher could not start or keep a job
+
+Messages name the field, the value and what is allowed, so a user can fix the
+input without reading code.
+"""
+
+from __future__ import annotations
+
+
+class AutobatchError(Exception):
+    """Base of every error autobatch raises on purpose."""
+
+
+class PlanError(AutobatchError, ValueError):
+    """The planner was given inputs no plan can satisfy."""
+
+
+class SamplerError(AutobatchError, ValueError):
+    """The sampler was given an inconsistent dataset size, batch or state."""
+
+
+class ProbeError(AutobatchError):
+    """A device could not be inventoried or the model could not be measured on it."""
+
+
+class LaunchError(AutobatchError):
+    """The launcher could not start, run or recover a job."""
