@@ -131,13 +131,20 @@ class Accumulator:
         if sync_loss:
             loss_sum = self._all_reduce_sum(float(loss_sum), torch.float64)
         return StepResult(
-            float(loss_sum) / global_items, local_items, global_items, len(micro_batches), grad_norm, skipped
+            loss=float(loss_sum) / global_items,
+            local_items=local_items,
+            global_items=global_items,
+            micro_steps=len(micro_batches),
+            grad_norm=grad_norm,
+            skipped=skipped,
         )
 
     def _forward_backward(self, mb: Any, loss_fn: LossFn, weight: float) -> torch.Tensor:
         with self._autocast():
             loss = loss_fn(self.model, mb)
-        scaled = loss.float() * weight
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        scaled = loss * weight
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()

@@ -73,7 +73,7 @@ class DeviceCapacity:
         in the fewest micro-batches its limit allows."""
         if samples <= 0:
             return 0.0
-        k = -(-samples // self.max_micro_batch)
+        k = _ceil_div(samples, self.max_micro_batch)
         return self.step_overhead_s + k * self.fixed_s + self.per_sample_s * samples
 
     def time_of(self, micro_batches: Sequence[int]) -> float:
@@ -314,9 +314,13 @@ def _micro_batches_text(micro_batches: Sequence[int]) -> str:
 # planning
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def split_evenly(samples: int, max_micro_batch: int) -> tuple[int, ...]:
     """`samples` as the fewest micro-batches <= max_micro_batch, sizes differing by <= 1."""
-    k = -(-samples // max_micro_batch)
+    k = _ceil_div(samples, max_micro_batch)
     base, extra = divmod(samples, k)
     return (base + 1,) * extra + (base,) * (k - extra)
 
@@ -477,7 +481,7 @@ def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) 
     n = min(len(devices), global_batch_size)
     used = devices[:n]
     micro = min(d.max_micro_batch for d in used)
-    accum = -(-(-(-global_batch_size // n)) // micro)
+    accum = _ceil_div(_ceil_div(global_batch_size, n), micro)
     ranks = []
     for i, d in enumerate(used):
         share = global_batch_size // n + (1 if i < global_batch_size % n else 0)

@@ -32,11 +32,13 @@ class Block(nn.Module):
     def __init__(self, cfg: TinyGPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, batch_first=True)
+        # No attention biases: a key bias has a zero gradient in exact arithmetic
+        # (softmax ignores a shift), so Adam would turn its rounding noise into
+        # full-size steps and runs on different device mixes would drift apart.
+        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, bias=False, batch_first=True)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model)
-        )
+        d = cfg.d_model
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
@@ -66,8 +68,10 @@ class TinyGPT(nn.Module):
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropies over the target tokens (labels != -100)."""
     logits = model(batch["input_ids"])
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in at least float32
+        logits = logits.float()
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
         batch["labels"][:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
