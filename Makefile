@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m autobatch.examples.single_process
+	$(PY) -m autobatch.example
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,29 @@
+"""The README's library example runs as written, alone and under torchrun, with the same losses."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+from distributed import free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _loss_lines(cmd: list[str]) -> list[str]:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [line for line in out.stdout.splitlines() if line.startswith("step ")]
+
+
+def test_example_gives_the_same_losses_on_one_and_three_ranks():
+    one = _loss_lines([sys.executable, "-m", "autobatch.example"])
+    three = _loss_lines(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "autobatch.example"]
+    )
+    assert len(one) == 3
+    assert one == three
+    first, last = (float(line.split()[-1]) for line in (one[0], one[-1]))
+    assert last < first  # it trains

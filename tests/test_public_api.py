@@ -1,0 +1,53 @@
+"""The public surface of the library, and its independence from Ray and the launcher."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import autobatch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_public_names_are_pinned():
+    assert sorted(autobatch.__all__) == [
+        "Accumulator",
+        "AutobatchError",
+        "DeviceCapacity",
+        "GlobalBatchSampler",
+        "LaunchError",
+        "Plan",
+        "PlanError",
+        "ProbeError",
+        "RankPlan",
+        "SamplerError",
+        "SamplerState",
+        "StepResult",
+        "Task",
+        "equal_split_plan",
+        "make_plan",
+    ]
+    for name in autobatch.__all__:
+        assert hasattr(autobatch, name)
+
+
+def test_library_never_imports_ray_or_the_launcher():
+    offenders = []
+    for path in (ROOT / "autobatch").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("ray", "launcher")]
+    assert offenders == []
+
+
+def test_importing_the_library_loads_no_ray():
+    code = "import sys, autobatch; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
