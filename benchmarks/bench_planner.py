@@ -40,7 +40,8 @@ def main() -> None:
             plan = make_plan(B, devices)
             times.append(time.perf_counter() - t0)
         print(
-            f"devices={n:>6}  global_batch={B:>9,}  plan time median {statistics.median(times):.3f} s"
+            f"devices={n:>6}  global_batch={B:>9,}  "
+            f"plan time median {statistics.median(times):.3f} s"
             f" (min {min(times):.3f})  ranks={plan.world_size}  efficiency={plan.efficiency:.3f}"
             f"  speedup_vs_equal_split={plan.speedup_vs_baseline:.2f}x"
         )
