@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m autobatch.example
+	$(VENV)/bin/autobatch run configs/demo.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -13,6 +13,7 @@ by the number of micro-steps would instead over-weight small micro-batches.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +35,7 @@ class StepResult:
     global_items: int
     micro_steps: int
     grad_norm: float | None  # total norm before clipping, when clipping is on
+    micro_step_s: tuple[float, ...] = ()  # wall time of each forward+backward
     skipped: bool = False  # fp16 overflow: no optimizer update, on every rank alike
     oom: bool = False  # some rank ran out of memory in a no_sync micro-step: step not taken
     oom_here: bool = False  # ... and it was this rank
@@ -104,10 +106,11 @@ class Accumulator:
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         oom_here = False
+        times: list[float] = []
         for mb in micro_batches[:-1]:
             try:
                 with self._no_sync():
-                    loss_sum += self._forward_backward(mb, loss_fn, weight)
+                    loss_sum += self._forward_backward(mb, loss_fn, weight, times)
             except torch.OutOfMemoryError:
                 if not self.agree_on_oom:
                     raise
@@ -125,7 +128,7 @@ class Accumulator:
                 oom=True,
                 oom_here=oom_here,
             )
-        loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight)
+        loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight, times)
         grad_norm, skipped = self._update()
 
         if sync_loss:
@@ -136,10 +139,14 @@ class Accumulator:
             global_items=global_items,
             micro_steps=len(micro_batches),
             grad_norm=grad_norm,
+            micro_step_s=tuple(times),
             skipped=skipped,
         )
 
-    def _forward_backward(self, mb: Any, loss_fn: LossFn, weight: float) -> torch.Tensor:
+    def _forward_backward(
+        self, mb: Any, loss_fn: LossFn, weight: float, times: list[float]
+    ) -> torch.Tensor:
+        t0 = time.perf_counter()
         with self._autocast():
             loss = loss_fn(self.model, mb)
         if loss.dtype in (torch.float16, torch.bfloat16):
@@ -148,6 +155,7 @@ class Accumulator:
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
+        times.append(time.perf_counter() - t0)
         return loss.detach().to(torch.float64).cpu()
 
     def _update(self) -> tuple[float | None, bool]:

@@ -299,7 +299,9 @@ class Plan:
 
 
 def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _micro_batches_text(micro_batches: Sequence[int]) -> str:
@@ -387,14 +389,36 @@ def make_plan(
     devices: Sequence[DeviceCapacity],
     *,
     baseline: bool = True,
+    keep_all: bool = False,
 ) -> Plan:
     """The plan that minimises the slowest rank's predicted step time.
 
     Ranks follow the order of `devices` (left-out devices are skipped). A
     device is left out only when the others finish the step no later without
-    it; the reason is recorded in `Plan.excluded`.
+    it; the reason is recorded in `Plan.excluded`. With `keep_all` (a running
+    process group cannot shrink) every device gets at least one sample: one
+    each, and the rest planned as above.
     """
     _check_inputs(global_batch_size, devices)
+    if keep_all:
+        return _plan_keeping_all(global_batch_size, devices, baseline=baseline)
+    samples = _optimal_samples(global_batch_size, devices)
+    return _assemble(global_batch_size, devices, samples, baseline=baseline)
+
+
+def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:
+    if B < len(devices):
+        raise PlanError(
+            f"global_batch_size={B} is smaller than the {len(devices)} devices that must each "
+            "take at least one sample"
+        )
+    samples = np.ones(len(devices), dtype=np.int64)
+    if B > len(devices):
+        samples += _optimal_samples(B - len(devices), devices)
+    return _assemble(B, devices, samples, baseline=baseline)
+
+
+def _optimal_samples(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> np.ndarray:
     fleet = _Fleet(devices, global_batch_size)
     lo, hi = 0.0, float(min(d.rank_time(global_batch_size) for d in devices))
     for _ in range(200):
@@ -405,8 +429,7 @@ def make_plan(
             hi = mid
         else:
             lo = mid
-    samples = _fill(fleet.capacity(lo), fleet.capacity(hi), global_batch_size)
-    return _assemble(global_batch_size, devices, samples, baseline=baseline)
+    return _fill(fleet.capacity(lo), fleet.capacity(hi), global_batch_size)
 
 
 def _fill(floor_s: np.ndarray, ceil_s: np.ndarray, B: int) -> np.ndarray:

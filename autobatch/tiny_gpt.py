@@ -103,10 +103,18 @@ def collate_fixed(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def tiny_gpt_task(
-    *, dataset_size: int = 4096, seed: int = 0, cfg: TinyGPTConfig | None = None
+    *, dataset_size: int = 4096, seed: int = 0, cfg: TinyGPTConfig | None = None, **sizes: int
 ) -> Task:
-    """The demo task: the tiny GPT on the synthetic corpus, per-token loss."""
+    """The demo task: the tiny GPT on the synthetic corpus, per-token loss.
+
+    `sizes` override fields of TinyGPTConfig (vocab_size, seq_len, d_model, n_heads, n_layers).
+    """
     cfg = cfg or TinyGPTConfig()
+    unknown = set(sizes) - set(TinyGPTConfig.__dataclass_fields__)
+    if unknown:
+        allowed = ", ".join(["dataset_size", *TinyGPTConfig.__dataclass_fields__])
+        raise TypeError(f"unknown tiny_gpt argument(s) {sorted(unknown)}; allowed: {allowed}")
+    cfg = TinyGPTConfig(**{**cfg.__dict__, **sizes})
     return Task(
         build_model=lambda: TinyGPT(cfg),
         dataset=synthetic_corpus(dataset_size, cfg, seed=seed),

@@ -1,0 +1,208 @@
+"""`autobatch` command line: run, plan, probe.
+
+Every failure a user can cause ends with one line `error: ...` and exit code 2;
+an unexpected failure keeps its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autobatch.errors import AutobatchError
+from autobatch.plan import Plan
+
+console = Console(stderr=True)
+out = Console()
+
+
+def plan_table(plan: Plan, title: str = "plan") -> Table:
+    rows = plan.table_rows()
+    table = Table(title=title)
+    for h in rows[0]:
+        table.add_column(h, justify="left" if h == "device" else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    return table
+
+
+def print_plan(plan: Plan) -> None:
+    out.print(plan_table(plan))
+    for line in plan.summary_lines():
+        out.print(line)
+
+
+class _Display:
+    """Turns runner events into a rich progress bar and messages."""
+
+    def __init__(self, total_steps: int | None) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("global batch {task.fields[batch]}"), TimeElapsedColumn(),
+            console=out, transient=False,
+        )
+        self.task = None
+        self.total = total_steps
+        self.t0 = time.monotonic()
+        self.first_step = None
+
+    def __call__(self, event: str, details: dict) -> None:
+        if event == "plan":
+            print_plan(details["plan"])
+        elif event == "metrics":
+            out.print(f"metrics: {details['url']}")
+        elif event == "resume":
+            out.print(f"resuming from {details['checkpoint']}")
+        elif event == "restart":
+            out.print(f"[yellow]restart {details['restarts']}[/]: {details['reason']}")
+            if details["kind"] in ("oom", "lost"):
+                print_plan(details["plan"])
+        elif event == "progress":
+            self._progress(details["snapshots"])
+        elif event == "done":
+            self._done(details["summary"])
+
+    def _progress(self, snaps: list) -> None:
+        rank0 = next((s for s in snaps if s.rank == 0), None)
+        if rank0 is None:
+            return
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, loss="-", rate="-",
+                                               batch="-")
+            self.first_step = (time.monotonic(), rank0.optimizer_steps_total)
+        t, s = self.first_step
+        elapsed = time.monotonic() - t
+        rate = (rank0.optimizer_steps_total - s) * rank0.global_batch_size / elapsed \
+            if elapsed > 0 else 0.0
+        self.progress.update(
+            self.task, completed=rank0.optimizer_steps_total,
+            loss=f"{rank0.train_loss:.4f}" if rank0.train_loss is not None else "-",
+            rate=f"{rate:,.0f}",
+            batch=f"{rank0.effective_global_batch_size}/{rank0.global_batch_size}",
+        )
+
+    def _done(self, summary) -> None:  # noqa: ANN001
+        if self.task is not None:
+            self.progress.update(self.task, completed=summary.steps)
+            self.progress.stop()
+        out.print(
+            f"done: {summary.steps} steps in {summary.seconds:.1f} s, "
+            f"{summary.samples_per_s:,.1f} samples/s, restarts {summary.restarts}, "
+            f"OOM events {summary.oom_events}, checkpoint {summary.checkpoint}"
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.job import load_spec
+    from launcher.runner import JobRunner, summary_dict
+
+    spec = load_spec(args.spec)
+    display = _Display(spec.max_steps)
+    summary = JobRunner(spec, address=args.address, runs_root=args.runs_dir,
+                        listener=display).run()
+    if args.json:
+        out.print_json(json.dumps(summary_dict(summary)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.job import load_spec
+
+    spec = load_spec(args.spec)
+    if args.dry_run:
+        from autobatch.estimate import estimate_capacities
+        from autobatch.plan import make_plan
+        from launcher.job import load_task
+
+        if not args.devices:
+            raise AutobatchError("--dry-run needs --devices, e.g. --devices '2xA100-80GB,4xT4-16GB'")
+        capacities = estimate_capacities(load_task(spec), args.devices, precision=spec.precision)
+        plan = make_plan(spec.global_batch_size, capacities)
+    else:
+        if args.devices:
+            raise AutobatchError("--devices is only for --dry-run (planning without hardware)")
+        from launcher.runner import JobRunner
+
+        plan, _ = JobRunner(spec, address=args.address).probe_and_plan()
+    if args.json:
+        print(plan.to_json())
+    else:
+        print_plan(plan)
+        if args.dry_run:
+            out.print("[dim]all figures are estimates (no hardware was measured)[/]")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from launcher import cluster
+    from launcher.job import load_spec
+
+    spec = load_spec(args.spec) if args.spec else None
+    started = cluster.connect(args.address)
+    try:
+        rows = cluster.list_devices(spec)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    table = Table(title="devices")
+    for h in ("node", "device", "memory", "kind", "uuid"):
+        table.add_column(h)
+    for r in rows:
+        table.add_row(r["node"], r["name"], f"{r['total_bytes'] / 2**30:.2f} GiB", r["kind"],
+                      r["uuid"])
+    out.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autobatch", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="probe, plan and train a job on a Ray cluster")
+    run.add_argument("spec", help="job spec (YAML)")
+    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--runs-dir", default="runs", help="where checkpoints go (default: runs/)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="probe and plan without training")
+    plan.add_argument("spec", help="job spec (YAML)")
+    plan.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="plan from estimates, without hardware (needs --devices)")
+    plan.add_argument("--devices", help="declared devices for --dry-run, e.g. '2xA100-80GB,4xT4-16GB'")
+    plan.set_defaults(func=cmd_plan)
+
+    probe = sub.add_parser("probe", help="list every device of the cluster")
+    probe.add_argument("spec", nargs="?", help="job spec: also list its simulated devices")
+    probe.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    probe.set_defaults(func=cmd_probe)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutobatchError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

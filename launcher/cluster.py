@@ -1,0 +1,257 @@
+"""The Ray side: connect, reserve one bundle per device, and the actors that live in them.
+
+Ray is imported here and in the runner only. Each start-up phase is its own
+function with a timeout; on failure it raises `LaunchError` naming what to
+check, and the runner cleans up what was created.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from autobatch.devices import DeviceInfo, SimulatedDevice
+from autobatch.errors import LaunchError
+from autobatch.metrics import PrometheusSink, RankSnapshot
+from autobatch.profile import ModelProfile
+from launcher.job import JobSpec
+
+RESERVE_TIMEOUT_S = 60.0
+ACTOR_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One bundle: a simulated device (on any CPU) or one GPU."""
+
+    simulated: SimulatedDevice | None
+    resources: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ProbedDevice:
+    bundle: int
+    info: DeviceInfo
+    node: str  # node IP
+    node_id: str
+    profile: ModelProfile
+
+    @property
+    def device_id(self) -> str:
+        return f"b{self.bundle}"
+
+
+# ---------------------------------------------------------------------------
+# phase 1: connect
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS); start an embedded local Ray when neither is
+    given. Returns True when this call started Ray (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get(
+        "PYTHONPATH", "")] if p)}
+    try:
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+            return False
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=200 * 2**20, runtime_env={"env_vars": env})
+        return True
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "a new local Ray"
+        raise LaunchError(f"cannot connect to the Ray cluster at {where}: {exc}; check that "
+                          "it runs (`ray status`) and the address") from None
+
+
+# ---------------------------------------------------------------------------
+# phase 2: which devices, and reserving them
+
+
+def device_requests(spec: JobSpec) -> list[DeviceRequest]:
+    sel = spec.devices
+    if sel.select == "simulated":
+        out = []
+        for s in sel.simulated:
+            for d in s.devices():
+                out.append(DeviceRequest(d, {"CPU": 1.0}))
+        return out
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus == 0:
+        raise LaunchError(
+            "no devices: the Ray cluster has no GPU (`ray status`); to run on CPUs, list "
+            "simulated devices in the job spec (devices: {select: simulated, simulated: [...]})"
+        )
+    n = gpus if sel.select != "count" else sel.count
+    if n > gpus:
+        raise LaunchError(f"devices.count={n} but the cluster has {gpus} GPU(s)")
+    return [DeviceRequest(None, {"GPU": 1.0, "CPU": 1.0}) for _ in range(n)]
+
+
+def reserve(requests: Sequence[DeviceRequest], timeout_s: float = RESERVE_TIMEOUT_S
+            ) -> PlacementGroup:
+    pg = placement_group([r.resources for r in requests], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        want = sum_resources(requests)
+        raise LaunchError(
+            f"could not reserve {len(requests)} device bundle(s) ({want}) within {timeout_s:.0f} "
+            f"s; the cluster has {ray.available_resources()} free: check `ray status`"
+        )
+    return pg
+
+
+def sum_resources(requests: Sequence[DeviceRequest]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for r in requests:
+        for k, v in r.resources.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def in_bundle(pg: PlacementGroup, bundle: int, request: DeviceRequest) -> dict[str, Any]:
+    """Actor options that place it in `bundle` with the bundle's resources."""
+    return {
+        "num_cpus": request.resources.get("CPU", 0),
+        "num_gpus": request.resources.get("GPU", 0),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=bundle
+        ),
+    }
+
+
+def wait_all(refs: list, timeout_s: float, what: str) -> list:
+    """ray.get with a deadline and an error that names which ranks did not answer."""
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        missing = [i for i, r in enumerate(refs) if r in pending]
+        raise LaunchError(f"{what}: no answer from bundle(s) {missing} within {timeout_s:.0f} s;"
+                          " check `ray status` and the worker logs")
+    return ray.get(refs)
+
+
+# ---------------------------------------------------------------------------
+# the actors
+
+
+def _cpu_threads() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("AUTOBATCH_CPU_THREADS", "1")))
+
+
+@ray.remote
+class ProbeActor:
+    """Finds its device and measures the job's model on it."""
+
+    def __init__(self) -> None:
+        _cpu_threads()
+
+    def inventory(self, simulated: SimulatedDevice | None, index: int) -> tuple:
+        from launcher.worker import resolve_device
+
+        info = resolve_device(simulated, index)
+        ctx = ray.get_runtime_context()
+        return info, ray.util.get_node_ip_address(), ctx.get_node_id()
+
+    def node_devices(self) -> tuple[str, list[DeviceInfo]]:
+        from autobatch.devices import inventory
+
+        return ray.util.get_node_ip_address(), inventory()
+
+    def profile(self, spec: JobSpec, info: DeviceInfo, cache_dir: str | None) -> ModelProfile:
+        from launcher.worker import probe
+
+        return probe(spec, info, cache_dir)
+
+
+@ray.remote
+class TrainActor:
+    """One rank: joins the process group and runs the training loop."""
+
+    def __init__(self) -> None:
+        _cpu_threads()
+
+    def address(self) -> tuple[str, int, int]:
+        from launcher.worker import free_port
+
+        return ray.util.get_node_ip_address(), free_port(), os.getpid()
+
+    def join(self, master: str, rank: int, world: int, backend: str, timeout_s: float) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        if world > 1:
+            dist.init_process_group(backend, init_method=master, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+
+    def train(self, ctx: Any, collector: Any) -> Any:
+        from launcher.worker import train_rank
+
+        return train_rank(ctx, lambda snap: collector.push.remote(snap))
+
+
+@ray.remote(num_cpus=0)
+class MetricsCollector:
+    """Holds the latest snapshot of every rank and serves them on /metrics."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.sink = PrometheusSink()
+        self.server, self.port = self.sink.serve(host, port)
+        self.started = time.time()
+
+    def push(self, snapshot: RankSnapshot) -> None:
+        self.sink.push(snapshot)
+
+    def latest(self) -> list[RankSnapshot]:
+        return self.sink.snapshots()
+
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+        return f"http://{host}:{self.port}/metrics"
+
+    def render(self) -> bytes:
+        return self.sink.render()
+
+
+def profile_cache_dir() -> str:
+    default = pathlib.Path.home() / ".cache" / "autobatch" / "profiles"
+    return os.environ.get("AUTOBATCH_PROFILE_CACHE", str(default))
+
+
+def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:
+    """Every device of every alive node (one short-lived actor per node), then the job's
+    simulated devices."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    actors = [ProbeActor.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in nodes]
+    try:
+        found = wait_all([a.node_devices.remote() for a in actors], ACTOR_TIMEOUT_S, "inventory")
+    finally:
+        for a in actors:
+            ray.kill(a)
+    rows = []
+    for ip, infos in found:
+        for d in infos:
+            kind = "gpu" if d.is_cuda else "gpu (not visible)" if d.torch_device is None else "cpu"
+            rows.append({"node": ip, "name": d.name, "total_bytes": d.total_bytes, "kind": kind,
+                         "uuid": d.uuid})
+    for i, d in enumerate(spec.devices.simulated_devices() if spec else []):
+        rows.append({"node": "(any)", "name": d.name, "total_bytes": d.memory_bytes,
+                     "kind": f"simulated, speed {d.speed:g}", "uuid": d.info(i).uuid})
+    return rows

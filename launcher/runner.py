@@ -1,0 +1,286 @@
+"""Run one job on a Ray cluster: reserve, probe, plan, train, recover.
+
+    connect -> reserve bundles -> probe (inventory, then one profile per device type)
+      -> plan -> [start training actors -> rendezvous -> train]*  -> summary
+
+The bracketed part repeats after a failure, from the last checkpoint, at most
+`max_restarts` times: a lost worker restarts every rank; an out-of-memory in the
+synced backward lowers that device's micro-batch; a device whose node is gone
+is planned out (same global batch). Every actor and the placement group are
+removed on the way out, whatever happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from autobatch.devices import normalise_speeds
+from autobatch.errors import LaunchError
+from autobatch.metrics import RankSnapshot
+from autobatch.plan import Plan, make_plan
+from launcher import cluster
+from launcher.checkpoint import latest_checkpoint
+from launcher.job import JobSpec
+from launcher.worker import RankContext, RankOutcome, lower_micro_batches
+
+Listener = Callable[[str, dict], None]  # (event, details): plan, progress, restart, done
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job: str
+    steps: int
+    seconds: float
+    samples_per_s: float
+    restarts: int
+    oom_events: int
+    replans: dict[str, int]
+    checkpoint: str | None
+    plan: Plan
+    parameters: dict | None = None
+
+
+class _Failure(Exception):
+    def __init__(self, kind: str, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.rank = kind, rank  # kind: "oom" (synced backward), "lost", "error"
+
+
+class JobRunner:
+    def __init__(self, spec: JobSpec, *, address: str | None = None, runs_root: str = "runs",
+                 listener: Listener | None = None, metrics_host: str = "127.0.0.1") -> None:
+        self.spec = spec
+        self.address = address
+        self.runs_root = runs_root
+        self.listener = listener or (lambda event, details: None)
+        self.metrics_host = metrics_host
+        self.started_ray = False
+        self.pg = None
+        self.actors: list = []
+        self.collector = None
+
+    # -- public entry points ------------------------------------------------
+    def probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
+        with self._session():
+            return self._probe_and_plan()
+
+    def run(self) -> JobSummary:
+        with self._session():
+            plan, devices = self._probe_and_plan()
+            self.listener("plan", {"plan": plan, "devices": devices})
+            return self._train(plan, devices)
+
+    # -- phases -------------------------------------------------------------
+    def _session(self):  # noqa: ANN202
+        runner = self
+
+        class _Session:
+            def __enter__(self) -> None:
+                n = sum(s.count for s in runner.spec.devices.simulated)
+                runner.started_ray = cluster.connect(runner.address, num_cpus=max(4, n + 2))
+
+            def __exit__(self, *exc: object) -> None:
+                runner._cleanup()
+
+        return _Session()
+
+    def _probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
+        requests = cluster.device_requests(self.spec)
+        if any(r.simulated for r in requests):
+            sims = normalise_speeds([r.simulated for r in requests])
+            requests = [replace(r, simulated=s) for r, s in zip(requests, sims)]
+        self.requests = requests
+        self.pg = cluster.reserve(requests)
+        devices = self._probe(requests)
+        capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
+        return make_plan(self.spec.global_batch_size, capacities), devices
+
+    def _probe(self, requests: list[cluster.DeviceRequest]) -> list[cluster.ProbedDevice]:
+        probes = [cluster.ProbeActor.options(**cluster.in_bundle(self.pg, i, r)).remote()
+                  for i, r in enumerate(requests)]
+        try:
+            found = cluster.wait_all(
+                [p.inventory.remote(r.simulated, i) for i, (p, r) in
+                 enumerate(zip(probes, requests))],
+                cluster.ACTOR_TIMEOUT_S, "device inventory")
+            # one measurement per device type; the others of the type share it
+            by_type: dict[tuple, int] = {}
+            for i, (info, _, _) in enumerate(found):
+                by_type.setdefault((info.name, info.total_bytes, info.speed), i)
+            cache = cluster.profile_cache_dir()
+            profiles = {}
+            for key, i in by_type.items():  # one at a time: timings are not disturbed
+                ref = probes[i].profile.remote(self.spec, found[i][0], cache)
+                profiles[key] = cluster.wait_all([ref], 600, f"profile of {key[0]}")[0]
+        except RayTaskError as exc:
+            raise LaunchError(f"probe failed: {_cause(exc)}") from None
+        finally:
+            for p in probes:
+                ray.kill(p)
+        return sorted(
+            (cluster.ProbedDevice(i, info, ip, node_id,
+                                  profiles[(info.name, info.total_bytes, info.speed)])
+             for i, (info, ip, node_id) in enumerate(found)),
+            key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
+        )
+
+    def _train(self, plan: Plan, devices: list[cluster.ProbedDevice]) -> JobSummary:
+        spec = self.spec
+        self.collector = cluster.MetricsCollector.remote(self.metrics_host, spec.metrics_port or 0)
+        self.listener("metrics", {"url": ray.get(self.collector.url.remote())})
+        ckpt_dir = spec.checkpoint_dir(self.runs_root)
+        resume = str(latest_checkpoint(ckpt_dir)) if spec.checkpoint.resume and \
+            latest_checkpoint(ckpt_dir) else None
+        if resume:
+            self.listener("resume", {"checkpoint": resume})
+        restarts, replans, attempt = 0, {}, 0
+        t0 = time.monotonic()
+        while True:
+            try:
+                outcomes = self._attempt(plan, devices, ckpt_dir, resume, attempt, restarts,
+                                         replans)
+                break
+            except _Failure as failure:
+                self._stop_workers()
+                restarts += 1
+                if restarts > spec.max_restarts:
+                    raise LaunchError(f"job {spec.name} failed after {restarts - 1} restart(s): "
+                                      f"{failure}") from None
+                plan, reason = self._recover(plan, devices, failure)
+                if reason:
+                    replans[reason] = replans.get(reason, 0) + 1
+                resume = str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None
+                attempt += 1
+                self.listener("restart", {"reason": str(failure), "kind": failure.kind,
+                                          "restarts": restarts, "plan": plan, "resume": resume})
+        seconds = time.monotonic() - t0
+        final = Plan.from_json(outcomes[0].final_plan_json)
+        steps = outcomes[0].steps_done
+        summary = JobSummary(
+            job=spec.name, steps=steps, seconds=seconds,
+            samples_per_s=steps * spec.global_batch_size / seconds if seconds else 0.0,
+            restarts=restarts, oom_events=sum(o.oom_events for o in outcomes) + replans.get(
+                "oom", 0), replans=replans, checkpoint=outcomes[0].checkpoint, plan=final,
+            parameters=outcomes[0].parameters,
+        )
+        self.listener("done", {"summary": summary})
+        return summary
+
+    def _recover(self, plan: Plan, devices: list[cluster.ProbedDevice], failure: _Failure
+                 ) -> tuple[Plan, str | None]:
+        """The plan for the next attempt, and why it changed (None: unchanged)."""
+        if failure.kind == "oom":
+            return lower_micro_batches(plan, [failure.rank]), "oom"
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        lost = {d.device_id for d in devices if d.node_id not in alive}
+        if lost:
+            left = [d for d in plan.inputs if d.device_id not in lost]
+            if not left:
+                raise LaunchError("every device of the job is gone; nothing to re-plan on")
+            return make_plan(plan.global_batch_size, left), "device_lost"
+        return plan, None
+
+    def _attempt(self, plan: Plan, devices: list[cluster.ProbedDevice], ckpt_dir: pathlib.Path,
+                 resume: str | None, attempt: int, restarts: int, replans: dict
+                 ) -> list[RankOutcome]:
+        by_id = {d.device_id: d for d in devices}
+        ranked = [by_id[r.device_id] for r in plan.ranks]
+        self.actors = [
+            cluster.TrainActor.options(**cluster.in_bundle(
+                self.pg, d.bundle, self.requests[d.bundle])).remote()
+            for d in ranked
+        ]
+        addresses = self._collect(lambda a: a.address.remote(), "training actors")
+        ip, port, _ = addresses[0]
+        backend = "nccl" if all(d.info.is_cuda for d in ranked) else "gloo"
+        world = len(ranked)
+        self._collect(lambda a, r=iter(range(world)): a.join.remote(
+            f"tcp://{ip}:{port}", next(r), world, backend, 120), "process group set-up")
+        refs = []
+        for rank, (actor, d) in enumerate(zip(self.actors, ranked)):
+            ctx = RankContext(
+                job=self.spec.name, spec=self.spec, plan_json=plan.to_json(), rank=rank,
+                device=d.info, node=d.node, checkpoint_dir=str(ckpt_dir), resume_from=resume,
+                attempt=attempt, speed=d.info.speed, backward_factor=d.profile.backward_factor,
+                restarts=restarts, replans=dict(replans),
+            )
+            refs.append(actor.train.remote(ctx, self.collector))
+        return self._wait(refs)
+
+    def _collect(self, call: Callable, what: str) -> list:
+        try:
+            return cluster.wait_all([call(a) for a in self.actors], cluster.ACTOR_TIMEOUT_S, what)
+        except (RayActorError, RayTaskError) as exc:
+            raise _Failure("lost", -1, f"{what}: {_cause(exc)}") from None
+
+    def _wait(self, refs: list) -> list[RankOutcome]:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in done:
+                rank = refs.index(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    raise _Failure("lost", rank, f"rank {rank} worker died: {_cause(exc)}"
+                                   ) from None
+                except RayTaskError as exc:
+                    kind = "oom" if _is_oom(exc) else "error"
+                    if kind == "error":
+                        raise LaunchError(f"rank {rank} failed: {_cause(exc)}") from None
+                    raise _Failure(kind, rank, f"rank {rank}: {_cause(exc)}") from None
+            self._progress()
+        return ray.get(refs)
+
+    def _progress(self) -> None:
+        if self.collector is None:
+            return
+        snaps: list[RankSnapshot] = ray.get(self.collector.latest.remote())
+        if snaps:
+            self.listener("progress", {"snapshots": snaps})
+
+    # -- clean-up -------------------------------------------------------------
+    def _stop_workers(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    def _cleanup(self) -> None:
+        if ray.is_initialized():
+            self._stop_workers()
+            if self.collector is not None:
+                ray.kill(self.collector)
+                self.collector = None
+            if self.pg is not None:
+                ray.util.remove_placement_group(self.pg)
+                self.pg = None
+            if self.started_ray:
+                ray.shutdown()
+
+
+def _cause(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def _is_oom(exc: RayTaskError) -> bool:
+    import torch
+
+    return isinstance(getattr(exc, "cause", None), torch.OutOfMemoryError)
+
+
+def summary_dict(summary: JobSummary) -> dict:
+    out = dataclasses.asdict(summary)
+    out.pop("parameters", None)
+    out["plan"] = summary.plan.to_dict()
+    return out

@@ -1,0 +1,347 @@
+"""What runs on each device: the probe, and the training loop of one rank.
+
+The training loop is a plain function (`train_rank`) so the actor stays thin:
+per optimizer step it takes the rank's micro-batches from the plan sampler,
+runs the accumulator, and on an out-of-memory in a no_sync micro-step (agreed
+by every rank) lowers that device's micro-batch and retries the same global
+batch. Rank 0 checkpoints. Everything else (restarts, re-plans after a lost
+worker, the progress bar) is the runner's job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from autobatch.accumulate import Accumulator, LossFn, StepResult
+from autobatch.devices import DeviceInfo, SimulatedDevice, inventory
+from autobatch.errors import LaunchError
+from autobatch.measure import to_device
+from autobatch.metrics import RankSnapshot
+from autobatch.plan import Plan, make_plan
+from autobatch.profile import ModelProfile, profile_model
+from autobatch.sampler import GlobalBatchSampler
+from autobatch.simulated import Pacer, TensorMemory
+from launcher.checkpoint import load_checkpoint, save_checkpoint
+from launcher.job import JobSpec, OptimizerSpec, ScheduleSpec, load_task
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Everything one rank needs to train; built by the runner, sent to the actor."""
+
+    job: str
+    spec: JobSpec
+    plan_json: str
+    rank: int
+    device: DeviceInfo
+    node: str
+    checkpoint_dir: str
+    resume_from: str | None
+    attempt: int
+    speed: float = 1.0  # simulated devices: relative to the job's fastest
+    backward_factor: float = 3.0
+    restarts: int = 0
+    replans: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    rank: int
+    steps_done: int
+    final_plan_json: str
+    oom_events: int
+    checkpoint: str | None
+    parameters: dict[str, torch.Tensor] | None = None  # rank 0 only, for invariance checks
+
+
+# ---------------------------------------------------------------------------
+# building blocks
+
+
+def build_optimizer(spec: OptimizerSpec) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        if spec.name == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=spec.betas,
+                                     weight_decay=spec.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
+
+    return make
+
+
+def build_schedule(spec: ScheduleSpec, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def factor(step: int) -> float:
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
+        if spec.name == "cosine":
+            import math
+
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if spec.name == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: DeviceInfo | SimulatedDevice | None, index: int) -> DeviceInfo:
+    """The device this process trains on: a simulated one, or this process's GPU (or CPU)."""
+    if isinstance(device, SimulatedDevice):
+        return device.info(index)
+    if device is not None:
+        return device
+    found = [d for d in inventory() if d.torch_device is not None]
+    return found[0]
+
+
+def probe(spec: JobSpec, device: DeviceInfo, cache_dir: str | None) -> ModelProfile:
+    task = load_task(spec)
+    torch.manual_seed(spec.seed)
+    return profile_model(
+        task,
+        device,
+        make_optimizer=build_optimizer(spec.optimizer),
+        precision=spec.precision,
+        headroom_fraction=spec.memory_headroom,
+        distributed=True,
+        cache_dir=cache_dir,
+    )
+
+
+def lower_micro_batches(plan: Plan, ranks: list[int]) -> Plan:
+    """The plan after `ranks` ran out of memory: their limit drops to 3/4 of the micro-batch
+    that failed (at least one less), the same global batch is re-split over the same ranks."""
+    by_id = {r.device_id: r for r in plan.ranks}
+    inputs = []
+    for d in plan.inputs:
+        if d.device_id not in by_id:
+            continue
+        r = by_id[d.device_id]
+        if r.rank in ranks:
+            if r.micro_batch_size <= 1:
+                raise LaunchError(
+                    f"rank {r.rank} ({d.name}) ran out of memory at micro-batch 1: it cannot "
+                    "train this model; remove the device or lower the sequence length"
+                )
+            d = replace(d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4)
+                        or 1)
+        inputs.append(d)
+    return make_plan(plan.global_batch_size, inputs, keep_all=True)
+
+
+# ---------------------------------------------------------------------------
+# the training loop of one rank
+
+
+class _Faults:
+    """Injected faults of the job spec that concern this rank (first attempt only)."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.pending = [f for f in ctx.spec.faults if f.rank == ctx.rank] if ctx.attempt == 0 else []
+
+    def before_step(self, step: int) -> None:
+        for f in self.pending:
+            if f.kind == "crash" and f.step == step:
+                os.kill(os.getpid(), 9)  # a real kill -9 of this worker process
+
+    def wrap(self, loss_fn: LossFn, step_of: Callable[[], int], n_micro: Callable[[], int]) -> LossFn:
+        calls = {"step": -1, "i": 0}
+
+        def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            step = step_of()
+            if calls["step"] != step:
+                calls.update(step=step, i=0)
+            calls["i"] += 1
+            for f in list(self.pending):
+                if f.kind == "oom" and f.step == step:
+                    i = 1 if f.micro_step == "first" else n_micro()
+                    if calls["i"] == i:
+                        self.pending.remove(f)
+                        raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
+            return loss_fn(model, batch)
+
+        return loss
+
+
+def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOutcome:
+    spec = ctx.spec
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    plan = Plan.from_json(ctx.plan_json)
+    device = torch.device(ctx.device.torch_device or "cpu")
+    task = load_task(spec)
+    torch.manual_seed(spec.seed)
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(spec.optimizer)(model)
+    sampler = GlobalBatchSampler(len(task.dataset), spec.global_batch_size, seed=spec.seed,
+                                 epoch_end=spec.epoch_end)
+    total = spec.total_steps(sampler.steps_per_epoch)
+    schedule = build_schedule(spec.schedule, optimizer, total)
+    if ctx.resume_from:
+        state = load_checkpoint(ctx.resume_from)
+        sampler.check_resume(state["sampler"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        sampler.step = state["sampler"]["step"]
+    wrapped = model
+    if world > 1:
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    acc = Accumulator(wrapped, optimizer, max_grad_norm=spec.optimizer.max_grad_norm,
+                      precision=spec.precision, agree_on_oom=True)
+
+    loss_fn = task.loss_fn
+    memory = None
+    if ctx.device.simulated:
+        pacer = Pacer(ctx.speed, backward_factor=ctx.backward_factor)
+        loss_fn = pacer.wrap_loss_fn(loss_fn)
+        pacer.attach(optimizer)
+        memory = TensorMemory(ctx.device.total_bytes, model=model, optimizer=optimizer)
+    faults = _Faults(ctx)
+    loss_fn = faults.wrap(loss_fn, lambda: sampler.step,
+                          lambda: plan.ranks[ctx.rank].accumulation_steps)
+
+    stats = _Stats(ctx, plan)
+    last_ckpt = ctx.resume_from
+    while sampler.step < total:
+        faults.before_step(sampler.step)
+        t0 = time.perf_counter()
+        batches = [to_device(task.batch(idx), device) for idx in sampler.micro_batches(plan, ctx.rank)]
+        n_items = task.count_items(sampler.global_batch())
+        if memory is not None:
+            with memory:
+                result = acc.step(batches, loss_fn, global_items=n_items)
+        else:
+            result = acc.step(batches, loss_fn, global_items=n_items)
+        if result.oom:
+            plan = lower_micro_batches(plan, _ranks_that(result.oom_here, world))
+            stats.on_oom(result.oom_here, plan)
+            continue  # the same global batch, on the lowered plan
+        schedule.step()
+        sampler.advance()
+        stats.on_step(result, time.perf_counter() - t0, plan, memory, device)
+        push(stats.snapshot())
+        if ctx.rank == 0 and (sampler.step % spec.checkpoint.interval == 0 or sampler.step == total):
+            last_ckpt = str(save_checkpoint(ctx.checkpoint_dir, sampler.step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "sampler": sampler.state().to_dict(),
+                "plan": plan.to_json(), "job": ctx.job,
+            }))
+    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.rank == 0 else None
+    return RankOutcome(ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params)
+
+
+def _ranks_that(flag: bool, world: int) -> list[int]:
+    """Every rank learns which ranks raised the flag (one small all-gather, OOM path only)."""
+    if world == 1:
+        return [0] if flag else []
+    flags = torch.zeros(world, dtype=torch.int32)
+    flags[dist.get_rank()] = int(flag)
+    dist.all_reduce(flags)
+    return [r for r in range(world) if flags[r]]
+
+
+class _Stats:
+    """Counters and the last step's figures of one rank, as metrics snapshots."""
+
+    def __init__(self, ctx: RankContext, plan: Plan) -> None:
+        self.ctx, self.plan = ctx, plan
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self.oom_events = 0
+        self.replans = dict(ctx.replans)
+        self.last: dict[str, Any] = {}
+        self.durations: list[float] = []
+
+    def on_oom(self, here: bool, plan: Plan) -> None:
+        self.oom_events += int(here)
+        self.replans["oom"] = self.replans.get("oom", 0) + 1
+        self.plan = plan
+
+    def on_step(self, result: StepResult, seconds: float, plan: Plan,
+                memory: TensorMemory | None, device: torch.device) -> None:
+        self.plan = plan
+        me = plan.ranks[self.ctx.rank]
+        self.steps += 1
+        self.samples += me.samples
+        self.tokens += result.global_items if self.ctx.rank == 0 else 0
+        self.durations.append(seconds)
+        peak = allocated = reserved = None
+        if memory is not None:
+            peak = memory.peak_bytes
+        elif device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            allocated = torch.cuda.memory_allocated(device)
+            reserved = torch.cuda.memory_reserved(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.last = {"loss": result.loss, "seconds": seconds, "peak": peak,
+                     "allocated": allocated, "reserved": reserved,
+                     "sync_wait": _sync_wait(result, plan, self.ctx.rank)}
+
+    def snapshot(self) -> RankSnapshot:
+        me = self.plan.ranks[self.ctx.rank]
+        durations, self.durations = tuple(self.durations), []
+        return RankSnapshot(
+            job=self.ctx.job, rank=self.ctx.rank, node=self.ctx.node,
+            device=self.ctx.device.name, device_uuid=self.ctx.device.uuid,
+            simulated=self.ctx.device.simulated,
+            device_memory_total_bytes=self.ctx.device.total_bytes,
+            torch_memory_allocated_bytes=self.last["allocated"],
+            torch_memory_reserved_bytes=self.last["reserved"],
+            torch_memory_peak_bytes=self.last["peak"],
+            plan_predicted_peak_bytes=me.predicted_peak_bytes,
+            micro_batch_size=me.micro_batch_size,
+            accumulation_steps=me.accumulation_steps,
+            rank_samples_per_step=me.samples,
+            global_batch_size=self.plan.global_batch_size,
+            effective_global_batch_size=sum(r.samples for r in self.plan.ranks),
+            plan_efficiency_ratio=self.plan.efficiency,
+            step_duration_s=self.last["seconds"],
+            sync_wait_s=self.last["sync_wait"],
+            train_loss=self.last["loss"],
+            step_durations_s=durations,
+            samples_processed_total=self.samples,
+            tokens_processed_total=self.tokens,
+            optimizer_steps_total=self.steps,
+            oom_events_total=self.oom_events,
+            worker_restarts_total=self.ctx.restarts,
+            replans_total=self.replans,
+        )
+
+
+def _sync_wait(result: StepResult, plan: Plan, rank: int) -> float | None:
+    """Time the synced micro-step took beyond this rank's own compute for it: the wait for
+    the slowest rank at the all-reduce. Compute is estimated from this step's no_sync
+    micro-steps (per sample), or from the plan's time model when there are none."""
+    times = result.micro_step_s
+    if not times:
+        return None
+    sizes = plan.ranks[rank].micro_batches
+    if len(times) > 1:
+        per_sample = statistics.fmean(t / b for t, b in zip(times[:-1], sizes[:-1]))
+        expected = per_sample * sizes[-1]
+    else:
+        by_id = {d.device_id: d for d in plan.inputs}
+        expected = by_id[plan.ranks[rank].device_id].micro_step_time(sizes[-1])
+    return max(0.0, times[-1] - expected)
