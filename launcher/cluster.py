@@ -152,8 +152,10 @@ def _cpu_threads() -> None:
 
 
 @ray.remote
-class ProbeActor:
-    """Finds its device and measures the job's model on it."""
+class DeviceWorker:
+    """Lives in one bundle: finds its device, measures the job's model on it, then trains
+    as one rank. Probing and training in the same process saves a process start (and a
+    CUDA context) per device, and the profile is measured in the process that trains."""
 
     def __init__(self) -> None:
         _cpu_threads()
@@ -174,14 +176,6 @@ class ProbeActor:
         from launcher.worker import probe
 
         return probe(spec, info, cache_dir)
-
-
-@ray.remote
-class TrainActor:
-    """One rank: joins the process group and runs the training loop."""
-
-    def __init__(self) -> None:
-        _cpu_threads()
 
     def address(self) -> tuple[str, int, int]:
         from launcher.worker import free_port
@@ -238,7 +232,7 @@ def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    actors = [ProbeActor.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+    actors = [DeviceWorker.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote() for n in nodes]
     try:
         found = wait_all([a.node_devices.remote() for a in actors], ACTOR_TIMEOUT_S, "inventory")

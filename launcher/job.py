@@ -77,6 +77,8 @@ class DevicesSpec(_Strict):
     count: Annotated[int, Field(ge=1, le=4096)] | None = None
     name_pattern: str | None = None  # regular expression on the GPU name, e.g. "A100|L4"
     simulated: list[SimulatedDeviceSpec] = []
+    # Use every selected device, even one the planner would leave out as too slow.
+    keep_all: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> DevicesSpec:
@@ -134,6 +136,9 @@ class JobSpec(_Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 0  # 0: any free port
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
     faults: list[FaultSpec] = []
+    # Every rank appends the dataset indices of each completed step to
+    # <checkpoint dir>/samples-rank<r>.jsonl: an audit that each global batch was exact.
+    audit_samples: bool = False
 
     @field_validator("task")
     @classmethod

@@ -63,8 +63,16 @@ class JobRunner:
         self.metrics_host = metrics_host
         self.started_ray = False
         self.pg = None
-        self.actors: list = []
+        self.actors: list = []  # the ranks' workers, in rank order
+        self.workers: dict = {}  # bundle -> a probed worker not yet given a rank
         self.collector = None
+        self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
+        self._t = time.monotonic()
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phase_s[name] = now - self._t
+        self._t = now
 
     # -- public entry points ------------------------------------------------
     def probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
@@ -84,7 +92,9 @@ class JobRunner:
         class _Session:
             def __enter__(self) -> None:
                 n = sum(s.count for s in runner.spec.devices.simulated)
+                runner._t = time.monotonic()
                 runner.started_ray = cluster.connect(runner.address, num_cpus=max(4, n + 2))
+                runner._phase("ray_start")
 
             def __exit__(self, *exc: object) -> None:
                 runner._cleanup()
@@ -98,32 +108,34 @@ class JobRunner:
             requests = [replace(r, simulated=s) for r, s in zip(requests, sims)]
         self.requests = requests
         self.pg = cluster.reserve(requests)
+        self._phase("reserve")
         devices = self._probe(requests)
+        self._phase("probe")
         capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
-        return make_plan(self.spec.global_batch_size, capacities), devices
+        plan = make_plan(self.spec.global_batch_size, capacities,
+                         keep_all=self.spec.devices.keep_all)
+        self._phase("plan")
+        return plan, devices
 
     def _probe(self, requests: list[cluster.DeviceRequest]) -> list[cluster.ProbedDevice]:
-        probes = [cluster.ProbeActor.options(**cluster.in_bundle(self.pg, i, r)).remote()
-                  for i, r in enumerate(requests)]
+        """Start one worker per bundle; inventory every device, then measure one device of
+        each type (one at a time, so timings are not disturbed); the others share it."""
+        self.workers = {i: cluster.DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
+                        for i, r in enumerate(requests)}
         try:
             found = cluster.wait_all(
-                [p.inventory.remote(r.simulated, i) for i, (p, r) in
-                 enumerate(zip(probes, requests))],
+                [self.workers[i].inventory.remote(r.simulated, i) for i, r in enumerate(requests)],
                 cluster.ACTOR_TIMEOUT_S, "device inventory")
-            # one measurement per device type; the others of the type share it
             by_type: dict[tuple, int] = {}
             for i, (info, _, _) in enumerate(found):
                 by_type.setdefault((info.name, info.total_bytes, info.speed), i)
             cache = cluster.profile_cache_dir()
             profiles = {}
-            for key, i in by_type.items():  # one at a time: timings are not disturbed
-                ref = probes[i].profile.remote(self.spec, found[i][0], cache)
+            for key, i in by_type.items():
+                ref = self.workers[i].profile.remote(self.spec, found[i][0], cache)
                 profiles[key] = cluster.wait_all([ref], 600, f"profile of {key[0]}")[0]
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {_cause(exc)}") from None
-        finally:
-            for p in probes:
-                ray.kill(p)
         return sorted(
             (cluster.ProbedDevice(i, info, ip, node_id,
                                   profiles[(info.name, info.total_bytes, info.speed)])
@@ -184,7 +196,8 @@ class JobRunner:
             left = [d for d in plan.inputs if d.device_id not in lost]
             if not left:
                 raise LaunchError("every device of the job is gone; nothing to re-plan on")
-            return make_plan(plan.global_batch_size, left), "device_lost"
+            keep_all = self.spec.devices.keep_all
+            return make_plan(plan.global_batch_size, left, keep_all=keep_all), "device_lost"
         return plan, None
 
     def _attempt(self, plan: Plan, devices: list[cluster.ProbedDevice], ckpt_dir: pathlib.Path,
@@ -192,17 +205,17 @@ class JobRunner:
                  ) -> list[RankOutcome]:
         by_id = {d.device_id: d for d in devices}
         ranked = [by_id[r.device_id] for r in plan.ranks]
-        self.actors = [
-            cluster.TrainActor.options(**cluster.in_bundle(
-                self.pg, d.bundle, self.requests[d.bundle])).remote()
-            for d in ranked
-        ]
+        self.actors = [self._worker(d.bundle) for d in ranked]
+        for bundle in list(self.workers):  # probed devices the plan left out
+            ray.kill(self.workers.pop(bundle))
         addresses = self._collect(lambda a: a.address.remote(), "training actors")
+        self._phase("start_workers")
         ip, port, _ = addresses[0]
         backend = "nccl" if all(d.info.is_cuda for d in ranked) else "gloo"
         world = len(ranked)
         self._collect(lambda a, r=iter(range(world)): a.join.remote(
             f"tcp://{ip}:{port}", next(r), world, backend, 120), "process group set-up")
+        self._phase("process_group")
         refs = []
         for rank, (actor, d) in enumerate(zip(self.actors, ranked)):
             ctx = RankContext(
@@ -213,6 +226,13 @@ class JobRunner:
             )
             refs.append(actor.train.remote(ctx, self.collector))
         return self._wait(refs)
+
+    def _worker(self, bundle: int):  # noqa: ANN202
+        """The bundle's probe worker on the first attempt; a fresh one after a failure."""
+        if bundle in self.workers:
+            return self.workers.pop(bundle)
+        return cluster.DeviceWorker.options(
+            **cluster.in_bundle(self.pg, bundle, self.requests[bundle])).remote()
 
     def _collect(self, call: Callable, what: str) -> list:
         try:
@@ -243,14 +263,16 @@ class JobRunner:
         if self.collector is None:
             return
         snaps: list[RankSnapshot] = ray.get(self.collector.latest.remote())
+        if snaps and "first_step" not in self.phase_s:
+            self._phase("first_step")
         if snaps:
             self.listener("progress", {"snapshots": snaps})
 
     # -- clean-up -------------------------------------------------------------
     def _stop_workers(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, *self.workers.values()]:
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self.workers = [], {}
 
     def _cleanup(self) -> None:
         if ray.is_initialized():

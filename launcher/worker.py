@@ -222,11 +222,13 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
                           lambda: plan.ranks[ctx.rank].accumulation_steps)
 
     stats = _Stats(ctx, plan)
+    audit = _Audit(ctx) if spec.audit_samples else None
     last_ckpt = ctx.resume_from
     while sampler.step < total:
         faults.before_step(sampler.step)
         t0 = time.perf_counter()
-        batches = [to_device(task.batch(idx), device) for idx in sampler.micro_batches(plan, ctx.rank)]
+        indices = sampler.micro_batches(plan, ctx.rank)
+        batches = [to_device(task.batch(idx), device) for idx in indices]
         n_items = task.count_items(sampler.global_batch())
         if memory is not None:
             with memory:
@@ -237,6 +239,8 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
             plan = lower_micro_batches(plan, _ranks_that(result.oom_here, world))
             stats.on_oom(result.oom_here, plan)
             continue  # the same global batch, on the lowered plan
+        if audit is not None:
+            audit.record(sampler.step, indices)
         schedule.step()
         sampler.advance()
         stats.on_step(result, time.perf_counter() - t0, plan, memory, device)
@@ -249,6 +253,24 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
             }))
     params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.rank == 0 else None
     return RankOutcome(ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params)
+
+
+class _Audit:
+    def __init__(self, ctx: RankContext) -> None:
+        import pathlib
+
+        d = pathlib.Path(ctx.checkpoint_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"samples-rank{ctx.rank}.jsonl"
+        self.attempt = ctx.attempt
+
+    def record(self, step: int, micro_batches: list) -> None:
+        import json
+
+        line = {"attempt": self.attempt, "step": step,
+                "micro_batches": [[int(i) for i in mb] for mb in micro_batches]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def _ranks_that(flag: bool, world: int) -> list[int]:
