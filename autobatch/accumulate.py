@@ -205,4 +205,3 @@ class Accumulator:
     def _collective_device(self) -> torch.device:
         backend = dist.get_backend()
         return next(self.model.parameters()).device if backend == "nccl" else torch.device("cpu")
-

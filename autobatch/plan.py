@@ -407,13 +407,13 @@ def make_plan(
 
 
 def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:
-    if B < len(devices):
+    if len(devices) > B:
         raise PlanError(
             f"global_batch_size={B} is smaller than the {len(devices)} devices that must each "
             "take at least one sample"
         )
     samples = np.ones(len(devices), dtype=np.int64)
-    if B > len(devices):
+    if len(devices) < B:
         samples += _optimal_samples(B - len(devices), devices)
     return _assemble(B, devices, samples, baseline=baseline)
 

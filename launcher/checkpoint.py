@@ -18,8 +18,9 @@ import torch
 _NAME = re.compile(r"step_(\d{8})\.pt")
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, Any], *,
-                    keep: int = 2) -> pathlib.Path:
+def save_checkpoint(
+    directory: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int = 2
+) -> pathlib.Path:
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}.pt"

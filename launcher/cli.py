@@ -20,7 +20,7 @@ from autobatch.errors import AutobatchError
 from autobatch.plan import Plan
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def plan_table(plan: Plan, title: str = "plan") -> Table:
@@ -44,10 +44,14 @@ class _Display:
 
     def __init__(self, total_steps: int | None) -> None:
         self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
-            TextColumn("global batch {task.fields[batch]}"), TimeElapsedColumn(),
-            console=out, transient=False,
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("global batch {task.fields[batch]}"),
+            TimeElapsedColumn(),
+            console=out,
+            transient=False,
         )
         self.task = None
         self.total = total_steps
@@ -76,15 +80,20 @@ class _Display:
             return
         if self.task is None:
             self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total, loss="-", rate="-",
-                                               batch="-")
+            self.task = self.progress.add_task(
+                "train", total=self.total, loss="-", rate="-", batch="-"
+            )
             self.first_step = (time.monotonic(), rank0.optimizer_steps_total)
         t, s = self.first_step
         elapsed = time.monotonic() - t
-        rate = (rank0.optimizer_steps_total - s) * rank0.global_batch_size / elapsed \
-            if elapsed > 0 else 0.0
+        rate = (
+            (rank0.optimizer_steps_total - s) * rank0.global_batch_size / elapsed
+            if elapsed > 0
+            else 0.0
+        )
         self.progress.update(
-            self.task, completed=rank0.optimizer_steps_total,
+            self.task,
+            completed=rank0.optimizer_steps_total,
             loss=f"{rank0.train_loss:.4f}" if rank0.train_loss is not None else "-",
             rate=f"{rate:,.0f}",
             batch=f"{rank0.effective_global_batch_size}/{rank0.global_batch_size}",
@@ -107,8 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     display = _Display(spec.max_steps)
-    summary = JobRunner(spec, address=args.address, runs_root=args.runs_dir,
-                        listener=display).run()
+    summary = JobRunner(spec, address=args.address, runs_root=args.runs_dir, listener=display).run()
     if args.json:
         out.print_json(json.dumps(summary_dict(summary)))
     return 0
@@ -122,11 +130,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from autobatch.estimate import estimate_capacities
         from autobatch.plan import make_plan
         from launcher.job import load_task
+        from launcher.worker import build_optimizer
 
         if not args.devices:
-            raise AutobatchError("--dry-run needs --devices, e.g. --devices '2xA100-80GB,4xT4-16GB'")
-        capacities = estimate_capacities(load_task(spec), args.devices, precision=spec.precision)
-        plan = make_plan(spec.global_batch_size, capacities)
+            raise AutobatchError(
+                "--dry-run needs --devices, e.g. --devices '2xA100-80GB,4xT4-16GB'"
+            )
+        capacities = estimate_capacities(
+            load_task(spec),
+            args.devices,
+            make_optimizer=build_optimizer(spec.optimizer),
+            precision=spec.precision,
+            headroom_fraction=spec.memory_headroom,
+        )
+        plan = make_plan(spec.global_batch_size, capacities, keep_all=spec.devices.keep_all)
     else:
         if args.devices:
             raise AutobatchError("--devices is only for --dry-run (planning without hardware)")
@@ -159,8 +176,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for h in ("node", "device", "memory", "kind", "uuid"):
         table.add_column(h)
     for r in rows:
-        table.add_row(r["node"], r["name"], f"{r['total_bytes'] / 2**30:.2f} GiB", r["kind"],
-                      r["uuid"])
+        table.add_row(
+            r["node"], r["name"], f"{r['total_bytes'] / 2**30:.2f} GiB", r["kind"], r["uuid"]
+        )
     out.print(table)
     return 0
 
@@ -180,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("spec", help="job spec (YAML)")
     plan.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--dry-run", action="store_true",
-                      help="plan from estimates, without hardware (needs --devices)")
-    plan.add_argument("--devices", help="declared devices for --dry-run, e.g. '2xA100-80GB,4xT4-16GB'")
+    plan.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan from estimates, without hardware (needs --devices)",
+    )
+    plan.add_argument(
+        "--devices", help="declared devices for --dry-run, e.g. '2xA100-80GB,4xT4-16GB'"
+    )
     plan.set_defaults(func=cmd_plan)
 
     probe = sub.add_parser("probe", help="list every device of the cluster")

@@ -59,19 +59,48 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get(
-        "PYTHONPATH", "")] if p)}
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p
+        )
+    }
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
             return False
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 * 2**20, runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=200 * 2**20,
+            runtime_env={"env_vars": env},
+        )
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local Ray"
-        raise LaunchError(f"cannot connect to the Ray cluster at {where}: {exc}; check that "
-                          "it runs (`ray status`) and the address") from None
+        raise LaunchError(
+            f"cannot connect to the Ray cluster at {where}: {exc}; check that "
+            "it runs (`ray status`) and the address"
+        ) from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (Ray itself retries for minutes) when a host:port address does not answer."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([\w.:-]+?)\]?:(\d+)", address)
+    if m is None:
+        return  # "auto" and other forms: leave them to Ray
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LaunchError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; check the "
+            "address (--address or RAY_ADDRESS) and that the head node runs (`ray status`)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -98,8 +127,9 @@ def device_requests(spec: JobSpec) -> list[DeviceRequest]:
     return [DeviceRequest(None, {"GPU": 1.0, "CPU": 1.0}) for _ in range(n)]
 
 
-def reserve(requests: Sequence[DeviceRequest], timeout_s: float = RESERVE_TIMEOUT_S
-            ) -> PlacementGroup:
+def reserve(
+    requests: Sequence[DeviceRequest], timeout_s: float = RESERVE_TIMEOUT_S
+) -> PlacementGroup:
     pg = placement_group([r.resources for r in requests], strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
@@ -136,8 +166,10 @@ def wait_all(refs: list, timeout_s: float, what: str) -> list:
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         missing = [i for i, r in enumerate(refs) if r in pending]
-        raise LaunchError(f"{what}: no answer from bundle(s) {missing} within {timeout_s:.0f} s;"
-                          " check `ray status` and the worker logs")
+        raise LaunchError(
+            f"{what}: no answer from bundle(s) {missing} within {timeout_s:.0f} s;"
+            " check `ray status` and the worker logs"
+        )
     return ray.get(refs)
 
 
@@ -188,8 +220,13 @@ class DeviceWorker:
         import torch.distributed as dist
 
         if world > 1:
-            dist.init_process_group(backend, init_method=master, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend,
+                init_method=master,
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
 
     def train(self, ctx: Any, collector: Any) -> Any:
         from launcher.worker import train_rank
@@ -232,8 +269,12 @@ def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    actors = [DeviceWorker.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote() for n in nodes]
+    actors = [
+        DeviceWorker.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote()
+        for n in nodes
+    ]
     try:
         found = wait_all([a.node_devices.remote() for a in actors], ACTOR_TIMEOUT_S, "inventory")
     finally:
@@ -243,9 +284,23 @@ def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:
     for ip, infos in found:
         for d in infos:
             kind = "gpu" if d.is_cuda else "gpu (not visible)" if d.torch_device is None else "cpu"
-            rows.append({"node": ip, "name": d.name, "total_bytes": d.total_bytes, "kind": kind,
-                         "uuid": d.uuid})
+            rows.append(
+                {
+                    "node": ip,
+                    "name": d.name,
+                    "total_bytes": d.total_bytes,
+                    "kind": kind,
+                    "uuid": d.uuid,
+                }
+            )
     for i, d in enumerate(spec.devices.simulated_devices() if spec else []):
-        rows.append({"node": "(any)", "name": d.name, "total_bytes": d.memory_bytes,
-                     "kind": f"simulated, speed {d.speed:g}", "uuid": d.info(i).uuid})
+        rows.append(
+            {
+                "node": "(any)",
+                "name": d.name,
+                "total_bytes": d.memory_bytes,
+                "kind": f"simulated, speed {d.speed:g}",
+                "uuid": d.info(i).uuid,
+            }
+        )
     return rows

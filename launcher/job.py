@@ -90,12 +90,15 @@ class DevicesSpec(_Strict):
             try:
                 re.compile(self.name_pattern)
             except re.error as exc:
-                raise ValueError(f"name_pattern={self.name_pattern!r} is not a regex: {exc}") from None
+                raise ValueError(
+                    f"name_pattern={self.name_pattern!r} is not a regex: {exc}"
+                ) from None
         if self.select == "simulated" and not self.simulated:
             raise ValueError("select='simulated' needs a list of simulated devices")
         if self.simulated and self.select != "simulated":
-            raise ValueError(f"simulated devices are listed but select={self.select!r}; "
-                             "use select: simulated")
+            raise ValueError(
+                f"simulated devices are listed but select={self.select!r}; use select: simulated"
+            )
         return self
 
     def simulated_devices(self) -> list[SimulatedDevice]:
@@ -223,13 +226,13 @@ def load_task(spec: JobSpec) -> Task:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"task={spec.task!r}: cannot import module {module_name!r}: {exc}") from None
+        raise SpecError(
+            f"task={spec.task!r}: cannot import module {module_name!r}: {exc}"
+        ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise SpecError(f"task={spec.task!r}: {module_name} has no function {func_name!r}")
     task = func(**spec.task_args)
     if not isinstance(task, Task):
-        raise SpecError(
-            f"task={spec.task!r} returned {type(task).__name__}, not an autobatch.Task"
-        )
+        raise SpecError(f"task={spec.task!r} returned {type(task).__name__}, not an autobatch.Task")
     return task

@@ -54,8 +54,15 @@ class _Failure(Exception):
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, *, address: str | None = None, runs_root: str = "runs",
-                 listener: Listener | None = None, metrics_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        address: str | None = None,
+        runs_root: str = "runs",
+        listener: Listener | None = None,
+        metrics_host: str = "127.0.0.1",
+    ) -> None:
         self.spec = spec
         self.address = address
         self.runs_root = runs_root
@@ -112,20 +119,25 @@ class JobRunner:
         devices = self._probe(requests)
         self._phase("probe")
         capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
-        plan = make_plan(self.spec.global_batch_size, capacities,
-                         keep_all=self.spec.devices.keep_all)
+        plan = make_plan(
+            self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
+        )
         self._phase("plan")
         return plan, devices
 
     def _probe(self, requests: list[cluster.DeviceRequest]) -> list[cluster.ProbedDevice]:
         """Start one worker per bundle; inventory every device, then measure one device of
         each type (one at a time, so timings are not disturbed); the others share it."""
-        self.workers = {i: cluster.DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
-                        for i, r in enumerate(requests)}
+        self.workers = {
+            i: cluster.DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
+            for i, r in enumerate(requests)
+        }
         try:
             found = cluster.wait_all(
                 [self.workers[i].inventory.remote(r.simulated, i) for i, r in enumerate(requests)],
-                cluster.ACTOR_TIMEOUT_S, "device inventory")
+                cluster.ACTOR_TIMEOUT_S,
+                "device inventory",
+            )
             by_type: dict[tuple, int] = {}
             for i, (info, _, _) in enumerate(found):
                 by_type.setdefault((info.name, info.total_bytes, info.speed), i)
@@ -137,9 +149,12 @@ class JobRunner:
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {_cause(exc)}") from None
         return sorted(
-            (cluster.ProbedDevice(i, info, ip, node_id,
-                                  profiles[(info.name, info.total_bytes, info.speed)])
-             for i, (info, ip, node_id) in enumerate(found)),
+            (
+                cluster.ProbedDevice(
+                    i, info, ip, node_id, profiles[(info.name, info.total_bytes, info.speed)]
+                )
+                for i, (info, ip, node_id) in enumerate(found)
+            ),
             key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
         )
 
@@ -148,45 +163,64 @@ class JobRunner:
         self.collector = cluster.MetricsCollector.remote(self.metrics_host, spec.metrics_port or 0)
         self.listener("metrics", {"url": ray.get(self.collector.url.remote())})
         ckpt_dir = spec.checkpoint_dir(self.runs_root)
-        resume = str(latest_checkpoint(ckpt_dir)) if spec.checkpoint.resume and \
-            latest_checkpoint(ckpt_dir) else None
+        resume = (
+            str(latest_checkpoint(ckpt_dir))
+            if spec.checkpoint.resume and latest_checkpoint(ckpt_dir)
+            else None
+        )
         if resume:
             self.listener("resume", {"checkpoint": resume})
         restarts, replans, attempt = 0, {}, 0
         t0 = time.monotonic()
         while True:
             try:
-                outcomes = self._attempt(plan, devices, ckpt_dir, resume, attempt, restarts,
-                                         replans)
+                outcomes = self._attempt(
+                    plan, devices, ckpt_dir, resume, attempt, restarts, replans
+                )
                 break
             except _Failure as failure:
                 self._stop_workers()
                 restarts += 1
                 if restarts > spec.max_restarts:
-                    raise LaunchError(f"job {spec.name} failed after {restarts - 1} restart(s): "
-                                      f"{failure}") from None
+                    raise LaunchError(
+                        f"job {spec.name} failed after {restarts - 1} restart(s): {failure}"
+                    ) from None
                 plan, reason = self._recover(plan, devices, failure)
                 if reason:
                     replans[reason] = replans.get(reason, 0) + 1
                 resume = str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None
                 attempt += 1
-                self.listener("restart", {"reason": str(failure), "kind": failure.kind,
-                                          "restarts": restarts, "plan": plan, "resume": resume})
+                self.listener(
+                    "restart",
+                    {
+                        "reason": str(failure),
+                        "kind": failure.kind,
+                        "restarts": restarts,
+                        "plan": plan,
+                        "resume": resume,
+                    },
+                )
         seconds = time.monotonic() - t0
         final = Plan.from_json(outcomes[0].final_plan_json)
         steps = outcomes[0].steps_done
         summary = JobSummary(
-            job=spec.name, steps=steps, seconds=seconds,
+            job=spec.name,
+            steps=steps,
+            seconds=seconds,
             samples_per_s=steps * spec.global_batch_size / seconds if seconds else 0.0,
-            restarts=restarts, oom_events=sum(o.oom_events for o in outcomes) + replans.get(
-                "oom", 0), replans=replans, checkpoint=outcomes[0].checkpoint, plan=final,
+            restarts=restarts,
+            oom_events=sum(o.oom_events for o in outcomes) + replans.get("oom", 0),
+            replans=replans,
+            checkpoint=outcomes[0].checkpoint,
+            plan=final,
             parameters=outcomes[0].parameters,
         )
         self.listener("done", {"summary": summary})
         return summary
 
-    def _recover(self, plan: Plan, devices: list[cluster.ProbedDevice], failure: _Failure
-                 ) -> tuple[Plan, str | None]:
+    def _recover(
+        self, plan: Plan, devices: list[cluster.ProbedDevice], failure: _Failure
+    ) -> tuple[Plan, str | None]:
         """The plan for the next attempt, and why it changed (None: unchanged)."""
         if failure.kind == "oom":
             return lower_micro_batches(plan, [failure.rank]), "oom"
@@ -200,29 +234,46 @@ class JobRunner:
             return make_plan(plan.global_batch_size, left, keep_all=keep_all), "device_lost"
         return plan, None
 
-    def _attempt(self, plan: Plan, devices: list[cluster.ProbedDevice], ckpt_dir: pathlib.Path,
-                 resume: str | None, attempt: int, restarts: int, replans: dict
-                 ) -> list[RankOutcome]:
+    def _attempt(
+        self,
+        plan: Plan,
+        devices: list[cluster.ProbedDevice],
+        ckpt_dir: pathlib.Path,
+        resume: str | None,
+        attempt: int,
+        restarts: int,
+        replans: dict,
+    ) -> list[RankOutcome]:
         by_id = {d.device_id: d for d in devices}
         ranked = [by_id[r.device_id] for r in plan.ranks]
         self.actors = [self._worker(d.bundle) for d in ranked]
         for bundle in list(self.workers):  # probed devices the plan left out
             ray.kill(self.workers.pop(bundle))
-        addresses = self._collect(lambda a: a.address.remote(), "training actors")
+        addresses = self._collect([a.address.remote() for a in self.actors], "training actors")
         self._phase("start_workers")
         ip, port, _ = addresses[0]
         backend = "nccl" if all(d.info.is_cuda for d in ranked) else "gloo"
         world = len(ranked)
-        self._collect(lambda a, r=iter(range(world)): a.join.remote(
-            f"tcp://{ip}:{port}", next(r), world, backend, 120), "process group set-up")
+        master = f"tcp://{ip}:{port}"
+        joins = [a.join.remote(master, r, world, backend, 120) for r, a in enumerate(self.actors)]
+        self._collect(joins, "process group set-up")
         self._phase("process_group")
         refs = []
         for rank, (actor, d) in enumerate(zip(self.actors, ranked)):
             ctx = RankContext(
-                job=self.spec.name, spec=self.spec, plan_json=plan.to_json(), rank=rank,
-                device=d.info, node=d.node, checkpoint_dir=str(ckpt_dir), resume_from=resume,
-                attempt=attempt, speed=d.info.speed, backward_factor=d.profile.backward_factor,
-                restarts=restarts, replans=dict(replans),
+                job=self.spec.name,
+                spec=self.spec,
+                plan_json=plan.to_json(),
+                rank=rank,
+                device=d.info,
+                node=d.node,
+                checkpoint_dir=str(ckpt_dir),
+                resume_from=resume,
+                attempt=attempt,
+                speed=d.info.speed,
+                backward_factor=d.profile.backward_factor,
+                restarts=restarts,
+                replans=dict(replans),
             )
             refs.append(actor.train.remote(ctx, self.collector))
         return self._wait(refs)
@@ -232,11 +283,12 @@ class JobRunner:
         if bundle in self.workers:
             return self.workers.pop(bundle)
         return cluster.DeviceWorker.options(
-            **cluster.in_bundle(self.pg, bundle, self.requests[bundle])).remote()
+            **cluster.in_bundle(self.pg, bundle, self.requests[bundle])
+        ).remote()
 
-    def _collect(self, call: Callable, what: str) -> list:
+    def _collect(self, refs: list, what: str) -> list:
         try:
-            return cluster.wait_all([call(a) for a in self.actors], cluster.ACTOR_TIMEOUT_S, what)
+            return cluster.wait_all(refs, cluster.ACTOR_TIMEOUT_S, what)
         except (RayActorError, RayTaskError) as exc:
             raise _Failure("lost", -1, f"{what}: {_cause(exc)}") from None
 
@@ -249,8 +301,9 @@ class JobRunner:
                 try:
                     ray.get(ref)
                 except RayActorError as exc:
-                    raise _Failure("lost", rank, f"rank {rank} worker died: {_cause(exc)}"
-                                   ) from None
+                    raise _Failure(
+                        "lost", rank, f"rank {rank} worker died: {_cause(exc)}"
+                    ) from None
                 except RayTaskError as exc:
                     kind = "oom" if _is_oom(exc) else "error"
                     if kind == "error":

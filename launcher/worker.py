@@ -74,16 +74,19 @@ class RankOutcome:
 def build_optimizer(spec: OptimizerSpec) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         if spec.name == "adamw":
-            return torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=spec.betas,
-                                     weight_decay=spec.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                               weight_decay=spec.weight_decay)
+            return torch.optim.AdamW(
+                model.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+            )
+        return torch.optim.SGD(
+            model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
 
     return make
 
 
-def build_schedule(spec: ScheduleSpec, optimizer: torch.optim.Optimizer,
-                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_schedule(
+    spec: ScheduleSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     def factor(step: int) -> float:
         if spec.warmup_steps and step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
@@ -144,8 +147,9 @@ def lower_micro_batches(plan: Plan, ranks: list[int]) -> Plan:
                     f"rank {r.rank} ({d.name}) ran out of memory at micro-batch 1: it cannot "
                     "train this model; remove the device or lower the sequence length"
                 )
-            d = replace(d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4)
-                        or 1)
+            d = replace(
+                d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4) or 1
+            )
         inputs.append(d)
     return make_plan(plan.global_batch_size, inputs, keep_all=True)
 
@@ -158,14 +162,18 @@ class _Faults:
     """Injected faults of the job spec that concern this rank (first attempt only)."""
 
     def __init__(self, ctx: RankContext) -> None:
-        self.pending = [f for f in ctx.spec.faults if f.rank == ctx.rank] if ctx.attempt == 0 else []
+        self.pending = (
+            [f for f in ctx.spec.faults if f.rank == ctx.rank] if ctx.attempt == 0 else []
+        )
 
     def before_step(self, step: int) -> None:
         for f in self.pending:
             if f.kind == "crash" and f.step == step:
                 os.kill(os.getpid(), 9)  # a real kill -9 of this worker process
 
-    def wrap(self, loss_fn: LossFn, step_of: Callable[[], int], n_micro: Callable[[], int]) -> LossFn:
+    def wrap(
+        self, loss_fn: LossFn, step_of: Callable[[], int], n_micro: Callable[[], int]
+    ) -> LossFn:
         calls = {"step": -1, "i": 0}
 
         def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -193,8 +201,9 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
     torch.manual_seed(spec.seed)
     model = task.build_model().to(device)
     optimizer = build_optimizer(spec.optimizer)(model)
-    sampler = GlobalBatchSampler(len(task.dataset), spec.global_batch_size, seed=spec.seed,
-                                 epoch_end=spec.epoch_end)
+    sampler = GlobalBatchSampler(
+        len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
+    )
     total = spec.total_steps(sampler.steps_per_epoch)
     schedule = build_schedule(spec.schedule, optimizer, total)
     if ctx.resume_from:
@@ -207,8 +216,13 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
     wrapped = model
     if world > 1:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    acc = Accumulator(wrapped, optimizer, max_grad_norm=spec.optimizer.max_grad_norm,
-                      precision=spec.precision, agree_on_oom=True)
+    acc = Accumulator(
+        wrapped,
+        optimizer,
+        max_grad_norm=spec.optimizer.max_grad_norm,
+        precision=spec.precision,
+        agree_on_oom=True,
+    )
 
     loss_fn = task.loss_fn
     memory = None
@@ -218,8 +232,9 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         pacer.attach(optimizer)
         memory = TensorMemory(ctx.device.total_bytes, model=model, optimizer=optimizer)
     faults = _Faults(ctx)
-    loss_fn = faults.wrap(loss_fn, lambda: sampler.step,
-                          lambda: plan.ranks[ctx.rank].accumulation_steps)
+    loss_fn = faults.wrap(
+        loss_fn, lambda: sampler.step, lambda: plan.ranks[ctx.rank].accumulation_steps
+    )
 
     stats = _Stats(ctx, plan)
     audit = _Audit(ctx) if spec.audit_samples else None
@@ -245,13 +260,28 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         sampler.advance()
         stats.on_step(result, time.perf_counter() - t0, plan, memory, device)
         push(stats.snapshot())
-        if ctx.rank == 0 and (sampler.step % spec.checkpoint.interval == 0 or sampler.step == total):
-            last_ckpt = str(save_checkpoint(ctx.checkpoint_dir, sampler.step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "sampler": sampler.state().to_dict(),
-                "plan": plan.to_json(), "job": ctx.job,
-            }))
-    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.rank == 0 else None
+        if ctx.rank == 0 and (
+            sampler.step % spec.checkpoint.interval == 0 or sampler.step == total
+        ):
+            last_ckpt = str(
+                save_checkpoint(
+                    ctx.checkpoint_dir,
+                    sampler.step,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "sampler": sampler.state().to_dict(),
+                        "plan": plan.to_json(),
+                        "job": ctx.job,
+                    },
+                )
+            )
+    params = (
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if ctx.rank == 0
+        else None
+    )
     return RankOutcome(ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params)
 
 
@@ -267,8 +297,11 @@ class _Audit:
     def record(self, step: int, micro_batches: list) -> None:
         import json
 
-        line = {"attempt": self.attempt, "step": step,
-                "micro_batches": [[int(i) for i in mb] for mb in micro_batches]}
+        line = {
+            "attempt": self.attempt,
+            "step": step,
+            "micro_batches": [[int(i) for i in mb] for mb in micro_batches],
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -301,8 +334,14 @@ class _Stats:
         self.replans["oom"] = self.replans.get("oom", 0) + 1
         self.plan = plan
 
-    def on_step(self, result: StepResult, seconds: float, plan: Plan,
-                memory: TensorMemory | None, device: torch.device) -> None:
+    def on_step(
+        self,
+        result: StepResult,
+        seconds: float,
+        plan: Plan,
+        memory: TensorMemory | None,
+        device: torch.device,
+    ) -> None:
         self.plan = plan
         me = plan.ranks[self.ctx.rank]
         self.steps += 1
@@ -317,16 +356,24 @@ class _Stats:
             allocated = torch.cuda.memory_allocated(device)
             reserved = torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
-        self.last = {"loss": result.loss, "seconds": seconds, "peak": peak,
-                     "allocated": allocated, "reserved": reserved,
-                     "sync_wait": _sync_wait(result, plan, self.ctx.rank)}
+        self.last = {
+            "loss": result.loss,
+            "seconds": seconds,
+            "peak": peak,
+            "allocated": allocated,
+            "reserved": reserved,
+            "sync_wait": _sync_wait(result, plan, self.ctx.rank),
+        }
 
     def snapshot(self) -> RankSnapshot:
         me = self.plan.ranks[self.ctx.rank]
         durations, self.durations = tuple(self.durations), []
         return RankSnapshot(
-            job=self.ctx.job, rank=self.ctx.rank, node=self.ctx.node,
-            device=self.ctx.device.name, device_uuid=self.ctx.device.uuid,
+            job=self.ctx.job,
+            rank=self.ctx.rank,
+            node=self.ctx.node,
+            device=self.ctx.device.name,
+            device_uuid=self.ctx.device.uuid,
             simulated=self.ctx.device.simulated,
             device_memory_total_bytes=self.ctx.device.total_bytes,
             torch_memory_allocated_bytes=self.last["allocated"],

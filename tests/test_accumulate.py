@@ -32,8 +32,11 @@ B = 24  # = the sum of the 3-rank plan; the 2-rank plan uses the first 16
 
 def mlp(dtype: torch.dtype, *, batchnorm: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    layers = [nn.Linear(5, 8)] + ([nn.BatchNorm1d(8)] if batchnorm else []) + [nn.Tanh(),
-                                                                                nn.Linear(8, 1)]
+    layers = (
+        [nn.Linear(5, 8)]
+        + ([nn.BatchNorm1d(8)] if batchnorm else [])
+        + [nn.Tanh(), nn.Linear(8, 1)]
+    )
     return nn.Sequential(*layers).to(dtype)
 
 
@@ -126,8 +129,11 @@ def one_step_grads(rank: int, kind: str, dtype: torch.dtype, sizes_by_rank, prec
     acc = Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=1.0), precision=precision)
     n = sum(map(sum, sizes_by_rank))
     lo = sum(map(sum, sizes_by_rank[:rank]))
-    acc.step(micro_batches(kind, dtype, lo, sizes_by_rank[rank]), loss_fn,
-             global_items=global_items(kind, n))
+    acc.step(
+        micro_batches(kind, dtype, lo, sizes_by_rank[rank]),
+        loss_fn,
+        global_items=global_items(kind, n),
+    )
     grads = [b - p.detach() for b, p in zip(before, model.parameters())]
     return grads, len(calls)
 
@@ -136,8 +142,7 @@ def train_steps(rank: int, world_size: int, steps: int, plan=None) -> list[torch
     """`steps` AdamW steps on the tiny GPT, token loss, data from the plan sampler."""
     model = gpt(torch.float32)
     wrapped = DDP(model) if world_size > 1 else model
-    acc = Accumulator(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=1e-2),
-                      max_grad_norm=1.0)
+    acc = Accumulator(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=1e-2), max_grad_norm=1.0)
     seqs = uneven_sequences(B)
     sampler = GlobalBatchSampler(len(seqs), 8, seed=3, epoch_end="carry")
     for _ in range(steps):
@@ -190,9 +195,14 @@ def fp16_overflow(rank: int) -> dict:
     clean = micro_batches("sample", torch.float32, lo, sizes[rank])
     second = acc.step(clean, sample_loss, global_items=16)
     moved = not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    return {"skipped": skipped, "unchanged": unchanged, "scale_before": scale,
-            "scale_after": acc.scaler.get_scale(), "second_skipped": second.skipped,
-            "moved_after_second": moved}
+    return {
+        "skipped": skipped,
+        "unchanged": unchanged,
+        "scale_before": scale,
+        "scale_after": acc.scaler.get_scale(),
+        "second_skipped": second.skipped,
+        "moved_after_second": moved,
+    }
 
 
 def rank_main(rank: int, world_size: int) -> dict:
@@ -261,8 +271,9 @@ def test_bf16_autocast_step_is_close_to_the_full_batch_gradient(ranks):
 
 def test_twenty_steps_on_three_mixed_ranks_equal_one_rank(three_ranks):
     _, results = three_ranks
-    assert [r.micro_batches for r in hetero_plan().ranks] != [r.micro_batches for r in
-                                                              single_plan().ranks]
+    assert [r.micro_batches for r in hetero_plan().ranks] != [
+        r.micro_batches for r in single_plan().ranks
+    ]
     reference = train_steps(0, 1, 20, single_plan())
     for got, want in zip(results[0]["trained"], reference):
         rel = ((got - want).abs().max() / want.abs().max()).item()
@@ -305,8 +316,9 @@ def test_counting_items_instead_of_giving_them_gives_the_same_step():
     a = Accumulator(model, torch.optim.SGD(model.parameters(), lr=1.0))
     b = Accumulator(twin, torch.optim.SGD(twin.parameters(), lr=1.0))
     ra = a.step(mbs, token_loss_sum, global_items=global_items("token", 6))
-    rb = b.step(mbs, token_loss_sum,
-                count_items=lambda mb: int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    rb = b.step(
+        mbs, token_loss_sum, count_items=lambda mb: int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+    )
     assert ra.global_items == rb.global_items
     assert ra.loss == pytest.approx(rb.loss)
     for p, q in zip(model.parameters(), twin.parameters()):

@@ -27,8 +27,14 @@ SIMS_3 = [
     {"name": "sim-mid", "memory": "200KiB", "speed": 1.0},
     {"name": "sim-small", "memory": "150KiB", "speed": 1.0},
 ]
-TINY = {"dataset_size": 96, "seq_len": 12, "d_model": 16, "n_heads": 2, "n_layers": 1,
-        "vocab_size": 16}
+TINY = {
+    "dataset_size": 96,
+    "seq_len": 12,
+    "d_model": 16,
+    "n_heads": 2,
+    "n_layers": 1,
+    "vocab_size": 16,
+}
 
 
 def job(tmp_path: pathlib.Path, **overrides) -> dict:
@@ -52,8 +58,9 @@ def local_ray(tmp_path_factory):
     import os
 
     os.environ["AUTOBATCH_PROFILE_CACHE"] = str(tmp_path_factory.mktemp("profiles"))
-    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=150 * 2**20,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=6, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -74,7 +81,9 @@ def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
     steps = {}
     for step, es in entries.items():
         last = max(e["attempt"] for e in es)
-        steps[step] = [i for e in es if e["attempt"] == last for mb in e["micro_batches"] for i in mb]
+        steps[step] = [
+            i for e in es if e["attempt"] == last for mb in e["micro_batches"] for i in mb
+        ]
     return steps
 
 
@@ -100,7 +109,7 @@ def baseline(local_ray, tmp_path_factory):
         if event == "metrics":
             seen["url"] = details["url"]
         if event == "progress" and "text" not in seen:
-            seen["text"] = urllib.request.urlopen(seen["url"], timeout=5).read().decode()
+            seen["text"] = urllib.request.urlopen(seen["url"], timeout=30).read().decode()
 
     summary = JobRunner(parse_spec(spec), listener=listener).run()
     return spec, tmp / "ckpt", summary, seen
@@ -120,8 +129,12 @@ def test_three_heterogeneous_simulated_devices_train_with_an_exact_global_batch(
 def test_metrics_are_served_while_the_job_runs(baseline):
     _, _, _, seen = baseline
     assert seen["url"].startswith("http://127.0.0.1:")
-    for name in ("autobatch_micro_batch_size", "autobatch_torch_memory_peak_bytes",
-                 "autobatch_plan_predicted_peak_bytes", "autobatch_effective_global_batch_size"):
+    for name in (
+        "autobatch_micro_batch_size",
+        "autobatch_torch_memory_peak_bytes",
+        "autobatch_plan_predicted_peak_bytes",
+        "autobatch_effective_global_batch_size",
+    ):
         assert name in seen["text"]
     assert 'rank="2"' in seen["text"]
 
@@ -180,8 +193,10 @@ def test_indices_audit_catches_a_wrong_batch(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
     sampler = GlobalBatchSampler(96, 24, seed=1)
-    rows = [{"attempt": 0, "step": s, "micro_batches": [sampler.global_batch(s).tolist()[:-1]]}
-                    for s in range(4)]
+    rows = [
+        {"attempt": 0, "step": s, "micro_batches": [sampler.global_batch(s).tolist()[:-1]]}
+        for s in range(4)
+    ]
     (d / "samples-rank0.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(AssertionError):
         assert_every_global_batch_exact({"global_batch_size": 24, "seed": 1, "max_steps": 4}, d)

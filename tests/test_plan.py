@@ -145,8 +145,10 @@ def test_equal_split_plan_is_a_valid_runnable_plan():
 def test_plan_json_round_trip_gives_an_equal_plan():
     plan = make_plan(
         100,
-        [dev(0, 16, memory_bytes=2**30, peak_fixed_bytes=10**8, peak_per_sample_bytes=10**7),
-         dev(1, 5, simulated=True)],
+        [
+            dev(0, 16, memory_bytes=2**30, peak_fixed_bytes=10**8, peak_per_sample_bytes=10**7),
+            dev(1, 5, simulated=True),
+        ],
     )
     again = Plan.from_json(plan.to_json())
     assert again == plan
@@ -171,8 +173,18 @@ def test_plan_table_names_every_rank_and_the_summary():
         # a device that cannot fit one sample: name, memory it has, memory one needs
         (
             8,
-            [DeviceCapacity("gpu3", "T4-16GB", 0, 0.01, 0.001, memory_bytes=15 * 2**30,
-                            peak_fixed_bytes=14 * 2**30, peak_per_sample_bytes=2 * 2**30)],
+            [
+                DeviceCapacity(
+                    "gpu3",
+                    "T4-16GB",
+                    0,
+                    0.01,
+                    0.001,
+                    memory_bytes=15 * 2**30,
+                    peak_fixed_bytes=14 * 2**30,
+                    peak_per_sample_bytes=2 * 2**30,
+                )
+            ],
             r"'gpu3' \(T4-16GB\) cannot fit even one sample: it has 15.00 GiB .* needs 16.00 GiB",
         ),
     ],
@@ -191,8 +203,13 @@ def test_infeasible_inputs_raise_clear_errors(B, devices, match):
     ],
 )
 def test_bad_time_model_is_rejected(kwargs, match):
-    base = {"device_id": "x", "name": "X", "max_micro_batch": 4, "fixed_s": 0.01,
-            "per_sample_s": 0.001}
+    base = {
+        "device_id": "x",
+        "name": "X",
+        "max_micro_batch": 4,
+        "fixed_s": 0.01,
+        "per_sample_s": 0.001,
+    }
     with pytest.raises(PlanError, match=match):
         DeviceCapacity(**{**base, **kwargs})
 

@@ -12,8 +12,8 @@ from autobatch.sampler import GlobalBatchSampler
 
 def _plan(B: int, limits: list[int], speeds: list[float]):
     devices = [
-        DeviceCapacity(f"d{i}", f"G{i}", m, 0.002, 0.001 / s) for i, (m, s) in enumerate(
-            zip(limits, speeds))
+        DeviceCapacity(f"d{i}", f"G{i}", m, 0.002, 0.001 / s)
+        for i, (m, s) in enumerate(zip(limits, speeds))
     ]
     return make_plan(B, devices)
 
@@ -30,9 +30,7 @@ def test_ranks_micro_batches_concatenate_to_the_same_global_batch(plan):
     sampler = GlobalBatchSampler(100, 24, seed=7)
     reference = GlobalBatchSampler(100, 24, seed=7)
     for step in range(10):  # crosses epoch ends (4 full batches per epoch)
-        pieces = [
-            mb for r in range(plan.world_size) for mb in sampler.micro_batches(plan, r, step)
-        ]
+        pieces = [mb for r in range(plan.world_size) for mb in sampler.micro_batches(plan, r, step)]
         for r, rank in enumerate(plan.ranks):
             sizes = [len(mb) for mb in sampler.micro_batches(plan, r, step)]
             assert sizes == list(rank.micro_batches)
@@ -81,12 +79,17 @@ def test_state_round_trip_resumes_at_the_exact_next_batch_under_another_plan():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"dataset_size": 5, "global_batch_size": 8}, r"dataset of 5 samples is smaller than "
-         r"global_batch_size=8.*epoch_end='carry'"),
+        (
+            {"dataset_size": 5, "global_batch_size": 8},
+            r"dataset of 5 samples is smaller than "
+            r"global_batch_size=8.*epoch_end='carry'",
+        ),
         ({"dataset_size": 0, "global_batch_size": 8}, r"dataset_size=0 must be >= 1"),
         ({"dataset_size": 10, "global_batch_size": 0}, r"global_batch_size=0 must be >= 1"),
-        ({"dataset_size": 10, "global_batch_size": 2, "epoch_end": "pad"},
-         r"epoch_end='pad' must be 'drop' or 'carry'"),
+        (
+            {"dataset_size": 10, "global_batch_size": 2, "epoch_end": "pad"},
+            r"epoch_end='pad' must be 'drop' or 'carry'",
+        ),
         ({"dataset_size": 10, "global_batch_size": 2, "step": -1}, r"step=-1 must be >= 0"),
     ],
 )

@@ -1,0 +1,66 @@
+"""The `autobatch` command as a user runs it: one-line errors, exit codes, plan output."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def autobatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no/such/job.yaml"], "error: cannot read job spec 'no/such/job.yaml'"),
+        (["plan", "configs/demo.yaml", "--dry-run"], "error: --dry-run needs --devices"),
+        (["plan", "configs/demo.yaml", "--dry-run", "--devices", "3xB200-1TB"], "error: "),
+        (
+            ["plan", "configs/demo.yaml", "--devices", "1xT4-16GB"],
+            "error: --devices is only for --dry-run",
+        ),
+        (
+            ["plan", "configs/demo.yaml", "--address", "127.0.0.1:1"],
+            "error: cannot reach the Ray cluster at 127.0.0.1:1",
+        ),
+    ],
+)
+def test_user_errors_end_in_one_line_and_exit_2(args, message):
+    result = autobatch(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+
+def test_invalid_spec_names_the_field(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: j\nglobal_batch_size: -4\nmax_steps: 1\n")
+    result = autobatch("plan", str(spec), "--json")
+    assert result.returncode == 2
+    assert "global_batch_size: Input should be greater than or equal to 1 (got -4)" in result.stderr
+
+
+def test_dry_run_plans_declared_gpus_as_json_without_hardware():
+    result = autobatch(
+        "plan", "configs/demo.yaml", "--dry-run", "--devices", "2xA100-80GB,4xT4-16GB", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["global_batch_size"] == 128
+    assert sum(sum(r["micro_batches"]) for r in plan["ranks"]) == 128
+    assert all(d["estimated"] for d in plan["inputs"])
+    assert {d["name"] for d in plan["inputs"]} == {"A100-80GB", "T4-16GB"}
+    assert plan["baseline"]["samples_per_s"] > 0 and 0 < plan["summary"]["efficiency"] <= 1

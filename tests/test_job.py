@@ -1,0 +1,112 @@
+"""The job spec: every bad input names the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from launcher.job import JobSpec, SpecError, load_spec, load_task, parse_spec
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BASE = {"name": "j", "global_batch_size": 8, "max_steps": 2}
+
+
+def test_shipped_configs_are_valid():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        spec = load_spec(path)
+        assert isinstance(spec, JobSpec)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            {"global_batch_size": 0},
+            r"global_batch_size: Input should be greater than or equal "
+            r"to 1 \(got 0\)",
+        ),
+        ({"name": "Bad Name"}, r"name: String should match pattern .* \(got 'Bad Name'\)"),
+        ({"max_steps": None}, r"give max_steps or epochs"),
+        ({"bogus": 1}, r"bogus: Extra inputs are not permitted"),
+        (
+            {"precision": "fp8"},
+            r"precision: Input should be 'fp32', 'bf16' or 'fp16' "
+            r"\(got 'fp8'\)",
+        ),
+        ({"optimizer": {"lr": -1}}, r"optimizer.lr: Input should be greater than 0"),
+        ({"optimizer": {"name": "lion"}}, r"optimizer.name: Input should be 'adamw' or 'sgd'"),
+        (
+            {"task": "not an entrypoint"},
+            r"task: task='not an entrypoint' must be 'tiny_gpt' or "
+            r"an entrypoint 'package.module:function'",
+        ),
+        ({"devices": {"select": "count"}}, r"devices: select='count' needs count"),
+        ({"devices": {"select": "simulated"}}, r"needs a list of simulated devices"),
+        (
+            {"devices": {"select": "name", "name_pattern": "(("}},
+            r"name_pattern='\(\(' is not a "
+            r"regex",
+        ),
+        (
+            {"devices": {"select": "simulated", "simulated": [{"name": "x", "memory": "lots"}]}},
+            r"devices.simulated.0.memory: .*memory 'lots' is not a size",
+        ),
+        (
+            {
+                "devices": {
+                    "select": "simulated",
+                    "simulated": [{"name": "x", "memory": "1GiB", "speed": 0}],
+                }
+            },
+            r"devices.simulated.0.speed: Input should be greater than 0",
+        ),
+        ({"memory_headroom": 1.5}, r"memory_headroom: Input should be less than 1"),
+        ({"faults": [{"kind": "meteor", "rank": 0, "step": 1}]}, r"faults.0.kind"),
+    ],
+)
+def test_bad_specs_are_rejected_with_the_field_named(change, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec({**BASE, **change})
+
+
+def test_total_steps_is_the_smaller_of_max_steps_and_epochs():
+    spec = parse_spec({**BASE, "max_steps": 100, "epochs": 2})
+    assert spec.total_steps(steps_per_epoch=10) == 20
+    assert parse_spec({**BASE, "max_steps": 5, "epochs": 2}).total_steps(10) == 5
+
+
+def test_yaml_problems_are_reported_with_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="cannot read job spec .*missing.yaml"):
+        load_spec(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="a job spec is a mapping of fields, got list"):
+        load_spec(listy)
+
+
+@pytest.mark.parametrize(
+    "task, args, match",
+    [
+        ("no_such_module_xyz:make", {}, r"cannot import module 'no_such_module_xyz'"),
+        ("json:no_such_function", {}, r"json has no function 'no_such_function'"),
+        ("json:dumps", {"obj": 1}, r"returned str, not an autobatch.Task"),
+        ("tiny_gpt", {"layers": 3}, r"task_args: unknown tiny_gpt argument\(s\) \['layers'\]"),
+    ],
+)
+def test_bad_tasks_are_rejected_at_load(task, args, match):
+    with pytest.raises(SpecError, match=match):
+        load_task(parse_spec({**BASE, "task": task, "task_args": args}))
+
+
+def test_entrypoint_task_is_loaded_from_a_module():
+    task = load_task(
+        parse_spec(
+            {**BASE, "task": "autobatch.tiny_gpt:tiny_gpt_task", "task_args": {"dataset_size": 10}}
+        )
+    )
+    assert len(task.dataset) == 10
