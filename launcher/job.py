@@ -133,6 +133,9 @@ class JobSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_seq_len: Annotated[int, Field(ge=1)] | None = None
     memory_headroom: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    # "optimal": autobatch's plan; "equal_split": every device at the smallest device's
+    # micro-batch with the same accumulation (today's DDP recipe), for comparisons.
+    planner: Literal["optimal", "equal_split"] = "optimal"
     devices: DevicesSpec = DevicesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     seed: int = 0

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from autobatch.devices import normalise_speeds
 from autobatch.errors import LaunchError
 from autobatch.metrics import RankSnapshot
-from autobatch.plan import Plan, make_plan
+from autobatch.plan import Plan, equal_split_plan, make_plan
 from launcher import cluster
 from launcher.checkpoint import latest_checkpoint
 from launcher.job import JobSpec
@@ -119,9 +119,12 @@ class JobRunner:
         devices = self._probe(requests)
         self._phase("probe")
         capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
-        plan = make_plan(
-            self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
-        )
+        if self.spec.planner == "equal_split":
+            plan = equal_split_plan(self.spec.global_batch_size, capacities)
+        else:
+            plan = make_plan(
+                self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
+            )
         self._phase("plan")
         return plan, devices
 
