@@ -1,0 +1,353 @@
+"""Estimates for GPUs you do not have: peak memory and time per micro-batch, never measured.
+
+For planning ahead (`autobatch plan --dry-run`) from a declared list such as
+"2xA100-80GB,4xT4-16GB". Every figure here is an ESTIMATE and is labelled so
+(`DeviceCapacity.estimated=True`); a real probe replaces it on the hardware.
+
+Memory: the job's training step (2 accumulated micro-steps, then the
+optimizer step, as `profile_model` measures it) runs on FAKE CPU tensors
+under `FakeTensorMode`, with `MemTracker` counting every tensor: the model is
+built on `meta` and materialised with `to_empty` inside fake mode, so nothing
+is allocated. peak(b) is the max of the micro-step line and the optimizer line.
+What tensors do not show is added as a stated per-GPU overhead: the CUDA
+context, cuBLAS/cuDNN workspaces and allocator fragmentation
+(`GPU_OVERHEAD_BYTES`), plus DDP's gradient buckets and NCCL's buffers when the
+job has several devices. CPU autocast lowers slightly different ops than CUDA
+autocast, so bf16/fp16 estimates are rougher than fp32 ones.
+
+Time: the same fake step, op by op: each op's FLOPs (torch's FLOP counter
+formulas: matmuls, convolutions, attention) and the bytes it reads and writes.
+Per GPU, each op takes max(FLOPs / achievable FLOP/s, bytes / achievable
+bandwidth) (a roofline) plus a launch cost; the tables below hold vendor peaks
+and the achievable fractions are stated assumptions. The gradient all-reduce
+is not modelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autobatch.devices import parse_devices
+from autobatch.errors import ProbeError
+from autobatch.measure import MakeOptimizer, Precision, autocast
+from autobatch.plan import DeviceCapacity
+from autobatch.profile import (
+    DEFAULT_MAX_MICRO_BATCH,
+    NCCL_RESERVE_BYTES,
+    PeakLine,
+    largest_under,
+    peak_at,
+)
+from autobatch.task import Task
+
+TF, GBs, MiB = 1e12, 1e9, 2**20
+
+# Stated assumptions, not measurements.
+GPU_OVERHEAD_BYTES = 1024 * MiB  # CUDA context (~300-600 MiB with lazy loading) + workspaces
+MATMUL_EFFICIENCY = 0.6  # fraction of peak FLOP/s an eager matmul achieves
+BANDWIDTH_EFFICIENCY = 0.75  # fraction of peak memory bandwidth an elementwise kernel achieves
+KERNEL_LAUNCH_S = 8e-6  # eager PyTorch: dispatch + launch per op
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Vendor peak figures (dense, no sparsity) of one GPU model."""
+
+    name: str
+    memory_bytes: int  # total as nvidia-smi / NVML report it (a little under the nominal size)
+    fp32_flops: float  # FP32 (TF32 is off for matmuls by default in PyTorch)
+    fp16_flops: float  # FP16 tensor cores, FP32 accumulate
+    bf16_flops: float | None  # BF16 tensor cores; None: no bf16
+    bandwidth: float  # bytes/s
+    compute_capability: tuple[int, int]
+
+
+def _gpu(name, mib, fp32, fp16, bf16, bw, cc):  # noqa: ANN001, ANN202
+    return GpuSpec(name, mib * MiB, fp32 * TF, fp16 * TF, bf16 and bf16 * TF, bw * GBs, cc)
+
+
+GPU_SPECS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in (
+        # NVIDIA A100 Tensor Core GPU datasheet (SXM4): 19.5 TF FP32, 312 TF BF16/FP16,
+        # 1,555 GB/s (40GB) and 2,039 GB/s (80GB) HBM2e.
+        _gpu("A100-40GB", 40960, 19.5, 312, 312, 1555, (8, 0)),
+        _gpu("A100-80GB", 81920, 19.5, 312, 312, 2039, (8, 0)),
+        # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 67 TF FP32, 989 TF BF16/FP16 dense
+        # (1,979 with sparsity), 3.35 TB/s HBM3.
+        _gpu("H100-80GB", 81559, 67, 989, 989, 3350, (9, 0)),
+        # NVIDIA L4 datasheet: 30.3 TF FP32, 121 TF BF16/FP16 dense (242 sparse), 300 GB/s.
+        _gpu("L4-24GB", 23034, 30.3, 121, 121, 300, (8, 9)),
+        # NVIDIA T4 datasheet: 8.1 TF FP32, 65 TF mixed FP16/FP32, 320 GB/s; no bf16.
+        _gpu("T4-16GB", 15360, 8.1, 65, None, 320, (7, 5)),
+        # NVIDIA V100 datasheet (SXM2): 15.7 TF FP32, 125 TF tensor (FP16), 900 GB/s; no bf16.
+        _gpu("V100-16GB", 16160, 15.7, 125, None, 900, (7, 0)),
+        _gpu("V100-32GB", 32480, 15.7, 125, None, 900, (7, 0)),
+        # NVIDIA A10 datasheet: 31.2 TF FP32, 125 TF BF16/FP16 dense (250 sparse), 600 GB/s.
+        _gpu("A10-24GB", 23028, 31.2, 125, 125, 600, (8, 6)),
+        # NVIDIA L40S datasheet: 91.6 TF FP32, 362 TF BF16/FP16 dense (733 sparse), 864 GB/s.
+        _gpu("L40S-48GB", 46068, 91.6, 362, 362, 864, (8, 9)),
+        # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: 82.6 TF FP32,
+        # 165.2 TF FP16/BF16 tensor with FP32 accumulate (dense), 1,008 GB/s GDDR6X.
+        _gpu("RTX4090-24GB", 24564, 82.6, 165.2, 165.2, 1008, (8, 9)),
+    )
+}
+
+
+# ---------------------------------------------------------------------------
+# the fake step
+
+
+@dataclass(frozen=True)
+class OpCost:
+    flops: float
+    bytes: float
+    dtype: torch.dtype  # of the op's first floating-point input (picks the FLOP/s peak)
+
+
+class _OpCosts(TorchDispatchMode):
+    """Records FLOPs and bytes moved of every op (on fake tensors: nothing runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.ops: list[OpCost] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        tensors = [t for t in _leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        packet = _FLOP_ALIASES.get(func._overloadpacket, func._overloadpacket)
+        flops = 0.0
+        if packet in self.registry:
+            flops = float(self.registry[packet](*args, **kwargs, out_val=out))
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        nbytes = float(sum(t.numel() * t.element_size() for t in tensors))
+        self.ops.append(OpCost(flops, nbytes, floats[0] if floats else torch.float32))
+        return out
+
+
+def _leaves(x: object) -> list:
+    if isinstance(x, (list, tuple)):
+        return [leaf for item in x for leaf in _leaves(item)]
+    if isinstance(x, dict):
+        return [leaf for item in x.values() for leaf in _leaves(item)]
+    return [x]
+
+
+def _flop_aliases() -> dict:
+    """CPU attention kernels: the same FLOPs as the CUDA flash kernels the registry knows."""
+    aten, out = torch.ops.aten, {}
+    for cpu_name, cuda_name in (
+        ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+        (
+            "_scaled_dot_product_flash_attention_for_cpu_backward",
+            "_scaled_dot_product_flash_attention_backward",
+        ),
+    ):
+        if hasattr(aten, cpu_name) and hasattr(aten, cuda_name):
+            out[getattr(aten, cpu_name)] = getattr(aten, cuda_name)
+    return out
+
+
+_FLOP_ALIASES = _flop_aliases()
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What one training step of a task costs, device-independent (from fake tensors)."""
+
+    sizes: tuple[int, int]  # of the two micro-steps in `micro_ops`
+    peak_lines: tuple[PeakLine, ...]  # micro-step chords, then the optimizer step's line
+    micro_ops: tuple[tuple[OpCost, ...], tuple[OpCost, ...]]  # one micro-step, at each size
+    optimizer_ops: tuple[OpCost, ...]
+    gradient_bytes: int
+
+
+def trace_step(
+    task: Task,
+    *,
+    make_optimizer: MakeOptimizer,
+    precision: Precision = "fp32",
+    sizes: tuple[int, ...] = (8, 64, 512),
+) -> StepTrace:
+    """Run the training step on fake CPU tensors at a few micro-batch sizes (increasing).
+
+    Fake sizes cost nothing, so they reach far: peak(b) bends upwards at some size
+    (the max over the step's moments of linear live bytes), and the chords between
+    these sizes catch it; times come from the smallest and the largest."""
+    if len(sizes) < 2 or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+        raise ProbeError(f"sizes={sizes!r} must be at least two increasing sizes >= 1")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    try:
+        with torch.device("meta"):
+            model = task.build_model()
+    except Exception as exc:
+        raise ProbeError(
+            "estimates build the model on the 'meta' device (no memory); this build_model "
+            f"failed there: {exc}"
+        ) from exc
+    micro_pts, opt_pts, micro_ops = [], [], []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        model.train()
+        opt = make_optimizer(model)
+        mt = MemTracker()
+        mt.track_external(model, opt)
+        for b in (1, *sizes):  # b=1 first, untracked: builds the optimizer state
+            with mt:
+                for _ in range(2):  # the 2nd micro-step runs with gradients alive
+                    mt.reset_mod_stats()  # MemTracker tracks one forward per module at a time
+                    mb = task.probe_batch(b)
+                    with autocast("cpu", precision):
+                        loss = task.loss_fn(model, mb)
+                    (loss.float() / b).backward()
+                    del loss, mb
+            micro_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
+            mt.reset_mod_stats()
+            with mt:
+                opt.step()
+            opt_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
+            opt.zero_grad(set_to_none=True)
+        for b in (1, sizes[0], sizes[-1]):  # b=1 untraced: gradients exist, as in later steps
+            costs = _OpCosts()
+            mb = task.probe_batch(b)
+            with costs if b != 1 else contextlib.nullcontext():
+                with autocast("cpu", precision):
+                    loss = task.loss_fn(model, mb)
+                (loss.float() / b).backward()
+            micro_ops.append(tuple(costs.ops))
+        costs = _OpCosts()
+        with costs:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    micro_pts = micro_pts[1:]
+    chords = [PeakLine.through(p, q) for p, q in zip(micro_pts, micro_pts[1:])]
+    return StepTrace(
+        sizes=(sizes[0], sizes[-1]),
+        peak_lines=(*chords, PeakLine.through(*opt_pts[-2:])),
+        micro_ops=(micro_ops[1], micro_ops[2]),
+        optimizer_ops=tuple(costs.ops),
+        gradient_bytes=grads,
+    )
+
+
+def _total(snapshot: dict) -> int:
+    return sum(dev_snap["Total"] for dev_snap in snapshot.values())
+
+
+# ---------------------------------------------------------------------------
+# per GPU
+
+
+def _ops_time(ops: Sequence[OpCost], gpu: GpuSpec) -> float:
+    bw = gpu.bandwidth * BANDWIDTH_EFFICIENCY
+    total = 0.0
+    for op in ops:
+        if op.dtype == torch.bfloat16:
+            peak = gpu.bf16_flops or gpu.fp16_flops
+        elif op.dtype == torch.float16:
+            peak = gpu.fp16_flops
+        else:
+            peak = gpu.fp32_flops
+        total += max(op.flops / (peak * MATMUL_EFFICIENCY), op.bytes / bw) + KERNEL_LAUNCH_S
+    return total
+
+
+def _check_precision(gpu: GpuSpec, precision: str) -> None:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ProbeError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+    if precision == "bf16" and gpu.bf16_flops is None:
+        raise ProbeError(
+            f"{gpu.name} has no bf16 (compute capability {gpu.compute_capability}, bf16 needs "
+            ">= (8, 0)): use precision 'fp16' or 'fp32', or leave this GPU out"
+        )
+
+
+def estimate_capacity(
+    trace: StepTrace,
+    gpu: GpuSpec,
+    device_id: str,
+    *,
+    precision: Precision = "fp32",
+    headroom_fraction: float = 0.05,
+    overhead_bytes: int = GPU_OVERHEAD_BYTES,
+    distributed: bool = False,
+    max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
+) -> DeviceCapacity:
+    """One GPU's estimated capacity for the traced step (max_micro_batch 0: one sample
+    does not fit; the planner then says so)."""
+    _check_precision(gpu, precision)
+    budget = gpu.memory_bytes * (1 - headroom_fraction) - overhead_bytes
+    if distributed:
+        budget -= trace.gradient_bytes + NCCL_RESERVE_BYTES
+    m = largest_under(trace.peak_lines, budget, max_micro_batch)
+    b1, b2 = trace.sizes
+    t1, t2 = (_ops_time(ops, gpu) for ops in trace.micro_ops)
+    per_sample = max(0.0, (t2 - t1) / (b2 - b1))
+    fixed = max(0.0, t1 - per_sample * b1)
+
+    top = max(m, 2)  # chord of the (convex) peak over [1, m]: never below it there
+    p1 = peak_at(trace.peak_lines, 1)
+    per_bytes = math.ceil((peak_at(trace.peak_lines, top) - p1) / (top - 1))
+    return DeviceCapacity(
+        device_id=device_id,
+        name=gpu.name,
+        max_micro_batch=m,
+        fixed_s=fixed,
+        per_sample_s=per_sample,
+        step_overhead_s=_ops_time(trace.optimizer_ops, gpu),
+        memory_bytes=gpu.memory_bytes,
+        peak_fixed_bytes=p1 - per_bytes,
+        peak_per_sample_bytes=per_bytes,
+        estimated=True,
+    )
+
+
+def estimate_capacities(
+    task: Task,
+    devices: str | Sequence[str],
+    *,
+    make_optimizer: MakeOptimizer,
+    precision: Precision = "fp32",
+    headroom_fraction: float = 0.05,
+    overhead_bytes: int = GPU_OVERHEAD_BYTES,
+    distributed: bool | None = None,
+    max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
+) -> list[DeviceCapacity]:
+    """ESTIMATED capacities of declared GPUs, e.g. "2xA100-80GB,4xT4-16GB", for the planner.
+
+    `distributed` (default: more than one device) reserves DDP buckets and NCCL buffers.
+    """
+    items = [devices] if isinstance(devices, str) else list(devices)
+    names = [name for item in items for name in parse_devices(item, known=GPU_SPECS)]
+    for name in names:  # fail before the trace, naming the device
+        _check_precision(GPU_SPECS[name], precision)
+    trace = trace_step(task, make_optimizer=make_optimizer, precision=precision)
+    multi = len(names) > 1 if distributed is None else distributed
+    return [
+        estimate_capacity(
+            trace,
+            GPU_SPECS[name],
+            f"est{i}:{name}",
+            precision=precision,
+            headroom_fraction=headroom_fraction,
+            overhead_bytes=overhead_bytes,
+            distributed=multi,
+            max_micro_batch=max_micro_batch,
+        )
+        for i, name in enumerate(names)
+    ]

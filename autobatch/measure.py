@@ -1,0 +1,289 @@
+"""Run one real training step of a task on one device and measure it.
+
+A measured step is what training does with accumulation, one micro-batch on
+the device at a time: micro-batches of b, b and b_lo = b - max(1, b // 4)
+worst-case samples, each forward + backward, then the optimizer step. The
+second and third micro-steps run with gradients alive (the peak of an
+accumulating step); together they give the peak at b *and* its slope there
+(bytes per extra sample), so one step yields a tangent of peak(b), not a point.
+The optimizer step's peak is reported apart: with AdamW(foreach=True) it is the
+larger one at small b. It also times the micro-steps (warm), the forward alone,
+and the optimizer step.
+
+Memory is measured with torch's own accounting: the CUDA caching allocator's
+peak on a GPU (plus its reserved peak, to see fragmentation); `TensorMemory`
+on a CPU, which on a simulated device also enforces the declared memory.
+Simulated devices are paced to their speed.
+
+An out-of-memory error (the real one or the simulated one) is recovered
+outside the except block: the traceback pins the failed step's tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autobatch.devices import DeviceInfo
+from autobatch.errors import ProbeError
+from autobatch.simulated import Pacer, TensorMemory
+from autobatch.task import Task
+
+Precision = Literal["fp32", "bf16", "fp16"]
+MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """One measured training step at micro-batch size `micro_batch` (bytes and seconds)."""
+
+    micro_batch: int
+    oom: bool
+    micro_peak_bytes: int | None = None  # peak of the micro-steps of b (forward + backward)
+    low_micro_batch: int | None = None  # b_lo of the last micro-step (None when b = 1)
+    low_peak_bytes: int | None = None  # its peak
+    optimizer_peak_bytes: int | None = None  # peak during optimizer.step()
+    reserved_peak_bytes: int | None = None  # CUDA: allocator's reserved peak (fragmentation)
+    micro_step_s: float | None = None  # the 2nd micro-step (warm), paced on a simulated device
+    low_step_s: float | None = None  # the b_lo micro-step
+    forward_s: float | None = None  # the 2nd micro-step's forward alone (before any pacing)
+    optimizer_s: float | None = None
+    predicted_peak_bytes: int | None = None  # what the fit said before this step ran
+
+    @property
+    def peak_bytes(self) -> int | None:
+        if self.oom:
+            return None
+        return max(self.micro_peak_bytes, self.optimizer_peak_bytes)
+
+    @property
+    def slope_bytes(self) -> float | None:
+        """Bytes per extra sample at b (from the b and b_lo micro-steps)."""
+        if self.oom or self.low_micro_batch is None:
+            return None
+        return (self.micro_peak_bytes - self.low_peak_bytes) / (
+            self.micro_batch - self.low_micro_batch
+        )
+
+    @property
+    def fragmentation_bytes(self) -> int:
+        if self.oom or self.reserved_peak_bytes is None:
+            return 0
+        return max(0, self.reserved_peak_bytes - self.peak_bytes)
+
+
+def low_size(b: int) -> int | None:
+    """The smaller micro-batch measured with b, for the slope at b."""
+    return b - max(1, b // 4) if b > 1 else None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested dict / list / tuple) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def autocast(device_type: str, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def check_precision(device: DeviceInfo, precision: str) -> None:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ProbeError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+    if precision == "bf16" and not device.bf16_supported:
+        cc = device.compute_capability
+        raise ProbeError(
+            f"{device.name} has no bf16 (compute capability {cc}, bf16 needs >= (8, 0)): "
+            "use precision 'fp16' or 'fp32' for this device"
+        )
+
+
+class _CudaMeter:
+    """Peaks from the CUDA caching allocator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        torch.cuda.empty_cache()  # so that reserved memory reflects this step only
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reserved_peak(self) -> int | None:
+        return torch.cuda.max_memory_reserved(self.device)
+
+
+class _TensorMeter:
+    """Peaks from live tensor storages; on a simulated device, its memory is enforced."""
+
+    def __init__(self, memory: TensorMemory) -> None:
+        self.memory = memory
+
+    def step(self) -> contextlib.AbstractContextManager:
+        return self.memory
+
+    def sync(self) -> None:
+        pass
+
+    def reset_peak(self) -> None:
+        self.memory.reset_peak()
+
+    def peak(self) -> int:
+        return self.memory.peak_bytes
+
+    def reserved_peak(self) -> int | None:
+        return None
+
+
+class StepRunner:
+    """Owns a fresh model and optimizer on one device and runs measured training steps."""
+
+    def __init__(
+        self,
+        task: Task,
+        device: DeviceInfo,
+        *,
+        make_optimizer: MakeOptimizer,
+        precision: Precision = "fp32",
+    ) -> None:
+        if device.torch_device is None:
+            raise ProbeError(
+                f"{device.name} ({device.uuid}) is not visible to this process "
+                "(CUDA_VISIBLE_DEVICES): probe it from the process that owns it"
+            )
+        check_precision(device, precision)
+        self.task, self.info, self.precision = task, device, precision
+        self.device = torch.device(device.torch_device)
+        self.model = task.build_model().to(self.device)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model)
+        if self.device.type == "cuda":
+            self.meter: _CudaMeter | _TensorMeter = _CudaMeter(self.device)
+        else:
+            limit = device.total_bytes if device.simulated else None
+            self.meter = _TensorMeter(
+                TensorMemory(limit, model=self.model, optimizer=self.optimizer)
+            )
+        self.pacer = Pacer(device.speed) if device.simulated and device.speed != 1.0 else None
+        self.steps = 0
+
+    def _paced(self) -> contextlib.AbstractContextManager:
+        return self.pacer.micro_step() if self.pacer else contextlib.nullcontext()
+
+    def run(self, micro_batch: int, *, predicted_peak_bytes: int | None = None) -> StepMeasurement:
+        """One training step at `micro_batch` (see the module docstring); out of memory is a
+        result, not an error."""
+        self.steps += 1
+        result = None
+        with contextlib.suppress(torch.OutOfMemoryError):  # recover below, outside the handler:
+            result = self._step(micro_batch)  # its traceback pins the failed step's tensors
+        if result is None:
+            self.recover()
+            result = {"oom": True}
+        return StepMeasurement(micro_batch, predicted_peak_bytes=predicted_peak_bytes, **result)
+
+    def recover(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _micro_step(self, size: int, weight: float) -> tuple[int, int | None, float, float]:
+        """Forward + backward of one micro-batch of `size`: (peak, reserved peak, seconds,
+        forward seconds). The micro-batch lives on the device only during its micro-step."""
+        m = self.meter
+        m.reset_peak()
+        m.sync()
+        t0 = time.perf_counter()
+        with self._paced():
+            mb = to_device(self.task.probe_batch(size), self.device)
+            with autocast(self.device.type, self.precision):
+                loss = self.task.loss_fn(self.model, mb)
+            m.sync()
+            forward_s = time.perf_counter() - t0
+            (loss.float() * weight).backward()
+            del loss, mb
+            m.sync()
+        return m.peak(), m.reserved_peak(), time.perf_counter() - t0, forward_s
+
+    def _step(self, b: int) -> dict[str, Any]:
+        m, lo = self.meter, low_size(b)
+        sizes = [b, b] + ([lo] if lo else [])
+        weight = 1.0 / sum(sizes)
+        state_before = self.state_bytes()
+        with m.step():
+            runs = [self._micro_step(size, weight) for size in sizes]
+            m.reset_peak()
+            t0 = time.perf_counter()
+            with self._paced():
+                self.optimizer.step()
+                m.sync()
+            optimizer_s = time.perf_counter() - t0
+            optimizer_peak = m.peak()
+            reserved = [r[1] for r in runs] + [m.reserved_peak()]
+            self.optimizer.zero_grad(set_to_none=True)
+        # A lazily built optimizer state (Adam's moments) is born in the first step;
+        # in every later step it is alive during the micro-steps too.
+        born = self.state_bytes() - state_before
+        return {
+            "oom": False,
+            "micro_peak_bytes": max(runs[0][0], runs[1][0]) + born,
+            "low_micro_batch": lo,
+            "low_peak_bytes": runs[2][0] + born if lo else None,
+            "optimizer_peak_bytes": optimizer_peak,
+            "reserved_peak_bytes": None if reserved[0] is None else max(reserved),
+            "micro_step_s": runs[1][2],
+            "low_step_s": runs[2][2] if lo else None,
+            "forward_s": runs[1][3],
+            "optimizer_s": optimizer_s,
+        }
+
+    def entry_bytes(self) -> int:
+        """Parameters, their gradients and the optimizer state: a floor of the micro-steps'
+        peak at any micro-batch size (after the first step has built the state)."""
+        params = list(self.model.parameters())
+        weights = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+        return weights + self.state_bytes()
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer's state tensors (each storage once)."""
+        storages = {
+            id(v.untyped_storage()): v.untyped_storage().nbytes()
+            for state in self.optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        }
+        return sum(storages.values())
+
+    def close(self) -> None:
+        """Free the model and optimizer (and, on a GPU, the allocator's cache)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model = self.optimizer = self.meter = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

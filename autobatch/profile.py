@@ -1,0 +1,488 @@
+"""A job's model on one device: peak memory and time per micro-batch, measured, fitted, verified.
+
+The largest micro-batch is found by measuring and fitting, in at most
+`MAX_MEASURED_STEPS` (4) real training steps, never by blind trial and error.
+Each measured step gives the peak at b and its slope there (see `measure`).
+
+peak(b) is modelled as the max of lines, as the real one is: the peak of a
+step is the max over its moments of the live bytes, each linear in b, so it is
+convex and piecewise linear (with AdamW(foreach=True) the optimizer step's
+nearly flat line sets it at small b, activations at large b). The lines: the
+chords between measured sizes, the tangent at the largest one, and the
+optimizer step's line.
+
+1. b = 1. Its micro-step peak bounds the bytes per sample: S <= P1 - (weights,
+   gradients, optimizer state).
+2. b2 = half the largest b that fits even under that bound (at least 2).
+3. The largest b whose predicted peak fits the budget is measured, unless that is
+   more than `MAX_EXTRAPOLATION` x beyond the largest measured size: then 2/3 of
+   it is measured first, and the prediction is made again from there. (The peak
+   may bend upwards past a size: a bend beyond the last measured size is invisible,
+   so the answer is then at least the 2/3 point.)
+4. If a size did not fit (out of memory, or over budget), refit with what it showed
+   or bisect if it showed nothing. The answer is always a size that was measured.
+
+budget = usable - headroom - reserve. *usable* is what torch may hold: on CUDA the
+free memory after this process's context plus torch's own reserved memory, capped
+by `set_per_process_memory_fraction`; a simulated device's declared memory; a
+CPU's available RAM. The *reserve* is what the measurement cannot see: DDP's
+gradient buckets and NCCL's buffers when `distributed`, the allocator's
+fragmentation (reserved minus allocated at the peak, measured), and
+`extra_reserve_bytes`. The CUDA context is already outside the free memory.
+
+Profiles are cached on disk by what changes them (model, sample shape, precision,
+optimizer, device type, torch version); a cache hit re-derives the largest
+micro-batch for the current budget without running a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autobatch.devices import DeviceInfo, SimulatedDevice
+from autobatch.errors import ProbeError
+from autobatch.measure import (
+    MakeOptimizer,
+    Precision,
+    StepMeasurement,
+    StepRunner,
+    check_precision,
+)
+from autobatch.plan import DeviceCapacity
+from autobatch.task import Task, model_fingerprint
+
+MAX_MEASURED_STEPS = 4
+DEFAULT_MAX_MICRO_BATCH = 4096
+# NCCL communicator buffers per process: NCCL_BUFFSIZE (4 MiB) x channels x peers, plus
+# its device-side structures; a few hundred MiB on typical nodes. A stated allowance.
+NCCL_RESERVE_BYTES = 256 * 2**20
+MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
+CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
+PROFILE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PeakLine:
+    """peak(b) = fixed_bytes + per_sample_bytes * b."""
+
+    fixed_bytes: float
+    per_sample_bytes: float
+
+    def at(self, b: int) -> float:
+        return self.fixed_bytes + self.per_sample_bytes * b
+
+    def largest_under(self, budget: float, cap: int) -> int:
+        """Largest b in [0, cap] with at(b) <= budget."""
+        if self.per_sample_bytes <= 0:
+            return cap if self.fixed_bytes <= budget else 0
+        return max(0, min(cap, math.floor((budget - self.fixed_bytes) / self.per_sample_bytes)))
+
+    @classmethod
+    def through(cls, p: tuple[int, float], q: tuple[int, float]) -> PeakLine:
+        (b1, p1), (b2, p2) = p, q
+        slope = (p2 - p1) / (b2 - b1)
+        return cls(p2 - slope * b2, slope)
+
+
+def peak_lines(ok: list[StepMeasurement]) -> tuple[PeakLine, ...]:
+    """peak(b) = the max of these lines, from measured steps (at least one)."""
+    micro = sorted((m.micro_batch, m.micro_peak_bytes) for m in ok)
+    lines = [PeakLine.through(p, q) for p, q in zip(micro, micro[1:])]
+    top = max(ok, key=lambda m: m.micro_batch)
+    if top.slope_bytes is not None:  # the tangent at the largest size
+        slope = top.slope_bytes
+        lines.append(PeakLine(top.micro_peak_bytes - slope * top.micro_batch, slope))
+    if not lines:  # b = 1 alone: all of it per sample (pessimistic)
+        lines.append(PeakLine(0.0, float(micro[0][1])))
+    opt = sorted((m.micro_batch, m.optimizer_peak_bytes) for m in ok)
+    lines.append(PeakLine.through(*opt[-2:]) if len(opt) > 1 else PeakLine(opt[0][1], 0.0))
+    return tuple(dict.fromkeys(lines))  # without repeats
+
+
+def largest_under(lines: tuple[PeakLine, ...], budget: float, cap: int) -> int:
+    """Largest b in [0, cap] whose peak (the max of the lines) is within budget."""
+    return min(line.largest_under(budget, cap) for line in lines)
+
+
+def peak_at(lines: tuple[PeakLine, ...], b: int) -> int:
+    return math.ceil(max(line.at(b) for line in lines))
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What one device can do for one job; `capacity()` is the planner's view of it."""
+
+    device_name: str
+    device_uuid: str
+    precision: str
+    usable_bytes: int  # what torch may hold on the device for this job
+    headroom_bytes: int
+    reserve: tuple[tuple[str, int], ...]  # (what, bytes) the measurement cannot see
+    budget_bytes: int  # usable - headroom - reserve: the largest allowed measured peak
+    peak_lines: tuple[PeakLine, ...]  # peak(b) = the max of these (torch-allocated bytes)
+    fixed_s: float  # time per micro-step: fixed_s + per_sample_s * b
+    per_sample_s: float
+    step_overhead_s: float  # optimizer step, once per optimizer step
+    backward_factor: float  # (forward + backward) / forward, for `Pacer.wrap_loss_fn`
+    max_micro_batch: int
+    verified: bool  # max_micro_batch ran a whole step within budget
+    measurements: tuple[StepMeasurement, ...]
+    measured_steps: int  # steps this call ran (0 on a cache hit)
+    cached: bool
+    simulated: bool
+    estimated: bool = False
+    cache_key: str = ""
+
+    @property
+    def reserve_bytes(self) -> int:
+        return sum(v for _, v in self.reserve)
+
+    def peak_bytes(self, b: int) -> int:
+        """Predicted peak of a training step at micro-batch b (torch-allocated bytes)."""
+        return peak_at(self.peak_lines, b)
+
+    def measurement_at(self, b: int) -> StepMeasurement | None:
+        return next((m for m in self.measurements if m.micro_batch == b and not m.oom), None)
+
+    def capacity(self, device_id: str, name: str | None = None) -> DeviceCapacity:
+        """The planner's input. Its peak line is the chord of peak(b) over [1, max]: since
+        peak(b) is a max of lines (convex), the chord is never below it there."""
+        m = self.max_micro_batch
+        per = 0 if m == 1 else math.ceil((self.peak_bytes(m) - self.peak_bytes(1)) / (m - 1))
+        return DeviceCapacity(
+            device_id=device_id,
+            name=name or self.device_name,
+            max_micro_batch=m,
+            fixed_s=self.fixed_s,
+            per_sample_s=self.per_sample_s,
+            step_overhead_s=self.step_overhead_s,
+            memory_bytes=self.usable_bytes,
+            peak_fixed_bytes=self.peak_bytes(1) - per,
+            peak_per_sample_bytes=per,
+            simulated=self.simulated,
+            estimated=self.estimated,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "format_version": PROFILE_FORMAT_VERSION}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != PROFILE_FORMAT_VERSION:
+            raise ProbeError(
+                f"profile format_version={version!r} is not supported "
+                f"(expected {PROFILE_FORMAT_VERSION})"
+            )
+        data["reserve"] = tuple((k, int(v)) for k, v in data["reserve"])
+        data["peak_lines"] = tuple(PeakLine(**line) for line in data["peak_lines"])
+        data["measurements"] = tuple(StepMeasurement(**m) for m in data["measurements"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelProfile:
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------
+# profiling
+
+
+def profile_model(
+    task: Task,
+    device: DeviceInfo | SimulatedDevice,
+    *,
+    make_optimizer: MakeOptimizer,
+    precision: Precision = "fp32",
+    headroom_fraction: float = 0.05,
+    headroom_bytes: int = 0,
+    extra_reserve_bytes: int = 0,
+    distributed: bool = False,
+    max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
+    cache_dir: str | os.PathLike | None = None,
+) -> ModelProfile:
+    """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
+
+    On CUDA this creates the context in the calling process: call it in the
+    process that trains on the device. `distributed` reserves DDP's gradient
+    buckets (gradient_as_bucket_view=False, the default) and, on CUDA, NCCL's buffers.
+    """
+    info = device.info() if isinstance(device, SimulatedDevice) else device
+    check_precision(info, precision)
+    if not 0 <= headroom_fraction < 1:
+        raise ProbeError(f"headroom_fraction={headroom_fraction!r} must be in [0, 1)")
+    checks = (("headroom_bytes", headroom_bytes), ("extra_reserve_bytes", extra_reserve_bytes))
+    for name, value in checks:
+        if value < 0:
+            raise ProbeError(f"{name}={value!r} must be >= 0")
+    if max_micro_batch < 1:
+        raise ProbeError(f"max_micro_batch={max_micro_batch!r} must be >= 1")
+
+    key_fields, grad_bytes = _key_fields(task, info, make_optimizer, precision)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
+    if distributed:
+        static.append(("ddp_gradient_buckets", grad_bytes))
+        if info.is_cuda:
+            static.append(("nccl_buffers", NCCL_RESERVE_BYTES))
+    usable = usable_bytes(info)
+    headroom = int(headroom_fraction * usable) + headroom_bytes
+    budgeter = _Budget(usable - headroom - sum(v for _, v in static))
+
+    measurements = _load(cache_dir, key)
+    cached = measurements is not None
+    runner = None
+    if measurements is None:
+        runner = StepRunner(task, info, make_optimizer=make_optimizer, precision=precision)
+        try:
+            measurements = _search(runner, budgeter, max_micro_batch)
+        finally:
+            runner.close()
+    if not cached:
+        _store(cache_dir, key, key_fields, measurements)
+    steps = runner.steps if runner else 0
+    ok = [m for m in measurements if not m.oom]
+    if not ok or not any(m.peak_bytes <= budgeter.of(measurements) for m in ok):
+        need = f"{ok[0].peak_bytes / 2**20:.1f} MiB" if ok else "more than the device has"
+        raise NoFitError(
+            f"{info.name}: one sample does not fit: a training step at micro-batch 1 needs {need}, "
+            f"the budget is {budgeter.of(measurements) / 2**20:.1f} MiB (usable "
+            f"{usable / 2**20:.1f} MiB - headroom - reserve); lower the sequence length, use "
+            "bf16/fp16, or use a device with more memory",
+            measured_steps=steps,
+        )
+    return _conclude(
+        measurements,
+        budgeter,
+        max_micro_batch,
+        fresh=not cached,
+        info=info,
+        precision=precision,
+        usable=usable,
+        headroom=headroom,
+        static=static,
+        measured_steps=steps,
+        key=key,
+    )
+
+
+class NoFitError(ProbeError):
+    """Not even one sample fits the device's budget (after `measured_steps` steps)."""
+
+    def __init__(self, message: str, *, measured_steps: int) -> None:
+        super().__init__(message)
+        self.measured_steps = measured_steps
+
+
+class _Budget:
+    """The budget after the fragmentation measured so far (CUDA; zero elsewhere)."""
+
+    def __init__(self, before_fragmentation: int) -> None:
+        self.base = before_fragmentation
+
+    @staticmethod
+    def fragmentation(measurements: list[StepMeasurement] | tuple) -> int:
+        return max((m.fragmentation_bytes for m in measurements), default=0)
+
+    def of(self, measurements: list[StepMeasurement] | tuple) -> int:
+        return self.base - self.fragmentation(measurements)
+
+
+def _search(runner: StepRunner, budgeter: _Budget, cap: int) -> list[StepMeasurement]:
+    """The measured steps (see the module docstring); the answer is the largest that fitted."""
+    done: list[StepMeasurement] = []
+    good, bad = 0, cap + 1  # largest size that fitted, smallest that did not
+    for step in range(MAX_MEASURED_STEPS):
+        if step >= 1 and good == 0:  # one sample does not fit
+            break
+        budget = budgeter.of(done)
+        ok = [m for m in done if not m.oom]
+        if step == 0:
+            b = 1
+        elif step == 1:  # what surely fits if every byte above the weights grew with b
+            per_sample_bound = max(1, ok[0].micro_peak_bytes - runner.entry_bytes())
+            b = max(2, (1 + (budget - ok[0].peak_bytes) // per_sample_bound) // 2)
+        elif done[-1].oom or len(ok) < 2:  # the fit over-promised and learnt nothing: bisect
+            b = (good + bad) // 2
+        else:
+            b = min(largest_under(peak_lines(ok), budget, cap), bad - 1)
+            if step < MAX_MEASURED_STEPS - 1 and b > MAX_EXTRAPOLATION * good:
+                b = max(good + 1, b * 2 // 3)  # measure 2/3 of the way first: peak may bend up
+        b = min(b, bad - 1)
+        if b <= good:
+            break
+        predicted = peak_at(peak_lines(ok), b) if len(ok) >= 2 else None
+        m = runner.run(b, predicted_peak_bytes=predicted)
+        done.append(m)
+        if not m.oom and m.peak_bytes <= budgeter.of(done):
+            good = b
+        else:
+            bad = b
+    return done
+
+
+def _conclude(
+    measurements: list[StepMeasurement],
+    budgeter: _Budget,
+    cap: int,
+    *,
+    fresh: bool,
+    info: DeviceInfo,
+    precision: str,
+    usable: int,
+    headroom: int,
+    static: list[tuple[str, int]],
+    measured_steps: int,
+    key: str,
+) -> ModelProfile:
+    ok = [m for m in measurements if not m.oom]
+    budget = budgeter.of(measurements)
+    lines = peak_lines(ok)
+    best = max((m.micro_batch for m in ok if m.peak_bytes <= budget), default=0)
+    best = min(best, cap)
+    predicted = largest_under(lines, budget, cap)
+    use_prediction = not fresh and predicted > best * (1 + CACHE_TOLERANCE)
+    max_b = predicted if use_prediction else best
+    if max_b < 1:
+        raise ProbeError(f"{info.name}: no micro-batch fits the budget of {budget} bytes")
+    later = ok[1:] or ok  # the first step warms up and creates the optimizer state
+    times = [(m.micro_batch, m.micro_step_s) for m in later]
+    times += [(m.low_micro_batch, m.low_step_s) for m in later if m.low_micro_batch]
+    fixed_s, per_sample_s = _time_line(times)
+    unpaced = [m.micro_step_s * info.speed / m.forward_s for m in ok if m.forward_s > 0]
+    frag = _Budget.fragmentation(measurements)
+    return ModelProfile(
+        device_name=info.name,
+        device_uuid=info.uuid,
+        precision=precision,
+        usable_bytes=usable,
+        headroom_bytes=headroom,
+        reserve=tuple(static) + ((("fragmentation", frag),) if frag else ()),
+        budget_bytes=budget,
+        peak_lines=lines,
+        fixed_s=fixed_s,
+        per_sample_s=per_sample_s,
+        step_overhead_s=statistics.median(m.optimizer_s for m in later),
+        backward_factor=max(1.0, statistics.median(unpaced)) if unpaced else 3.0,
+        max_micro_batch=max_b,
+        verified=not use_prediction,
+        measurements=tuple(measurements),
+        measured_steps=measured_steps,
+        cached=not fresh,
+        simulated=info.simulated,
+        cache_key=key,
+    )
+
+
+def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares t = a + c*b with a, c >= 0 (one point: all of it per sample)."""
+    bs = [b for b, _ in points]
+    if len(set(bs)) < 2:
+        return 0.0, sum(t / b for b, t in points) / len(points)
+    mb, mt = statistics.fmean(bs), statistics.fmean(t for _, t in points)
+    c = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b in bs)
+    if c <= 0:  # timing noise at tiny sizes: time does not grow measurably with b
+        return mt, 0.0
+    a = mt - c * mb
+    if a < 0:
+        return 0.0, sum(t for _, t in points) / sum(bs)
+    return a, c
+
+
+def usable_bytes(info: DeviceInfo) -> int:
+    """Bytes torch may hold on the device for this job (see the module docstring)."""
+    if info.simulated:
+        return info.total_bytes
+    if info.is_cuda:
+        dev = torch.device(info.torch_device)
+        free, total = torch.cuda.mem_get_info(dev)  # creates the context: this process trains
+        usable = free + torch.cuda.memory_reserved(dev)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:
+            usable = min(usable, int(fraction(dev) * total))
+        return usable
+    return info.free_bytes
+
+
+# ---------------------------------------------------------------------------
+# cache
+
+
+def _key_fields(
+    task: Task, info: DeviceInfo, make_optimizer: MakeOptimizer, precision: str
+) -> tuple[dict[str, Any], int]:
+    """What changes a profile, and the model's gradient bytes (for the DDP reserve)."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = task.build_model()
+    except Exception:  # a model that cannot be built on meta: build it for real
+        model = task.build_model()
+    optimizer = make_optimizer(model)
+    flags = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (bool, str, type(None)))}
+    sample = task.probe_batch(1)
+    leaves = sample.values() if isinstance(sample, dict) else sample
+    leaves = [sample] if isinstance(sample, torch.Tensor) else list(leaves)
+    fields = {
+        "format": PROFILE_FORMAT_VERSION,
+        "model": model_fingerprint(model),
+        "sample": [f"{tuple(t.shape)}:{t.dtype}" for t in leaves if isinstance(t, torch.Tensor)],
+        "precision": precision,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "optimizer_flags": flags,
+        "device": info.name,
+        "device_memory": info.total_bytes,
+        "simulated": info.simulated,
+        "speed": info.speed,
+        "torch": torch.__version__,
+    }
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return fields, grads
+
+
+def _path(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir) / f"profile-{key}.json"
+
+
+def _load(cache_dir: str | os.PathLike | None, key: str) -> list[StepMeasurement] | None:
+    if cache_dir is None:
+        return None
+    try:
+        data = json.loads(_path(cache_dir, key).read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("format_version") != PROFILE_FORMAT_VERSION:
+        return None
+    try:
+        return [StepMeasurement(**m) for m in data["measurements"]]
+    except (KeyError, TypeError):  # written by another version: measure again
+        return None
+
+
+def _store(cache_dir: str | os.PathLike | None, key: str, fields: dict, measurements: list) -> None:
+    """Write atomically (temp file + rename): concurrent probes never see half a file."""
+    if cache_dir is None:
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    data = {
+        "format_version": PROFILE_FORMAT_VERSION,
+        "key": fields,
+        "measurements": [asdict(m) for m in measurements],
+    }
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".profile-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, _path(cache_dir, key))

@@ -1,0 +1,163 @@
+"""Estimates for GPUs we do not have: fake-tensor memory, roofline time, the spec table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autobatch.devices import DeviceSpecError, cpu_device, parse_devices
+from autobatch.errors import PlanError, ProbeError
+from autobatch.estimate import (
+    BANDWIDTH_EFFICIENCY,
+    GPU_OVERHEAD_BYTES,
+    GPU_SPECS,
+    KERNEL_LAUNCH_S,
+    MATMUL_EFFICIENCY,
+    OpCost,
+    _ops_time,
+    estimate_capacities,
+    estimate_capacity,
+    trace_step,
+)
+from autobatch.measure import StepRunner
+from autobatch.plan import make_plan
+from autobatch.profile import peak_at
+from autobatch.task import Task
+from autobatch.tiny_gpt import TinyGPTConfig, tiny_gpt_task
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+
+def mlp_task() -> Task:
+    data = [(torch.randn(64), i % 10) for i in range(8)]
+    return Task(
+        build_model=lambda: nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)),
+        dataset=data,
+        collate=lambda items: (
+            torch.stack([x for x, _ in items]),
+            torch.tensor([y for _, y in items]),
+        ),
+        loss_fn=lambda model, b: F.cross_entropy(model(b[0]), b[1], reduction="sum"),
+    )
+
+
+TASKS = {"mlp": mlp_task, "tiny_gpt": lambda: tiny_gpt_task(dataset_size=8)}
+
+
+@pytest.fixture(scope="module")
+def gpt_trace():
+    return trace_step(tiny_gpt_task(dataset_size=8), make_optimizer=adamw)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "traced", "measured"),
+    [
+        ("mlp", (4, 32, 128), (4, 32, 100, 300)),  # traced sizes, one between, one beyond
+        ("tiny_gpt", (2, 8, 16), (2, 8, 12, 24)),
+    ],
+)
+def test_the_fake_tensor_estimate_matches_the_real_cpu_measurement(task_name, traced, measured):
+    task = TASKS[task_name]()
+    trace = trace_step(task, make_optimizer=adamw, sizes=traced)
+    runner = StepRunner(task, cpu_device(), make_optimizer=adamw)
+    runner.run(1)  # the optimizer state exists from here on, as in the trace
+    for b in measured:
+        real = runner.run(b)
+        assert peak_at(trace.peak_lines, b) == pytest.approx(real.peak_bytes, rel=0.01)
+        micro = max(line.at(b) for line in trace.peak_lines[:-1])
+        assert micro == pytest.approx(real.micro_peak_bytes, rel=0.01)
+        assert trace.peak_lines[-1].at(b) == pytest.approx(real.optimizer_peak_bytes, rel=0.01)
+
+
+def test_training_flops_are_about_six_per_parameter_per_token(gpt_trace):
+    cfg = TinyGPTConfig()
+    model = tiny_gpt_task(dataset_size=8).build_model()
+    matmul_params = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
+    ) + sum(b.attn.in_proj_weight.numel() for b in model.blocks)
+    for b, ops in zip(gpt_trace.sizes, gpt_trace.micro_ops):
+        flops = sum(op.flops for op in ops)
+        six_nt = 6 * matmul_params * b * cfg.seq_len
+        assert 1.0 <= flops / six_nt <= 1.3  # plus attention scores, a few percent here
+
+
+def test_estimate_capacities_for_a_declared_mix(gpt_trace):
+    caps = estimate_capacities(
+        tiny_gpt_task(dataset_size=8),
+        "2xA100-80GB,4xT4-16GB",
+        make_optimizer=adamw,
+        max_micro_batch=10**6,
+    )
+    assert [c.name for c in caps] == ["A100-80GB"] * 2 + ["T4-16GB"] * 4
+    assert len({c.device_id for c in caps}) == 6 and all(c.estimated for c in caps)
+    a100, t4 = caps[0], caps[2]
+    assert a100.max_micro_batch > 4 * t4.max_micro_batch  # 80 GB against 15 GB
+    assert a100.per_sample_s < t4.per_sample_s  # 2039 GB/s against 320 GB/s
+    assert a100.memory_bytes == GPU_SPECS["A100-80GB"].memory_bytes
+    plan = make_plan(100_000, caps)
+    assert sum(r.samples for r in plan.ranks) == 100_000
+    assert "(est)" in plan.render_table()
+
+
+def test_overhead_reduces_the_largest_micro_batch_by_what_it_takes(gpt_trace):
+    t4 = GPU_SPECS["T4-16GB"]
+    base = estimate_capacity(gpt_trace, t4, "t4", overhead_bytes=0, max_micro_batch=10**6)
+    stated = estimate_capacity(gpt_trace, t4, "t4", max_micro_batch=10**6)
+    per_sample = gpt_trace.peak_lines[-2].per_sample_bytes  # the steepest micro-step chord
+    lost = base.max_micro_batch - stated.max_micro_batch
+    assert lost == pytest.approx(GPU_OVERHEAD_BYTES / per_sample, abs=1)
+    ddp = estimate_capacity(gpt_trace, t4, "t4", distributed=True, max_micro_batch=10**6)
+    assert ddp.max_micro_batch < stated.max_micro_batch
+
+
+def test_a_gpu_too_small_for_one_sample_is_reported_by_the_planner(gpt_trace):
+    l4 = GPU_SPECS["L4-24GB"]
+    cap = estimate_capacity(gpt_trace, l4, "l4", overhead_bytes=l4.memory_bytes)
+    assert cap.max_micro_batch == 0
+    with pytest.raises(PlanError, match=r"cannot fit even one sample"):
+        make_plan(8, [cap])
+
+
+@pytest.mark.parametrize(
+    ("devices", "precision", "error", "message"),
+    [
+        ("2xB200-192GB", "fp32", DeviceSpecError, r"unknown GPU 'B200-192GB'.*known: A10-24GB"),
+        ("A100-80GB,T4-16GB", "bf16", ProbeError, r"T4-16GB has no bf16 \(compute capability"),
+        ("V100-32GB", "bf16", ProbeError, r"V100-32GB has no bf16"),
+        ("A100-80GB", "fp8", ProbeError, r"precision='fp8' must be one of"),
+    ],
+)
+def test_estimate_errors_name_the_device_and_what_is_allowed(devices, precision, error, message):
+    with pytest.raises(error, match=message):
+        estimate_capacities(
+            tiny_gpt_task(dataset_size=8), devices, make_optimizer=adamw, precision=precision
+        )
+
+
+@pytest.mark.parametrize("name", sorted(GPU_SPECS))
+def test_the_spec_table_is_consistent(name):
+    spec = GPU_SPECS[name]
+    assert parse_devices(name, known=GPU_SPECS) == [name]  # every name parses as itself
+    assert (spec.bf16_flops is None) == (spec.compute_capability < (8, 0))  # bf16 from Ampere on
+    assert spec.fp16_flops > spec.fp32_flops > 0 and spec.bandwidth > 0
+    nominal_gb = int(name.split("-")[-1].removesuffix("GB"))
+    assert 0.9 * nominal_gb * 2**30 <= spec.memory_bytes <= nominal_gb * 2**30
+
+
+@pytest.mark.parametrize(
+    ("op", "gpu", "seconds"),
+    [
+        # a matmul: compute-bound; bf16 runs on tensor cores, fp32 does not (TF32 is off)
+        (OpCost(1e12, 1e6, torch.bfloat16), "A100-80GB", 1e12 / (312e12 * MATMUL_EFFICIENCY)),
+        (OpCost(1e12, 1e6, torch.float32), "A100-80GB", 1e12 / (19.5e12 * MATMUL_EFFICIENCY)),
+        (OpCost(1e12, 1e6, torch.float16), "T4-16GB", 1e12 / (65e12 * MATMUL_EFFICIENCY)),
+        # an elementwise op: bandwidth-bound
+        (OpCost(0.0, 2e9, torch.float32), "T4-16GB", 2e9 / (320e9 * BANDWIDTH_EFFICIENCY)),
+    ],
+)
+def test_each_op_takes_the_slower_of_its_compute_and_its_memory_traffic(op, gpu, seconds):
+    assert _ops_time([op], GPU_SPECS[gpu]) == pytest.approx(seconds + KERNEL_LAUNCH_S)

@@ -1,0 +1,282 @@
+"""The model profile on CPU and simulated devices: fit, verification, OOM recovery, cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autobatch.devices import SimulatedDevice, cpu_device
+from autobatch.errors import ProbeError
+from autobatch.measure import StepRunner
+from autobatch.plan import make_plan
+from autobatch.profile import (
+    MAX_MEASURED_STEPS,
+    ModelProfile,
+    PeakLine,
+    largest_under,
+    profile_model,
+)
+from autobatch.task import Task
+from autobatch.tiny_gpt import tiny_gpt_task
+
+MiB = 2**20
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+
+def mlp_task(width: int = 256) -> Task:
+    """Wide layers, small inputs: parameters and Adam state outweigh activations at small b."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, generator=g), int(i % 10)) for i in range(32)]
+    return Task(
+        build_model=lambda: nn.Sequential(
+            nn.Linear(64, width),
+            nn.GELU(),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, 10),
+        ),
+        dataset=data,
+        collate=lambda items: (
+            torch.stack([x for x, _ in items]),
+            torch.tensor([y for _, y in items]),
+        ),
+        loss_fn=lambda model, b: F.cross_entropy(model(b[0]), b[1], reduction="sum"),
+    )
+
+
+def contrastive_task() -> Task:
+    """A CLIP-style loss over all pairs: a b x b matrix, so peak(b) is not linear in b."""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, generator=g) for _ in range(16)]
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        z = model(x)
+        logits = (z @ z.T).repeat(1, 64)  # b x 64b similarities
+        return F.cross_entropy(logits, torch.arange(len(x)), reduction="sum")
+
+    return Task(lambda: nn.Linear(32, 32), data, torch.stack, loss_fn)
+
+
+TASKS = {"mlp": mlp_task, "tiny_gpt": lambda: tiny_gpt_task(dataset_size=16)}
+
+
+def fresh_peak(task: Task, b: int) -> int:
+    """A step's peak measured by its own runner (steady state: the second step)."""
+    runner = StepRunner(task, cpu_device(), make_optimizer=adamw)
+    runner.run(1)
+    return runner.run(b).peak_bytes
+
+
+def true_max(task: Task, budget: int, fits_at: int) -> int:
+    """The largest micro-batch whose step peak is within budget, by brute force."""
+    runner = StepRunner(task, cpu_device(), make_optimizer=adamw)
+    runner.run(1)
+
+    def fits(b: int) -> bool:
+        return runner.run(b).peak_bytes <= budget
+
+    assert fits(fits_at)
+    lo, hi = fits_at, fits_at + 1
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize(
+    ("task_name", "memory_mib", "least_share"),
+    [
+        ("tiny_gpt", 3, 1.0),  # peak(b) is linear: the exact largest size
+        ("tiny_gpt", 12, 1.0),
+        ("mlp", 12, 1.0),  # the peak bends upwards near b=240, well before the largest size
+        ("mlp", 3, 2 / 3),  # ... just before it: the bend is past the last measured size
+    ],
+)
+def test_the_chosen_micro_batch_fits_was_predicted_within_2pct_and_is_the_largest(
+    task_name, memory_mib, least_share
+):
+    task = TASKS[task_name]()
+    device = SimulatedDevice("sim", memory_mib * MiB)
+    p = profile_model(task, device, make_optimizer=adamw, headroom_fraction=0.02)
+    m = p.measurement_at(p.max_micro_batch)
+    assert p.verified and m is not None and m.peak_bytes <= p.budget_bytes
+    assert m.predicted_peak_bytes is not None, "the chosen size must come from the fit"
+    assert abs(m.predicted_peak_bytes - m.peak_bytes) <= 0.02 * m.peak_bytes
+    assert p.peak_bytes(p.max_micro_batch) == pytest.approx(m.peak_bytes, rel=0.02)
+    best = true_max(task, p.budget_bytes, p.max_micro_batch)  # an independent runner
+    assert least_share * best <= p.max_micro_batch <= best
+    assert 1 <= p.measured_steps == len(p.measurements) <= MAX_MEASURED_STEPS
+
+
+def test_with_foreach_adamw_the_optimizer_step_sets_the_peak_at_small_batches():
+    task, device = mlp_task(width=512), SimulatedDevice("sim", 32 * MiB)
+    p = profile_model(task, device, make_optimizer=adamw)
+    first, second = p.measurements[:2]
+    chosen = p.measurement_at(p.max_micro_batch)
+    assert first.optimizer_peak_bytes > first.micro_peak_bytes  # the optimizer sets it at b=1
+    assert second.optimizer_peak_bytes > second.micro_peak_bytes  # ... and at b2
+    assert chosen.micro_peak_bytes > chosen.optimizer_peak_bytes  # activations at the end
+    assert p.peak_bytes(1) == first.peak_bytes
+    # one line through the first two steps' peaks would promise far more than fits
+    naive = PeakLine.through((1, first.peak_bytes), (second.micro_batch, second.peak_bytes))
+    assert naive.largest_under(p.budget_bytes, 10**6) > 2 * p.max_micro_batch
+    # the max of lines never under-states the peak inside the measured range
+    for b in (second.micro_batch * 2, p.max_micro_batch // 2):
+        assert p.peak_bytes(b) >= fresh_peak(task, b)
+
+
+@pytest.mark.parametrize("memory_mib", [2.5, 4, 9, 30])
+def test_never_more_than_four_measured_steps_per_device(memory_mib):
+    p = profile_model(
+        tiny_gpt_task(dataset_size=16),
+        SimulatedDevice("sim", int(memory_mib * MiB)),
+        make_optimizer=adamw,
+    )
+    assert p.measured_steps <= MAX_MEASURED_STEPS and p.max_micro_batch >= 1
+
+
+def test_an_out_of_memory_at_verification_steps_down_to_a_measured_size_that_fits():
+    # peak(b) grows like b^2 here: the line through the first two sizes over-promises
+    task = contrastive_task()
+    p = profile_model(
+        task, SimulatedDevice("sim", 2 * MiB), make_optimizer=adamw, headroom_fraction=0
+    )
+    assert any(m.oom for m in p.measurements), "the line must have over-promised once"
+    assert p.measured_steps <= MAX_MEASURED_STEPS and p.verified
+    chosen = p.measurement_at(p.max_micro_batch)
+    assert chosen is not None and chosen.peak_bytes <= 2 * MiB
+    assert all(m.micro_batch > p.max_micro_batch for m in p.measurements if m.oom)
+
+
+def test_a_runner_recovers_cleanly_from_an_out_of_memory_step():
+    task = tiny_gpt_task(dataset_size=16)
+    runner = StepRunner(task, SimulatedDevice("sim", 4 * MiB).info(), make_optimizer=adamw)
+    runner.run(1)
+    before = runner.run(2)
+    assert runner.run(64).oom
+    assert all(p.grad is None for p in runner.model.parameters())
+    after = runner.run(2)  # nothing of the failed step is left alive
+    assert after.micro_peak_bytes == before.micro_peak_bytes
+    assert after.optimizer_peak_bytes == before.optimizer_peak_bytes
+
+
+def test_a_cache_hit_skips_the_measurement(tmp_path):
+    calls = []
+    base = tiny_gpt_task(dataset_size=16)
+    task = Task(
+        base.build_model,
+        base.dataset,
+        base.collate,
+        lambda model, batch: calls.append(1) or base.loss_fn(model, batch),
+    )
+    device = SimulatedDevice("sim", 8 * MiB)
+    first = profile_model(task, device, make_optimizer=adamw, cache_dir=tmp_path)
+    assert not first.cached and calls
+    calls.clear()
+    second = profile_model(task, device, make_optimizer=adamw, cache_dir=tmp_path)
+    assert calls == [] and second.cached and second.measured_steps == 0
+    assert (second.max_micro_batch, second.verified) == (first.max_micro_batch, True)
+    assert second.peak_lines == first.peak_lines and second.cache_key == first.cache_key
+    # more headroom, same key: the largest size is re-derived from the fit, unmeasured
+    tight = profile_model(
+        task, device, make_optimizer=adamw, cache_dir=tmp_path, headroom_fraction=0.4
+    )
+    assert calls == [] and tight.cached and not tight.verified
+    assert tight.max_micro_batch == largest_under(tight.peak_lines, tight.budget_bytes, 4096)
+    assert tight.max_micro_batch < first.max_micro_batch
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"precision": "bf16"},  # precision
+        {"make_optimizer": lambda m: torch.optim.AdamW(m.parameters(), foreach=False)},  # flags
+        {"make_optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.1)},  # optimizer
+        {"device": SimulatedDevice("sim", 9 * MiB)},  # device type
+        {  # the longest sequence the job allows
+            "task": replace(
+                tiny_gpt_task(dataset_size=16),
+                worst_case_sample=lambda: torch.zeros(16, dtype=torch.long),
+            )
+        },
+    ],
+    ids=["precision", "optimizer-flags", "optimizer", "device", "sequence-length"],
+)
+def test_what_changes_a_profile_changes_its_cache_key(tmp_path, change):
+    args = {
+        "task": tiny_gpt_task(dataset_size=16),
+        "device": SimulatedDevice("sim", 8 * MiB),
+        "make_optimizer": adamw,
+        "precision": "fp32",
+    }
+    first = profile_model(cache_dir=tmp_path, **args)
+    other = profile_model(cache_dir=tmp_path, **{**args, **change})
+    assert not other.cached and other.cache_key != first.cache_key
+
+
+def test_profile_round_trips_through_json_and_feeds_the_planner():
+    p = profile_model(mlp_task(), SimulatedDevice("sim", 8 * MiB, 0.5), make_optimizer=adamw)
+    again = ModelProfile.from_json(p.to_json())
+    assert again == p and json.loads(p.to_json())["simulated"] is True
+    cap = p.capacity("r0")
+    assert cap.simulated and cap.max_micro_batch == p.max_micro_batch
+    for b in range(1, p.max_micro_batch + 1):  # the planner's line never under-states the peak
+        assert cap.predicted_peak_bytes(b) >= p.peak_bytes(b)
+    assert cap.per_sample_s >= 0 and cap.fixed_s + cap.per_sample_s > 0
+    assert 1 <= p.backward_factor < 10
+    plan = make_plan(3 * p.max_micro_batch + 1, [cap])
+    assert plan.ranks[0].micro_batches and max(plan.ranks[0].micro_batches) <= p.max_micro_batch
+
+
+def test_a_simulated_device_runs_its_steps_at_its_speed():
+    task = mlp_task()
+    slow = StepRunner(task, SimulatedDevice("slow", 64 * MiB, 0.25).info(), make_optimizer=adamw)
+    m = [slow.run(8) for _ in range(2)][-1]
+    assert slow.pacer is not None and slow.pacer.slept_s > 0
+    # the micro-step it reports is the paced one: 4x what the machine took
+    assert m.micro_step_s >= 3 * m.forward_s
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": SimulatedDevice("sim", 200 * 1024)}, r"sim: one sample does not fit"),
+        ({"precision": "fp8"}, r"precision='fp8' must be one of"),
+        ({"headroom_fraction": 1.0}, r"headroom_fraction=1.0 must be in \[0, 1\)"),
+        ({"max_micro_batch": 0}, r"max_micro_batch=0 must be >= 1"),
+        ({"extra_reserve_bytes": -1}, r"extra_reserve_bytes=-1 must be >= 0"),
+    ],
+)
+def test_profile_errors(kwargs, message):
+    args = {"device": SimulatedDevice("sim", 8 * MiB), **kwargs}
+    with pytest.raises(ProbeError, match=message):
+        profile_model(tiny_gpt_task(dataset_size=16), make_optimizer=adamw, **args)
+
+
+def test_bf16_on_a_device_without_it_and_an_invisible_gpu_are_refused():
+    turing = replace(cpu_device(), name="Tesla T4", bf16_supported=False, compute_capability=(7, 5))
+    with pytest.raises(ProbeError, match=r"Tesla T4 has no bf16 \(compute capability \(7, 5\)"):
+        profile_model(mlp_task(), turing, make_optimizer=adamw, precision="bf16")
+    hidden = replace(cpu_device(), torch_device=None, uuid="GPU-x")
+    with pytest.raises(ProbeError, match=r"is not visible to this process"):
+        profile_model(mlp_task(), hidden, make_optimizer=adamw)
+
+
+def test_distributed_reserves_the_ddp_buckets():
+    task, device = mlp_task(), SimulatedDevice("sim", 16 * MiB)
+    alone = profile_model(task, device, make_optimizer=adamw)
+    ddp = profile_model(task, device, make_optimizer=adamw, distributed=True)
+    grads = sum(p.numel() * 4 for p in task.build_model().parameters())
+    assert dict(ddp.reserve)["ddp_gradient_buckets"] == grads
+    assert ddp.budget_bytes == alone.budget_bytes - grads
+    assert ddp.max_micro_batch < alone.max_micro_batch
