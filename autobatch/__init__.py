@@ -1,13 +1,32 @@
 """autobatch: a fixed global batch on mixed GPUs.
 
 The library is usable in any DDP script and never imports Ray or the launcher.
+Names are imported on first use, so that light modules (metrics, plan) load
+without torch.
 """
 
-from autobatch.accumulate import Accumulator, StepResult
-from autobatch.errors import AutobatchError, LaunchError, PlanError, ProbeError, SamplerError
-from autobatch.plan import DeviceCapacity, Plan, RankPlan, equal_split_plan, make_plan
-from autobatch.sampler import GlobalBatchSampler, SamplerState
-from autobatch.task import Task
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Accumulator": "autobatch.accumulate",
+    "StepResult": "autobatch.accumulate",
+    "AutobatchError": "autobatch.errors",
+    "LaunchError": "autobatch.errors",
+    "PlanError": "autobatch.errors",
+    "ProbeError": "autobatch.errors",
+    "SamplerError": "autobatch.errors",
+    "DeviceCapacity": "autobatch.plan",
+    "Plan": "autobatch.plan",
+    "RankPlan": "autobatch.plan",
+    "equal_split_plan": "autobatch.plan",
+    "make_plan": "autobatch.plan",
+    "GlobalBatchSampler": "autobatch.sampler",
+    "SamplerState": "autobatch.sampler",
+    "Task": "autobatch.task",
+}
 
 __all__ = [
     "Accumulator",
@@ -26,3 +45,29 @@ __all__ = [
     "equal_split_plan",
     "make_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'autobatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from autobatch.accumulate import Accumulator, StepResult
+    from autobatch.errors import (
+        AutobatchError,
+        LaunchError,
+        PlanError,
+        ProbeError,
+        SamplerError,
+    )
+    from autobatch.plan import DeviceCapacity, Plan, RankPlan, equal_split_plan, make_plan
+    from autobatch.sampler import GlobalBatchSampler, SamplerState
+    from autobatch.task import Task

@@ -23,6 +23,7 @@ one is never slowed down for having waited.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 import weakref
@@ -78,20 +79,37 @@ class TensorMemory(TorchDispatchMode):
         self.limit_bytes = limit_bytes
         self.device_type = device_type
         self._model, self._optimizer, self._extra = model, optimizer, tuple(extra)
-        self._live: dict[int, tuple[weakref.ref, int]] = {}
-        self.live_bytes = 0
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (weakref, bytes)
+        # Storages die wherever torch drops them (also on other threads, and inside
+        # garbage collection): their callbacks only queue the key; the count changes
+        # here, in the thread that runs the ops, before any new storage is looked up
+        # (a dead storage's id may be reused by the next one).
+        self._dead: collections.deque[int] = collections.deque()
+        self._bytes = 0
         self.peak_bytes = 0
 
     # -- counting -------------------------------------------------------------
+    @property
+    def live_bytes(self) -> int:
+        self._drain()
+        return self._bytes
+
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count these tensors' storages (once each) from now until torch frees them."""
+        self._drain()
         for t in tensors:
             self._add(t)
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def reset_peak(self) -> None:
         """Start a new peak from the live bytes (as torch.cuda.reset_peak_memory_stats does)."""
         self.peak_bytes = self.live_bytes
+
+    def _drain(self) -> None:
+        while self._dead:
+            entry = self._live.pop(self._dead.popleft(), None)
+            if entry is not None:
+                self._bytes -= entry[1]
 
     def _add(self, t: torch.Tensor) -> None:
         if t.device.type != self.device_type or t.is_sparse:
@@ -102,38 +120,39 @@ class TensorMemory(TorchDispatchMode):
         nbytes = st.nbytes()
         if entry is None:
             self._live[key] = (weakref.ref(st, self._freed(key)), nbytes)
-            self.live_bytes += nbytes
+            self._bytes += nbytes
         elif entry[1] != nbytes:  # resized in place (an out= op)
             self._live[key] = (entry[0], nbytes)
-            self.live_bytes += nbytes - entry[1]
+            self._bytes += nbytes - entry[1]
 
     def _freed(self, key: int) -> Callable[[weakref.ref], None]:
-        def callback(_ref: weakref.ref) -> None:
-            entry = self._live.pop(key, None)
-            if entry is not None:
-                self.live_bytes -= entry[1]
-
-        return callback
+        dead = self._dead
+        return lambda _ref: dead.append(key)  # deque.append is atomic
 
     # -- the mode -------------------------------------------------------------
     def __enter__(self) -> TensorMemory:
-        self._live.clear()
-        self.live_bytes = self.peak_bytes = 0
+        self._reset()
         self.track(training_tensors(self._model, self._optimizer))
         self.track(self._extra)
-        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
-            live = self.live_bytes
-            self._live.clear()
-            self.live_bytes = live
-            self._raise_oom("on entry (model, gradients and optimizer state alone)")
+        if self.limit_bytes is not None and self._bytes > self.limit_bytes:
+            live = self._bytes
+            self._reset()
+            self._raise_oom(live, "on entry (model, gradients and optimizer state alone)")
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        self._live.clear()  # drops the weakrefs: no callback touches this object afterwards
+        self._drain()
+        self._live.clear()  # drops the weakrefs: no callback fires for them afterwards
+
+    def _reset(self) -> None:
+        self._live.clear()
+        self._dead.clear()
+        self._bytes = self.peak_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
+        self._drain()
         if isinstance(out, torch.Tensor):
             self._add(out)
         elif isinstance(out, (tuple, list)):
@@ -144,17 +163,17 @@ class TensorMemory(TorchDispatchMode):
                     for x in o:
                         if isinstance(x, torch.Tensor):
                             self._add(x)
-        if self.live_bytes > self.peak_bytes:
-            self.peak_bytes = self.live_bytes
-        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
+        if self._bytes > self.peak_bytes:
+            self.peak_bytes = self._bytes
+        if self.limit_bytes is not None and self._bytes > self.limit_bytes:
             del out  # the op's outputs die with this frame
-            self._raise_oom(f"in {func}")
+            self._raise_oom(self._bytes, f"in {func}")
         return out
 
-    def _raise_oom(self, where: str) -> None:
+    def _raise_oom(self, live: int, where: str) -> None:
         raise torch.OutOfMemoryError(
-            f"simulated device out of memory {where}: {self.live_bytes / 2**20:.2f} MiB of "
-            f"tensors live, limit {self.limit_bytes / 2**20:.2f} MiB"
+            f"simulated device out of memory {where}: {live / 2**20:.2f} MiB of tensors live, "
+            f"limit {self.limit_bytes / 2**20:.2f} MiB"
         )
 
 

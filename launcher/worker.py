@@ -224,7 +224,10 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         agree_on_oom=True,
     )
 
-    loss_fn = task.loss_fn
+    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        # One micro-batch on the device at a time, as the probe measured it.
+        return task.loss_fn(model, to_device(batch, device))
+
     memory = None
     if ctx.device.simulated:
         pacer = Pacer(ctx.speed, backward_factor=ctx.backward_factor)
@@ -243,7 +246,7 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         faults.before_step(sampler.step)
         t0 = time.perf_counter()
         indices = sampler.micro_batches(plan, ctx.rank)
-        batches = [to_device(task.batch(idx), device) for idx in indices]
+        batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
         n_items = task.count_items(sampler.global_batch())
         if memory is not None:
             with memory:
