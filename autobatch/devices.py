@@ -34,11 +34,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
 
-from autobatch.errors import ProbeError
-
-
-class DeviceSpecError(ProbeError, ValueError):
-    """A device list, simulated device or memory size could not be parsed."""
+from autobatch.errors import DeviceSpecError
 
 
 @dataclass(frozen=True)

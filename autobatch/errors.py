@@ -4,6 +4,8 @@
     ├── PlanError(ValueError)      the planner got an input it cannot satisfy
     ├── SamplerError(ValueError)   the sampler's dataset/batch/state is inconsistent
     ├── ProbeError                 a device or model could not be measured
+    │   ├── DeviceSpecError(ValueError)  a device list or memory size does not parse
+    │   └── NoFitError             not even one sample fits the device
     └── LaunchError                the launcher could not start or keep a job
 
 Messages name the field, the value and what is allowed, so a user can fix the
@@ -27,6 +29,18 @@ class SamplerError(AutobatchError, ValueError):
 
 class ProbeError(AutobatchError):
     """A device could not be inventoried or the model could not be measured on it."""
+
+
+class DeviceSpecError(ProbeError, ValueError):
+    """A device list, simulated device or memory size could not be parsed."""
+
+
+class NoFitError(ProbeError):
+    """Not even one sample fits the device's budget (after `measured_steps` steps)."""
+
+    def __init__(self, message: str, *, measured_steps: int) -> None:
+        super().__init__(message)
+        self.measured_steps = measured_steps
 
 
 class LaunchError(AutobatchError):

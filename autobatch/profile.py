@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from autobatch.devices import DeviceInfo, SimulatedDevice
-from autobatch.errors import ProbeError
+from autobatch.errors import NoFitError, ProbeError
 from autobatch.measure import (
     MakeOptimizer,
     Precision,
@@ -278,14 +278,6 @@ def profile_model(
         measured_steps=steps,
         key=key,
     )
-
-
-class NoFitError(ProbeError):
-    """Not even one sample fits the device's budget (after `measured_steps` steps)."""
-
-    def __init__(self, message: str, *, measured_steps: int) -> None:
-        super().__init__(message)
-        self.measured_steps = measured_steps
 
 
 class _Budget:
