@@ -1,4 +1,4 @@
-"""`autobatch` command line: run, plan, probe.
+"""`autobatch` command line: run, plan, probe, and the daemon (serve, submit, jobs, ...).
 
 Every failure a user can cause ends with one line `error: ...` and exit code 2;
 an unexpected failure keeps its traceback and exits 1.
@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("spec", nargs="?", help="job spec: also list its simulated devices")
     probe.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     probe.set_defaults(func=cmd_probe)
+
+    from launcher import client
+
+    client.add_commands(sub)  # serve, submit, jobs, status, cancel, logs
     return p
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,6 +48,10 @@ class JobSummary:
     parameters: dict | None = None
 
 
+class JobCancelled(LaunchError):
+    """The runner's `stop` event was set (the job was cancelled); everything was cleaned up."""
+
+
 class _Failure(Exception):
     def __init__(self, kind: str, rank: int, message: str) -> None:
         super().__init__(message)
@@ -62,8 +67,15 @@ class JobRunner:
         runs_root: str = "runs",
         listener: Listener | None = None,
         metrics_host: str = "127.0.0.1",
+        stop: threading.Event | None = None,
+        collector_factory: Callable[[], object] | None = None,
     ) -> None:
+        """`stop`: set it to cancel the job (checked between phases and every 0.5 s while
+        training; raises JobCancelled). `collector_factory`: makes the Ray actor the ranks
+        push snapshots to (default: a MetricsCollector serving its own /metrics)."""
         self.spec = spec
+        self.stop = stop
+        self.collector_factory = collector_factory
         self.address = address
         self.runs_root = runs_root
         self.listener = listener or (lambda event, details: None)
@@ -75,6 +87,10 @@ class JobRunner:
         self.collector = None
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
         self._t = time.monotonic()
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise JobCancelled(f"job {self.spec.name} was cancelled")
 
     def _phase(self, name: str) -> None:
         now = time.monotonic()
@@ -114,10 +130,13 @@ class JobRunner:
             sims = normalise_speeds([r.simulated for r in requests])
             requests = [replace(r, simulated=s) for r, s in zip(requests, sims)]
         self.requests = requests
+        self._check_stop()
         self.pg = cluster.reserve(requests)
         self._phase("reserve")
+        self._check_stop()
         devices = self._probe(requests)
         self._phase("probe")
+        self._check_stop()
         capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
         if self.spec.planner == "equal_split":
             plan = equal_split_plan(self.spec.global_batch_size, capacities)
@@ -163,7 +182,12 @@ class JobRunner:
 
     def _train(self, plan: Plan, devices: list[cluster.ProbedDevice]) -> JobSummary:
         spec = self.spec
-        self.collector = cluster.MetricsCollector.remote(self.metrics_host, spec.metrics_port or 0)
+        if self.collector_factory is not None:
+            self.collector = self.collector_factory()
+        else:
+            self.collector = cluster.MetricsCollector.remote(
+                self.metrics_host, spec.metrics_port or 0
+            )
         self.listener("metrics", {"url": ray.get(self.collector.url.remote())})
         ckpt_dir = spec.checkpoint_dir(self.runs_root)
         resume = (
@@ -183,6 +207,7 @@ class JobRunner:
                 break
             except _Failure as failure:
                 self._stop_workers()
+                self._check_stop()
                 restarts += 1
                 if restarts > spec.max_restarts:
                     raise LaunchError(
@@ -298,6 +323,7 @@ class JobRunner:
     def _wait(self, refs: list) -> list[RankOutcome]:
         pending = list(refs)
         while pending:
+            self._check_stop()
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in done:
                 rank = refs.index(ref)
@@ -308,7 +334,7 @@ class JobRunner:
                         "lost", rank, f"rank {rank} worker died: {_cause(exc)}"
                     ) from None
                 except RayTaskError as exc:
-                    kind = "oom" if _is_oom(exc) else "error"
+                    kind = _failure_kind(exc)
                     if kind == "error":
                         raise LaunchError(f"rank {rank} failed: {_cause(exc)}") from None
                     raise _Failure(kind, rank, f"rank {rank}: {_cause(exc)}") from None
@@ -351,10 +377,18 @@ def _cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def _is_oom(exc: RayTaskError) -> bool:
+def _failure_kind(exc: RayTaskError) -> str:
+    """'oom' (lower that device and restart), 'lost' (a collective failed, e.g. a peer
+    died or timed out: restart), or 'error' (a bug or bad input: fail the job)."""
     import torch
+    import torch.distributed as dist
 
-    return isinstance(getattr(exc, "cause", None), torch.OutOfMemoryError)
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, torch.OutOfMemoryError):
+        return "oom"
+    if isinstance(cause, dist.DistError):
+        return "lost"
+    return "error"
 
 
 def summary_dict(summary: JobSummary) -> dict:

@@ -228,6 +228,10 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         # One micro-batch on the device at a time, as the probe measured it.
         return task.loss_fn(model, to_device(batch, device))
 
+    # A simulated device enforces its memory from the attempt's third step on: DDP
+    # rebuilds its gradient buckets once, with a broadcast inside the first forward
+    # after the first synced backward; an out-of-memory raised there on one rank
+    # would skip that broadcast and leave the ranks in different collectives.
     memory = None
     if ctx.device.simulated:
         pacer = Pacer(ctx.speed, backward_factor=ctx.backward_factor)
@@ -249,6 +253,7 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
         n_items = task.count_items(sampler.global_batch())
         if memory is not None:
+            memory.limit_bytes = ctx.device.total_bytes if stats.steps >= 2 or world == 1 else None
             with memory:
                 result = acc.step(batches, loss_fn, global_items=n_items)
         else:

@@ -1,0 +1,255 @@
+"""Talking to the daemon: `DaemonClient` (httpx) and the `serve`, `submit`, `jobs`, `status`,
+`cancel`, `logs` subcommands.
+
+The server comes from --server or AUTOBATCH_SERVER (default http://127.0.0.1:8470),
+the token from --token or AUTOBATCH_TOKEN. Every failure is a `ClientError` with one
+line: the daemon's own reason when it answered, what to check when it did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from autobatch.errors import AutobatchError
+
+DEFAULT_SERVER = "http://127.0.0.1:8470"
+
+
+class ClientError(AutobatchError):
+    """A request to the daemon failed; the message says why in one line."""
+
+
+class DaemonClient:
+    def __init__(
+        self, server: str | None = None, *, token: str | None = None, timeout_s: float = 60.0
+    ) -> None:
+        self.server = (server or os.environ.get("AUTOBATCH_SERVER") or DEFAULT_SERVER).rstrip("/")
+        token = token or os.environ.get("AUTOBATCH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout_s)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"cannot reach the autobatch daemon at {self.server}: {exc}; start it with "
+                "`autobatch serve` or point --server / AUTOBATCH_SERVER at it"
+            ) from None
+        _check(response)
+        return response
+
+    def submit(self, spec_text: str, *, yaml: bool = True) -> str:
+        ctype = "application/yaml" if yaml else "application/json"
+        body = spec_text.encode()
+        return self._request(
+            "POST", "/v1/jobs", content=body, headers={"Content-Type": ctype}
+        ).json()["id"]
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/jobs", params={"state": state} if state else None).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> str:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()["state"]
+
+    def logs(self, job_id: str, tail: int = 200) -> str:
+        return self._request("GET", f"/v1/jobs/{job_id}/logs", params={"tail": tail}).text
+
+    def follow(self, job_id: str, tail: int = 200) -> Iterator[str]:
+        params = {"tail": tail, "follow": "true"}
+        try:
+            with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    _check(response)
+                yield from response.iter_text()
+        except httpx.TransportError as exc:
+            raise ClientError(f"lost the log stream from {self.server}: {exc}") from None
+
+    def metrics(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout_s: float = 120) -> dict:
+        """Poll until the job is in one of `states`; ClientError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rec = self.job(job_id)
+            if rec["state"] in states:
+                return rec
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"job {job_id} is still {rec['state']} after {timeout_s:.0f} s "
+                    f"(waited for {', '.join(states)}); last error: {rec['last_error']}"
+                )
+            time.sleep(0.2)
+
+
+def _check(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if not isinstance(detail, str):  # FastAPI's own 422s: a list of errors
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
+        )
+    raise ClientError(f"{response.status_code}: {detail}")
+
+
+# ---------------------------------------------------------------------------
+# the subcommands
+
+
+def _client(args: argparse.Namespace) -> DaemonClient:
+    return DaemonClient(args.server, token=args.token)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from launcher.serve import serve
+
+    return serve(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        address=args.address,
+        token=args.token,
+        num_cpus=args.num_cpus,
+        checkpoint_root=args.checkpoint_root,
+        task_modules=tuple(args.task_module or ()),
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    path = pathlib.Path(args.spec)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ClientError(f"cannot read job spec {str(path)!r}: {exc.strerror}") from None
+    job_id = _client(args).submit(text, yaml=path.suffix != ".json")
+    print(job_id)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    rows = _client(args).jobs(args.state)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':<28} {'STATE':<11} {'STEP':>11} {'RESTARTS':>8}  LAST ERROR")
+    for r in rows:
+        step = f"{r['step'] if r['step'] is not None else '-'}/{r['total_steps'] or '-'}"
+        print(
+            f"{r['id']:<28} {r['state']:<11} {step:>11} {r['restarts']:>8}  {r['last_error'] or ''}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rec = _client(args).job(args.id)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    progress = rec.get("progress") or {}
+    print(
+        f"{rec['id']}: {rec['state']}, step {progress.get('step', '-')}/"
+        f"{progress.get('total_steps', '-')}, restarts {rec['restarts']}"
+    )
+    if rec["last_error"]:
+        print(f"last error: {rec['last_error']}")
+    for t in rec["transitions"]:
+        at = time.strftime("%H:%M:%S", time.localtime(t["at"]))
+        print(f"  {at} {t['from_state'] or '-':>10} -> {t['to_state']:<10} {t['reason']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(f"{args.id}: {_client(args).cancel(args.id)}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not args.follow:
+        sys.stdout.write(client.logs(args.id, args.tail))
+        return 0
+    for chunk in client.follow(args.id, args.tail):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register the daemon's subcommands on the `autobatch` parser's subparsers."""
+    from launcher.serve import DEFAULT_PORT
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--server", help=f"daemon URL (default: AUTOBATCH_SERVER, else {DEFAULT_SERVER})"
+        )
+        p.add_argument("--token", help="API token (default: AUTOBATCH_TOKEN)")
+
+    s = sub.add_parser("serve", help="run the launcher daemon (HTTP API, queue, metrics)")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    s.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
+    )
+    s.add_argument("--state-dir", default="autobatch-state", help="SQLite, job logs, checkpoints")
+    s.add_argument(
+        "--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)"
+    )
+    s.add_argument("--token", help="require this bearer token (default: AUTOBATCH_TOKEN)")
+    s.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the embedded Ray")
+    s.add_argument(
+        "--checkpoint-root", help="checkpoints stay under it (default: STATE_DIR/checkpoints)"
+    )
+    s.add_argument(
+        "--task-module", action="append", help="allow tasks from this module prefix (repeat)"
+    )
+    s.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "submit", help="submit a job spec (YAML or .json) to the daemon; prints its id"
+    )
+    p.add_argument("spec")
+    common(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list the daemon's jobs")
+    p.add_argument("--state", help="only jobs in this state")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("status", help="one job: state, progress, transitions")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job (stops its actors, frees its devices)")
+    p.add_argument("id")
+    common(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("logs", help="a job's log")
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    p.add_argument("--tail", type=int, default=200, help="last N lines (default 200)")
+    common(p)
+    p.set_defaults(func=cmd_logs)

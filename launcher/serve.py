@@ -1,0 +1,95 @@
+"""`autobatch serve`: the daemon's process: Ray, the job threads, the HTTP API (uvicorn).
+
+Refuses to listen beyond loopback without a token. SIGTERM/SIGINT stop it
+gracefully (running jobs go back to the queue and resume at the next start);
+SIGKILL loses nothing either (see launcher.daemon).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pathlib
+import socket
+import sys
+
+from autobatch.errors import AutobatchError
+
+DEFAULT_PORT = 8470
+
+
+class ServeError(AutobatchError):
+    """The daemon cannot start with these settings."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise ServeError(
+            f"--host {host} is not a loopback address: refusing to serve without a token; "
+            "set --token or AUTOBATCH_TOKEN (clients send it as Authorization: Bearer)"
+        )
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    state_dir: str = "autobatch-state",
+    address: str | None = None,
+    token: str | None = None,
+    num_cpus: int = 16,
+    checkpoint_root: str | None = None,
+    task_modules: tuple[str, ...] = (),
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from launcher.api import create_app
+    from launcher.daemon import Daemon
+
+    token = token or os.environ.get("AUTOBATCH_TOKEN") or None
+    check_bind(host, token)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    daemon = Daemon(
+        state_dir,
+        address=address,
+        num_cpus=num_cpus,
+        checkpoint_root=checkpoint_root,
+        task_modules=task_modules,
+        metrics_url=f"http://{url_host}:{port}/metrics",
+    )
+    try:
+        daemon.start()
+        app = create_app(daemon, token=token)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+        )
+        print(
+            f"autobatch daemon on http://{url_host}:{port} (state {pathlib.Path(state_dir)})",
+            flush=True,
+        )
+        server.run(sockets=[sock])
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -1,0 +1,259 @@
+"""The daemon's job records: SQLite in WAL mode, one row per job, one row per transition.
+
+    queued -> probing -> running <-> restarting -> succeeded | failed | cancelled
+       ^________________________________|  (daemon restarted: back to the queue)
+
+`set_state` is the only way a job changes state: it checks the transition is
+allowed, writes the new state and a transition row (time, from, to, reason) in
+one transaction. Everything else a job carries (plan, progress, restarts, last
+error, summary) is data updated with `update`, never a state change.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from autobatch.errors import AutobatchError
+
+STATES = ("queued", "probing", "running", "restarting", "succeeded", "failed", "cancelled")
+ACTIVE = ("probing", "running", "restarting")
+TERMINAL = ("succeeded", "failed", "cancelled")
+_ALLOWED = {
+    "queued": {"probing", "cancelled", "failed"},
+    "probing": {"running", "failed", "cancelled", "queued"},
+    "running": {"restarting", "succeeded", "failed", "cancelled", "queued"},
+    "restarting": {"running", "failed", "cancelled", "queued"},
+    "succeeded": set(),
+    "failed": set(),
+    "cancelled": set(),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    plan TEXT,
+    progress TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id, seq);
+"""
+
+
+class StoreError(AutobatchError):
+    """A job record operation is impossible (unknown id, transition not allowed)."""
+
+
+class UnknownJob(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class TransitionError(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    spec: dict[str, Any]
+    state: str
+    created: float
+    updated: float
+    plan: dict[str, Any] | None
+    progress: dict[str, Any] | None
+    restarts: int
+    last_error: str | None
+    summary: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def new_job_id(name: str) -> str:
+    """A unique id that still reads as the job: 'demo-3f9a1c2e'."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+_JSON_FIELDS = ("plan", "progress", "summary")
+_UPDATABLE = {"plan", "progress", "restarts", "last_error", "summary"}
+
+
+class JobStore:
+    """Thread-safe: one connection, one lock (SQLite serialises writers anyway)."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes ----------------------------------------------------------------
+    def add(self, job_id: str, name: str, spec: dict[str, Any], reason: str = "submitted") -> str:
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO jobs (id, name, spec, state, created, updated) "
+                "VALUES (?, ?, ?, 'queued', ?, ?)",
+                (job_id, name, json.dumps(spec), now, now),
+            )
+            self._db.execute(
+                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) "
+                "VALUES (?, ?, NULL, 'queued', ?)",
+                (job_id, now, reason),
+            )
+        return job_id
+
+    def set_state(self, job_id: str, state: str, reason: str) -> str:
+        """Move a job to `state`, recording when and why; returns the previous state."""
+        if state not in STATES:
+            raise TransitionError(f"state={state!r} is not one of {', '.join(STATES)}")
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no job with id {job_id!r}")
+            old = row[0]
+            if state not in _ALLOWED[old]:
+                raise TransitionError(f"job {job_id} cannot go from {old} to {state}")
+            self._db.execute(
+                "UPDATE jobs SET state = ?, updated = ? WHERE id = ?", (state, now, job_id)
+            )
+            self._db.execute(
+                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (job_id, now, old, state, reason),
+            )
+        return old
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise StoreError(f"cannot update {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        values = [json.dumps(v) if k in _JSON_FIELDS else v for k, v in fields.items()]
+        with self._lock, self._db:
+            cur = self._db.execute(
+                f"UPDATE jobs SET {cols}, updated = ? WHERE id = ?",
+                (*values, time.time(), job_id),
+            )
+            if cur.rowcount == 0:
+                raise UnknownJob(f"no job with id {job_id!r}")
+
+    # -- reads -------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job with id {job_id!r}")
+        return _record(row)
+
+    def list(self, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        """Jobs in submission order (the queue order), optionally only in `states`."""
+        query, args = _SELECT, ()
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args = tuple(states)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        return [_record(r) for r in rows]
+
+    def briefs(self, state: str | None = None) -> list[dict[str, Any]]:
+        """What a job listing shows, in queue order: no spec, plan or summary to decode."""
+        query = (
+            "SELECT id, name, state, created, updated, json_extract(progress, '$.step'), "
+            "json_extract(progress, '$.total_steps'), restarts, last_error FROM jobs"
+        )
+        args: tuple = ()
+        if state:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        keys = (
+            "id", "name", "state", "created", "updated", "step", "total_steps", "restarts",
+            "last_error",
+        )  # fmt: skip
+        return [dict(zip(keys, r)) for r in rows]
+
+    def transitions(self, job_id: str) -> list[Transition]:
+        self.get(job_id)  # 404 for unknown ids
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, from_state, to_state, reason FROM transitions "
+                "WHERE job_id = ? ORDER BY seq",
+                (job_id,),
+            ).fetchall()
+        return [Transition(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, every state present (0 when none)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update(dict(rows))
+        return out
+
+
+_SELECT = (
+    "SELECT id, name, spec, state, created, updated, plan, progress, restarts, last_error, "
+    "summary FROM jobs"
+)
+
+
+def _record(row: tuple) -> JobRecord:
+    id_, name, spec, state, created, updated, plan, progress, restarts, err, summary = row
+    load = lambda v: json.loads(v) if v is not None else None  # noqa: E731
+    return JobRecord(
+        id_,
+        name,
+        json.loads(spec),
+        state,
+        created,
+        updated,
+        load(plan),
+        load(progress),
+        restarts,
+        err,
+        load(summary),
+    )

@@ -1,0 +1,187 @@
+"""`autobatch serve` end to end: a subprocess on a free loopback port with an embedded local
+Ray, real jobs of three simulated devices, a real Prometheus scraping it, SIGKILL recovery.
+
+Slow (about two minutes on two cores): `pytest -m "not slow"` skips it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from daemon_util import ROOT, DaemonProcess, tiny_spec, transition_time
+
+from autobatch.metrics import METRIC_NAMES
+from launcher.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+DASHBOARD = ROOT / "k8s" / "grafana" / "autobatch-dashboard.json"
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, profiles) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path_factory.mktemp("d") / "state", profiles)
+    yield d
+    d.stop()
+
+
+def test_a_job_runs_to_success_and_its_log_follows_it(daemon):
+    job_id = daemon.submit(tiny_spec("first"))
+    follow = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "logs", job_id, "-f", "--server", daemon.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert follow.returncode == 0, follow.stderr
+    assert "plan:" in follow.stdout and "step 6/6" in follow.stdout
+    assert follow.stdout.rstrip().endswith("succeeded")
+    rec = daemon.job(job_id)
+    assert rec["state"] == "succeeded" and rec["restarts"] == 0
+    assert [t["to_state"] for t in rec["transitions"]] == [
+        "queued", "probing", "running", "succeeded",
+    ]  # fmt: skip
+    assert rec["summary"]["steps"] == 6 and rec["plan"]["summary"]["world_size"] == 3
+    assert rec["progress"]["step"] == 6
+
+
+def test_jobs_on_the_same_devices_run_one_after_the_other_disjoint_ones_together(daemon):
+    a = daemon.submit(tiny_spec("a", sims=("big", "mid", "small"), max_steps=6))
+    b = daemon.submit(tiny_spec("b", sims=("big", "mid", "small"), max_steps=2))
+    c = daemon.submit(tiny_spec("c", sims=("big3", "mid3", "small3"), max_steps=2))
+    recs = {j: daemon.wait_state(j, "succeeded", timeout_s=180) for j in (a, b, c)}
+    a_end = transition_time(recs[a], "succeeded")
+    assert transition_time(recs[b], "probing") >= a_end  # waited for a's devices
+    assert transition_time(recs[c], "probing") < a_end  # started while a ran
+    b_queued = recs[b]["transitions"][1]
+    assert b_queued["to_state"] == "probing" and "all 3 device(s) free" in b_queued["reason"]
+
+
+@contextlib.contextmanager
+def prometheus(target: str, tmp: pathlib.Path) -> Iterator[httpx.Client]:
+    """A real Prometheus on a free loopback port scraping `target` every second."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = target.removeprefix("http://")
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: autobatch\n    static_configs: [{{targets: ['{host}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("wb"),
+    )  # fmt: skip
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if client.get("/-/ready").status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "prometheus did not start"
+            time.sleep(0.2)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(20)
+
+
+def dashboard_queries() -> list[str]:
+    """Every query of the dashboard, with Grafana's variables as Prometheus would see them."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return [e.replace("$__rate_interval", "1m").replace("$job", ".*") for e in exprs]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus binary")
+def test_prometheus_scrapes_every_dashboard_query_then_cancel_frees_the_devices(daemon, tmp_path):
+    sims = ("big2", "mid2", "small2")
+    long = daemon.submit(tiny_spec("long", sims=sims, max_steps=100_000))
+    daemon.wait(long, lambda r: (r["progress"] or {}).get("step", 0) >= 2, "2 steps")
+    text = daemon.http.get("/metrics").text
+    # per-rank memory series, labelled with the job id
+    for rank in range(3):
+        assert re.search(
+            rf'autobatch_torch_memory_peak_bytes{{job="{long}",rank="{rank}",[^}}]*}} \d', text
+        ), text[:2000]
+    if shutil.which("promtool"):
+        check = subprocess.run(
+            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    with prometheus(daemon.url, tmp_path) as prom:
+        pending, deadline = dashboard_queries(), time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            time.sleep(1)
+            answers = {q: prom.get("/api/v1/query", params={"query": q}).json() for q in pending}
+            for q, a in answers.items():
+                assert a["status"] == "success", (q, a)
+            pending = [q for q, a in answers.items() if not a["data"]["result"]]
+        assert not pending, f"dashboard queries with no series: {pending}"
+        up = prom.get("/api/v1/query", params={"query": "up"}).json()["data"]["result"]
+        assert [r["value"][1] for r in up] == ["1"]
+
+    waiting = daemon.submit(tiny_spec("waiting", sims=sims, max_steps=3))
+    time.sleep(2)
+    assert daemon.job(waiting)["state"] == "queued"  # its devices are busy
+    r = daemon.http.post(f"/v1/jobs/{long}/cancel", timeout=60)
+    assert r.json() == {"id": long, "state": "cancelled"}
+    done = daemon.wait_state(waiting, "succeeded", timeout_s=120)
+    assert transition_time(done, "probing") >= transition_time(daemon.job(long), "cancelled")
+    assert daemon.job(long)["transitions"][-1]["reason"] == "cancelled by request while running"
+    assert f'job="{long}"' not in daemon.http.get("/metrics").text  # its ranks were dropped
+
+
+def test_every_dashboard_metric_is_one_the_daemon_exports():
+    exported = set(METRIC_NAMES) | {
+        f"autobatch_step_duration_seconds_{s}" for s in ("bucket", "sum", "count")
+    }
+    used = {m for q in dashboard_queries() for m in re.findall(r"autobatch_[a-z_]+", q)}
+    assert used and used <= exported, used - exported
+
+
+def test_sigkill_mid_run_loses_nothing_the_job_resumes_from_its_checkpoint(tmp_path, profiles):
+    state = tmp_path / "state"
+    first = DaemonProcess(state, profiles)
+    try:
+        job = first.submit(tiny_spec("survivor", max_steps=60, checkpoint={"interval": 3}))
+        queued = first.submit(tiny_spec("later", max_steps=2))  # same devices: waits
+        first.wait(job, lambda r: (r["progress"] or {}).get("step", 0) >= 3, "3 steps")
+        assert first.job(queued)["state"] == "queued"
+    finally:
+        first.kill()
+    second = DaemonProcess(state, profiles)
+    try:
+        rec = second.wait_state(job, "succeeded", timeout_s=180)
+        reasons = [t["reason"] for t in rec["transitions"]]
+        recovered = [r for r in reasons if r.startswith("daemon restarted while the job was")]
+        assert len(recovered) == 1, reasons
+        resumed_at = int(re.search(r"resuming from checkpoint step_(\d+)\.pt", recovered[0])[1])
+        assert 3 <= resumed_at < 60  # killed mid-run: resumed from a checkpoint, not from 0
+        ckpt = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
+        log = second.http.get(f"/v1/jobs/{job}/logs", params={"tail": 0}).text
+        assert f"resuming from {ckpt}/step_000000" in log  # the runner resumed, not restarted
+        assert list_checkpoints(ckpt)[-1].name == "step_00000060.pt"
+        later = second.wait_state(queued, "succeeded", timeout_s=120)
+        assert [t["to_state"] for t in later["transitions"]][:2] == ["queued", "probing"]
+    finally:
+        second.stop()
