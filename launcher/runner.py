@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from autobatch.devices import normalise_speeds
-from autobatch.errors import LaunchError
+from autobatch.errors import AutobatchError, LaunchError
 from autobatch.metrics import RankSnapshot
 from autobatch.plan import Plan, equal_split_plan, make_plan
 from launcher import cluster
@@ -378,17 +378,18 @@ def _cause(exc: BaseException) -> str:
 
 
 def _failure_kind(exc: RayTaskError) -> str:
-    """'oom' (lower that device and restart), 'lost' (a collective failed, e.g. a peer
-    died or timed out: restart), or 'error' (a bug or bad input: fail the job)."""
+    """'oom': lower that device and restart. 'error': bad input or a bug in the task, which
+    a restart would only repeat: fail the job. 'lost': anything else (a collective that
+    failed because a peer died or timed out, gloo's plain RuntimeErrors): restart."""
     import torch
-    import torch.distributed as dist
 
     cause = getattr(exc, "cause", None)
     if isinstance(cause, torch.OutOfMemoryError):
         return "oom"
-    if isinstance(cause, dist.DistError):
-        return "lost"
-    return "error"
+    if isinstance(cause, (AutobatchError, ValueError, TypeError, KeyError, AttributeError,
+                          ImportError, NotImplementedError)):
+        return "error"
+    return "lost"
 
 
 def summary_dict(summary: JobSummary) -> dict:
