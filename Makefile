@@ -27,8 +27,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
-	$(PY) benchmarks/bench_planner.py
+bench: install  # runs every benchmark (~15 min on 2 cores), rewrites benchmarks/RESULTS.md
+	$(PY) benchmarks/make_results.py
 
 clean:
 	rm -rf $(VENV)
