@@ -10,6 +10,9 @@ dense bf16/fp16 tensor peak, 312 : 121 : 65 TF/s, times --speed-scale). In one
 command it measures samples/s of
 
   (a) plan         autobatch's plan (planner: optimal, the default keep_all: false),
+  (a1) plan, one sync  the same, with the worker's two extra collectives per step
+                   switched off for this job only (see `worker_setup`): what one
+                   synchronisation per optimizer step would give,
   (b) equal split  every device at the smallest device's micro-batch, the same
                    accumulation everywhere (planner: equal_split; today's DDP recipe),
   (c) ideal        the sum of each device's standalone best: one one-device job
@@ -18,11 +21,13 @@ command it measures samples/s of
 and prints efficiency = a / c, speedup = a / b, and per rank the sync wait (the
 worker's `sync_wait_s`: how much longer the synced micro-step took than the
 rank's own compute for it, i.e. the wait for the slowest rank plus the
-all-reduce) as a share of the step time. (a) and (b) run `--repeats` times,
-interleaved, and the medians are printed; (c) runs once per device. Then it
-splits the gap to the ideal into what the planner predicted from the measured
+all-reduce) as a share of the step time. (a), (a1) and (b) run `--repeats`
+times, interleaved, and the medians are printed; (c) runs once per device. Then
+it splits the gap to the ideal into what the planner predicted from the measured
 profiles (the cost of splitting one step over three devices) and what the runs
-added on top of the prediction.
+added on top of the prediction, and predicts (a) from the same time models with
+the three synchronisation points per step that the launcher's worker has (see
+`phased_samples_per_s`).
 
 Measuring on 2 shared cores (see DESIGN.md): every worker runs one thread at
 the default niceness (Ray's workers otherwise run at nice 15 and lose the CPU to
@@ -55,10 +60,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import hetero_sim  # benchmarks/hetero_sim.py, next to this script
 import ray
+from hetero_sim import ONE_SYNC, ForeignLoad, calibrate, worker_setup
 
 import launcher.runner
 from autobatch.devices import SimulatedDevice
@@ -74,66 +81,7 @@ TASK_ARGS = {"dataset_size": 8192, "seq_len": 64}  # the demo's model and data (
 GLOBAL_BATCH = 128  # the demo's
 # (optimizer steps, steps left out of the steady state) per kind of job: long enough for a
 # steady state, short enough for ~5 minutes (a T4 alone takes ~6 s per step).
-STEPS = {"optimal": (20, 2), "equal_split": (10, 2), "alone": (4, 1)}
-
-
-# ---------------------------------------------------------------------------
-# the machine
-
-
-def _proc_stat_busy() -> int:
-    """Busy jiffies of the whole machine (all CPUs)."""
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
-def _tree_jiffies(root: int) -> int:
-    """CPU jiffies of `root` and its descendants (with their reaped children)."""
-    parent, times = {}, {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(pid)] = int(fields[1])
-        times[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    mine, frontier = {root}, [root]
-    while frontier:
-        p = frontier.pop()
-        children = [c for c, pp in parent.items() if pp == p and c not in mine]
-        mine.update(children)
-        frontier += children
-    return sum(times.get(p, 0) for p in mine)
-
-
-class ForeignLoad:
-    """Share of the machine's cores that processes outside this benchmark used."""
-
-    def __init__(self) -> None:
-        self.cores = os.cpu_count() or 1
-        self.hz = os.sysconf("SC_CLK_TCK")
-        self.start()
-
-    def start(self) -> None:
-        self.t, self.busy = time.monotonic(), _proc_stat_busy()
-        self.mine = _tree_jiffies(os.getpid())
-
-    def share(self) -> float:
-        seconds = time.monotonic() - self.t
-        foreign = (_proc_stat_busy() - self.busy) - (_tree_jiffies(os.getpid()) - self.mine)
-        return max(0.0, foreign / self.hz / seconds / self.cores)
-
-    def wait_quiet(self, max_wait_s: float, threshold: float = 0.1) -> float:
-        """Wait until others use < threshold of the cores over 3 s (at most max_wait_s)."""
-        deadline = time.monotonic() + max_wait_s
-        while True:
-            self.start()
-            time.sleep(3)
-            share = self.share()
-            if share < threshold or time.monotonic() > deadline:
-                return share
+STEPS = {"optimal": (16, 2), "one_sync": (16, 2), "equal_split": (6, 2), "alone": (4, 1)}
 
 
 # ---------------------------------------------------------------------------
@@ -187,152 +135,6 @@ class _Recorder:
         seen = [v for (r, _), v in self.steps.items() if r == rank]
         waits = [w for _, w in seen if w is not None]
         return statistics.fmean(d for d, _ in seen), statistics.fmean(waits) if waits else None
-
-
-# ---------------------------------------------------------------------------
-# the simulated devices' clock
-
-
-@dataclass(frozen=True)
-class Reference:
-    """This machine's quiet time for the demo model's work: one thread, memory accounting on.
-
-    A simulated device of speed s takes `micro(b) / s` per micro-step of b samples
-    (forward and backward) and `optimizer_s / s` per optimizer step, like a GPU whose
-    time model is a line: the work is run for real, then the device sleeps the rest.
-    """
-
-    fixed_s: float  # forward + backward: fixed_s + per_sample_s * b
-    per_sample_s: float
-    backward_fixed_s: float  # the backward alone, likewise
-    backward_per_sample_s: float
-    optimizer_s: float
-
-    def micro(self, b: int) -> float:
-        return self.fixed_s + self.per_sample_s * b
-
-    def backward(self, b: int) -> float:
-        return self.backward_fixed_s + self.backward_per_sample_s * b
-
-
-def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares t = a + c * b."""
-    mb = statistics.fmean(b for b, _ in points)
-    mt = statistics.fmean(t for _, t in points)
-    c = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b, _ in points)
-    return max(0.0, mt - c * mb), c
-
-
-def calibrate(repeats: int = 12, quantile: int = 2) -> Reference:
-    """Time the work in this process, one thread: the `quantile`-th of 10 quantiles per size
-    (the machine undisturbed, as far as one can tell on shared cores)."""
-    import torch
-
-    from autobatch.simulated import TensorMemory
-    from autobatch.tiny_gpt import tiny_gpt_task
-
-    torch.set_num_threads(1)
-    task = tiny_gpt_task(**TASK_ARGS)
-    model = task.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    memory = TensorMemory(model=model, optimizer=opt)
-    total, backward, step = [], [], []
-    for b in (1, 8, 24, 48):
-        batch = task.batch(range(b))
-        times = []
-        for _ in range(repeats):
-            with memory:
-                t0 = time.perf_counter()
-                loss = task.loss_fn(model, batch)
-                t1 = time.perf_counter()
-                loss.backward()
-                t2 = time.perf_counter()
-                opt.step()
-                t3 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            times.append((t2 - t0, t2 - t1, t3 - t2))
-        q = [statistics.quantiles(x, n=10)[quantile - 1] for x in zip(*times)]
-        total.append((b, q[0]))
-        backward.append((b, q[1]))
-        step.append(q[2])
-    return Reference(*_line(total), *_line(backward), optimizer_s=statistics.median(step))
-
-
-def model_pacing(ref: Reference) -> Callable[[], None]:
-    """A Ray worker set-up hook: simulated devices run on `ref`'s time model.
-
-    It replaces `autobatch.simulated.Pacer` in the worker (the launcher's training
-    loop and the probe) by one that sleeps until the modelled duration, instead of
-    stretching the measured one by 1/speed: on these shared cores the same
-    micro-step's real time varies by +-40% with the neighbours' load, and the
-    product's Pacer multiplies that by 1/speed (x10 on the T4), which would measure
-    the machine, not the plan (DESIGN.md: sleep for the difference between the
-    modelled and the measured duration). The real work still runs; the optimizer
-    step, the all-reduce, data loading and metrics are paid as they come."""
-
-    def hook() -> None:
-        import contextlib
-
-        import autobatch.measure
-        import autobatch.simulated
-        import launcher.worker
-
-        size: dict[str, int | None] = {"b": None}  # the probe's micro-batch in progress
-
-        class ModelPacer:
-            def __init__(self, speed: float, *, backward_factor: float = 3.0) -> None:
-                self.speed, self.backward_factor, self.slept_s = speed, backward_factor, 0.0
-
-            def _until(self, t0: float, seconds: float) -> None:
-                delay = seconds - (time.perf_counter() - t0)
-                if delay > 0:
-                    time.sleep(delay)
-                    self.slept_s += delay
-
-            @contextlib.contextmanager
-            def micro_step(self):  # noqa: ANN202  (the probe: a micro-step or the optimizer)
-                b, t0 = size["b"], time.perf_counter()
-                yield
-                self._until(t0, (ref.micro(b) if b else ref.optimizer_s) / self.speed)
-
-            def wrap_loss_fn(self, loss_fn):  # noqa: ANN001, ANN202  (training)
-                def paced(model, batch):  # noqa: ANN001, ANN202
-                    t0 = time.perf_counter()
-                    loss = loss_fn(model, batch)
-                    b = len(next(iter(batch.values())))
-                    self._until(t0, ref.micro(b) / self.speed - ref.backward(b))
-                    return loss
-
-                return paced
-
-            def attach(self, optimizer):  # noqa: ANN001, ANN202
-                started: list[float] = []
-                pre = optimizer.register_step_pre_hook(
-                    lambda *_: started.append(time.perf_counter())
-                )
-                post = optimizer.register_step_post_hook(
-                    lambda *_: self._until(started.pop(), ref.optimizer_s / self.speed)
-                )
-
-                def detach() -> None:
-                    pre.remove()
-                    post.remove()
-
-                return detach
-
-        runner_step = autobatch.measure.StepRunner._micro_step
-
-        def probe_micro_step(self, b, weight):  # noqa: ANN001, ANN202
-            size["b"] = b
-            try:
-                return runner_step(self, b, weight)
-            finally:
-                size["b"] = None
-
-        autobatch.measure.StepRunner._micro_step = probe_micro_step
-        autobatch.simulated.Pacer = autobatch.measure.Pacer = launcher.worker.Pacer = ModelPacer
-
-    return hook
 
 
 def absolute_speeds(devices: Sequence[SimulatedDevice]) -> list[SimulatedDevice]:
@@ -425,45 +227,81 @@ def print_run(m: Measured) -> None:
 
 def print_ranks(m: Measured) -> None:
     """Per rank of one plan run: predicted time, measured step, compute (step - wait)."""
-    print(f"per rank ({m.label}): predicted time / measured step / measured step - sync wait")
+    print(
+        f"per rank ({m.label}): predicted time / measured step / measured step - sync wait; "
+        "sync wait measured (predicted: the plan's own idle time)"
+    )
     for r in m.plan.ranks:
         wait = m.sync_s[r.rank] or 0.0
         step = m.step_s[r.rank]
+        idle = 1 - r.predicted_time_s / m.plan.predicted_step_time_s
         print(
             f"  rank {r.rank} {r.device_name:<9} {r.samples:>3} samples in {r.accumulation_steps}"
             f" micro-steps: {r.predicted_time_s * 1e3:6.0f} / {step * 1e3:6.0f} / "
-            f"{(step - wait) * 1e3:6.0f} ms; sync wait {_pct(wait / step)}"
+            f"{(step - wait) * 1e3:6.0f} ms; sync wait {_pct(wait / step)} ({idle:.1%})"
         )
 
 
-def summarise(plans: list[Measured], equals: list[Measured], alone: list[Measured]) -> None:
-    a = statistics.median(m.samples_per_s for m in plans)
-    b = statistics.median(m.samples_per_s for m in equals)
-    c = sum(m.samples_per_s for m in alone)
-    pred = plans[0].plan
-    pred_c = sum(m.plan.predicted_samples_per_s for m in alone)
-    worst = {
-        r.device_name: max(m.sync_share(r.rank) or 0.0 for m in plans) for r in pred.ranks
-    }  # the worst repeat, per device
-    print(
-        f"\nRESULT (median of {len(plans)} run(s)): plan {a:.1f} samples/s, equal split {b:.1f}, "
-        f"ideal {c:.1f} (= {' + '.join(f'{m.samples_per_s:.1f}' for m in alone)})"
+def phased_samples_per_s(plan: Plan) -> float:
+    """The plan's throughput by its own time models, with three synchronisation points per step.
+
+    launcher/worker.py trains with agree_on_oom=True and sync_loss=True, so besides the
+    gradient all-reduce every step has an all-reduce of an OOM flag after the no_sync
+    micro-steps and one of the loss after the optimizer step. Every rank then waits for
+    the slowest at each of the three, and the step takes the sum over the phases of the
+    slowest rank's time in that phase, not the slowest rank's total that the planner
+    balances."""
+    by_id = {d.device_id: d for d in plan.inputs}
+    phases = [0.0, 0.0, 0.0]  # no_sync micro-steps, synced micro-step, optimizer step
+    for r in plan.ranks:
+        d, mbs = by_id[r.device_id], r.micro_batches
+        parts = (sum(map(d.micro_step_time, mbs[:-1])), d.micro_step_time(mbs[-1]))
+        phases = [max(p, x) for p, x in zip(phases, (*parts, d.step_overhead_s))]
+    return plan.global_batch_size / sum(phases)
+
+
+def worst_sync(runs: list[Measured]) -> dict[str, float]:
+    """Per device, the largest sync-wait share of its runs."""
+    plan = runs[0].plan
+    return {r.device_name: max(m.sync_share(r.rank) or 0.0 for m in runs) for r in plan.ranks}
+
+
+def summarise(runs: dict[str, list[Measured]]) -> None:
+    a, a1, b = (
+        statistics.median(m.samples_per_s for m in runs[k]) for k in ("plan", "one", "equal")
     )
-    print(f"efficiency a/c = {a / c:.3f}; speedup a/b = {a / b:.2f}x")
+    c = sum(m.samples_per_s for m in runs["alone"])
+    plan = runs["plan"][0].plan
+    pred_c = sum(m.plan.predicted_samples_per_s for m in runs["alone"])
+    waits = {k: worst_sync(runs[k]) for k in ("plan", "one")}
     print(
-        "sync wait / step time, worst run: "
-        + ", ".join(f"{name} {share:.1%}" for name, share in worst.items())
+        f"\nRESULT (median of {len(runs['plan'])} run(s)): plan {a:.1f} samples/s, plan with one "
+        f"synchronisation per step {a1:.1f}, equal split {b:.1f}, ideal {c:.1f} "
+        f"(= {' + '.join(f'{m.samples_per_s:.1f}' for m in runs['alone'])})"
     )
     print(
-        f"goals: efficiency >= 0.9 {'met' if a / c >= 0.9 else 'NOT met'}; sync wait <= 5% "
-        f"on every rank {'met' if max(worst.values()) <= 0.05 else 'NOT met'}"
+        f"efficiency a/c = {a / c:.3f} (one sync: {a1 / c:.3f}); speedup a/b = {a / b:.2f}x "
+        f"(one sync: {a1 / b:.2f}x)"
     )
+    for key, label in (("plan", "plan"), ("one", "one sync")):
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in waits[key].items())
+        print(f"sync wait / step time, worst run ({label}): {shares}")
+    for key, x in (("plan", a), ("one", a1)):
+        print(
+            f"goals ({'plan' if key == 'plan' else 'one sync'}): efficiency >= 0.9 "
+            f"{'met' if x / c >= 0.9 else 'NOT met'}; sync wait <= 5% on every rank "
+            f"{'met' if max(waits[key].values()) <= 0.05 else 'NOT met'}"
+        )
+    pred, phased = plan.predicted_samples_per_s, phased_samples_per_s(plan)
     print(
         f"where the gap to the ideal comes from: efficiency {a / c:.3f} = planner-predicted "
-        f"{pred.predicted_samples_per_s / pred_c:.3f} (the time models' cost of splitting "
-        f"one step: per-micro-step and per-step costs paid on every rank) x plan run "
-        f"{a / pred.predicted_samples_per_s:.3f} of its prediction x ideal "
-        f"{pred_c / c:.3f} of its prediction (inverse)"
+        f"{pred / pred_c:.3f} (the time models' cost of splitting one step: each rank pays its "
+        f"per-micro-step and per-step costs on a share of the batch) x plan run "
+        f"{a / pred:.3f} of its prediction x ideal {pred_c / c:.3f} of its prediction "
+        f"(inverse); the same time models with the worker's 3 synchronisations per step "
+        f"predict {phased:.1f} samples/s ({phased / pred:.3f} of the plan's prediction); "
+        f"with one synchronisation the run reached "
+        f"{a1 / pred:.3f} of it"
     )
 
 
@@ -490,30 +328,38 @@ def main() -> None:
     t0, quiet = time.monotonic(), args.quiet_wait
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["AUTOBATCH_PROFILE_CACHE"] = f"{tmp}/profiles"  # measured afresh, once
-        env = {}
+        ref = None
         if not args.product_pacer:
-            ref = calibrate()
+            ref = calibrate(TASK_ARGS)
             print(
                 f"reference (this machine, 1 thread): micro-step {ref.fixed_s * 1e3:.1f} ms + "
                 f"{ref.per_sample_s * 1e3:.2f} ms/sample (backward {ref.backward_fixed_s * 1e3:.1f}"
                 f" + {ref.backward_per_sample_s * 1e3:.2f}), optimizer {ref.optimizer_s * 1e3:.1f}"
                 " ms; a device of speed s takes these / s"
             )
-            env = {"worker_process_setup_hook": model_pacing(ref)}
-        ray.init(num_cpus=8, include_dashboard=False, runtime_env=env)
+        ray.cloudpickle.register_pickle_by_value(hetero_sim)  # workers lack benchmarks/
+        hook = worker_setup(None if args.product_pacer else ref)
+        ray.init(
+            num_cpus=8, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}
+        )
         try:
-            plans, equals, alone = [], [], []
+            runs: dict[str, list[Measured]] = {k: [] for k in ("plan", "one", "equal", "alone")}
             for i in range(args.repeats):
-                plans.append(measure(tmp, f"optimal-{i}", sims, "optimal", "optimal", quiet))
-                equals.append(measure(tmp, f"equal-{i}", sims, "equal_split", "equal_split", quiet))
+                runs["plan"].append(measure(tmp, f"plan-{i}", sims, "optimal", "optimal", quiet))
+                name = f"{ONE_SYNC}-{i}"
+                runs["one"].append(measure(tmp, name, sims, "optimal", "one_sync", quiet))
+                runs["equal"].append(
+                    measure(tmp, f"equal-{i}", sims, "equal_split", "equal_split", quiet)
+                )
                 if i == 0:
                     for s in sims:
                         name = f"alone-{s['name']}"
-                        alone.append(measure(tmp, name, [s], "optimal", "alone", quiet))
+                        runs["alone"].append(measure(tmp, name, [s], "optimal", "alone", quiet))
         finally:
             ray.shutdown()
-    print_ranks(sorted(plans, key=lambda m: m.samples_per_s)[len(plans) // 2])
-    summarise(plans, equals, alone)
+    for key in ("plan", "one"):
+        print_ranks(sorted(runs[key], key=lambda m: m.samples_per_s)[len(runs[key]) // 2])
+    summarise(runs)
     print(f"wall time {time.monotonic() - t0:.0f} s")
 
 

@@ -1,0 +1,254 @@
+"""bench_hetero's simulated devices: a modelled clock in the Ray workers, and the machine's load.
+
+Kept apart from the benchmark so that it stays readable; Ray pickles this module's
+functions by value (the workers do not have benchmarks/ on their path).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ONE_SYNC = "one-sync"  # jobs whose name starts with this run with one synchronisation per step
+
+
+# ---------------------------------------------------------------------------
+# the machine
+
+
+def _proc_stat_busy() -> int:
+    """Busy jiffies of the whole machine (all CPUs)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def _tree_jiffies(root: int) -> int:
+    """CPU jiffies of `root` and its descendants (with their reaped children)."""
+    parent, times = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(pid)] = int(fields[1])
+        times[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    mine, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        children = [c for c, pp in parent.items() if pp == p and c not in mine]
+        mine.update(children)
+        frontier += children
+    return sum(times.get(p, 0) for p in mine)
+
+
+class ForeignLoad:
+    """Share of the machine's cores that processes outside this benchmark used."""
+
+    def __init__(self) -> None:
+        self.cores = os.cpu_count() or 1
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.start()
+
+    def start(self) -> None:
+        self.t, self.busy = time.monotonic(), _proc_stat_busy()
+        self.mine = _tree_jiffies(os.getpid())
+
+    def share(self) -> float:
+        seconds = time.monotonic() - self.t
+        foreign = (_proc_stat_busy() - self.busy) - (_tree_jiffies(os.getpid()) - self.mine)
+        return max(0.0, foreign / self.hz / seconds / self.cores)
+
+    def wait_quiet(self, max_wait_s: float, threshold: float = 0.1) -> float:
+        """Wait until others use < threshold of the cores over 1 s (at most max_wait_s)."""
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            self.start()
+            time.sleep(1)
+            share = self.share()
+            if share < threshold or time.monotonic() > deadline:
+                return share
+
+
+# ---------------------------------------------------------------------------
+# the simulated devices' clock
+
+
+@dataclass(frozen=True)
+class Reference:
+    """This machine's quiet time for the demo model's work: one thread, memory accounting on.
+
+    A simulated device of speed s takes `micro(b) / s` per micro-step of b samples
+    (forward and backward) and `optimizer_s / s` per optimizer step, like a GPU whose
+    time model is a line: the work is run for real, then the device sleeps the rest.
+    """
+
+    fixed_s: float  # forward + backward: fixed_s + per_sample_s * b
+    per_sample_s: float
+    backward_fixed_s: float  # the backward alone, likewise
+    backward_per_sample_s: float
+    optimizer_s: float
+
+    def micro(self, b: int) -> float:
+        return self.fixed_s + self.per_sample_s * b
+
+    def backward(self, b: int) -> float:
+        return self.backward_fixed_s + self.backward_per_sample_s * b
+
+
+def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares t = a + c * b."""
+    mb = statistics.fmean(b for b, _ in points)
+    mt = statistics.fmean(t for _, t in points)
+    c = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b, _ in points)
+    return max(0.0, mt - c * mb), c
+
+
+def calibrate(task_args: dict, repeats: int = 12, quantile: int = 2) -> Reference:
+    """Time the work in this process, one thread: the `quantile`-th of 10 quantiles per size
+    (the machine undisturbed, as far as one can tell on shared cores)."""
+    import torch
+
+    from autobatch.simulated import TensorMemory
+    from autobatch.tiny_gpt import tiny_gpt_task
+
+    torch.set_num_threads(1)
+    task = tiny_gpt_task(**task_args)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    memory = TensorMemory(model=model, optimizer=opt)
+    total, backward, step = [], [], []
+    for b in (1, 8, 24, 48):
+        batch = task.batch(range(b))
+        times = []
+        for _ in range(repeats):
+            with memory:
+                t0 = time.perf_counter()
+                loss = task.loss_fn(model, batch)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                opt.step()
+                t3 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            times.append((t2 - t0, t2 - t1, t3 - t2))
+        q = [statistics.quantiles(x, n=10)[quantile - 1] for x in zip(*times)]
+        total.append((b, q[0]))
+        backward.append((b, q[1]))
+        step.append(q[2])
+    return Reference(*_line(total), *_line(backward), optimizer_s=statistics.median(step))
+
+
+def worker_setup(ref: Reference | None) -> Callable[[], None]:
+    """A Ray worker set-up hook: simulated devices on `ref`'s time model, and the one-sync switch.
+
+    With `ref` it replaces `autobatch.simulated.Pacer` in the worker (the launcher's training
+    loop and the probe) by one that sleeps until the modelled duration, instead of
+    stretching the measured one by 1/speed: on these shared cores the same
+    micro-step's real time varies by +-40% with the neighbours' load, and the
+    product's Pacer multiplies that by 1/speed (x10 on the T4), which would measure
+    the machine, not the plan (DESIGN.md: sleep for the difference between the
+    modelled and the measured duration). The real work still runs; the optimizer
+    step, the all-reduce, data loading and metrics are paid as they come.
+
+    In jobs named "one-sync..." the worker's Accumulator runs with agree_on_oom=False
+    and sync_loss=False: the gradient all-reduce is then the only collective of a step
+    (launcher/worker.py otherwise adds an all-reduce of an OOM flag before the synced
+    micro-step and one of the loss after the optimizer step)."""
+
+    def hook() -> None:
+        one_sync_switch()
+        if ref is not None:
+            pace_on_model(ref)
+
+    return hook
+
+
+def one_sync_switch() -> None:
+    """In a Ray worker: jobs named "one-sync..." train with the gradient all-reduce only."""
+    import launcher.worker
+
+    train_rank, accumulator = launcher.worker.train_rank, launcher.worker.Accumulator
+
+    class OneSync(accumulator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "agree_on_oom": False})
+
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            return super().step(*args, **{**kwargs, "sync_loss": False})
+
+    def switched(ctx: Any, push: Any) -> Any:
+        launcher.worker.Accumulator = OneSync if ctx.job.startswith(ONE_SYNC) else accumulator
+        try:
+            return train_rank(ctx, push)
+        finally:
+            launcher.worker.Accumulator = accumulator
+
+    launcher.worker.train_rank = switched
+
+
+def pace_on_model(ref: Reference) -> None:
+    """In a Ray worker: simulated devices sleep until `ref`'s modelled time / speed."""
+    import contextlib
+
+    import autobatch.measure
+    import autobatch.simulated
+    import launcher.worker
+
+    size: dict[str, int | None] = {"b": None}  # the probe's micro-batch in progress
+
+    class ModelPacer:
+        def __init__(self, speed: float, *, backward_factor: float = 3.0) -> None:
+            self.speed, self.backward_factor, self.slept_s = speed, backward_factor, 0.0
+
+        def _until(self, t0: float, seconds: float) -> None:
+            delay = seconds - (time.perf_counter() - t0)
+            if delay > 0:
+                time.sleep(delay)
+                self.slept_s += delay
+
+        @contextlib.contextmanager
+        def micro_step(self):  # noqa: ANN202  (the probe: a micro-step or the optimizer)
+            b, t0 = size["b"], time.perf_counter()
+            yield
+            self._until(t0, (ref.micro(b) if b else ref.optimizer_s) / self.speed)
+
+        def wrap_loss_fn(self, loss_fn):  # noqa: ANN001, ANN202  (training)
+            def paced(model, batch):  # noqa: ANN001, ANN202
+                t0 = time.perf_counter()
+                loss = loss_fn(model, batch)
+                b = len(next(iter(batch.values())))
+                self._until(t0, ref.micro(b) / self.speed - ref.backward(b))
+                return loss
+
+            return paced
+
+        def attach(self, optimizer):  # noqa: ANN001, ANN202
+            started: list[float] = []
+            pre = optimizer.register_step_pre_hook(lambda *_: started.append(time.perf_counter()))
+            post = optimizer.register_step_post_hook(
+                lambda *_: self._until(started.pop(), ref.optimizer_s / self.speed)
+            )
+
+            def detach() -> None:
+                pre.remove()
+                post.remove()
+
+            return detach
+
+    runner_step = autobatch.measure.StepRunner._micro_step
+
+    def probe_micro_step(self, b, weight):  # noqa: ANN001, ANN202
+        size["b"] = b
+        try:
+            return runner_step(self, b, weight)
+        finally:
+            size["b"] = None
+
+    autobatch.measure.StepRunner._micro_step = probe_micro_step
+    autobatch.simulated.Pacer = autobatch.measure.Pacer = launcher.worker.Pacer = ModelPacer
