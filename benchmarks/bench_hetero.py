@@ -33,7 +33,7 @@ Measuring on 2 shared cores (see DESIGN.md): every worker runs one thread at
 the default niceness (Ray's workers otherwise run at nice 15 and lose the CPU to
 anything else). A simulated device's time is MODELLED: the script first times
 the demo model's work in this process (forward+backward per micro-batch size,
-the optimizer step; a low quantile of 12 runs, fitted to lines), and in every
+the optimizer step; the minimum of 20 rounds, fitted to lines), and in every
 Ray worker a set-up hook replaces `autobatch.simulated.Pacer` by one that runs
 the work for real and then sleeps until reference / speed (`model_pacing`). The
 product's Pacer instead stretches the measured time by 1/speed, which on these
@@ -307,7 +307,7 @@ def summarise(runs: dict[str, list[Measured]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of (a), (a1), (b)")
     parser.add_argument("--speed-scale", type=float, default=0.25, help="the A100's speed")
     parser.add_argument("--quiet-wait", type=float, default=15.0, help="max s to wait per job")
     parser.add_argument(
@@ -338,7 +338,7 @@ def main() -> None:
                 " ms; a device of speed s takes these / s"
             )
         ray.cloudpickle.register_pickle_by_value(hetero_sim)  # workers lack benchmarks/
-        hook = worker_setup(None if args.product_pacer else ref)
+        hook = worker_setup(ref)
         ray.init(
             num_cpus=8, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}
         )

@@ -14,8 +14,11 @@ so each has a different largest micro-batch. Then, with a small GPT in bf16
    `make_plan` (and `equal_split_plan`, today's DDP recipe);
 3. train `--steps` optimizer steps with the plan, then as many with the equal
    split, from the same initial weights, with the library's Accumulator under
-   DDP. A DDP communication hook counts gradient all-reduces, and
-   `dist.all_reduce` is wrapped to count any other all-reduce.
+   DDP (sync_loss=False and the default agree_on_oom=False, so the gradient
+   all-reduce is the only collective of a step; the launcher's worker adds two,
+   see bench_hetero). A DDP communication hook counts gradient all-reduces, and
+   `dist.all_reduce` is wrapped to count any other all-reduce. An out-of-memory
+   ends the check with an error naming the rank and step.
 
 It reports per rank: the cap, the planned micro-batches (size and accumulation),
 the peak predicted by the probe for that micro-batch (plus DDP's gradient
@@ -23,7 +26,9 @@ buckets, which the single-process probe does not hold) against the allocator's
 measured peak, and OOMs; the gradient of the first step (after DDP's all-reduce,
 before the optimizer) against a single-process full-batch reference computed
 afterwards in this process without a cap, as a relative L2 error (next to the
-error of the bf16 reference itself against fp32, the precision's own noise);
+error of the bf16 reference itself against fp32, the precision's own noise), and
+the same in fp32 with a plan at a third of each limit (fp32 activations are larger)
+against the fp32 reference (exact up to rounding);
 synced backwards and all-reduces per step; samples/s of the plan and of the
 equal split (steps after the first `WARMUP`, wall time on rank 0).
 
@@ -35,7 +40,7 @@ alike, so their ratio compares like with like.
 The results are printed and, unless --no-write, written into the GPU section of
 benchmarks/RESULTS.md (between the gpu-check markers, which make_results.py
 keeps). `--cpu` runs the same code on the CPU with simulated devices of
---caps-mib, as a functional check on a machine without a GPU.
+--caps-mib, as a functional check on a machine without a GPU (it writes nothing).
 Meant to finish well under 5 minutes on one GPU.
 """
 
@@ -540,6 +545,9 @@ def main() -> int:
     t_start = time.perf_counter()
     bf16 = args.cpu or torch.cuda.is_bf16_supported()
     caps = [c * 2**20 for c in args.caps_mib] if args.cpu else [c * 2**30 for c in args.caps_gib]
+    if not args.cpu and sum(caps) > 0.8 * torch.cuda.get_device_properties(0).total_memory:
+        print(f"--caps-gib {args.caps_gib} do not fit this GPU with room for 3 CUDA contexts")
+        return 2
     with tempfile.TemporaryDirectory() as out:
         settings = Settings(
             tuple(int(c) for c in caps),
@@ -575,7 +583,7 @@ def main() -> int:
         f"total {time.perf_counter() - t_start:.0f} s"
     )
     print("\n".join(lines))
-    if not args.no_write:
+    if not (args.no_write or args.cpu):  # a CPU run is not a GPU result
         write_results(lines)
     return 1 if bad else 0
 

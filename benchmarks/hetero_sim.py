@@ -109,9 +109,11 @@ def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, mt - c * mb), c
 
 
-def calibrate(task_args: dict, repeats: int = 12, quantile: int = 2) -> Reference:
-    """Time the work in this process, one thread: the `quantile`-th of 10 quantiles per size
-    (the machine undisturbed, as far as one can tell on shared cores)."""
+def calibrate(task_args: dict, repeats: int = 20) -> Reference:
+    """Time the work in this process, one thread, memory accounting on, sizes interleaved so
+    a burst of load on the shared cores does not hit one size only. The modelled times are
+    the minimum over `repeats` rounds (the machine undisturbed, as timeit does); the
+    backward, which the training loop's pacer must predict before it runs, the median."""
     import torch
 
     from autobatch.simulated import TensorMemory
@@ -122,11 +124,11 @@ def calibrate(task_args: dict, repeats: int = 12, quantile: int = 2) -> Referenc
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     memory = TensorMemory(model=model, optimizer=opt)
-    total, backward, step = [], [], []
-    for b in (1, 8, 24, 48):
-        batch = task.batch(range(b))
-        times = []
-        for _ in range(repeats):
+    sizes = (1, 4, 16, 48)
+    runs: dict[int, list[tuple[float, float, float]]] = {b: [] for b in sizes}
+    for _ in range(repeats):
+        for b in sizes:
+            batch = task.batch(range(b))
             with memory:
                 t0 = time.perf_counter()
                 loss = task.loss_fn(model, batch)
@@ -136,12 +138,11 @@ def calibrate(task_args: dict, repeats: int = 12, quantile: int = 2) -> Referenc
                 opt.step()
                 t3 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            times.append((t2 - t0, t2 - t1, t3 - t2))
-        q = [statistics.quantiles(x, n=10)[quantile - 1] for x in zip(*times)]
-        total.append((b, q[0]))
-        backward.append((b, q[1]))
-        step.append(q[2])
-    return Reference(*_line(total), *_line(backward), optimizer_s=statistics.median(step))
+            runs[b].append((t2 - t0, t2 - t1, t3 - t2))
+    total = [(b, min(r[0] for r in rs)) for b, rs in runs.items()]
+    backward = [(b, statistics.median(r[1] for r in rs)) for b, rs in runs.items()]
+    optimizer_s = min(r[2] for rs in runs.values() for r in rs)
+    return Reference(*_line(total), *_line(backward), optimizer_s=optimizer_s)
 
 
 def worker_setup(ref: Reference | None) -> Callable[[], None]:
