@@ -195,8 +195,10 @@ class Pacer:
         self.speed = speed
         self.backward_factor = backward_factor
         self.slept_s = 0.0
+        self.timed_s = 0.0  # the work it measured (and stretched by `factor`)
 
     def _sleep(self, elapsed_s: float, factor: float = 1.0) -> None:
+        self.timed_s += elapsed_s * factor
         delay = elapsed_s * factor * (1.0 / self.speed - 1.0)
         if delay > 0:
             time.sleep(delay)

@@ -12,11 +12,12 @@ removed on the way out, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import ray
@@ -109,20 +110,17 @@ class JobRunner:
             return self._train(plan, devices)
 
     # -- phases -------------------------------------------------------------
-    def _session(self):  # noqa: ANN202
-        runner = self
-
-        class _Session:
-            def __enter__(self) -> None:
-                n = sum(s.count for s in runner.spec.devices.simulated)
-                runner._t = time.monotonic()
-                runner.started_ray = cluster.connect(runner.address, num_cpus=max(4, n + 2))
-                runner._phase("ray_start")
-
-            def __exit__(self, *exc: object) -> None:
-                runner._cleanup()
-
-        return _Session()
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        """Connected to Ray while inside; every actor and bundle removed on the way out."""
+        n = sum(s.count for s in self.spec.devices.simulated)
+        self._t = time.monotonic()
+        try:
+            self.started_ray = cluster.connect(self.address, num_cpus=max(4, n + 2))
+            self._phase("ray_start")
+            yield
+        finally:
+            self._cleanup()
 
     def _probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
         requests = cluster.device_requests(self.spec)
@@ -386,8 +384,18 @@ def _failure_kind(exc: RayTaskError) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, torch.OutOfMemoryError):
         return "oom"
-    if isinstance(cause, (AutobatchError, ValueError, TypeError, KeyError, AttributeError,
-                          ImportError, NotImplementedError)):
+    if isinstance(
+        cause,
+        (
+            AutobatchError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            ImportError,
+            NotImplementedError,
+        ),
+    ):
         return "error"
     return "lost"
 

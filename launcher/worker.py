@@ -11,7 +11,10 @@ worker, the progress bar) is the runner's job.
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
+import pathlib
 import socket
 import statistics
 import time
@@ -92,8 +95,6 @@ def build_schedule(
             return (step + 1) / spec.warmup_steps
         progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
         if spec.name == "cosine":
-            import math
-
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if spec.name == "linear":
             return max(0.0, 1 - progress)
@@ -295,16 +296,12 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
 
 class _Audit:
     def __init__(self, ctx: RankContext) -> None:
-        import pathlib
-
         d = pathlib.Path(ctx.checkpoint_dir)
         d.mkdir(parents=True, exist_ok=True)
         self.path = d / f"samples-rank{ctx.rank}.jsonl"
         self.attempt = ctx.attempt
 
     def record(self, step: int, micro_batches: list) -> None:
-        import json
-
         line = {
             "attempt": self.attempt,
             "step": step,

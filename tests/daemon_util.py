@@ -33,8 +33,8 @@ TINY = {
 
 def tiny_spec(name: str = "tiny", sims: tuple[str, ...] = ("big", "mid", "small"), **over) -> dict:
     """A job of three simulated devices (speeds 1, 0.5, 0.25) training a 1-layer GPT."""
-    # Memory large enough that no rank can run out: an OOM inside a no_sync window can
-    # currently hang DDP (see the daemon report); the daemon tests are not about OOM.
+    # Memory large enough that no rank runs out: the daemon tests are not about OOM
+    # (tests/test_launcher.py is).
     memory = {"big": "64MiB", "mid": "32MiB", "small": "16MiB"}
     speed = {"big": 1.0, "mid": 0.5, "small": 0.25}
     spec = {

@@ -13,6 +13,7 @@ import pathlib
 import pytest
 import ray
 import torch
+from daemon_util import TINY
 
 from autobatch.sampler import GlobalBatchSampler
 from launcher.checkpoint import list_checkpoints
@@ -27,14 +28,6 @@ SIMS_3 = [
     {"name": "sim-mid", "memory": "200KiB", "speed": 1.0},
     {"name": "sim-small", "memory": "150KiB", "speed": 1.0},
 ]
-TINY = {
-    "dataset_size": 96,
-    "seq_len": 12,
-    "d_model": 16,
-    "n_heads": 2,
-    "n_layers": 1,
-    "vocab_size": 16,
-}
 
 
 def job(tmp_path: pathlib.Path, **overrides) -> dict:
