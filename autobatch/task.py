@@ -28,6 +28,16 @@ class Task:
     # Items one sample contributes to the loss (e.g. its target tokens); None
     # means one per sample. Lets every rank know N_global without a collective.
     item_count: Callable[[Any], int] | None = None
+    # Tokens one sample occupies once collated (its sequence length). Set for
+    # variable-length data: it turns on length-aware micro-batching (each rank
+    # packs its share under a token budget) and the padding-waste metric.
+    sample_length: Callable[[Any], int] | None = None
+    # Turns on activation (gradient) checkpointing in a built model; the probe
+    # uses it on a device where micro-batch 1 does not fit without it.
+    enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
+    # Writes the trained model to a directory (rank 0, after the last step),
+    # e.g. a LoRA adapter and its tokenizer.
+    save: Callable[[nn.Module, str], None] | None = None
 
     def probe_batch(self, size: int) -> Any:
         """A micro-batch of `size` worst-case samples."""
@@ -36,6 +46,11 @@ class Task:
 
     def batch(self, indices: Sequence[int]) -> Any:
         return self.collate([self.dataset[int(i)] for i in indices])
+
+    def lengths(self, indices: Sequence[int]) -> list[int]:
+        """Sequence lengths of the samples at `indices` (requires `sample_length`)."""
+        assert self.sample_length is not None
+        return [self.sample_length(self.dataset[int(i)]) for i in indices]
 
     def count_items(self, indices: Sequence[int]) -> int:
         """Loss items (samples or target tokens) of the samples at `indices`."""
