@@ -83,6 +83,7 @@ class Accumulator:
         global_items: int | None = None,
         count_items: Callable[[Any], int] | None = None,
         sync_loss: bool = True,
+        oom_stand_in: Callable[[], Any] | None = None,
     ) -> StepResult:
         """One optimizer step over this rank's micro-batches.
 
@@ -90,6 +91,13 @@ class Accumulator:
         global batch size for a per-sample loss) when it is known; otherwise give
         `count_items(micro_batch)` and the count is summed over ranks by one small
         all-reduce before the first backward.
+
+        With ``agree_on_oom``, give `oom_stand_in`: a function returning a one-sample
+        micro-batch. A rank that runs out of memory in a no_sync micro-step then runs
+        it (weighted 0) as its synced micro-step, and the ranks agree on dropping the
+        step in the same small all-reduce that sums the loss, right after the gradient
+        all-reduce. Without it they agree before the synced micro-step: a second point
+        per step where every rank waits for the slowest.
         """
         if not micro_batches:
             raise ValueError("a rank needs at least one micro-batch per optimizer step")
@@ -117,30 +125,44 @@ class Accumulator:
                 oom_here = True  # recover outside the except block: its frame pins tensors
             if oom_here:
                 break
-        if self.agree_on_oom and self._any_rank(oom_here):
+        if self.agree_on_oom and oom_stand_in is None and self._any_rank(oom_here):
+            return self._oom_result(local_items, global_items, oom_here)
+        if oom_here:
+            # Keep the collectives matched: the synced backward of a one-sample stand-in,
+            # weighted 0. The step is dropped on every rank after the all-reduce below.
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(
-                loss=float("nan"),
-                local_items=local_items,
-                global_items=global_items,
-                micro_steps=0,
-                grad_norm=None,
-                oom=True,
-                oom_here=oom_here,
-            )
-        loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight, times)
+            self._forward_backward(oom_stand_in(), loss_fn, 0.0, [])
+        else:
+            loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight, times)
+        # Right after the gradient all-reduce every rank is at the same point, so this small
+        # all-reduce (the loss, and whether any rank ran out of memory) waits for nobody;
+        # after the optimizer step it would wait for the slowest optimizer.
+        loss_total, oom_count = float(loss_sum), float(oom_here)
+        if sync_loss or (self.agree_on_oom and oom_stand_in is not None):
+            loss_total, oom_count = self._all_reduce_sums([loss_total, oom_count])
+        if oom_count:
+            return self._oom_result(local_items, global_items, oom_here)
         grad_norm, skipped = self._update()
-
-        if sync_loss:
-            loss_sum = self._all_reduce_sum(float(loss_sum), torch.float64)
         return StepResult(
-            loss=float(loss_sum) / global_items,
+            loss=loss_total / global_items,
             local_items=local_items,
             global_items=global_items,
             micro_steps=len(micro_batches),
             grad_norm=grad_norm,
             micro_step_s=tuple(times),
             skipped=skipped,
+        )
+
+    def _oom_result(self, local_items: int | None, global_items: int, here: bool) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(
+            loss=float("nan"),
+            local_items=local_items,
+            global_items=global_items,
+            micro_steps=0,
+            grad_norm=None,
+            oom=True,
+            oom_here=here,
         )
 
     def _forward_backward(
@@ -194,6 +216,13 @@ class Accumulator:
         t = torch.tensor([value], dtype=dtype, device=self._collective_device())
         dist.all_reduce(t)
         return t.item()
+
+    def _all_reduce_sums(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world_size == 1:

@@ -21,7 +21,7 @@ Device lists are written as text, on the command line or in a job spec::
     memory     := number unit                         80GB = 80e9 B, 512MiB = 512 * 2**20 B
 
 Units B, KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024.
-Speeds are relative (default 1.0); `normalise_speeds` divides by the fastest.
+Speeds are relative to this machine (default 1.0); `normalise_speeds` caps them at 1.
 """
 
 from __future__ import annotations
@@ -194,10 +194,12 @@ def parse_simulated(text: str) -> list[SimulatedDevice]:
 
 
 def normalise_speeds(devices: Sequence[SimulatedDevice]) -> list[SimulatedDevice]:
-    """Divide every speed by the fastest, so the fastest runs unslowed and no delay is negative."""
+    """Speeds relative to this machine, at most 1: divided by the fastest when it is above 1
+    (a device cannot run faster than the machine). A speed means the same in every job,
+    so a slow device alone runs as slowly as in a mix."""
     if not devices:
         return []
-    fastest = max(d.speed for d in devices)
+    fastest = max(1.0, *(d.speed for d in devices))
     return [replace(d, speed=d.speed / fastest) for d in devices]
 
 

@@ -412,24 +412,29 @@ def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bo
             f"global_batch_size={B} is smaller than the {len(devices)} devices that must each "
             "take at least one sample"
         )
-    samples = np.ones(len(devices), dtype=np.int64)
-    if len(devices) < B:
-        samples += _optimal_samples(B - len(devices), devices)
-    return _assemble(B, devices, samples, baseline=baseline)
+    return _assemble(B, devices, _optimal_samples(B, devices, at_least=1), baseline=baseline)
 
 
-def _optimal_samples(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> np.ndarray:
+def _optimal_samples(
+    global_batch_size: int, devices: Sequence[DeviceCapacity], *, at_least: int = 0
+) -> np.ndarray:
+    """Samples per device that minimise the slowest device's step time, each device
+    taking at least `at_least` samples (binary search on the step time)."""
     fleet = _Fleet(devices, global_batch_size)
+
+    def capacity(T: float) -> np.ndarray:
+        return np.maximum(fleet.capacity(T), at_least)
+
     lo, hi = 0.0, float(min(d.rank_time(global_batch_size) for d in devices))
     for _ in range(200):
         mid = (lo + hi) / 2
         if mid <= lo or mid >= hi:
             break
-        if fleet.capacity(mid).sum() >= global_batch_size:
+        if capacity(mid).sum() >= global_batch_size:
             hi = mid
         else:
             lo = mid
-    return _fill(fleet.capacity(lo), fleet.capacity(hi), global_batch_size)
+    return _fill(capacity(lo), capacity(hi), global_batch_size)
 
 
 def _fill(floor_s: np.ndarray, ceil_s: np.ndarray, B: int) -> np.ndarray:

@@ -10,9 +10,6 @@ dense bf16/fp16 tensor peak, 312 : 121 : 65 TF/s, times --speed-scale). In one
 command it measures samples/s of
 
   (a) plan         autobatch's plan (planner: optimal, the default keep_all: false),
-  (a1) plan, one sync  the same, with the worker's two extra collectives per step
-                   switched off for this job only (see `worker_setup`): what one
-                   synchronisation per optimizer step would give,
   (b) equal split  every device at the smallest device's micro-batch, the same
                    accumulation everywhere (planner: equal_split; today's DDP recipe),
   (c) ideal        the sum of each device's standalone best: one one-device job
@@ -21,13 +18,11 @@ command it measures samples/s of
 and prints efficiency = a / c, speedup = a / b, and per rank the sync wait (the
 worker's `sync_wait_s`: how much longer the synced micro-step took than the
 rank's own compute for it, i.e. the wait for the slowest rank plus the
-all-reduce) as a share of the step time. (a), (a1) and (b) run `--repeats`
+all-reduce) as a share of the step time. (a) and (b) run `--repeats`
 times, interleaved, and the medians are printed; (c) runs once per device. Then
 it splits the gap to the ideal into what the planner predicted from the measured
 profiles (the cost of splitting one step over three devices) and what the runs
-added on top of the prediction, and predicts (a) from the same time models with
-the three synchronisation points per step that the launcher's worker has (see
-`phased_samples_per_s`).
+added on top of the prediction.
 
 Measuring on 2 shared cores (see DESIGN.md): every worker runs one thread at
 the default niceness (Ray's workers otherwise run at nice 15 and lose the CPU to
@@ -42,9 +37,9 @@ the T4; run it with --product-pacer). All speeds are <= --speed-scale (0.25), so
 the real work needs a quarter of the modelled time or less and the modelled
 time dominates even when the cores are shared. The optimizer step is modelled
 the same way; the all-reduce, DDP's bucket copies, data loading and metrics run
-at their real cost. Speeds are absolute (relative to this machine), not divided
-by the job's fastest as the runner does, so a device alone runs at the speed it
-has in the mix: see `absolute_speeds`. Profiles are measured once, in the first
+at their real cost. Speeds are relative to this machine (the runner caps them at
+1, see `normalise_speeds`), so a device alone runs at the speed it has in the
+mix. Profiles are measured once, in the first
 job (the probe runs under the same modelled clock), and reused from the profile
 cache by the others. Throughput is steady state: from the timestamps of rank
 0's metrics snapshots, after the first steps. Before each job the script waits
@@ -60,15 +55,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import hetero_sim  # benchmarks/hetero_sim.py, next to this script
 import ray
-from hetero_sim import ONE_SYNC, ForeignLoad, calibrate, worker_setup
+from hetero_sim import ForeignLoad, calibrate, worker_setup
 
-import launcher.runner
-from autobatch.devices import SimulatedDevice
 from autobatch.errors import LaunchError
 from autobatch.estimate import GPU_SPECS
 from autobatch.plan import Plan
@@ -81,7 +73,7 @@ TASK_ARGS = {"dataset_size": 8192, "seq_len": 64}  # the demo's model and data (
 GLOBAL_BATCH = 128  # the demo's
 # (optimizer steps, steps left out of the steady state) per kind of job: long enough for a
 # steady state, short enough for ~5 minutes (a T4 alone takes ~6 s per step).
-STEPS = {"optimal": (16, 2), "one_sync": (16, 2), "equal_split": (6, 2), "alone": (4, 1)}
+STEPS = {"optimal": (16, 2), "equal_split": (6, 2), "alone": (4, 1)}
 
 
 # ---------------------------------------------------------------------------
@@ -135,16 +127,6 @@ class _Recorder:
         seen = [v for (r, _), v in self.steps.items() if r == rank]
         waits = [w for _, w in seen if w is not None]
         return statistics.fmean(d for d, _ in seen), statistics.fmean(waits) if waits else None
-
-
-def absolute_speeds(devices: Sequence[SimulatedDevice]) -> list[SimulatedDevice]:
-    """Speeds relative to this machine: divided by the fastest only when it exceeds 1.
-
-    The runner divides by the job's fastest device (`normalise_speeds`), which makes a
-    one-device job of a slow device run at full speed: the ideal could not be measured.
-    """
-    fastest = max([1.0, *(d.speed for d in devices)])
-    return [replace(d, speed=d.speed / fastest) for d in devices]
 
 
 def simulated_mix(speed_scale: float) -> list[dict]:
@@ -242,24 +224,6 @@ def print_ranks(m: Measured) -> None:
         )
 
 
-def phased_samples_per_s(plan: Plan) -> float:
-    """The plan's throughput by its own time models, with three synchronisation points per step.
-
-    launcher/worker.py trains with agree_on_oom=True and sync_loss=True, so besides the
-    gradient all-reduce every step has an all-reduce of an OOM flag after the no_sync
-    micro-steps and one of the loss after the optimizer step. Every rank then waits for
-    the slowest at each of the three, and the step takes the sum over the phases of the
-    slowest rank's time in that phase, not the slowest rank's total that the planner
-    balances."""
-    by_id = {d.device_id: d for d in plan.inputs}
-    phases = [0.0, 0.0, 0.0]  # no_sync micro-steps, synced micro-step, optimizer step
-    for r in plan.ranks:
-        d, mbs = by_id[r.device_id], r.micro_batches
-        parts = (sum(map(d.micro_step_time, mbs[:-1])), d.micro_step_time(mbs[-1]))
-        phases = [max(p, x) for p, x in zip(phases, (*parts, d.step_overhead_s))]
-    return plan.global_batch_size / sum(phases)
-
-
 def worst_sync(runs: list[Measured]) -> dict[str, float]:
     """Per device, the largest sync-wait share of its runs."""
     plan = runs[0].plan
@@ -267,47 +231,36 @@ def worst_sync(runs: list[Measured]) -> dict[str, float]:
 
 
 def summarise(runs: dict[str, list[Measured]]) -> None:
-    a, a1, b = (
-        statistics.median(m.samples_per_s for m in runs[k]) for k in ("plan", "one", "equal")
-    )
+    a, b = (statistics.median(m.samples_per_s for m in runs[k]) for k in ("plan", "equal"))
     c = sum(m.samples_per_s for m in runs["alone"])
     plan = runs["plan"][0].plan
     pred_c = sum(m.plan.predicted_samples_per_s for m in runs["alone"])
-    waits = {k: worst_sync(runs[k]) for k in ("plan", "one")}
+    waits = worst_sync(runs["plan"])
     print(
-        f"\nRESULT (median of {len(runs['plan'])} run(s)): plan {a:.1f} samples/s, plan with one "
-        f"synchronisation per step {a1:.1f}, equal split {b:.1f}, ideal {c:.1f} "
-        f"(= {' + '.join(f'{m.samples_per_s:.1f}' for m in runs['alone'])})"
+        f"\nRESULT (median of {len(runs['plan'])} run(s)): plan {a:.1f} samples/s, equal split "
+        f"{b:.1f}, ideal {c:.1f} (= {' + '.join(f'{m.samples_per_s:.1f}' for m in runs['alone'])})"
+    )
+    print(f"efficiency a/c = {a / c:.3f}; speedup a/b = {a / b:.2f}x")
+    print(
+        "sync wait / step time, worst run: "
+        + ", ".join(f"{name} {share:.1%}" for name, share in waits.items())
     )
     print(
-        f"efficiency a/c = {a / c:.3f} (one sync: {a1 / c:.3f}); speedup a/b = {a / b:.2f}x "
-        f"(one sync: {a1 / b:.2f}x)"
+        f"goals: efficiency >= 0.9 {'met' if a / c >= 0.9 else 'NOT met'}; sync wait <= 5% on "
+        f"every rank {'met' if max(waits.values()) <= 0.05 else 'NOT met'}"
     )
-    for key, label in (("plan", "plan"), ("one", "one sync")):
-        shares = ", ".join(f"{name} {share:.1%}" for name, share in waits[key].items())
-        print(f"sync wait / step time, worst run ({label}): {shares}")
-    for key, x in (("plan", a), ("one", a1)):
-        print(
-            f"goals ({'plan' if key == 'plan' else 'one sync'}): efficiency >= 0.9 "
-            f"{'met' if x / c >= 0.9 else 'NOT met'}; sync wait <= 5% on every rank "
-            f"{'met' if max(waits[key].values()) <= 0.05 else 'NOT met'}"
-        )
-    pred, phased = plan.predicted_samples_per_s, phased_samples_per_s(plan)
+    pred = plan.predicted_samples_per_s
     print(
         f"where the gap to the ideal comes from: efficiency {a / c:.3f} = planner-predicted "
         f"{pred / pred_c:.3f} (the time models' cost of splitting one step: each rank pays its "
         f"per-micro-step and per-step costs on a share of the batch) x plan run "
-        f"{a / pred:.3f} of its prediction x ideal {pred_c / c:.3f} of its prediction "
-        f"(inverse); the same time models with the worker's 3 synchronisations per step "
-        f"predict {phased:.1f} samples/s ({phased / pred:.3f} of the plan's prediction); "
-        f"with one synchronisation the run reached "
-        f"{a1 / pred:.3f} of it"
+        f"{a / pred:.3f} of its prediction x ideal {pred_c / c:.3f} of its prediction (inverse)"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of (a), (a1), (b)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b)")
     parser.add_argument("--speed-scale", type=float, default=0.25, help="the A100's speed")
     parser.add_argument("--quiet-wait", type=float, default=15.0, help="max s to wait per job")
     parser.add_argument(
@@ -323,7 +276,6 @@ def main() -> None:
         + ", ".join(f"{s['name']} {s['memory']} speed {s['speed']}" for s in sims)
         + f"; {'product Pacer' if args.product_pacer else 'modelled device time'}"
     )
-    launcher.runner.normalise_speeds = absolute_speeds  # see the module docstring
     os.environ.setdefault("RAY_worker_niceness", "0")
     t0, quiet = time.monotonic(), args.quiet_wait
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,11 +295,9 @@ def main() -> None:
             num_cpus=8, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}
         )
         try:
-            runs: dict[str, list[Measured]] = {k: [] for k in ("plan", "one", "equal", "alone")}
+            runs: dict[str, list[Measured]] = {k: [] for k in ("plan", "equal", "alone")}
             for i in range(args.repeats):
                 runs["plan"].append(measure(tmp, f"plan-{i}", sims, "optimal", "optimal", quiet))
-                name = f"{ONE_SYNC}-{i}"
-                runs["one"].append(measure(tmp, name, sims, "optimal", "one_sync", quiet))
                 runs["equal"].append(
                     measure(tmp, f"equal-{i}", sims, "equal_split", "equal_split", quiet)
                 )
@@ -357,8 +307,7 @@ def main() -> None:
                         runs["alone"].append(measure(tmp, name, [s], "optimal", "alone", quiet))
         finally:
             ray.shutdown()
-    for key in ("plan", "one"):
-        print_ranks(sorted(runs[key], key=lambda m: m.samples_per_s)[len(runs[key]) // 2])
+    print_ranks(sorted(runs["plan"], key=lambda m: m.samples_per_s)[len(runs["plan"]) // 2])
     summarise(runs)
     print(f"wall time {time.monotonic() - t0:.0f} s")
 

@@ -11,10 +11,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-ONE_SYNC = "one-sync"  # jobs whose name starts with this run with one synchronisation per step
-
 
 # ---------------------------------------------------------------------------
 # the machine
@@ -146,7 +142,7 @@ def calibrate(task_args: dict, repeats: int = 20) -> Reference:
 
 
 def worker_setup(ref: Reference | None) -> Callable[[], None]:
-    """A Ray worker set-up hook: simulated devices on `ref`'s time model, and the one-sync switch.
+    """A Ray worker set-up hook: simulated devices on `ref`'s time model.
 
     With `ref` it replaces `autobatch.simulated.Pacer` in the worker (the launcher's training
     loop and the probe) by one that sleeps until the modelled duration, instead of
@@ -155,42 +151,13 @@ def worker_setup(ref: Reference | None) -> Callable[[], None]:
     product's Pacer multiplies that by 1/speed (x10 on the T4), which would measure
     the machine, not the plan (DESIGN.md: sleep for the difference between the
     modelled and the measured duration). The real work still runs; the optimizer
-    step, the all-reduce, data loading and metrics are paid as they come.
-
-    In jobs named "one-sync..." the worker's Accumulator runs with agree_on_oom=False
-    and sync_loss=False: the gradient all-reduce is then the only collective of a step
-    (launcher/worker.py otherwise adds an all-reduce of an OOM flag before the synced
-    micro-step and one of the loss after the optimizer step)."""
+    step, the all-reduce, data loading and metrics are paid as they come."""
 
     def hook() -> None:
-        one_sync_switch()
         if ref is not None:
             pace_on_model(ref)
 
     return hook
-
-
-def one_sync_switch() -> None:
-    """In a Ray worker: jobs named "one-sync..." train with the gradient all-reduce only."""
-    import launcher.worker
-
-    train_rank, accumulator = launcher.worker.train_rank, launcher.worker.Accumulator
-
-    class OneSync(accumulator):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**kwargs, "agree_on_oom": False})
-
-        def step(self, *args: Any, **kwargs: Any) -> Any:
-            return super().step(*args, **{**kwargs, "sync_loss": False})
-
-    def switched(ctx: Any, push: Any) -> Any:
-        launcher.worker.Accumulator = OneSync if ctx.job.startswith(ONE_SYNC) else accumulator
-        try:
-            return train_rank(ctx, push)
-        finally:
-            launcher.worker.Accumulator = accumulator
-
-    launcher.worker.train_rank = switched
 
 
 def pace_on_model(ref: Reference) -> None:

@@ -253,12 +253,16 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         indices = sampler.micro_batches(plan, ctx.rank)
         batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
         n_items = task.count_items(sampler.global_batch())
+
+        def stand_in(first: int = int(indices[-1][0])) -> Any:
+            return task.batch([first])
+
         if memory is not None:
             memory.limit_bytes = ctx.device.total_bytes if stats.steps >= 2 or world == 1 else None
             with memory:
-                result = acc.step(batches, loss_fn, global_items=n_items)
+                result = acc.step(batches, loss_fn, global_items=n_items, oom_stand_in=stand_in)
         else:
-            result = acc.step(batches, loss_fn, global_items=n_items)
+            result = acc.step(batches, loss_fn, global_items=n_items, oom_stand_in=stand_in)
         if result.oom:
             plan = lower_micro_batches(plan, _ranks_that(result.oom_here, world))
             stats.on_oom(result.oom_here, plan)

@@ -205,6 +205,60 @@ def fp16_overflow(rank: int) -> dict:
     }
 
 
+def collectives_of_agreed_steps(rank: int) -> dict:
+    """agree_on_oom with a stand-in: the collectives of a clean step, of a step where rank 0
+    runs out of memory in its second no_sync micro-step, and the gradient of the retry."""
+    import torch.distributed as dist
+
+    model = mlp(torch.float64)
+    ddp = DDP(model, bucket_cap_mb=1000)
+    ddp.register_comm_hook([], counting_allreduce)  # DDP's all-reduce, through Python
+    acc = Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=1.0), agree_on_oom=True)
+    sizes = PLANS[2]
+    lo = sum(map(sum, sizes[:rank]))
+    mbs = micro_batches("sample", torch.float64, lo, sizes[rank])
+    calls: list[tuple[bool, int]] = []
+    real_all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        calls.append((bool(kwargs.get("async_op")), tensor.numel()))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    fail = {"at": None, "n": 0}
+
+    def loss(model, batch):
+        fail["n"] += 1
+        if fail["n"] == fail["at"]:
+            raise torch.OutOfMemoryError("injected")
+        return sample_loss(model, batch)
+
+    def stand_in():
+        return (mbs[-1][0][:1], mbs[-1][1][:1])
+
+    dist.all_reduce = recording_all_reduce
+    try:
+        clean = acc.step(mbs, loss, global_items=16, oom_stand_in=stand_in)
+        clean_calls, calls[:] = list(calls), []
+        before = [p.detach().clone() for p in model.parameters()]
+        fail.update(at=2 if rank == 0 else None, n=0)
+        failed = acc.step(mbs, loss, global_items=16, oom_stand_in=stand_in)
+        failed_calls = list(calls)
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        fail.update(at=None)
+        acc.step(mbs, loss, global_items=16, oom_stand_in=stand_in)
+    finally:
+        dist.all_reduce = real_all_reduce
+    retry_grads = [b - p.detach() for b, p in zip(before, model.parameters())]
+    return {
+        "clean_loss": clean.loss,
+        "clean_calls": clean_calls,
+        "failed": (failed.oom, failed.oom_here),
+        "failed_calls": failed_calls,
+        "unchanged": unchanged,
+        "retry_grads": retry_grads,
+    }
+
+
 def rank_main(rank: int, world_size: int) -> dict:
     sizes = PLANS[world_size]
     out = {"grads": {}, "calls": {}}
@@ -219,6 +273,7 @@ def rank_main(rank: int, world_size: int) -> dict:
     if world_size == 2:
         out["buffers"] = buffers_train(rank, sizes)
         out["fp16"] = fp16_overflow(rank)
+        out["agreed"] = collectives_of_agreed_steps(rank)
     return out
 
 
@@ -295,6 +350,41 @@ def test_fp16_overflow_on_one_rank_skips_the_update_on_every_rank(two_ranks):
         assert res["skipped"] and res["unchanged"]
         assert res["scale_after"] < res["scale_before"]
         assert not res["second_skipped"] and res["moved_after_second"]
+
+
+def test_oom_agreement_and_loss_ride_one_small_all_reduce_after_the_gradient_one(two_ranks):
+    _, results = two_ranks
+    # One step: the gradient bucket (DDP's async all-reduce), then one 2-element all-reduce
+    # (loss, OOM flag) before the optimizer step; nothing before the synced micro-step.
+    grad_numel = sum(p.numel() for p in mlp(torch.float64).parameters())
+    for res in (r["agreed"] for r in results):
+        assert res["clean_calls"] == [(True, grad_numel), (False, 2)]
+        assert res["failed_calls"] == [(True, grad_numel), (False, 2)]
+    x, y = (t[:16] for t in regression_data(B, torch.float64))
+    with torch.no_grad():
+        want_loss = float(((mlp(torch.float64)(x) - y) ** 2).sum()) / 16
+    assert results[0]["agreed"]["clean_loss"] == pytest.approx(want_loss, rel=1e-12)
+    assert results[1]["agreed"]["clean_loss"] == results[0]["agreed"]["clean_loss"]
+
+
+def test_oom_in_a_no_sync_micro_step_drops_the_step_on_every_rank_and_leaves_no_trace(
+    two_ranks,
+):
+    _, results = two_ranks
+    assert [r["agreed"]["failed"] for r in results] == [(True, True), (True, False)]
+    assert all(r["agreed"]["unchanged"] for r in results)
+    # The retried step is the full-batch gradient at the parameters after the first step.
+    model = mlp(torch.float64)
+    x, y = (t[:16] for t in regression_data(B, torch.float64))
+    (((model(x) - y) ** 2).sum() / 16).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= p.grad
+            p.grad = None
+    (((model(x) - y) ** 2).sum() / 16).backward()
+    for res in (r["agreed"] for r in results):
+        for got, p in zip(res["retry_grads"], model.parameters()):
+            assert (got - p.grad).abs().max().item() <= 1e-12
 
 
 def test_plain_module_without_ddp_matches_the_full_batch_gradient():

@@ -227,7 +227,9 @@ def test_spec_errors_are_probe_errors_and_value_errors():
     assert issubclass(DeviceSpecError, ProbeError) and issubclass(DeviceSpecError, ValueError)
 
 
-def test_normalise_speeds_makes_the_fastest_one():
+def test_normalise_speeds_caps_the_fastest_at_one_and_keeps_slow_devices_slow():
     devices = [SimulatedDevice("a", GiB, 4.0), SimulatedDevice("b", GiB, 1.0)]
     assert [d.speed for d in normalise_speeds(devices)] == [1.0, 0.25]
+    alone = [SimulatedDevice("t4", GiB, 0.25)]
+    assert [d.speed for d in normalise_speeds(alone)] == [0.25]
     assert normalise_speeds([]) == []

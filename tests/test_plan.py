@@ -22,12 +22,12 @@ def dev(i: int, m: int, a: float = 0.01, c: float = 0.001, o: float = 0.0, **kw)
     return DeviceCapacity(f"d{i}", f"GPU{i}", m, a, c, o, **kw)
 
 
-def brute_force_step_time(B: int, devices: list[DeviceCapacity]) -> float:
+def brute_force_step_time(B: int, devices: list[DeviceCapacity], at_least: int = 0) -> float:
     """The optimum over every split of B samples between the devices (0 = left out)."""
     best = float("inf")
-    for head in itertools.product(range(B + 1), repeat=len(devices) - 1):
+    for head in itertools.product(range(at_least, B + 1), repeat=len(devices) - 1):
         last = B - sum(head)
-        if last < 0:
+        if last < at_least:
             continue
         shares = (*head, last)
         best = min(best, max(d.rank_time(s) for d, s in zip(devices, shares)))
@@ -85,6 +85,40 @@ def test_plan_step_time_is_the_exhaustive_optimum(B, spec):
     assert plan.predicted_step_time_s == pytest.approx(
         max(r.predicted_time_s for r in plan.ranks), rel=1e-12
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    B=st.integers(4, 64),
+    spec=st.lists(
+        st.tuples(
+            st.integers(1, 16), st.floats(0.0, 0.2), st.floats(1e-4, 0.05), st.floats(0.0, 0.1)
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_plan_keeping_every_device_is_the_exhaustive_optimum_with_one_sample_each(B, spec):
+    devices = _devices(spec)
+    if len(devices) == 4 and B > 40:
+        B = 40
+    plan = make_plan(B, devices, keep_all=True)
+    assert len(plan.ranks) == len(devices) and not plan.excluded
+    assert min(r.samples for r in plan.ranks) >= 1
+    want = brute_force_step_time(B, devices, at_least=1)
+    assert plan.predicted_step_time_s == pytest.approx(want, rel=1e-9)
+
+
+def test_plan_keeping_every_device_plans_the_slow_devices_own_time():
+    # Found by review: the old keep_all plan gave one sample to each device first and then
+    # planned the rest as if the slow devices were free, 644.8 ms instead of 483.1 ms.
+    devices = [
+        dev(0, 48, 0.0717, 0.00231, 0.0231),
+        dev(1, 10, 0.0701, 0.01607, 0.0565),
+        dev(2, 5, 0.1497, 0.03955, 0.1081),
+    ]
+    plan = make_plan(128, devices, keep_all=True)
+    assert plan.predicted_step_time_s == pytest.approx(0.4831, abs=1e-4)
 
 
 @pytest.mark.parametrize(
