@@ -86,6 +86,7 @@ class RankSnapshot:
     step_duration_s: float | None = None
     sync_wait_s: float | None = None
     train_loss: float | None = None
+    padding_waste_ratio: float | None = None  # variable-length data: padded / all tokens
     step_durations_s: tuple[float, ...] = ()
     # totals
     samples_processed_total: int = 0
@@ -153,42 +154,88 @@ class MetricsSink(Protocol):
 # which prometheus_client appends.
 
 _GAUGES = (
-    ("autobatch_device_memory_total_bytes", "device_memory_total_bytes",
-     "Total memory of the device, from NVML."),
-    ("autobatch_device_memory_used_bytes", "device_memory_used_bytes",
-     "Used memory of the device (all processes), from NVML."),
-    ("autobatch_torch_memory_allocated_bytes", "torch_memory_allocated_bytes",
-     "Memory allocated by torch tensors on this rank at the end of the last step."),
-    ("autobatch_torch_memory_reserved_bytes", "torch_memory_reserved_bytes",
-     "Memory reserved by the torch caching allocator on this rank at the end of the last step."),
-    ("autobatch_torch_memory_peak_bytes", "torch_memory_peak_bytes",
-     "Peak memory allocated by torch on this rank during the last step."),
-    ("autobatch_plan_predicted_peak_bytes", "plan_predicted_peak_bytes",
-     "Peak memory the plan predicted for this rank's micro-batch."),
-    ("autobatch_micro_batch_size", "micro_batch_size",
-     "Largest micro-batch of this rank in the current plan, in samples."),
-    ("autobatch_accumulation_steps", "accumulation_steps",
-     "Micro-steps per optimizer step of this rank in the current plan."),
-    ("autobatch_rank_samples_per_step", "rank_samples_per_step",
-     "Samples this rank processes per optimizer step in the current plan."),
-    ("autobatch_global_batch_size", "global_batch_size",
-     "Configured global batch size, in samples per optimizer step."),
-    ("autobatch_effective_global_batch_size", "effective_global_batch_size",
-     "Global batch measured over all ranks in the last optimizer step, in samples."),
-    ("autobatch_sync_wait_seconds", "sync_wait_s",
-     "Time this rank spent in the synchronised backward of the last step."),
-    ("autobatch_plan_efficiency_ratio", "plan_efficiency_ratio",
-     "Predicted throughput of the plan over the ideal (each device alone at its best)."),
+    (
+        "autobatch_device_memory_total_bytes",
+        "device_memory_total_bytes",
+        "Total memory of the device, from NVML.",
+    ),
+    (
+        "autobatch_device_memory_used_bytes",
+        "device_memory_used_bytes",
+        "Used memory of the device (all processes), from NVML.",
+    ),
+    (
+        "autobatch_torch_memory_allocated_bytes",
+        "torch_memory_allocated_bytes",
+        "Memory allocated by torch tensors on this rank at the end of the last step.",
+    ),
+    (
+        "autobatch_torch_memory_reserved_bytes",
+        "torch_memory_reserved_bytes",
+        "Memory reserved by the torch caching allocator on this rank at the end of the last step.",
+    ),
+    (
+        "autobatch_torch_memory_peak_bytes",
+        "torch_memory_peak_bytes",
+        "Peak memory allocated by torch on this rank during the last step.",
+    ),
+    (
+        "autobatch_plan_predicted_peak_bytes",
+        "plan_predicted_peak_bytes",
+        "Peak memory the plan predicted for this rank's micro-batch.",
+    ),
+    (
+        "autobatch_micro_batch_size",
+        "micro_batch_size",
+        "Largest micro-batch of this rank in the last optimizer step, in samples.",
+    ),
+    (
+        "autobatch_accumulation_steps",
+        "accumulation_steps",
+        "Micro-steps of this rank in the last optimizer step.",
+    ),
+    (
+        "autobatch_rank_samples_per_step",
+        "rank_samples_per_step",
+        "Samples this rank processed in the last optimizer step.",
+    ),
+    (
+        "autobatch_global_batch_size",
+        "global_batch_size",
+        "Configured global batch size, in samples per optimizer step.",
+    ),
+    (
+        "autobatch_effective_global_batch_size",
+        "effective_global_batch_size",
+        "Global batch measured over all ranks in the last optimizer step, in samples.",
+    ),
+    (
+        "autobatch_sync_wait_seconds",
+        "sync_wait_s",
+        "Time this rank spent in the synchronised backward of the last step.",
+    ),
+    (
+        "autobatch_plan_efficiency_ratio",
+        "plan_efficiency_ratio",
+        "Predicted throughput of the plan over the ideal (each device alone at its best).",
+    ),
     ("autobatch_train_loss", "train_loss", "Training loss of the last optimizer step."),
+    (
+        "autobatch_padding_waste_ratio",
+        "padding_waste_ratio",
+        "Padded tokens over all tokens of this rank's micro-batches in the last step.",
+    ),
 )
 _COUNTERS = (
-    ("autobatch_samples_processed", "samples_processed_total",
-     "Samples processed by this rank."),
+    ("autobatch_samples_processed", "samples_processed_total", "Samples processed by this rank."),
     ("autobatch_tokens_processed", "tokens_processed_total", "Tokens processed by this rank."),
     ("autobatch_optimizer_steps", "optimizer_steps_total", "Optimizer steps taken by this rank."),
     ("autobatch_oom_events", "oom_events_total", "Out-of-memory errors caught on this rank."),
-    ("autobatch_worker_restarts", "worker_restarts_total",
-     "Restarts of the training worker of this rank."),
+    (
+        "autobatch_worker_restarts",
+        "worker_restarts_total",
+        "Restarts of the training worker of this rank.",
+    ),
 )
 _REPLANS = ("autobatch_replans", "Re-plans of the job seen by this rank, by reason.")
 _STEP = ("autobatch_step_duration_seconds", "Duration of an optimizer step on this rank.")
@@ -261,9 +308,7 @@ class PrometheusSink:
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(LABELS, values, strict=True))
             self._series[key] = _Series(s, values, text, buckets, total)
 
-    def set_job_states(
-        self, states: Mapping[str, int] | Callable[[], Mapping[str, int]]
-    ) -> None:
+    def set_job_states(self, states: Mapping[str, int] | Callable[[], Mapping[str, int]]) -> None:
         """Counts of jobs by state for `autobatch_jobs{state}`: a mapping, or a
         callable asked at every scrape."""
         self._job_states = states

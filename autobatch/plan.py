@@ -158,6 +158,8 @@ class Plan:
     baseline: Baseline | None = None
     excluded: tuple[ExcludedDevice, ...] = ()
     inputs: tuple[DeviceCapacity, ...] = field(default=(), compare=True)
+    # Choices made with the plan and why, e.g. "precision bf16: every device supports bf16".
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -242,6 +244,7 @@ class Plan:
             baseline=baseline,
             excluded=tuple(ExcludedDevice(**e) for e in data.get("excluded", ())),
             inputs=tuple(DeviceCapacity(**d) for d in data.get("inputs", ())),
+            notes=tuple(data.get("notes", ())),
         )
 
     @classmethod
@@ -286,7 +289,7 @@ class Plan:
                 f"{self.speedup_vs_baseline:.2f}x"
             )
         lines += [f"left out {e.device_id} ({e.device_name}): {e.reason}" for e in self.excluded]
-        return lines
+        return lines + list(self.notes)
 
     def render_table(self) -> str:
         rows = self.table_rows()

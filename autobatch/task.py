@@ -52,6 +52,13 @@ class Task:
         assert self.sample_length is not None
         return [self.sample_length(self.dataset[int(i)]) for i in indices]
 
+    def max_length(self) -> int:
+        """The longest sequence the job allows: the worst-case sample's length."""
+        assert self.sample_length is not None
+        if self.worst_case_sample is not None:
+            return self.sample_length(self.worst_case_sample())
+        return max(self.sample_length(s) for s in self.dataset)
+
     def count_items(self, indices: Sequence[int]) -> int:
         """Loss items (samples or target tokens) of the samples at `indices`."""
         if self.item_count is None:

@@ -107,6 +107,7 @@ class _Display:
             f"done: {summary.steps} steps in {summary.seconds:.1f} s, "
             f"{summary.samples_per_s:,.1f} samples/s, restarts {summary.restarts}, "
             f"OOM events {summary.oom_events}, checkpoint {summary.checkpoint}"
+            + (f", trained model in {summary.output}" if summary.output else "")
         )
 
 

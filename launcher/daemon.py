@@ -184,11 +184,13 @@ class Daemon:
     def submit(self, data: Any) -> str:
         spec = self.validate(data)
         job_id = new_job_id(spec.name)
-        ckpt = self._checkpoint_dir(spec, job_id)
+        ckpt = self._confined(["checkpoint", "dir"], spec.checkpoint.dir, job_id)
+        output = self._confined(["output_dir"], spec.output_dir, f"{job_id}-final")
         effective = spec.model_dump(mode="json")
         effective["checkpoint"]["dir"] = str(ckpt)
+        effective["output_dir"] = str(output)
         self.store.add(job_id, spec.name, effective, reason="submitted")
-        self.log(job_id, f"submitted; checkpoints in {ckpt}")
+        self.log(job_id, f"submitted; checkpoints in {ckpt}, trained model (if any) to {output}")
         self._wake.set()
         return job_id
 
@@ -222,15 +224,16 @@ class Daemon:
     def _invalid(self, loc: list[str], msg: str) -> None:
         raise InvalidSpec(f"invalid job spec: {'.'.join(loc)}: {msg}", [{"loc": loc, "msg": msg}])
 
-    def _checkpoint_dir(self, spec: JobSpec, job_id: str) -> pathlib.Path:
-        if not spec.checkpoint.dir:
-            return self.checkpoint_root / job_id
-        p = pathlib.Path(spec.checkpoint.dir)
+    def _confined(self, loc: list[str], path: str | None, default: str) -> pathlib.Path:
+        """A directory the job writes to: inside the checkpoint root, or refused."""
+        if not path:
+            return self.checkpoint_root / default
+        p = pathlib.Path(path)
         resolved = (p if p.is_absolute() else self.checkpoint_root / p).resolve()
         if not resolved.is_relative_to(self.checkpoint_root) or resolved == self.checkpoint_root:
             self._invalid(
-                ["checkpoint", "dir"],
-                f"{spec.checkpoint.dir!r} is outside the checkpoint root {self.checkpoint_root}; "
+                loc,
+                f"{path!r} is outside the checkpoint root {self.checkpoint_root}; "
                 "give a relative path inside it",
             )
         return resolved

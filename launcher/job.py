@@ -120,9 +120,30 @@ class FaultSpec(_Strict):
     micro_step: Literal["first", "last"] = "first"  # oom: a no_sync micro-step, or the synced one
 
 
+class LoraSpec(_Strict):
+    r: Annotated[int, Field(ge=1, le=1024)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+class CausalLMArgs(_Strict):
+    """task_args of the built-in `causal_lm` task (needs `pip install 'autobatch[hf]'`)."""
+
+    model_dir: str  # a local Hugging Face model directory (config, weights, tokenizer)
+    data: str  # JSONL: {"text": ...} or {"prompt": ..., "completion": ...} per line
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+
+
+BUILTIN_TASKS = ("tiny_gpt", "causal_lm")
+
+
 class JobSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    task: str = "tiny_gpt"  # "tiny_gpt", or an entrypoint "package.module:function"
+    task: str = "tiny_gpt"  # "tiny_gpt", "causal_lm", or an entrypoint "package.module:function"
     task_args: dict[str, Any] = {}
     global_batch_size: Annotated[int, Field(ge=1, le=1 << 24)]
     max_steps: Annotated[int, Field(ge=1)] | None = None
@@ -130,7 +151,9 @@ class JobSpec(_Strict):
     epoch_end: Literal["drop", "carry"] = "drop"
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # "auto": bf16 where every device supports it, else fp16 with a loss scaler, fp32
+    # without GPUs; the plan states the choice and why.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     max_seq_len: Annotated[int, Field(ge=1)] | None = None
     memory_headroom: Annotated[float, Field(ge=0, lt=1)] = 0.05
     # "optimal": autobatch's plan; "equal_split": every device at the smallest device's
@@ -138,6 +161,9 @@ class JobSpec(_Strict):
     planner: Literal["optimal", "equal_split"] = "optimal"
     devices: DevicesSpec = DevicesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    # Where rank 0 writes the trained model (e.g. a LoRA adapter) after the last step,
+    # for tasks that can save one; default runs/<name>/final.
+    output_dir: str | None = None
     seed: int = 0
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 0  # 0: any free port
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
@@ -149,9 +175,10 @@ class JobSpec(_Strict):
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
-        if v != "tiny_gpt" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+        if v not in BUILTIN_TASKS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
             raise ValueError(
-                f"task={v!r} must be 'tiny_gpt' or an entrypoint 'package.module:function'"
+                f"task={v!r} must be one of {', '.join(BUILTIN_TASKS)} or an entrypoint "
+                "'package.module:function'"
             )
         return v
 
@@ -161,11 +188,30 @@ class JobSpec(_Strict):
             raise ValueError("give max_steps or epochs (or both: whichever ends first)")
         return self
 
+    @model_validator(mode="after")
+    def _causal_lm(self) -> JobSpec:
+        if self.task != "causal_lm":
+            return self
+        if self.max_seq_len is None:
+            raise ValueError("task 'causal_lm' needs max_seq_len (tokens per sequence, >= 2)")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2 for causal_lm")
+        try:
+            CausalLMArgs.model_validate(self.task_args)
+        except ValidationError as exc:
+            raise ValueError(
+                "task_args (causal_lm): " + format_validation_error(exc).replace("; ", ", ")
+            ) from None
+        return self
+
     # -- derived values ----------------------------------------------------
     def checkpoint_dir(self, root: str | pathlib.Path = "runs") -> pathlib.Path:
         if self.checkpoint.dir:
             return pathlib.Path(self.checkpoint.dir)
         return pathlib.Path(root) / self.name / "checkpoints"
+
+    def output_path(self, root: str | pathlib.Path = "runs") -> pathlib.Path:
+        return pathlib.Path(self.output_dir or pathlib.Path(root) / self.name / "final")
 
     def total_steps(self, steps_per_epoch: float) -> int:
         """Optimizer steps the job runs: max_steps, epochs, or the smaller of the two."""
@@ -225,6 +271,14 @@ def load_task(spec: JobSpec) -> Task:
             return tiny_gpt_task(seed=spec.seed, **args)
         except TypeError as exc:
             raise SpecError(f"task_args: {exc}") from None
+    if spec.task == "causal_lm":
+        from autobatch.causal_lm import causal_lm_task
+
+        args = CausalLMArgs.model_validate(spec.task_args)
+        lora = args.lora.model_dump() if args.lora else None
+        return causal_lm_task(
+            **{**args.model_dump(), "lora": lora}, max_seq_len=spec.max_seq_len, seed=spec.seed
+        )
     module_name, func_name = spec.task.split(":")
     try:
         module = importlib.import_module(module_name)

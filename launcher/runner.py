@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from autobatch.devices import normalise_speeds
+from autobatch.devices import choose_precision, normalise_speeds
 from autobatch.errors import AutobatchError, LaunchError
 from autobatch.metrics import RankSnapshot
 from autobatch.plan import Plan, equal_split_plan, make_plan
@@ -47,6 +47,7 @@ class JobSummary:
     checkpoint: str | None
     plan: Plan
     parameters: dict | None = None
+    output: str | None = None  # the trained model, for tasks that save one
 
 
 class JobCancelled(LaunchError):
@@ -87,6 +88,7 @@ class JobRunner:
         self.workers: dict = {}  # bundle -> a probed worker not yet given a rank
         self.collector = None
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
+        self.notes: list[str] = []  # choices made on the way, carried into the plan
         self._t = time.monotonic()
 
     def _check_stop(self) -> None:
@@ -142,6 +144,7 @@ class JobRunner:
             plan = make_plan(
                 self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
             )
+        plan = replace(plan, notes=(*plan.notes, *self.notes))
         self._phase("plan")
         return plan, devices
 
@@ -158,6 +161,7 @@ class JobRunner:
                 cluster.ACTOR_TIMEOUT_S,
                 "device inventory",
             )
+            self._resolve_precision([info for info, _, _ in found])
             by_type: dict[tuple, int] = {}
             for i, (info, _, _) in enumerate(found):
                 by_type.setdefault((info.name, info.total_bytes, info.speed), i)
@@ -177,6 +181,13 @@ class JobRunner:
             ),
             key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
         )
+
+    def _resolve_precision(self, infos: list) -> None:
+        """precision: auto becomes the precision every device supports, noted in the plan."""
+        if self.spec.precision == "auto":
+            precision, why = choose_precision(infos)
+            self.spec = self.spec.model_copy(update={"precision": precision})
+            self.notes.append(f"precision {precision} (auto): {why}")
 
     def _train(self, plan: Plan, devices: list[cluster.ProbedDevice]) -> JobSummary:
         spec = self.spec
@@ -240,6 +251,7 @@ class JobRunner:
             checkpoint=outcomes[0].checkpoint,
             plan=final,
             parameters=outcomes[0].parameters,
+            output=outcomes[0].output,
         )
         self.listener("done", {"summary": summary})
         return summary
@@ -294,6 +306,7 @@ class JobRunner:
                 device=d.info,
                 node=d.node,
                 checkpoint_dir=str(ckpt_dir),
+                output_dir=str(self.spec.output_path(self.runs_root)),
                 resume_from=resume,
                 attempt=attempt,
                 speed=d.info.speed,

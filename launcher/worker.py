@@ -16,7 +16,6 @@ import math
 import os
 import pathlib
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from autobatch.devices import DeviceInfo, SimulatedDevice, inventory
 from autobatch.errors import LaunchError
 from autobatch.measure import to_device
 from autobatch.metrics import RankSnapshot
+from autobatch.packing import pack_global_batch, padding_waste, token_budgets
 from autobatch.plan import Plan, make_plan
 from autobatch.profile import ModelProfile, profile_model
 from autobatch.sampler import GlobalBatchSampler
@@ -52,6 +52,7 @@ class RankContext:
     device: DeviceInfo
     node: str
     checkpoint_dir: str
+    output_dir: str | None
     resume_from: str | None
     attempt: int
     speed: float = 1.0  # simulated devices: relative to the job's fastest
@@ -68,6 +69,7 @@ class RankOutcome:
     oom_events: int
     checkpoint: str | None
     parameters: dict[str, torch.Tensor] | None = None  # rank 0 only, for invariance checks
+    output: str | None = None  # rank 0: where the task saved the trained model
 
 
 # ---------------------------------------------------------------------------
@@ -244,13 +246,22 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         loss_fn, lambda: sampler.step, lambda: plan.ranks[ctx.rank].accumulation_steps
     )
 
-    stats = _Stats(ctx, plan)
+    max_len = task.max_length() if task.sample_length else None
+    stats = _Stats(ctx, plan, max_len)
     audit = _Audit(ctx) if spec.audit_samples else None
     last_ckpt = ctx.resume_from
     while sampler.step < total:
         faults.before_step(sampler.step)
         t0 = time.perf_counter()
-        indices = sampler.micro_batches(plan, ctx.rank)
+        lengths_of = None
+        if max_len is None:
+            indices = sampler.micro_batches(plan, ctx.rank)
+        else:  # variable-length sequences: a time-balanced split, packed by tokens
+            global_batch = sampler.global_batch()
+            lengths = task.lengths(global_batch)
+            packed = pack_global_batch(global_batch, lengths, token_budgets(plan, max_len))
+            indices = packed[ctx.rank]
+            lengths_of = dict(zip(map(int, global_batch), lengths))
         batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
         n_items = task.count_items(sampler.global_batch())
 
@@ -271,7 +282,7 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
             audit.record(sampler.step, indices)
         schedule.step()
         sampler.advance()
-        stats.on_step(result, time.perf_counter() - t0, plan, memory, device)
+        stats.on_step(result, time.perf_counter() - t0, plan, indices, lengths_of, memory, device)
         push(stats.snapshot())
         if ctx.rank == 0 and (
             sampler.step % spec.checkpoint.interval == 0 or sampler.step == total
@@ -290,12 +301,15 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
                     },
                 )
             )
-    params = (
-        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if ctx.rank == 0
-        else None
+    params = output = None
+    if ctx.rank == 0:
+        params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if task.save is not None and ctx.output_dir:
+            task.save(model, ctx.output_dir)
+            output = ctx.output_dir
+    return RankOutcome(
+        ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params, output
     )
-    return RankOutcome(ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params)
 
 
 class _Audit:
@@ -328,8 +342,8 @@ def _ranks_that(flag: bool, world: int) -> list[int]:
 class _Stats:
     """Counters and the last step's figures of one rank, as metrics snapshots."""
 
-    def __init__(self, ctx: RankContext, plan: Plan) -> None:
-        self.ctx, self.plan = ctx, plan
+    def __init__(self, ctx: RankContext, plan: Plan, max_len: int | None) -> None:
+        self.ctx, self.plan, self.max_len = ctx, plan, max_len
         self.steps = 0
         self.samples = 0
         self.tokens = 0
@@ -348,13 +362,15 @@ class _Stats:
         result: StepResult,
         seconds: float,
         plan: Plan,
+        micro_batches: list,
+        lengths_of: dict[int, int] | None,
         memory: TensorMemory | None,
         device: torch.device,
     ) -> None:
         self.plan = plan
-        me = plan.ranks[self.ctx.rank]
+        sizes = [len(mb) for mb in micro_batches]
         self.steps += 1
-        self.samples += me.samples
+        self.samples += sum(sizes)
         self.tokens += result.global_items if self.ctx.rank == 0 else 0
         self.durations.append(seconds)
         peak = allocated = reserved = None
@@ -371,7 +387,11 @@ class _Stats:
             "peak": peak,
             "allocated": allocated,
             "reserved": reserved,
-            "sync_wait": _sync_wait(result, plan, self.ctx.rank),
+            "sync_wait": _sync_wait(
+                result, plan, self.ctx.rank, _work(micro_batches, lengths_of, self.max_len)
+            ),
+            "sizes": sizes,
+            "padding": None if lengths_of is None else padding_waste(micro_batches, lengths_of),
         }
 
     def snapshot(self) -> RankSnapshot:
@@ -389,15 +409,16 @@ class _Stats:
             torch_memory_reserved_bytes=self.last["reserved"],
             torch_memory_peak_bytes=self.last["peak"],
             plan_predicted_peak_bytes=me.predicted_peak_bytes,
-            micro_batch_size=me.micro_batch_size,
-            accumulation_steps=me.accumulation_steps,
-            rank_samples_per_step=me.samples,
+            micro_batch_size=max(self.last["sizes"]),
+            accumulation_steps=len(self.last["sizes"]),
+            rank_samples_per_step=sum(self.last["sizes"]),
             global_batch_size=self.plan.global_batch_size,
             effective_global_batch_size=sum(r.samples for r in self.plan.ranks),
             plan_efficiency_ratio=self.plan.efficiency,
             step_duration_s=self.last["seconds"],
             sync_wait_s=self.last["sync_wait"],
             train_loss=self.last["loss"],
+            padding_waste_ratio=self.last["padding"],
             step_durations_s=durations,
             samples_processed_total=self.samples,
             tokens_processed_total=self.tokens,
@@ -408,18 +429,26 @@ class _Stats:
         )
 
 
-def _sync_wait(result: StepResult, plan: Plan, rank: int) -> float | None:
+def _work(
+    micro_batches: list, lengths_of: dict[int, int] | None, max_len: int | None
+) -> list[float]:
+    """Each micro-batch's work in samples of the plan's worst case: its sample count, or
+    for packed sequences its padded tokens / the longest sequence the job allows."""
+    if lengths_of is None or max_len is None:
+        return [float(len(mb)) for mb in micro_batches]
+    return [len(mb) * max(lengths_of[i] for i in mb) / max_len for mb in micro_batches]
+
+
+def _sync_wait(result: StepResult, plan: Plan, rank: int, work: list[float]) -> float | None:
     """Time the synced micro-step took beyond this rank's own compute for it: the wait for
-    the slowest rank at the all-reduce. Compute is estimated from this step's no_sync
-    micro-steps (per sample), or from the plan's time model when there are none."""
+    the slowest rank at the all-reduce. Its compute is the plan's time model for it, scaled
+    by how this step's no_sync micro-steps compared with the same model."""
     times = result.micro_step_s
     if not times:
         return None
-    sizes = plan.ranks[rank].micro_batches
+    by_id = {d.device_id: d for d in plan.inputs}
+    model = by_id[plan.ranks[rank].device_id].micro_step_time
+    expected = model(work[-1])
     if len(times) > 1:
-        per_sample = statistics.fmean(t / b for t, b in zip(times[:-1], sizes[:-1]))
-        expected = per_sample * sizes[-1]
-    else:
-        by_id = {d.device_id: d for d in plan.inputs}
-        expected = by_id[plan.ranks[rank].device_id].micro_step_time(sizes[-1])
+        expected *= sum(times[:-1]) / sum(model(w) for w in work[:-1])
     return max(0.0, times[-1] - expected)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 
 from autobatch.devices import (
+    DeviceInfo,
     DeviceSpecError,
     SimulatedDevice,
+    choose_precision,
     cpu_device,
     inventory,
     normalise_speeds,
@@ -233,3 +236,32 @@ def test_normalise_speeds_caps_the_fastest_at_one_and_keeps_slow_devices_slow():
     alone = [SimulatedDevice("t4", GiB, 0.25)]
     assert [d.speed for d in normalise_speeds(alone)] == [0.25]
     assert normalise_speeds([]) == []
+
+
+def _gpu(name: str, cc: tuple[int, int] | None, cuda: bool = True) -> DeviceInfo:
+    return DeviceInfo(
+        index=0,
+        uuid=f"GPU-{name}",
+        name=name,
+        total_bytes=GiB,
+        free_bytes=GiB,
+        used_bytes=0,
+        compute_capability=cc,
+        bf16_supported=cc is not None and cc >= (8, 0),
+        pci_bus_id=None,
+        torch_device="cuda:0" if cuda else "cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    "devices, precision, why",
+    [
+        ([_gpu("A100", (8, 0)), _gpu("L4", (8, 9))], "bf16", r"every device supports bf16"),
+        ([_gpu("A100", (8, 0)), _gpu("T4", (7, 5))], "fp16", r"T4 \(compute capability 7.5\)"),
+        ([_gpu("A100", (8, 0)), _gpu("cpu", None, cuda=False)], "fp32", r"cpu is not a GPU"),
+    ],
+)
+def test_auto_precision_is_what_every_device_supports_and_says_why(devices, precision, why):
+    got, reason = choose_precision(devices)
+    assert got == precision
+    assert re.search(why, reason)

@@ -31,15 +31,36 @@ def test_shipped_configs_are_valid():
         ({"bogus": 1}, r"bogus: Extra inputs are not permitted"),
         (
             {"precision": "fp8"},
-            r"precision: Input should be 'fp32', 'bf16' or 'fp16' "
+            r"precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16' "
             r"\(got 'fp8'\)",
         ),
         ({"optimizer": {"lr": -1}}, r"optimizer.lr: Input should be greater than 0"),
         ({"optimizer": {"name": "lion"}}, r"optimizer.name: Input should be 'adamw' or 'sgd'"),
         (
             {"task": "not an entrypoint"},
-            r"task: task='not an entrypoint' must be 'tiny_gpt' or "
+            r"task: task='not an entrypoint' must be one of tiny_gpt, causal_lm or "
             r"an entrypoint 'package.module:function'",
+        ),
+        ({"task": "causal_lm", "task_args": {"model_dir": "m", "data": "d"}}, r"needs max_seq_len"),
+        (
+            {"task": "causal_lm", "max_seq_len": 64, "task_args": {"model_dir": "m"}},
+            r"task_args \(causal_lm\): data: Field required",
+        ),
+        (
+            {
+                "task": "causal_lm",
+                "max_seq_len": 64,
+                "task_args": {"model_dir": "m", "data": "d", "lora": {"rank": 8}},
+            },
+            r"task_args \(causal_lm\): lora.rank: Extra inputs are not permitted",
+        ),
+        (
+            {
+                "task": "causal_lm",
+                "max_seq_len": 64,
+                "task_args": {"model_dir": "m", "data": "d", "dtype": "float8"},
+            },
+            r"task_args \(causal_lm\): dtype: Input should be 'float32', 'bfloat16' or 'float64'",
         ),
         ({"devices": {"select": "count"}}, r"devices: select='count' needs count"),
         ({"devices": {"select": "simulated"}}, r"needs a list of simulated devices"),

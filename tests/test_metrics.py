@@ -49,6 +49,7 @@ DESIGN_METRICS = [
     ("autobatch_worker_restarts_total", "counter"),
     ("autobatch_plan_efficiency_ratio", "gauge"),
     ("autobatch_train_loss", "gauge"),
+    ("autobatch_padding_waste_ratio", "gauge"),
     ("autobatch_jobs", "gauge"),
 ]
 RANK_LABELS = {"job", "rank", "node", "device", "device_uuid"}
@@ -75,6 +76,7 @@ def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
         step_duration_s=0.5,
         sync_wait_s=0.05,
         train_loss=2.5,
+        padding_waste_ratio=0.125,
         step_durations_s=(0.5,),
         samples_processed_total=230,
         tokens_processed_total=23_000,
