@@ -170,6 +170,7 @@ class StepRunner:
         *,
         make_optimizer: MakeOptimizer,
         precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         if device.torch_device is None:
             raise ProbeError(
@@ -180,6 +181,8 @@ class StepRunner:
         self.task, self.info, self.precision = task, device, precision
         self.device = torch.device(device.torch_device)
         self.model = task.build_model().to(self.device)
+        if gradient_checkpointing:
+            task.checkpoint_activations(self.model)
         self.model.train()
         self.optimizer = make_optimizer(self.model)
         if self.device.type == "cuda":

@@ -51,6 +51,7 @@ class DeviceCapacity:
     peak_per_sample_bytes: int | None = None
     simulated: bool = False
     estimated: bool = False
+    gradient_checkpointing: bool = False  # the figures hold with activation checkpointing on
 
     def __post_init__(self) -> None:
         for name in ("fixed_s", "per_sample_s", "step_overhead_s"):

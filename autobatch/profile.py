@@ -142,6 +142,7 @@ class ModelProfile:
     simulated: bool
     estimated: bool = False
     cache_key: str = ""
+    gradient_checkpointing: bool = False  # measured with activation checkpointing on
 
     @property
     def reserve_bytes(self) -> int:
@@ -171,6 +172,7 @@ class ModelProfile:
             peak_per_sample_bytes=per,
             simulated=self.simulated,
             estimated=self.estimated,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,13 +216,29 @@ def profile_model(
     distributed: bool = False,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
     cache_dir: str | os.PathLike | None = None,
+    gradient_checkpointing: bool | None = False,
 ) -> ModelProfile:
     """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
 
     On CUDA this creates the context in the calling process: call it in the
     process that trains on the device. `distributed` reserves DDP's gradient
     buckets (gradient_as_bucket_view=False, the default) and, on CUDA, NCCL's buffers.
+    `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
+    when micro-batch 1 does not fit without it.
     """
+    if gradient_checkpointing is None:
+        kwargs = dict(
+            make_optimizer=make_optimizer, precision=precision,
+            headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
+            extra_reserve_bytes=extra_reserve_bytes, distributed=distributed,
+            max_micro_batch=max_micro_batch, cache_dir=cache_dir,
+        )  # fmt: skip
+        try:
+            return profile_model(task, device, gradient_checkpointing=False, **kwargs)
+        except NoFitError:
+            if task.enable_gradient_checkpointing is None:
+                raise
+        return profile_model(task, device, gradient_checkpointing=True, **kwargs)
     info = device.info() if isinstance(device, SimulatedDevice) else device
     check_precision(info, precision)
     if not 0 <= headroom_fraction < 1:
@@ -233,6 +251,7 @@ def profile_model(
         raise ProbeError(f"max_micro_batch={max_micro_batch!r} must be >= 1")
 
     key_fields, grad_bytes = _key_fields(task, info, make_optimizer, precision)
+    key_fields["gradient_checkpointing"] = gradient_checkpointing
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
     if distributed:
@@ -247,7 +266,13 @@ def profile_model(
     cached = measurements is not None
     runner = None
     if measurements is None:
-        runner = StepRunner(task, info, make_optimizer=make_optimizer, precision=precision)
+        runner = StepRunner(
+            task,
+            info,
+            make_optimizer=make_optimizer,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         try:
             measurements = _search(runner, budgeter, max_micro_batch)
         finally:
@@ -277,6 +302,7 @@ def profile_model(
         static=static,
         measured_steps=steps,
         key=key,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -340,6 +366,7 @@ def _conclude(
     static: list[tuple[str, int]],
     measured_steps: int,
     key: str,
+    gradient_checkpointing: bool,
 ) -> ModelProfile:
     ok = [m for m in measurements if not m.oom]
     budget = budgeter.of(measurements)
@@ -377,6 +404,7 @@ def _conclude(
         cached=not fresh,
         simulated=info.simulated,
         cache_key=key,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from autobatch.accumulate import LossFn
+from autobatch.errors import ProbeError
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ class Task:
         if self.worst_case_sample is not None:
             return self.sample_length(self.worst_case_sample())
         return max(self.sample_length(s) for s in self.dataset)
+
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """Turns on gradient checkpointing in `model`, or says the task cannot."""
+        if self.enable_gradient_checkpointing is None:
+            raise ProbeError(
+                "this task has no enable_gradient_checkpointing: gradient checkpointing "
+                "cannot be turned on for it"
+            )
+        self.enable_gradient_checkpointing(model)
 
     def count_items(self, indices: Sequence[int]) -> int:
         """Loss items (samples or target tokens) of the samples at `indices`."""

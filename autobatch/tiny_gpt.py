@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from autobatch.task import Task
 
@@ -55,14 +56,23 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # recompute each block's activations in backward
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
         x = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
         mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
         for block in self.blocks:
-            x = block(x, mask)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.head(self.ln_f(x))
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing for a TinyGPT (or a DDP around one)."""
+    getattr(model, "module", model).checkpoint_blocks = True
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,4 +131,5 @@ def tiny_gpt_task(
         collate=collate_fixed,
         loss_fn=token_loss_sum,
         item_count=lambda seq: len(seq) - 1,  # every token but the first is a target
+        enable_gradient_checkpointing=checkpoint_blocks,
     )

@@ -144,6 +144,11 @@ class JobRunner:
             plan = make_plan(
                 self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
             )
+        checkpointed = sorted({d.info.name for d in devices if d.profile.gradient_checkpointing})
+        self.notes += [
+            f"gradient checkpointing on {name}: micro-batch 1 does not fit without it"
+            for name in checkpointed
+        ]
         plan = replace(plan, notes=(*plan.notes, *self.notes))
         self._phase("plan")
         return plan, devices

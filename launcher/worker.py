@@ -31,7 +31,7 @@ from autobatch.errors import LaunchError
 from autobatch.measure import to_device
 from autobatch.metrics import RankSnapshot
 from autobatch.packing import pack_global_batch, padding_waste, token_budgets
-from autobatch.plan import Plan, make_plan
+from autobatch.plan import DeviceCapacity, Plan, make_plan
 from autobatch.profile import ModelProfile, profile_model
 from autobatch.sampler import GlobalBatchSampler
 from autobatch.simulated import Pacer, TensorMemory
@@ -132,6 +132,7 @@ def probe(spec: JobSpec, device: DeviceInfo, cache_dir: str | None) -> ModelProf
         headroom_fraction=spec.memory_headroom,
         distributed=True,
         cache_dir=cache_dir,
+        gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
     )
 
 
@@ -203,6 +204,8 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
     task = load_task(spec)
     torch.manual_seed(spec.seed)
     model = task.build_model().to(device)
+    if _capacity(plan, ctx.rank).gradient_checkpointing:
+        task.checkpoint_activations(model)
     optimizer = build_optimizer(spec.optimizer)(model)
     sampler = GlobalBatchSampler(
         len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
@@ -329,6 +332,11 @@ class _Audit:
             f.write(json.dumps(line) + "\n")
 
 
+def _capacity(plan: Plan, rank: int) -> DeviceCapacity:
+    by_id = {d.device_id: d for d in plan.inputs}
+    return by_id[plan.ranks[rank].device_id]
+
+
 def _ranks_that(flag: bool, world: int) -> list[int]:
     """Every rank learns which ranks raised the flag (one small all-gather, OOM path only)."""
     if world == 1:
@@ -446,8 +454,7 @@ def _sync_wait(result: StepResult, plan: Plan, rank: int, work: list[float]) -> 
     times = result.micro_step_s
     if not times:
         return None
-    by_id = {d.device_id: d for d in plan.inputs}
-    model = by_id[plan.ranks[rank].device_id].micro_step_time
+    model = _capacity(plan, rank).micro_step_time
     expected = model(work[-1])
     if len(times) > 1:
         expected *= sum(times[:-1]) / sum(model(w) for w in work[:-1])
