@@ -370,6 +370,7 @@ def load_model(
 ) -> nn.Module:
     """The model of `model_dir` in training mode, without a KV cache, LoRA-wrapped if asked."""
     transformers = _require("transformers")
+    transformers.utils.logging.disable_progress_bar()  # one bar per rank per load is noise
     auto = transformers.AutoModelForCausalLM
     # transformers 4.56 renamed torch_dtype to dtype; an older one would silently take
     # dtype= as a config field and load float32.

@@ -193,3 +193,52 @@ def test_indices_audit_catches_a_wrong_batch(tmp_path):
     (d / "samples-rank0.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(AssertionError):
         assert_every_global_batch_exact({"global_batch_size": 24, "seed": 1, "max_steps": 4}, d)
+
+
+def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adapter(
+    local_ray, tmp_path
+):
+    from autobatch.causal_lm import causal_lm_task, make_example_jsonl, make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = make_example_jsonl(tmp_path / "data.jsonl", 200, kind="prompt_completion")
+    spec = job(
+        tmp_path,
+        name="lm",
+        task="causal_lm",
+        task_args={"model_dir": str(model_dir), "data": str(data), "lora": {"r": 4}},
+        max_seq_len=64,
+        global_batch_size=16,
+        max_steps=4,
+        precision="auto",
+        devices={
+            "select": "simulated",
+            "simulated": [
+                {"name": "sim-big", "memory": "24MiB"},
+                {"name": "sim-small", "memory": "16MiB", "speed": 0.5},
+            ],
+            "keep_all": True,
+        },
+        output_dir=str(tmp_path / "adapter"),
+    )
+    snapshots = []
+
+    def listener(event, details):
+        if event == "progress":
+            snapshots.extend(details["snapshots"])
+
+    summary = JobRunner(parse_spec(spec), listener=listener).run()
+    assert summary.steps == 4 and summary.restarts == 0
+    assert "precision fp32 (auto): sim-big is not a GPU: fp32" in summary.plan.notes
+    # Every step's global batch is exactly the sampler's 16 sequences, split by length.
+    task = causal_lm_task(model_dir=str(model_dir), data=str(data), max_seq_len=64)
+    sampler = GlobalBatchSampler(len(task.dataset), 16, seed=1)
+    steps = audited_steps(tmp_path / "ckpt")
+    assert sorted(steps) == [0, 1, 2, 3]
+    for step, indices in steps.items():
+        assert sorted(indices) == sorted(sampler.global_batch(step).tolist()), f"step {step}"
+    wastes = [s.padding_waste_ratio for s in snapshots]
+    assert wastes and all(w is not None and 0 <= w < 1 for w in wastes)
+    assert summary.output == str(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / "tokenizer.json").exists()
