@@ -54,12 +54,15 @@ class CausalLMError(AutobatchError, ValueError):
 def _require(module: str) -> Any:
     """The optional dependency `module`, or an error that says how to install it."""
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ImportError as exc:
         raise CausalLMError(
             f"the causal-LM task needs {module!r}, which could not be imported ({exc}); "
             f"install it with: {INSTALL_HINT}"
         ) from exc
+    if module == "transformers":
+        imported.utils.logging.disable_progress_bar()  # a bar per rank per load/save is noise
+    return imported
 
 
 # ---------------------------------------------------------------------------
@@ -73,6 +76,17 @@ class CausalLMTask(Task):
     tokenizer: Any = field(default=None, repr=False, compare=False)
     dropped_samples: int = 0  # no target token left after truncation and the causal shift
     truncated_samples: int = 0  # longer than max_seq_len: cut to their first max_seq_len tokens
+
+    def probe_batch(self, size: int) -> dict[str, torch.Tensor]:
+        """`size` worst-case sequences, one of them a token shorter when size > 1: a batch
+        with padding takes the attention-mask path (a materialised mask, no fused causal
+        kernel), as real batches of uneven lengths do; it needs about a third more memory
+        on the tiny GPT-2, so probing without padding would plan micro-batches that OOM."""
+        worst = self.worst_case_sample()
+        if size == 1:
+            return self.collate([worst])
+        shorter = {k: v[:-1] for k, v in worst.items()}
+        return self.collate([worst] * (size - 1) + [shorter])
 
 
 def causal_lm_task(
@@ -370,7 +384,6 @@ def load_model(
 ) -> nn.Module:
     """The model of `model_dir` in training mode, without a KV cache, LoRA-wrapped if asked."""
     transformers = _require("transformers")
-    transformers.utils.logging.disable_progress_bar()  # one bar per rank per load is noise
     auto = transformers.AutoModelForCausalLM
     # transformers 4.56 renamed torch_dtype to dtype; an older one would silently take
     # dtype= as a config field and load float32.
@@ -604,10 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {model_dir}/ (tiny random {args.arch}, tokenizer included)")
     print(f"wrote {data} ({args.samples} {args.kind} samples)")
-    print("use them in a job spec:")
-    print("  task: autobatch.causal_lm:causal_lm_task")
-    paths = f"model_dir: {model_dir.resolve()}, data: {data.resolve()}"
-    print(f"  task_args: {{{paths}, max_seq_len: 128}}")
+    print("use them in a job spec (see configs/causal-lm-lora.yaml):")
+    print("  task: causal_lm")
+    print("  max_seq_len: 256")
+    print(f"  task_args: {{model_dir: {model_dir.resolve()}, data: {data.resolve()}}}")
     return 0
 
 

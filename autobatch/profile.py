@@ -68,7 +68,7 @@ DEFAULT_MAX_MICRO_BATCH = 4096
 NCCL_RESERVE_BYTES = 256 * 2**20
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
-PROFILE_FORMAT_VERSION = 1
+PROFILE_FORMAT_VERSION = 2  # 2: gradient checkpointing; probe batches with padding
 
 
 @dataclass(frozen=True)

@@ -496,3 +496,43 @@ def test_ragged_ranks_give_the_full_batch_token_mean_gradient(
         diff = math.sqrt(sum(float((got[n] - want[n]).double().pow(2).sum()) for n in want))
         assert diff / ref_norm <= TOLERANCE[scenario], f"rank {rank}: rel err {diff / ref_norm:.3g}"
         assert res[scenario]["loss"] == pytest.approx(loss.item(), rel=TOLERANCE[scenario])
+
+
+# ---------------------------------------------------------------------------
+# the probe's worst case covers the micro-batches that length-aware packing makes
+
+
+def test_packed_micro_batches_of_real_data_stay_under_the_probed_peak(tmp_path, model_dir):
+    from autobatch.devices import SimulatedDevice
+    from autobatch.packing import pack_global_batch, token_budgets
+    from autobatch.plan import make_plan
+    from autobatch.profile import profile_model
+    from autobatch.sampler import GlobalBatchSampler
+    from autobatch.simulated import TensorMemory
+
+    data = make_example_jsonl(tmp_path / "data.jsonl", 300, kind="prompt_completion")
+    task = causal_lm_task(model_dir=model_dir, data=str(data), max_seq_len=128, lora={"r": 4})
+
+    def adamw(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    torch.manual_seed(0)
+    profile = profile_model(
+        task, SimulatedDevice("sim", 12 * 2**20), make_optimizer=adamw, headroom_fraction=0
+    )
+    plan = make_plan(32, [profile.capacity("d0")])
+    model = task.build_model()
+    sampler = GlobalBatchSampler(len(task.dataset), 32, seed=0)
+    peaks = []
+    for step in range(8):
+        batch = sampler.global_batch(step)
+        (micro,) = pack_global_batch(batch, task.lengths(batch), token_budgets(plan, 128))
+        for mb in micro:
+            memory = TensorMemory(None, model=model)
+            with memory:
+                task.loss_fn(model, task.batch(mb)).backward()
+            model.zero_grad(set_to_none=True)
+            peaks.append(memory.peak_bytes)
+    # The forward+backward of every packed micro-batch (padded, uneven lengths) peaks below
+    # what the probe predicts for a whole step at the largest micro-batch.
+    assert max(peaks) <= profile.peak_bytes(profile.max_micro_batch)

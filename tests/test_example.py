@@ -20,8 +20,19 @@ def _loss_lines(cmd: list[str]) -> list[str]:
 def test_example_gives_the_same_losses_on_one_and_three_ranks():
     one = _loss_lines([sys.executable, "-m", "autobatch.example"])
     three = _loss_lines(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "autobatch.example"]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "3",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "autobatch.example",
+        ]
     )
     assert len(one) == 3
     assert one == three

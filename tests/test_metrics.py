@@ -219,8 +219,14 @@ def test_job_states_from_a_callable_are_read_at_every_scrape() -> None:
 
 def test_unmeasured_values_are_left_out_not_zero() -> None:
     s = PrometheusSink()
-    s.push(snap(device="cpu", device_memory_total_bytes=None, device_memory_used_bytes=None,
-                train_loss=None))
+    s.push(
+        snap(
+            device="cpu",
+            device_memory_total_bytes=None,
+            device_memory_used_bytes=None,
+            train_loss=None,
+        )
+    )
     fams = families(s.render())
     assert fams["autobatch_device_memory_total_bytes"].samples == []
     assert fams["autobatch_train_loss"].samples == []
@@ -263,11 +269,14 @@ def test_http_scrape_on_loopback_returns_the_exposition(sink: PrometheusSink) ->
         urllib.request.urlopen(server.url, timeout=2)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not on PATH (Debian: apt-get install prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not on PATH (Debian: apt-get install prometheus)",
+)
 def test_promtool_accepts_the_exposition(sink: PrometheusSink) -> None:
-    result = subprocess.run(["promtool", "check", "metrics"], input=sink.render(),
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=sink.render(), capture_output=True, timeout=60
+    )
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
@@ -328,10 +337,12 @@ def test_snapshot_from_dict_names_unknown_fields() -> None:
 
 
 def test_plan_fields_come_from_the_ranks_plan() -> None:
-    devices = [DeviceCapacity("a", "A100", 16, 0.01, 0.001, peak_fixed_bytes=100,
-                              peak_per_sample_bytes=10),
-               DeviceCapacity("b", "T4", 4, 0.01, 0.004, peak_fixed_bytes=100,
-                              peak_per_sample_bytes=10)]
+    devices = [
+        DeviceCapacity(
+            "a", "A100", 16, 0.01, 0.001, peak_fixed_bytes=100, peak_per_sample_bytes=10
+        ),
+        DeviceCapacity("b", "T4", 4, 0.01, 0.004, peak_fixed_bytes=100, peak_per_sample_bytes=10),
+    ]
     plan = make_plan(40, devices)
     for r in plan.ranks:
         s = snap(rank=r.rank, **plan_fields(plan, r.rank))
@@ -366,7 +377,9 @@ def test_both_sinks_satisfy_the_sink_interface(tmp_path) -> None:
 
 
 def test_metrics_module_needs_neither_torch_nor_ray() -> None:
-    code = ("import sys, autobatch.metrics; "
-            "print(sorted(m for m in ('torch', 'ray', 'launcher') if m in sys.modules))")
+    code = (
+        "import sys, autobatch.metrics; "
+        "print(sorted(m for m in ('torch', 'ray', 'launcher') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
