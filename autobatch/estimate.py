@@ -204,7 +204,7 @@ def trace_step(
         model.to_empty(device="cpu")
         model.train()
         opt = make_optimizer(model)
-        mt = MemTracker()
+        mt = _frozen_aware(MemTracker, model)()
         mt.track_external(model, opt)
         for b in (1, *sizes):  # b=1 first, untracked: builds the optimizer state
             with mt:
@@ -243,6 +243,26 @@ def trace_step(
         optimizer_ops=tuple(costs.ops),
         gradient_bytes=grads,
     )
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _frozen_aware(tracker: type, model: torch.nn.Module) -> type:
+    """torch's MemTracker hooks the gradient of every parameter, and a frozen one (LoRA's
+    base weights) refuses a hook: the subclass marks those as hooked already."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+
+    class FrozenAware(tracker):
+        def __enter__(self):  # noqa: ANN204
+            hooks = getattr(self, "_param_to_grad_hook_handles", None)
+            for p in frozen if hooks is not None else ():
+                hooks[p] = (_NoHook(), _NoHook())
+            return super().__enter__()
+
+    return FrozenAware
 
 
 def _total(snapshot: dict) -> int:

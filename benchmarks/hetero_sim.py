@@ -187,11 +187,24 @@ def pace_on_model(ref: Reference) -> None:
             self._until(t0, (ref.micro(b) if b else ref.optimizer_s) / self.speed)
 
         def wrap_loss_fn(self, loss_fn):  # noqa: ANN001, ANN202  (training)
+            """The micro-step (forward and backward) lasts the modelled time: a hook on the
+            loss queues the sleep for the end of the backward pass, before DDP waits for
+            its all-reduce (DDP queues that wait later in the same pass)."""
+            import torch
+
             def paced(model, batch):  # noqa: ANN001, ANN202
                 t0 = time.perf_counter()
                 loss = loss_fn(model, batch)
                 b = len(next(iter(batch.values())))
-                self._until(t0, ref.micro(b) / self.speed - ref.backward(b))
+                until = ref.micro(b) / self.speed
+
+                def at_backward_start(grad):  # noqa: ANN001, ANN202
+                    engine = torch.autograd.Variable._execution_engine
+                    engine.queue_callback(lambda: self._until(t0, until))
+                    return grad
+
+                if loss.requires_grad:
+                    loss.register_hook(at_backward_start)
                 return loss
 
             return paced

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/make_results.py [--only bench_hetero bench_simulate]
 
-Runs the benchmarks that exist, one after the other (about 11 minutes in all on
+Runs the benchmarks that exist, one after the other (about 13 minutes in all on
 2 cores), and writes RESULTS.md: the date, the machine (`uname -a`, CPU model,
 cores, memory), the Python, torch and Ray versions, the git commit, a summary of
 the headline lines, then per benchmark its command, exit status, wall time and
@@ -38,6 +38,7 @@ BENCHMARKS = (
     ("bench_hetero.py", (), 900, r"RESULT|efficiency a/c|sync wait / step|goals|where the gap"),
     ("bench_simulate.py", (), 600, r"estimates in|efficiency min"),
     ("bench_daemon.py", (), 900, r"GET|p50"),
+    ("bench_lengths.py", (), 600, r"RESULT|padding waste"),
 )
 HEADLINES = {script.removesuffix(".py"): re.compile(pattern) for script, *_, pattern in BENCHMARKS}
 

@@ -45,7 +45,22 @@ def mlp_task() -> Task:
     )
 
 
-TASKS = {"mlp": mlp_task, "tiny_gpt": lambda: tiny_gpt_task(dataset_size=8)}
+def frozen_mlp_task() -> Task:
+    """The MLP with its first layer frozen, as LoRA freezes a base model."""
+
+    def build() -> nn.Module:
+        model = mlp_task().build_model()
+        model[0].requires_grad_(False)
+        return model
+
+    return Task(**{**mlp_task().__dict__, "build_model": build})
+
+
+TASKS = {
+    "mlp": mlp_task,
+    "frozen_mlp": frozen_mlp_task,
+    "tiny_gpt": lambda: tiny_gpt_task(dataset_size=8),
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +72,7 @@ def gpt_trace():
     ("task_name", "traced", "measured"),
     [
         ("mlp", (4, 32, 128), (4, 32, 100, 300)),  # traced sizes, one between, one beyond
+        ("frozen_mlp", (4, 32, 128), (4, 32, 100, 300)),
         ("tiny_gpt", (2, 8, 16), (2, 8, 12, 24)),
     ],
 )
