@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from autobatch.errors import AutobatchError
 from autobatch.task import Task
+from autobatch.tiny_gpt import IGNORE_INDEX, next_token_loss_sum
 
-IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 INSTALL_HINT = "pip install 'autobatch[hf]'"
@@ -201,15 +200,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     weighs micro-batches wrongly under accumulation. The loss is computed in at least
     float32 (float64 stays float64)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.dtype != torch.float64:
-        logits = logits.float()
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return next_token_loss_sum(out.logits if hasattr(out, "logits") else out[0], batch["labels"])
 
 
 # ---------------------------------------------------------------------------

@@ -77,12 +77,17 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropies over the target tokens (labels != -100)."""
-    logits = model(batch["input_ids"])
-    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in at least float32
+    return next_token_loss_sum(model(batch["input_ids"]), batch["labels"])
+
+
+def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of each position's logits against the next label, over
+    labels != -100, in at least float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch["labels"][:, 1:].reshape(-1),
+        labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )

@@ -54,6 +54,9 @@ class JobCancelled(LaunchError):
     """The runner's `stop` event was set (the job was cancelled); everything was cleaned up."""
 
 
+FAILURE_GRACE_S = 2.0  # how long the other ranks have to report after one fails
+
+
 class _Failure(Exception):
     def __init__(self, kind: str, rank: int, message: str) -> None:
         super().__init__(message)
@@ -341,19 +344,12 @@ class JobRunner:
         while pending:
             self._check_stop()
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-            for ref in done:
-                rank = refs.index(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as exc:
-                    raise _Failure(
-                        "lost", rank, f"rank {rank} worker died: {_cause(exc)}"
-                    ) from None
-                except RayTaskError as exc:
-                    kind = _failure_kind(exc)
-                    if kind == "error":
-                        raise LaunchError(f"rank {rank} failed: {_cause(exc)}") from None
-                    raise _Failure(kind, rank, f"rank {rank}: {_cause(exc)}") from None
+            failures = [f for ref in done if (f := _failure_of(refs, ref))]
+            if failures:
+                # The first failure is often a consequence (a peer's collective breaking):
+                # give the other ranks a moment to fail too, and judge by the root cause.
+                more, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+                raise _worst(failures + [f for ref in more if (f := _failure_of(refs, ref))])
             self._progress()
         return ray.get(refs)
 
@@ -391,6 +387,30 @@ def _cause(exc: BaseException) -> str:
         return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
+
+
+def _failure_of(refs: list, ref: object) -> _Failure | None:
+    """What went wrong on the rank of a finished `ref`, or None when it succeeded."""
+    rank = refs.index(ref)
+    try:
+        ray.get(ref)
+    except RayActorError as exc:
+        return _Failure("lost", rank, f"rank {rank} worker died: {_cause(exc)}")
+    except RayTaskError as exc:
+        return _Failure(_failure_kind(exc), rank, f"rank {rank}: {_cause(exc)}")
+    return None
+
+
+def _worst(failures: list[_Failure]) -> Exception:
+    """One exception for the failures of an attempt: an error in the task fails the job; an
+    out-of-memory (lower that device) comes before a lost worker. The message lists all."""
+    order = {"error": 0, "oom": 1, "lost": 2}
+    failures = sorted(failures, key=lambda f: (order[f.kind], f.rank))
+    first = failures[0]
+    message = "; ".join(str(f) for f in failures)
+    if first.kind == "error":
+        return LaunchError(f"the task failed: {message}")
+    return _Failure(first.kind, first.rank, message)
 
 
 def _failure_kind(exc: RayTaskError) -> str:

@@ -212,8 +212,8 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
     )
     total = spec.total_steps(sampler.steps_per_epoch)
     schedule = build_schedule(spec.schedule, optimizer, total)
-    if ctx.resume_from:
-        state = load_checkpoint(ctx.resume_from)
+    state = load_checkpoint(ctx.resume_from) if ctx.resume_from else None
+    if state is not None:
         sampler.check_resume(state["sampler"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -229,6 +229,8 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         precision=spec.precision,
         agree_on_oom=True,
     )
+    if state is not None and acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])  # fp16: resume with the scale it had
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         # One micro-batch on the device at a time, as the probe measured it.
@@ -301,6 +303,7 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
                         "sampler": sampler.state().to_dict(),
                         "plan": plan.to_json(),
                         "job": ctx.job,
+                        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     },
                 )
             )

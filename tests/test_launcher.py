@@ -242,3 +242,18 @@ def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adap
     assert summary.output == str(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "adapter" / "tokenizer.json").exists()
+
+
+def test_fp16_resume_keeps_the_loss_scale(local_ray, tmp_path):
+    # A resumed fp16 job must go on with the loss scale it had, not the initial 65536
+    # (which would skip steps to find the scale again). The tiny model never overflows, so
+    # the checkpoint's scale is set by hand, as if earlier overflows had lowered it.
+    one = {"select": "simulated", "simulated": [{"name": "sim-big", "memory": "300KiB"}]}
+    first, _ = run(job(tmp_path, precision="fp16", devices=one, max_steps=3))
+    state = torch.load(first.checkpoint, weights_only=False)
+    assert state["scaler"]["scale"] == 65536.0
+    state["scaler"]["scale"] = 1024.0
+    torch.save(state, first.checkpoint)
+    second, _ = run(job(tmp_path, precision="fp16", devices=one))
+    assert second.steps == 6
+    assert torch.load(second.checkpoint, weights_only=False)["scaler"]["scale"] == 1024.0

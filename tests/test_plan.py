@@ -65,21 +65,23 @@ def test_plan_sums_to_global_batch_and_respects_limits(B, spec):
     assert plan.efficiency <= 1 + 1e-9
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    B=st.integers(1, 64),
-    spec=st.lists(
-        st.tuples(
-            st.integers(1, 16), st.floats(0.0, 0.05), st.floats(1e-4, 0.01), st.floats(0.0, 0.1)
-        ),
-        min_size=1,
-        max_size=4,
-    ),
+# Up to 4 devices and B <= 64: small enough for the brute force.
+small_fleets = st.lists(
+    st.tuples(st.integers(1, 16), st.floats(0.0, 0.2), st.floats(1e-4, 0.05), st.floats(0.0, 0.1)),
+    min_size=1,
+    max_size=4,
 )
-def test_plan_step_time_is_the_exhaustive_optimum(B, spec):
+
+
+def _small(B: int, spec: list[tuple]) -> tuple[int, list[DeviceCapacity]]:
     devices = _devices(spec)
-    if len(devices) == 4 and B > 40:  # keep the brute force at <= ~70k splits
-        B = 40
+    return (min(B, 40) if len(devices) == 4 else B), devices  # <= ~70k splits
+
+
+@settings(max_examples=150, deadline=None)
+@given(B=st.integers(1, 64), spec=small_fleets)
+def test_plan_step_time_is_the_exhaustive_optimum(B, spec):
+    B, devices = _small(B, spec)
     plan = make_plan(B, devices)
     assert plan.predicted_step_time_s == pytest.approx(brute_force_step_time(B, devices), rel=1e-9)
     assert plan.predicted_step_time_s == pytest.approx(
@@ -88,20 +90,9 @@ def test_plan_step_time_is_the_exhaustive_optimum(B, spec):
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-    B=st.integers(4, 64),
-    spec=st.lists(
-        st.tuples(
-            st.integers(1, 16), st.floats(0.0, 0.2), st.floats(1e-4, 0.05), st.floats(0.0, 0.1)
-        ),
-        min_size=1,
-        max_size=4,
-    ),
-)
+@given(B=st.integers(4, 64), spec=small_fleets)
 def test_plan_keeping_every_device_is_the_exhaustive_optimum_with_one_sample_each(B, spec):
-    devices = _devices(spec)
-    if len(devices) == 4 and B > 40:
-        B = 40
+    B, devices = _small(B, spec)
     plan = make_plan(B, devices, keep_all=True)
     assert len(plan.ranks) == len(devices) and not plan.excluded
     assert min(r.samples for r in plan.ranks) >= 1
