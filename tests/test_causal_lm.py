@@ -248,7 +248,10 @@ def test_worst_case_sample_fills_max_seq_len_with_targets(model_dir, data):
     sample = task.worst_case_sample()
     assert len(sample["input_ids"]) == 24 and item_count(sample) == 23
     batch = task.probe_batch(3)
-    assert batch["input_ids"].shape == (3, 24) and bool(batch["attention_mask"].all())
+    # one sequence a token short: the probe takes the padded (attention-mask) path
+    assert batch["input_ids"].shape == (3, 24)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [24, 24, 23]
+    assert bool(task.probe_batch(1)["attention_mask"].all())
     assert isinstance(task, Task)
 
 
@@ -366,7 +369,7 @@ def test_example_data_is_deterministic_and_long_tailed(tmp_path):
 def test_cli_writes_a_model_and_data_the_task_loads(tmp_path, capsys):
     assert main(["make-example", str(tmp_path / "ex"), "--samples", "50"]) == 0
     printed = capsys.readouterr().out
-    assert "model" in printed and "data.jsonl" in printed and "causal_lm_task" in printed
+    assert "model" in printed and "data.jsonl" in printed and "task: causal_lm" in printed
     task = causal_lm_task(
         model_dir=str(tmp_path / "ex" / "model"),
         data=str(tmp_path / "ex" / "data.jsonl"),
