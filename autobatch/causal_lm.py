@@ -1,7 +1,8 @@
 """The built-in Hugging Face causal-LM task: a local model directory and a JSONL file.
 
-    task: autobatch.causal_lm:causal_lm_task
-    task_args: {model_dir: ./model, data: ./data.jsonl, max_seq_len: 512, lora: {r: 8}}
+    task: causal_lm
+    max_seq_len: 512
+    task_args: {model_dir: ./model, data: ./data.jsonl, lora: {r: 8}}
 
 Each JSONL line is ``{"text": ...}`` (every token is a target) or ``{"prompt": ...,
 "completion": ...}`` (only the completion's tokens are targets). The data is tokenized
@@ -14,17 +15,15 @@ transformers, tokenizers and peft are optional (``pip install 'autobatch[hf]'``)
 imported only inside the functions that need them. Nothing is ever downloaded: models
 and tokenizers load from local directories (``local_files_only=True``).
 
-    python -m autobatch.causal_lm make-example OUT_DIR   # a tiny random model + data
+A tiny random model and example data to try it on: `autobatch.lm_example`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from autobatch.tiny_gpt import IGNORE_INDEX, next_token_loss_sum
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 INSTALL_HINT = "pip install 'autobatch[hf]'"
-SPECIAL_TOKEN = "<|endoftext|>"
 
 Sample = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ class CausalLMError(AutobatchError, ValueError):
     """The causal-LM task's model directory, data file or settings are unusable."""
 
 
-def _require(module: str) -> Any:
+def require_hf(module: str) -> Any:
     """The optional dependency `module`, or an error that says how to install it."""
     try:
         imported = importlib.import_module(module)
@@ -313,7 +311,7 @@ def _check_model_dir(model_dir: str, max_seq_len: int) -> Path:
             f"model_dir={model_dir!r} has no config.json: give a directory written by "
             "save_pretrained (a model's files, not a hub id: nothing is downloaded)"
         )
-    transformers = _require("transformers")
+    transformers = require_hf("transformers")
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -328,7 +326,7 @@ def _check_model_dir(model_dir: str, max_seq_len: int) -> Path:
 
 
 def _load_tokenizer(model_path: Path) -> Any:
-    transformers = _require("transformers")
+    transformers = require_hf("transformers")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -374,7 +372,7 @@ def load_model(
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
     """The model of `model_dir` in training mode, without a KV cache, LoRA-wrapped if asked."""
-    transformers = _require("transformers")
+    transformers = require_hf("transformers")
     auto = transformers.AutoModelForCausalLM
     # transformers 4.56 renamed torch_dtype to dtype; an older one would silently take
     # dtype= as a config field and load float32.
@@ -389,7 +387,7 @@ def load_model(
         model = auto.from_pretrained(model_dir, local_files_only=True, **as_dtype)
     model.config.use_cache = False  # a cache only costs memory in training
     if lora is not None:
-        peft = _require("peft")
+        peft = require_hf("peft")
         cfg = _check_lora(lora)
         try:
             model = peft.get_peft_model(
@@ -430,190 +428,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------------------
-# a tiny random model and example data (tests, the README walkthrough)
-
-_WORD_LIST = (
-    "the a an one two three red green blue small big fast slow cat dog bird fish tree "
-    "house river stone light dark day night sun moon star sky sea wind rain snow fire "
-    "water earth city road car train boat book word sound song runs jumps sees finds "
-    "makes takes gives holds reads writes opens closes and or but with from over under"
-)
-_WORDS = _WORD_LIST.split()
-_TASKS = ("copy", "reverse", "add")
-_CORPUS = (
-    "The quick brown fox jumps over the lazy dog. A model reads one token after another "
-    "and learns to guess the next one. Copy the words, reverse the words, add the numbers. "
-    "copy: reverse: add: answer: = + 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20\n"
-    + " ".join(_WORDS)
-)
-ARCHS = ("gpt2", "llama")
-
-
-def make_tiny_model_dir(
-    path: str | Path,
-    *,
-    arch: str = "gpt2",
-    vocab_size: int = 320,
-    n_layers: int = 2,
-    d_model: int = 32,
-    n_heads: int = 2,
-    max_positions: int = 256,
-    seed: int = 0,
-) -> Path:
-    """Writes a tiny random-weight causal LM and a locally trained byte-level BPE tokenizer.
-
-    `vocab_size` is at least 257: the 256 byte tokens and <|endoftext|> (eos, bos, pad).
-    A "llama" tokenizer puts BOS in front of every text, as Llama's does; "gpt2" does not.
-    """
-    if arch not in ARCHS:
-        raise CausalLMError(f"arch={arch!r} must be one of {', '.join(ARCHS)}")
-    if vocab_size < 257:
-        raise CausalLMError(f"vocab_size={vocab_size} must be >= 257 (256 bytes + {SPECIAL_TOKEN})")
-    transformers = _require("transformers")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(vocab_size, add_bos=arch == "llama", max_positions=max_positions)
-    special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-    ids = {"bos_token_id": special, "eos_token_id": special, "pad_token_id": special}
-    if arch == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=max_positions,
-            n_embd=d_model,
-            n_layer=n_layers,
-            n_head=n_heads,
-            resid_pdrop=0.0,  # no dropout: runs are deterministic, gradients comparable
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **ids,
-        )
-        model_cls = transformers.GPT2LMHeadModel
-    else:
-        config = transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=d_model,
-            intermediate_size=4 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            **ids,
-        )
-        model_cls = transformers.LlamaForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def _train_tokenizer(vocab_size: int, *, add_bos: bool, max_positions: int) -> Any:
-    tokenizers = _require("tokenizers")
-    transformers = _require("transformers")
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[SPECIAL_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    examples = [_example(random.Random(i), 12) for i in range(200)]
-    tok.train_from_iterator([_CORPUS] + [p + c for p, c in examples], trainer=trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{SPECIAL_TOKEN} $A",
-            pair=f"{SPECIAL_TOKEN} $A $B",
-            special_tokens=[(SPECIAL_TOKEN, tok.token_to_id(SPECIAL_TOKEN))],
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=SPECIAL_TOKEN,
-        eos_token=SPECIAL_TOKEN,
-        pad_token=SPECIAL_TOKEN,
-        model_max_length=max_positions,
-    )
-
-
-def _example(rng: random.Random, max_words: int) -> tuple[str, str]:
-    """One synthetic (prompt, completion): copy or reverse words, or add numbers.
-
-    The number of words is log-normal (median 6): mostly short, a long tail."""
-    n = max(1, min(max_words, round(rng.lognormvariate(math.log(6), 0.9))))
-    task = rng.choice(_TASKS)
-    if task == "add":
-        nums = [rng.randrange(20) for _ in range(n)]
-        return f"add: {' + '.join(map(str, nums))} =", f" {sum(nums)}"
-    words = [rng.choice(_WORDS) for _ in range(n)]
-    answer = words if task == "copy" else words[::-1]
-    return f"{task}: {' '.join(words)}\nanswer:", " " + " ".join(answer)
-
-
-def make_example_jsonl(
-    path: str | Path,
-    n: int,
-    *,
-    seed: int = 0,
-    kind: str = "prompt_completion",
-    max_words: int = 64,
-) -> Path:
-    """Writes `n` synthetic samples (long-tailed lengths), deterministic by `seed`.
-
-    kind="prompt_completion" writes {"prompt", "completion"} lines, kind="text" {"text"}."""
-    if kind not in ("prompt_completion", "text"):
-        raise CausalLMError(f"kind={kind!r} must be 'prompt_completion' or 'text'")
-    if n < 1 or max_words < 1:
-        raise CausalLMError(f"n={n} and max_words={max_words} must be >= 1")
-    rng = random.Random(seed)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for _ in range(n):
-            prompt, completion = _example(rng, max_words)
-            row = (
-                {"prompt": prompt, "completion": completion}
-                if kind == "prompt_completion"
-                else {"text": prompt + completion}
-            )
-            f.write(json.dumps(row) + "\n")
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m autobatch.causal_lm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("make-example", help="write a tiny random model and a JSONL data set")
-    ex.add_argument("out_dir", type=Path)
-    ex.add_argument("--arch", choices=ARCHS, default="gpt2")
-    ex.add_argument("--samples", type=int, default=2000)
-    ex.add_argument("--kind", choices=("prompt_completion", "text"), default="prompt_completion")
-    ex.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        model_dir = make_tiny_model_dir(args.out_dir / "model", arch=args.arch, seed=args.seed)
-        data = make_example_jsonl(
-            args.out_dir / "data.jsonl", args.samples, seed=args.seed, kind=args.kind
-        )
-    except CausalLMError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {model_dir}/ (tiny random {args.arch}, tokenizer included)")
-    print(f"wrote {data} ({args.samples} {args.kind} samples)")
-    print("use them in a job spec (see configs/causal-lm-lora.yaml):")
-    print("  task: causal_lm")
-    print("  max_seq_len: 256")
-    print(f"  task_args: {{model_dir: {model_dir.resolve()}, data: {data.resolve()}}}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

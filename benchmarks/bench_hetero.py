@@ -1,6 +1,7 @@
 """The heterogeneity win, measured: autobatch's plan vs the equal split vs the ideal.
 
     .venv/bin/python benchmarks/bench_hetero.py [--repeats 2] [--speed-scale 0.25]
+                                                [--global-batch 128]
 
 The launcher on a local Ray trains the demo model (configs/demo.yaml: tiny GPT,
 seq_len 64, global batch 128, AdamW, fp32) on three simulated devices whose
@@ -70,7 +71,7 @@ from launcher.runner import JobRunner
 MIX = ("A100-80GB", "L4-24GB", "T4-16GB")
 MIB_PER_SIM_MIB = 2560  # an 80 GiB GPU becomes a 32 MiB simulated device
 TASK_ARGS = {"dataset_size": 8192, "seq_len": 64}  # the demo's model and data (configs/demo.yaml)
-GLOBAL_BATCH = 128  # the demo's
+GLOBAL_BATCH = 128  # the demo's; --global-batch changes it
 # (optimizer steps, steps left out of the steady state) per kind of job: long enough for a
 # steady state, short enough for ~5 minutes (a T4 alone takes ~6 s per step).
 STEPS = {"optimal": (16, 2), "equal_split": (6, 2), "alone": (4, 1)}
@@ -259,8 +260,10 @@ def summarise(runs: dict[str, list[Measured]]) -> None:
 
 
 def main() -> None:
+    global GLOBAL_BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of (a) and (b)")
+    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--speed-scale", type=float, default=0.25, help="the A100's speed")
     parser.add_argument("--quiet-wait", type=float, default=15.0, help="max s to wait per job")
     parser.add_argument(
@@ -269,6 +272,7 @@ def main() -> None:
         help="simulate speeds with autobatch.simulated.Pacer (measured time x 1/speed)",
     )
     args = parser.parse_args()
+    GLOBAL_BATCH = args.global_batch
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when redirected to a file
     sims = simulated_mix(args.speed_scale)
     print(

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_lengths.py [--steps 4] [--rounds 2]
 
-A tiny random GPT-2 (autobatch.causal_lm.make_tiny_model_dir: 4 layers, d_model
+A tiny random GPT-2 (autobatch.lm_example.make_tiny_model_dir: 4 layers, d_model
 128) trains on synthetic text with long-tailed (log-normal) lengths, truncated
 to --max-len tokens, with the same global batch every step (--global-batch
 sequences, the same sequences in every strategy). The device fits
@@ -32,12 +32,8 @@ from collections.abc import Callable
 import torch
 
 from autobatch.accumulate import Accumulator
-from autobatch.causal_lm import (
-    causal_lm_task,
-    collate,
-    make_example_jsonl,
-    make_tiny_model_dir,
-)
+from autobatch.causal_lm import causal_lm_task, collate
+from autobatch.lm_example import make_example_jsonl, make_tiny_model_dir
 from autobatch.packing import TokenBudget, pack_global_batch, padding_waste
 from autobatch.sampler import GlobalBatchSampler
 
@@ -47,13 +43,15 @@ def fixed_micro_batches(indices: list[int], size: int) -> list[list[int]]:
 
 
 def time_model(task, micro_batch: int) -> TokenBudget:  # noqa: ANN001
-    """Fixed and per-token cost of a micro-step at the maximum length (two sizes, min of 3)."""
+    """Fixed and per-token cost of a micro-step at the maximum length (two sizes, each the
+    minimum of 5 after a warm-up)."""
     model = task.build_model()
     times = {}
+    task.loss_fn(model, task.probe_batch(micro_batch)).backward()  # warm-up
     for b in (1, micro_batch):
         batch = task.probe_batch(b)
         runs = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             task.loss_fn(model, batch).backward()
             runs.append(time.perf_counter() - t0)

@@ -55,7 +55,7 @@ class RankContext:
     output_dir: str | None
     resume_from: str | None
     attempt: int
-    speed: float = 1.0  # simulated devices: relative to the job's fastest
+    speed: float = 1.0  # simulated devices: relative to this machine (at most 1)
     backward_factor: float = 3.0
     restarts: int = 0
     replans: dict[str, int] = field(default_factory=dict)
@@ -247,9 +247,7 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
         pacer.attach(optimizer)
         memory = TensorMemory(ctx.device.total_bytes, model=model, optimizer=optimizer)
     faults = _Faults(ctx)
-    loss_fn = faults.wrap(
-        loss_fn, lambda: sampler.step, lambda: plan.ranks[ctx.rank].accumulation_steps
-    )
+    loss_fn = faults.wrap(loss_fn, lambda: sampler.step, lambda: len(indices))
 
     max_len = task.max_length() if task.sample_length else None
     stats = _Stats(ctx, plan, max_len)

@@ -27,11 +27,9 @@ from autobatch.causal_lm import (
     causal_lm_task,
     collate,
     item_count,
-    main,
-    make_example_jsonl,
-    make_tiny_model_dir,
 )
 from autobatch.errors import AutobatchError
+from autobatch.lm_example import main, make_example_jsonl, make_tiny_model_dir
 from autobatch.task import Task, model_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -367,7 +365,7 @@ def test_example_data_is_deterministic_and_long_tailed(tmp_path):
 
 
 def test_cli_writes_a_model_and_data_the_task_loads(tmp_path, capsys):
-    assert main(["make-example", str(tmp_path / "ex"), "--samples", "50"]) == 0
+    assert main([str(tmp_path / "ex"), "--samples", "50"]) == 0
     printed = capsys.readouterr().out
     assert "model" in printed and "data.jsonl" in printed and "task: causal_lm" in printed
     task = causal_lm_task(

@@ -198,7 +198,8 @@ def test_indices_audit_catches_a_wrong_batch(tmp_path):
 def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adapter(
     local_ray, tmp_path
 ):
-    from autobatch.causal_lm import causal_lm_task, make_example_jsonl, make_tiny_model_dir
+    from autobatch.causal_lm import causal_lm_task
+    from autobatch.lm_example import make_example_jsonl, make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = make_example_jsonl(tmp_path / "data.jsonl", 200, kind="prompt_completion")
