@@ -18,6 +18,9 @@ _EXPORTS = {
     "PlanError": "autobatch.errors",
     "ProbeError": "autobatch.errors",
     "SamplerError": "autobatch.errors",
+    "TokenBudget": "autobatch.packing",
+    "pack_global_batch": "autobatch.packing",
+    "token_budgets": "autobatch.packing",
     "DeviceCapacity": "autobatch.plan",
     "Plan": "autobatch.plan",
     "RankPlan": "autobatch.plan",
@@ -42,8 +45,11 @@ __all__ = [
     "SamplerState",
     "StepResult",
     "Task",
+    "TokenBudget",
     "equal_split_plan",
     "make_plan",
+    "pack_global_batch",
+    "token_budgets",
 ]
 
 
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
         ProbeError,
         SamplerError,
     )
+    from autobatch.packing import TokenBudget, pack_global_batch, token_budgets
     from autobatch.plan import DeviceCapacity, Plan, RankPlan, equal_split_plan, make_plan
     from autobatch.sampler import GlobalBatchSampler, SamplerState
     from autobatch.task import Task

@@ -27,8 +27,11 @@ def test_public_names_are_pinned():
         "SamplerState",
         "StepResult",
         "Task",
+        "TokenBudget",
         "equal_split_plan",
         "make_plan",
+        "pack_global_batch",
+        "token_budgets",
     ]
     for name in autobatch.__all__:
         assert hasattr(autobatch, name)
