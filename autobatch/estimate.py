@@ -29,6 +29,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -342,7 +343,7 @@ def estimate_capacities(
     devices: str | Sequence[str],
     *,
     make_optimizer: MakeOptimizer,
-    precision: Precision = "fp32",
+    precision: Precision | Literal["auto"] = "fp32",
     headroom_fraction: float = 0.05,
     overhead_bytes: int = GPU_OVERHEAD_BYTES,
     distributed: bool | None = None,
@@ -354,6 +355,8 @@ def estimate_capacities(
     """
     items = [devices] if isinstance(devices, str) else list(devices)
     names = [name for item in items for name in parse_devices(item, known=GPU_SPECS)]
+    if precision == "auto":  # as the launcher's choose_precision: bf16 where all have it
+        precision = "bf16" if all(GPU_SPECS[n].bf16_flops for n in names) else "fp16"
     for name in names:  # fail before the trace, naming the device
         _check_precision(GPU_SPECS[name], precision)
     trace = trace_step(task, make_optimizer=make_optimizer, precision=precision)

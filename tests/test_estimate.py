@@ -177,3 +177,16 @@ def test_the_spec_table_is_consistent(name):
 )
 def test_each_op_takes_the_slower_of_its_compute_and_its_memory_traffic(op, gpu, seconds):
     assert _ops_time([op], GPU_SPECS[gpu]) == pytest.approx(seconds + KERNEL_LAUNCH_S)
+
+
+def test_auto_precision_is_bf16_only_where_every_gpu_has_it():
+    task = tiny_gpt_task(dataset_size=8)
+
+    def caps(devices: str, precision: str) -> list:
+        return estimate_capacities(task, devices, make_optimizer=adamw, precision=precision)
+
+    ampere, mixed = "1xA100-80GB,1xL4-24GB", "1xA100-80GB,1xT4-16GB"
+    assert caps(ampere, "auto") == caps(ampere, "bf16")
+    with pytest.raises(ProbeError, match="T4"):
+        caps(mixed, "bf16")  # a T4 has no bf16: auto must not pick it
+    assert caps(mixed, "auto") == caps(mixed, "fp16")
