@@ -16,7 +16,10 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from autobatch.devices import DeviceInfo, SimulatedDevice
 from autobatch.errors import LaunchError
@@ -148,6 +151,13 @@ def sum_resources(requests: Sequence[DeviceRequest]) -> dict[str, float]:
         for k, v in r.resources.items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def on_this_node() -> dict[str, Any]:
+    """Actor options that keep it on the driver's node: an actor the driver depends on (the
+    metrics collector) must not die with a training node."""
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def in_bundle(pg: PlacementGroup, bundle: int, request: DeviceRequest) -> dict[str, Any]:

@@ -99,9 +99,10 @@ class JobWatcher:
 
     def make_relay(self) -> Any:
         """The runner's collector factory: the relay this watcher drains."""
+        from launcher.cluster import on_this_node
         from launcher.daemon import SnapshotRelay
 
-        self.relay = SnapshotRelay.remote(self.daemon.metrics_url)
+        self.relay = SnapshotRelay.options(**on_this_node()).remote(self.daemon.metrics_url)
         return self.relay
 
     def _drain(self) -> None:

@@ -202,7 +202,7 @@ class JobRunner:
         if self.collector_factory is not None:
             self.collector = self.collector_factory()
         else:
-            self.collector = cluster.MetricsCollector.remote(
+            self.collector = cluster.MetricsCollector.options(**cluster.on_this_node()).remote(
                 self.metrics_host, spec.metrics_port or 0
             )
         self.listener("metrics", {"url": ray.get(self.collector.url.remote())})

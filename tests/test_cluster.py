@@ -1,0 +1,79 @@
+"""The launcher on a real multi-node Ray cluster (ray.cluster_utils): one device per node,
+and a node lost mid-run: the job is re-planned on the devices left, same global batch.
+
+Three nodes of one CPU each, so the placement group's three one-CPU bundles land one per
+node. The cluster is started and shut down by this module, apart from other tests' Ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+from daemon_util import TINY
+from ray.cluster_utils import Cluster
+from test_launcher import SIMS_3, assert_every_global_batch_exact
+
+from launcher.job import parse_spec
+from launcher.runner import JobRunner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    saved = dict(os.environ)
+    os.environ["AUTOBATCH_PROFILE_CACHE"] = str(tmp_path_factory.mktemp("profiles"))
+    # Ray runs workers at nice 15; on 2 cores the GCS and the per-node agents, busy after
+    # a node loss, then starve the training workers (minutes instead of seconds).
+    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray's own spelling)
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    # Declare a node dead after 3 missed 1 s health checks (default: 5 of 3 s).
+    fast = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    head = {**node, "include_dashboard": False, "_system_config": fast}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    workers = [cluster.add_node(**node) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch(
+    three_nodes, tmp_path
+):
+    cluster, workers = three_nodes
+    slow = [{**d, "speed": 0.25} for d in SIMS_3]
+    spec = {
+        "name": "nodes",
+        "task_args": TINY,
+        "global_batch_size": 24,
+        "max_steps": 10,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        # slowed to a quarter, so that the node goes while the job trains
+        "devices": {"select": "simulated", "simulated": slow, "keep_all": True},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 2},
+        "audit_samples": True,
+        "seed": 1,
+    }
+    seen: dict = {"nodes": set(), "removed": False}
+
+    def listener(event: str, details: dict) -> None:
+        if event == "plan":
+            seen["nodes"] = {d.node_id for d in details["devices"]}
+        steps = [s.optimizer_steps_total for s in details.get("snapshots", [])]
+        if event == "progress" and not seen["removed"] and min(steps) >= 2:
+            seen["removed"] = True
+            cluster.remove_node(workers[-1])  # a whole node, its raylet and workers
+
+    summary = JobRunner(parse_spec(spec), address=cluster.address, listener=listener).run()
+    assert len(seen["nodes"]) == 3  # one device per node
+    assert seen["removed"]
+    assert summary.steps == 10 and summary.restarts == 1
+    assert summary.replans == {"device_lost": 1}
+    assert summary.plan.world_size == 2
+    assert sum(r.samples for r in summary.plan.ranks) == 24
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
