@@ -11,9 +11,8 @@ import os
 
 import pytest
 import ray
-from daemon_util import TINY
 from ray.cluster_utils import Cluster
-from test_launcher import SIMS_3, assert_every_global_batch_exact
+from test_launcher import SIMS_3, assert_every_global_batch_exact, job
 
 from launcher.job import parse_spec
 from launcher.runner import JobRunner
@@ -46,19 +45,10 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
     three_nodes, tmp_path
 ):
     cluster, workers = three_nodes
+    # slowed to a quarter, so that the node goes while the job trains
     slow = [{**d, "speed": 0.25} for d in SIMS_3]
-    spec = {
-        "name": "nodes",
-        "task_args": TINY,
-        "global_batch_size": 24,
-        "max_steps": 10,
-        "optimizer": {"name": "adamw", "lr": 0.01},
-        # slowed to a quarter, so that the node goes while the job trains
-        "devices": {"select": "simulated", "simulated": slow, "keep_all": True},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 2},
-        "audit_samples": True,
-        "seed": 1,
-    }
+    devices = {"select": "simulated", "simulated": slow, "keep_all": True}
+    spec = job(tmp_path, name="nodes", max_steps=10, devices=devices)
     seen: dict = {"nodes": set(), "removed": False}
 
     def listener(event: str, details: dict) -> None:
