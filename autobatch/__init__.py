@@ -11,24 +11,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Accumulator": "autobatch.accumulate",
-    "StepResult": "autobatch.accumulate",
+    "Accumulator": "autobatch.step.accumulate",
+    "StepResult": "autobatch.step.accumulate",
     "AutobatchError": "autobatch.errors",
     "LaunchError": "autobatch.errors",
     "PlanError": "autobatch.errors",
     "ProbeError": "autobatch.errors",
     "SamplerError": "autobatch.errors",
-    "TokenBudget": "autobatch.packing",
-    "pack_global_batch": "autobatch.packing",
-    "token_budgets": "autobatch.packing",
-    "DeviceCapacity": "autobatch.plan",
-    "Plan": "autobatch.plan",
-    "RankPlan": "autobatch.plan",
-    "equal_split_plan": "autobatch.plan",
-    "make_plan": "autobatch.plan",
-    "GlobalBatchSampler": "autobatch.sampler",
-    "SamplerState": "autobatch.sampler",
-    "Task": "autobatch.task",
+    "TokenBudget": "autobatch.planning.packing",
+    "pack_global_batch": "autobatch.planning.packing",
+    "token_budgets": "autobatch.planning.packing",
+    "DeviceCapacity": "autobatch.planning.plan",
+    "Plan": "autobatch.planning.plan",
+    "RankPlan": "autobatch.planning.plan",
+    "equal_split_plan": "autobatch.planning.planner",
+    "make_plan": "autobatch.planning.planner",
+    "GlobalBatchSampler": "autobatch.planning.sampler",
+    "SamplerState": "autobatch.planning.sampler",
+    "Task": "autobatch.tasks.task",
 }
 
 __all__ = [
@@ -66,7 +66,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from autobatch.accumulate import Accumulator, StepResult
     from autobatch.errors import (
         AutobatchError,
         LaunchError,
@@ -74,7 +73,9 @@ if TYPE_CHECKING:
         ProbeError,
         SamplerError,
     )
-    from autobatch.packing import TokenBudget, pack_global_batch, token_budgets
-    from autobatch.plan import DeviceCapacity, Plan, RankPlan, equal_split_plan, make_plan
-    from autobatch.sampler import GlobalBatchSampler, SamplerState
-    from autobatch.task import Task
+    from autobatch.planning.packing import TokenBudget, pack_global_batch, token_budgets
+    from autobatch.planning.plan import DeviceCapacity, Plan, RankPlan
+    from autobatch.planning.planner import equal_split_plan, make_plan
+    from autobatch.planning.sampler import GlobalBatchSampler, SamplerState
+    from autobatch.step.accumulate import Accumulator, StepResult
+    from autobatch.tasks.task import Task

@@ -21,8 +21,8 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from daemon_util import api_in_thread, tiny_spec  # noqa: E402
 
-from autobatch.metrics import RankSnapshot  # noqa: E402
-from launcher.daemon import Daemon  # noqa: E402
+from autobatch.metrics.snapshot import RankSnapshot  # noqa: E402
+from launcher.daemon.daemon import Daemon  # noqa: E402
 
 CLIENTS, REQUESTS_EACH, JOBS, RANKS = 50, 20, 200, 1024
 

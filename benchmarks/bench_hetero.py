@@ -6,7 +6,7 @@
 The launcher on a local Ray trains the demo model (configs/demo.yaml: tiny GPT,
 seq_len 64, global batch 128, AdamW, fp32) on three simulated devices whose
 memory and speed ratios are those of an A100-80GB, an L4-24GB and a T4-16GB
-(autobatch.estimate.GPU_SPECS: memory in MiB / 2560; speed proportional to the
+(autobatch.probe.estimate.GPU_SPECS: memory in MiB / 2560; speed proportional to the
 dense bf16/fp16 tensor peak, 312 : 121 : 65 TF/s, times --speed-scale). In one
 command it measures samples/s of
 
@@ -30,7 +30,7 @@ the default niceness (Ray's workers otherwise run at nice 15 and lose the CPU to
 anything else). A simulated device's time is MODELLED: the script first times
 the demo model's work in this process (forward+backward per micro-batch size,
 the optimizer step; the minimum of 20 rounds, fitted to lines), and in every
-Ray worker a set-up hook replaces `autobatch.simulated.Pacer` by one that runs
+Ray worker a set-up hook replaces `autobatch.probe.simulated.Pacer` by one that runs
 the work for real and then sleeps until reference / speed (`model_pacing`). The
 product's Pacer instead stretches the measured time by 1/speed, which on these
 shared cores multiplies the neighbours' load into the device's speed (x10 on
@@ -63,10 +63,10 @@ import ray
 from hetero_sim import ForeignLoad, calibrate, worker_setup
 
 from autobatch.errors import LaunchError
-from autobatch.estimate import GPU_SPECS
-from autobatch.plan import Plan
-from launcher.job import parse_spec
-from launcher.runner import JobRunner
+from autobatch.planning.plan import Plan
+from autobatch.probe.estimate import GPU_SPECS
+from launcher.job.runner import JobRunner
+from launcher.job.spec import parse_spec
 
 MIX = ("A100-80GB", "L4-24GB", "T4-16GB")
 MIB_PER_SIM_MIB = 2560  # an 80 GiB GPU becomes a 32 MiB simulated device
@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument(
         "--product-pacer",
         action="store_true",
-        help="simulate speeds with autobatch.simulated.Pacer (measured time x 1/speed)",
+        help="simulate speeds with autobatch.probe.simulated.Pacer (measured time x 1/speed)",
     )
     args = parser.parse_args()
     GLOBAL_BATCH = args.global_batch

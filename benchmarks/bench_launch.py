@@ -25,12 +25,13 @@ import time
 
 import torch
 
-from autobatch.accumulate import Accumulator
-from autobatch.plan import DeviceCapacity, make_plan
-from autobatch.sampler import GlobalBatchSampler
-from autobatch.simulated import TensorMemory
-from launcher.job import load_task, parse_spec
-from launcher.runner import JobRunner
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.planner import make_plan
+from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.probe.simulated import TensorMemory
+from autobatch.step.accumulate import Accumulator
+from launcher.job.runner import JobRunner
+from launcher.job.spec import load_task, parse_spec
 
 TASK = {"dataset_size": 2048, "seq_len": 32, "d_model": 64, "n_layers": 2}
 B, STEPS = 32, 60

@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/bench_lengths.py [--steps 4] [--rounds 2]
 
-A tiny random GPT-2 (autobatch.lm_example.make_tiny_model_dir: 4 layers, d_model
+A tiny random GPT-2 (autobatch.tasks.lm_example.make_tiny_model_dir: 4 layers, d_model
 128) trains on synthetic text with long-tailed (log-normal) lengths, truncated
 to --max-len tokens, with the same global batch every step (--global-batch
 sequences, the same sequences in every strategy). The device fits
 --micro-batch sequences of the maximum length, so its token budget is
 micro-batch x max-len padded tokens. Three ways to run each step:
 
-  packed    autobatch.packing: the step's sequences sorted by length and packed
+  packed    autobatch.planning.packing: the step's sequences sorted by length and packed
             under the token budget (short sequences make large micro-batches)
   fixed     micro-batches of --micro-batch sequences in sampler order, each
             padded to its longest sequence (a DataLoader with dynamic padding)
@@ -31,11 +31,11 @@ from collections.abc import Callable
 
 import torch
 
-from autobatch.accumulate import Accumulator
-from autobatch.causal_lm import causal_lm_task, collate
-from autobatch.lm_example import make_example_jsonl, make_tiny_model_dir
-from autobatch.packing import TokenBudget, pack_global_batch, padding_waste
-from autobatch.sampler import GlobalBatchSampler
+from autobatch.planning.packing import TokenBudget, pack_global_batch, padding_waste
+from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.causal_lm import causal_lm_task, collate
+from autobatch.tasks.lm_example import make_example_jsonl, make_tiny_model_dir
 
 
 def fixed_micro_batches(indices: list[int], size: int) -> list[list[int]]:

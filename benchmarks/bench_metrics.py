@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from prometheus_client import generate_latest
 
-from autobatch.metrics import PrometheusSink, RankSnapshot
+from autobatch.metrics.prometheus import PrometheusSink
+from autobatch.metrics.snapshot import RankSnapshot
 
 RANKS_PER_JOB = 128  # 8 jobs of 128 ranks for 1,024 ranks
 

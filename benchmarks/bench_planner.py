@@ -13,7 +13,8 @@ import random
 import statistics
 import time
 
-from autobatch.plan import DeviceCapacity, make_plan
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.planner import make_plan
 
 
 def fleet(n: int, seed: int = 0) -> list[DeviceCapacity]:

@@ -44,13 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
-from autobatch.accumulate import Accumulator
-from autobatch.devices import SimulatedDevice, cpu_device
-from autobatch.measure import StepRunner
-from autobatch.profile import NoFitError, profile_model
-from autobatch.simulated import TensorMemory
-from autobatch.task import Task
-from autobatch.tiny_gpt import tiny_gpt_task
+from autobatch.probe.devices import SimulatedDevice, cpu_device
+from autobatch.probe.measure import StepRunner
+from autobatch.probe.profile import NoFitError, profile_model
+from autobatch.probe.simulated import TensorMemory
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 MULTIPLES = (0.5, 1.5, 4, 16, 48)  # device memory / batch-1 footprint
 TRAIN_STEPS = 3

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_simulate.py
 
 No GPU runs here. Each GPU model's capacity for the job is ESTIMATED by
-`autobatch.estimate.estimate_capacities` (the training step traced once on fake
+`autobatch.probe.estimate.estimate_capacities` (the training step traced once on fake
 tensors; memory from the trace, time from a roofline over the GPU_SPECS table:
 vendor peaks x stated efficiencies). The planner then predicts, per mix, the
 samples/s of its plan, of the equal split (every GPU at the smallest GPU's
@@ -27,11 +27,12 @@ from dataclasses import replace
 
 import torch
 
-from autobatch.devices import parse_devices
-from autobatch.estimate import GPU_SPECS, estimate_capacities
-from autobatch.plan import DeviceCapacity, Plan, equal_split_plan, make_plan
-from autobatch.task import Task
-from autobatch.tiny_gpt import tiny_gpt_task
+from autobatch.planning.plan import DeviceCapacity, Plan
+from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.probe.devices import parse_devices
+from autobatch.probe.estimate import GPU_SPECS, estimate_capacities
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 PRECISION = "fp16"
 MIXES = (

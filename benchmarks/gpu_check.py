@@ -68,15 +68,16 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.accumulate import Accumulator
-from autobatch.devices import DeviceInfo, SimulatedDevice
-from autobatch.measure import to_device
-from autobatch.plan import Plan, equal_split_plan, make_plan
-from autobatch.profile import ModelProfile, profile_model
-from autobatch.sampler import GlobalBatchSampler
-from autobatch.simulated import TensorMemory
-from autobatch.task import Task
-from autobatch.tiny_gpt import tiny_gpt_task
+from autobatch.planning.plan import Plan
+from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice
+from autobatch.probe.measure import to_device
+from autobatch.probe.profile import ModelProfile, profile_model
+from autobatch.probe.simulated import TensorMemory
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 GPU_MODEL = {"vocab_size": 8192, "seq_len": 512, "d_model": 512, "n_heads": 8, "n_layers": 6}
 CPU_MODEL = {"seq_len": 64}  # the demo's tiny GPT, for --cpu

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from autobatch.accumulate import Accumulator
-from autobatch.devices import inventory
-from autobatch.measure import to_device
-from autobatch.profile import profile_model
-from autobatch.tiny_gpt import TinyGPTConfig, tiny_gpt_task
+from autobatch.probe.devices import inventory
+from autobatch.probe.measure import to_device
+from autobatch.probe.profile import profile_model
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.tiny_gpt import TinyGPTConfig, tiny_gpt_task
 
 CFG = TinyGPTConfig(vocab_size=8192, seq_len=512, d_model=512, n_heads=8, n_layers=6)
 

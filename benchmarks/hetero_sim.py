@@ -112,8 +112,8 @@ def calibrate(task_args: dict, repeats: int = 20) -> Reference:
     backward, which the training loop's pacer must predict before it runs, the median."""
     import torch
 
-    from autobatch.simulated import TensorMemory
-    from autobatch.tiny_gpt import tiny_gpt_task
+    from autobatch.probe.simulated import TensorMemory
+    from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
     torch.set_num_threads(1)
     task = tiny_gpt_task(**task_args)
@@ -144,7 +144,7 @@ def calibrate(task_args: dict, repeats: int = 20) -> Reference:
 def worker_setup(ref: Reference | None) -> Callable[[], None]:
     """A Ray worker set-up hook: simulated devices on `ref`'s time model.
 
-    With `ref` it replaces `autobatch.simulated.Pacer` in the worker (the launcher's training
+    With `ref` it replaces `autobatch.probe.simulated.Pacer` in the worker (the launcher's training
     loop and the probe) by one that sleeps until the modelled duration, instead of
     stretching the measured one by 1/speed: on these shared cores the same
     micro-step's real time varies by +-40% with the neighbours' load, and the
@@ -164,9 +164,9 @@ def pace_on_model(ref: Reference) -> None:
     """In a Ray worker: simulated devices sleep until `ref`'s modelled time / speed."""
     import contextlib
 
-    import autobatch.measure
-    import autobatch.simulated
-    import launcher.worker
+    import autobatch.probe.measure
+    import autobatch.probe.simulated
+    import launcher.job.worker
 
     size: dict[str, int | None] = {"b": None}  # the probe's micro-batch in progress
 
@@ -222,7 +222,7 @@ def pace_on_model(ref: Reference) -> None:
 
             return detach
 
-    runner_step = autobatch.measure.StepRunner._micro_step
+    runner_step = autobatch.probe.measure.StepRunner._micro_step
 
     def probe_micro_step(self, b, weight):  # noqa: ANN001, ANN202
         size["b"] = b
@@ -231,5 +231,6 @@ def pace_on_model(ref: Reference) -> None:
         finally:
             size["b"] = None
 
-    autobatch.measure.StepRunner._micro_step = probe_micro_step
-    autobatch.simulated.Pacer = autobatch.measure.Pacer = launcher.worker.Pacer = ModelPacer
+    autobatch.probe.measure.StepRunner._micro_step = probe_micro_step
+    autobatch.probe.simulated.Pacer = ModelPacer
+    autobatch.probe.measure.Pacer = launcher.job.worker.Pacer = ModelPacer

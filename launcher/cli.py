@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from autobatch.errors import AutobatchError
-from autobatch.plan import Plan
+from autobatch.planning.plan import Plan
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -112,8 +112,8 @@ class _Display:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.job import load_spec
-    from launcher.runner import JobRunner, summary_dict
+    from launcher.job.runner import JobRunner, summary_dict
+    from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec)
     display = _Display(spec.max_steps)
@@ -124,14 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.job import load_spec
+    from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec)
     if args.dry_run:
-        from autobatch.estimate import estimate_capacities
-        from autobatch.plan import make_plan
-        from launcher.job import load_task
-        from launcher.worker import build_optimizer
+        from autobatch.planning.planner import make_plan
+        from autobatch.probe.estimate import estimate_capacities
+        from launcher.job.spec import load_task
+        from launcher.job.worker import build_optimizer
 
         if not args.devices:
             raise AutobatchError(
@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         if args.devices:
             raise AutobatchError("--devices is only for --dry-run (planning without hardware)")
-        from launcher.runner import JobRunner
+        from launcher.job.runner import JobRunner
 
         plan, _ = JobRunner(spec, address=args.address).probe_and_plan()
     if args.json:
@@ -161,8 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from launcher import cluster
-    from launcher.job import load_spec
+    from launcher.job import cluster
+    from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec) if args.spec else None
     started = cluster.connect(args.address)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     probe.set_defaults(func=cmd_probe)
 
-    from launcher import client
+    from launcher.daemon import client
 
     client.add_commands(sub)  # serve, submit, jobs, status, cancel, logs
     return p

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 
-from launcher.api import create_app
-from launcher.daemon import Daemon
+from launcher.daemon.api import create_app
+from launcher.daemon.daemon import Daemon
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,11 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.accumulate import Accumulator
-from autobatch.plan import DeviceCapacity, make_plan
-from autobatch.sampler import GlobalBatchSampler
-from autobatch.tiny_gpt import IGNORE_INDEX, TinyGPT, TinyGPTConfig, token_loss_sum
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.planner import make_plan
+from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.tiny_gpt import IGNORE_INDEX, TinyGPT, TinyGPTConfig, token_loss_sum
 
 PLANS = {
     2: [[2, 2, 2, 2], [8]],

@@ -20,17 +20,17 @@ from distributed import run_ranks
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.accumulate import Accumulator
-from autobatch.causal_lm import (
+from autobatch.errors import AutobatchError
+from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.causal_lm import (
     IGNORE_INDEX,
     CausalLMError,
     causal_lm_task,
     collate,
     item_count,
 )
-from autobatch.errors import AutobatchError
-from autobatch.lm_example import main, make_example_jsonl, make_tiny_model_dir
-from autobatch.task import Task, model_fingerprint
+from autobatch.tasks.lm_example import main, make_example_jsonl, make_tiny_model_dir
+from autobatch.tasks.task import Task, model_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -129,7 +129,7 @@ def test_missing_transformers_raises_an_install_hint(monkeypatch, model_dir, dat
 
 def test_core_import_does_not_import_transformers():
     code = (
-        "import sys, autobatch, autobatch.task, autobatch.causal_lm\n"
+        "import sys, autobatch, autobatch.tasks.task, autobatch.tasks.causal_lm\n"
         "loaded = [m for m in ('transformers', 'peft', 'tokenizers') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
@@ -504,12 +504,12 @@ def test_ragged_ranks_give_the_full_batch_token_mean_gradient(
 
 
 def test_packed_micro_batches_of_real_data_stay_under_the_probed_peak(tmp_path, model_dir):
-    from autobatch.devices import SimulatedDevice
-    from autobatch.packing import pack_global_batch, token_budgets
-    from autobatch.plan import make_plan
-    from autobatch.profile import profile_model
-    from autobatch.sampler import GlobalBatchSampler
-    from autobatch.simulated import TensorMemory
+    from autobatch.planning.packing import pack_global_batch, token_budgets
+    from autobatch.planning.planner import make_plan
+    from autobatch.planning.sampler import GlobalBatchSampler
+    from autobatch.probe.devices import SimulatedDevice
+    from autobatch.probe.profile import profile_model
+    from autobatch.probe.simulated import TensorMemory
 
     data = make_example_jsonl(tmp_path / "data.jsonl", 300, kind="prompt_completion")
     task = causal_lm_task(model_dir=model_dir, data=str(data), max_seq_len=128, lora={"r": 4})

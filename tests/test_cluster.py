@@ -14,8 +14,8 @@ import ray
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, job
 
-from launcher.job import parse_spec
-from launcher.runner import JobRunner
+from launcher.job.runner import JobRunner
+from launcher.job.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import yaml
 from daemon_util import ROOT, api_in_thread, tiny_spec
 
 from launcher.cli import main
-from launcher.client import ClientError, DaemonClient
-from launcher.daemon import Daemon
-from launcher.serve import ServeError, check_bind
+from launcher.daemon.client import ClientError, DaemonClient
+from launcher.daemon.daemon import Daemon
+from launcher.daemon.serve import ServeError, check_bind
 
 TOKEN = "s3cret-token"
 

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from daemon_util import ROOT, DaemonProcess, tiny_spec, transition_time
 
-from autobatch.metrics import METRIC_NAMES
-from launcher.checkpoint import list_checkpoints
+from autobatch.metrics.prometheus import METRIC_NAMES
+from launcher.job.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 DASHBOARD = ROOT / "k8s" / "grafana" / "autobatch-dashboard.json"

@@ -13,7 +13,7 @@ from daemon_util import api_in_thread  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from launcher.daemon import Daemon  # noqa: E402
+from launcher.daemon.daemon import Daemon  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import sqlite3
 
 import pytest
 
-from launcher import scheduler
-from launcher.daemon import Daemon
-from launcher.job import parse_spec
-from launcher.scheduler import Need
-from launcher.store import JobStore, TransitionError, UnknownJob
+from launcher.daemon import scheduler
+from launcher.daemon.daemon import Daemon
+from launcher.daemon.scheduler import Need
+from launcher.daemon.store import JobStore, TransitionError, UnknownJob
+from launcher.job.spec import parse_spec
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from autobatch.devices import (
+from autobatch.errors import ProbeError
+from autobatch.probe.devices import (
     DeviceInfo,
     DeviceSpecError,
     SimulatedDevice,
@@ -20,7 +21,6 @@ from autobatch.devices import (
     parse_memory,
     parse_simulated,
 )
-from autobatch.errors import ProbeError
 
 GiB, MiB = 2**30, 2**20
 

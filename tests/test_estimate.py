@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autobatch.devices import DeviceSpecError, cpu_device, parse_devices
 from autobatch.errors import PlanError, ProbeError
-from autobatch.estimate import (
+from autobatch.planning.planner import make_plan
+from autobatch.probe.devices import DeviceSpecError, cpu_device, parse_devices
+from autobatch.probe.estimate import (
     BANDWIDTH_EFFICIENCY,
     GPU_OVERHEAD_BYTES,
     GPU_SPECS,
@@ -21,11 +22,10 @@ from autobatch.estimate import (
     estimate_capacity,
     trace_step,
 )
-from autobatch.measure import StepRunner
-from autobatch.plan import make_plan
-from autobatch.profile import peak_at
-from autobatch.task import Task
-from autobatch.tiny_gpt import TinyGPTConfig, tiny_gpt_task
+from autobatch.probe.measure import StepRunner
+from autobatch.probe.peak import peak_at
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import TinyGPTConfig, tiny_gpt_task
 
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:

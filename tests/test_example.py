@@ -18,7 +18,7 @@ def _loss_lines(cmd: list[str]) -> list[str]:
 
 
 def test_example_gives_the_same_losses_on_one_and_three_ranks():
-    one = _loss_lines([sys.executable, "-m", "autobatch.example"])
+    one = _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
     three = _loss_lines(
         [
             sys.executable,
@@ -31,7 +31,7 @@ def test_example_gives_the_same_losses_on_one_and_three_ranks():
             "--master_port",
             str(free_port()),
             "-m",
-            "autobatch.example",
+            "autobatch.tasks.example",
         ]
     )
     assert len(one) == 3

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from launcher.job import JobSpec, SpecError, load_spec, load_task, parse_spec
+from launcher.job.spec import JobSpec, SpecError, load_spec, load_task, parse_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = {"name": "j", "global_batch_size": 8, "max_steps": 2}
@@ -127,7 +127,11 @@ def test_bad_tasks_are_rejected_at_load(task, args, match):
 def test_entrypoint_task_is_loaded_from_a_module():
     task = load_task(
         parse_spec(
-            {**BASE, "task": "autobatch.tiny_gpt:tiny_gpt_task", "task_args": {"dataset_size": 10}}
+            {
+                **BASE,
+                "task": "autobatch.tasks.tiny_gpt:tiny_gpt_task",
+                "task_args": {"dataset_size": 10},
+            }
         )
     )
     assert len(task.dataset) == 10

@@ -15,10 +15,10 @@ import ray
 import torch
 from daemon_util import TINY
 
-from autobatch.sampler import GlobalBatchSampler
-from launcher.checkpoint import list_checkpoints
-from launcher.job import parse_spec
-from launcher.runner import JobRunner
+from autobatch.planning.sampler import GlobalBatchSampler
+from launcher.job.checkpoint import list_checkpoints
+from launcher.job.runner import JobRunner
+from launcher.job.spec import parse_spec
 
 # Memory sizes give micro-batch limits of about 12, 6 and 3: a global batch of 24
 # needs accumulation somewhere. keep_all: the tiny model's fixed costs would
@@ -198,8 +198,8 @@ def test_indices_audit_catches_a_wrong_batch(tmp_path):
 def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adapter(
     local_ray, tmp_path
 ):
-    from autobatch.causal_lm import causal_lm_task
-    from autobatch.lm_example import make_example_jsonl, make_tiny_model_dir
+    from autobatch.tasks.causal_lm import causal_lm_task
+    from autobatch.tasks.lm_example import make_example_jsonl, make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = make_example_jsonl(tmp_path / "data.jsonl", 200, kind="prompt_completion")

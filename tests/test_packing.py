@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autobatch.errors import PlanError
-from autobatch.packing import TokenBudget, pack_global_batch, padding_waste, token_budgets
-from autobatch.plan import DeviceCapacity, make_plan
+from autobatch.planning.packing import TokenBudget, pack_global_batch, padding_waste, token_budgets
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.planner import make_plan
 
 
 def predicted_time(micro_batches, lengths_of, b: TokenBudget) -> float:

@@ -9,13 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autobatch.errors import PlanError
-from autobatch.plan import (
-    DeviceCapacity,
-    Plan,
-    equal_split_plan,
-    make_plan,
-    split_evenly,
-)
+from autobatch.planning.plan import DeviceCapacity, Plan
+from autobatch.planning.planner import equal_split_plan, make_plan, split_evenly
 
 
 def dev(i: int, m: int, a: float = 0.01, c: float = 0.001, o: float = 0.0, **kw) -> DeviceCapacity:

@@ -10,19 +10,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autobatch.devices import SimulatedDevice, cpu_device
 from autobatch.errors import NoFitError, ProbeError
-from autobatch.measure import StepRunner
-from autobatch.plan import make_plan
-from autobatch.profile import (
-    MAX_MEASURED_STEPS,
-    ModelProfile,
-    PeakLine,
-    largest_under,
-    profile_model,
-)
-from autobatch.task import Task
-from autobatch.tiny_gpt import tiny_gpt_task
+from autobatch.planning.planner import make_plan
+from autobatch.probe.devices import SimulatedDevice, cpu_device
+from autobatch.probe.measure import StepRunner
+from autobatch.probe.peak import PeakLine, largest_under
+from autobatch.probe.profile import MAX_MEASURED_STEPS, ModelProfile, profile_model
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 MiB = 2**20
 

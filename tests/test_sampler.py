@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from autobatch.errors import SamplerError
-from autobatch.plan import DeviceCapacity, make_plan
-from autobatch.sampler import GlobalBatchSampler
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.planner import make_plan
+from autobatch.planning.sampler import GlobalBatchSampler
 
 
 def _plan(B: int, limits: list[int], speeds: list[float]):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch.accumulate import Accumulator
 from autobatch.errors import ProbeError
-from autobatch.simulated import Pacer, TensorMemory
+from autobatch.probe.simulated import Pacer, TensorMemory
+from autobatch.step.accumulate import Accumulator
 
 
 def mlp() -> nn.Module:

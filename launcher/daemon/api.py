@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel
 
-from launcher.daemon import Daemon, InvalidSpec, JobStateError
-from launcher.job import JobSpec
-from launcher.store import STATES, TERMINAL, UnknownJob
+from launcher.daemon.daemon import Daemon, InvalidSpec, JobStateError
+from launcher.daemon.store import STATES, TERMINAL, UnknownJob
+from launcher.job.spec import JobSpec
 
 MAX_BODY = 1 << 20
 State = Literal["queued", "probing", "running", "restarting", "succeeded", "failed", "cancelled"]

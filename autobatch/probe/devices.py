@@ -16,7 +16,7 @@ Device lists are written as text, on the command line or in a job spec::
 
     devices    := item ("," item)*
     item       := [count "x"] device                 2xA100-80GB    3 x sim:1GiB
-    device     := known-gpu                           A100-80GB, T4-16GB (autobatch.estimate)
+    device     := known-gpu                           A100-80GB, T4-16GB (autobatch.probe.estimate)
     simulated  := name ":" memory [":" speed]         sim-big:512MiB:1.0
     memory     := number unit                         80GB = 80e9 B, 512MiB = 512 * 2**20 B
 

@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from autobatch.devices import DeviceSpecError, SimulatedDevice, parse_memory
 from autobatch.errors import AutobatchError
-from autobatch.task import Task
+from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
+from autobatch.tasks.task import Task
 
 
 class SpecError(AutobatchError, ValueError):
@@ -262,7 +262,7 @@ def load_spec(path: str | pathlib.Path) -> JobSpec:
 def load_task(spec: JobSpec) -> Task:
     """Build the job's Task: the built-in demo, or the user's entrypoint."""
     if spec.task == "tiny_gpt":
-        from autobatch.tiny_gpt import tiny_gpt_task
+        from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
         args = dict(spec.task_args)
         if spec.max_seq_len is not None:
@@ -272,7 +272,7 @@ def load_task(spec: JobSpec) -> Task:
         except TypeError as exc:
             raise SpecError(f"task_args: {exc}") from None
     if spec.task == "causal_lm":
-        from autobatch.causal_lm import causal_lm_task
+        from autobatch.tasks.causal_lm import causal_lm_task
 
         args = CausalLMArgs.model_validate(spec.task_args)
         lora = args.lora.model_dump() if args.lora else None

@@ -15,7 +15,7 @@ transformers, tokenizers and peft are optional (``pip install 'autobatch[hf]'``)
 imported only inside the functions that need them. Nothing is ever downloaded: models
 and tokenizers load from local directories (``local_files_only=True``).
 
-A tiny random model and example data to try it on: `autobatch.lm_example`.
+A tiny random model and example data to try it on: `autobatch.tasks.lm_example`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from autobatch.errors import AutobatchError
-from autobatch.task import Task
-from autobatch.tiny_gpt import IGNORE_INDEX, next_token_loss_sum
+from autobatch.tasks.task import Task
+from autobatch.tasks.tiny_gpt import IGNORE_INDEX, next_token_loss_sum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")

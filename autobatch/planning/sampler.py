@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 
 from autobatch.errors import SamplerError
-from autobatch.plan import Plan
+from autobatch.planning.plan import Plan
 
 EpochEnd = Literal["drop", "carry"]
 

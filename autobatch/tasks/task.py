@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from autobatch.accumulate import LossFn
 from autobatch.errors import ProbeError
+from autobatch.step.accumulate import LossFn
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,15 @@ from dataclasses import dataclass, replace
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from autobatch.devices import choose_precision, normalise_speeds
 from autobatch.errors import AutobatchError, LaunchError
-from autobatch.metrics import RankSnapshot
-from autobatch.plan import Plan, equal_split_plan, make_plan
-from launcher import cluster
-from launcher.checkpoint import latest_checkpoint
-from launcher.job import JobSpec
-from launcher.worker import RankContext, RankOutcome, lower_micro_batches
+from autobatch.metrics.snapshot import RankSnapshot
+from autobatch.planning.plan import Plan
+from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.probe.devices import choose_precision, normalise_speeds
+from launcher.job import cluster
+from launcher.job.checkpoint import latest_checkpoint
+from launcher.job.spec import JobSpec
+from launcher.job.worker import RankContext, RankOutcome, lower_micro_batches
 
 Listener = Callable[[str, dict], None]  # (event, details): plan, progress, restart, done
 

@@ -1,7 +1,7 @@
 """The library in any DDP script: one plan, the plan sampler, the accumulator.
 
-    python -m autobatch.example                              # one process
-    torchrun --nproc_per_node 3 -m autobatch.example         # three gloo ranks
+    python -m autobatch.tasks.example                              # one process
+    torchrun --nproc_per_node 3 -m autobatch.tasks.example         # three gloo ranks
 
 Whatever the number of ranks, every optimizer step sees the same 24 samples and
 the run's losses are the same (up to float rounding).
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autobatch import Accumulator, DeviceCapacity, GlobalBatchSampler, make_plan
-from autobatch.tiny_gpt import tiny_gpt_task
+from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))

@@ -121,7 +121,7 @@ def _client(args: argparse.Namespace) -> DaemonClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from launcher.serve import serve
+    from launcher.daemon.serve import serve
 
     return serve(
         host=args.host,
@@ -196,7 +196,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register the daemon's subcommands on the `autobatch` parser's subparsers."""
-    from launcher.serve import DEFAULT_PORT
+    from launcher.daemon.serve import DEFAULT_PORT
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -42,24 +42,25 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from autobatch.devices import DeviceInfo, SimulatedDevice
 from autobatch.errors import NoFitError, ProbeError
-from autobatch.measure import (
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.probe import cache
+from autobatch.probe.cache import PROFILE_FORMAT_VERSION
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice
+from autobatch.probe.measure import (
     MakeOptimizer,
     Precision,
     StepMeasurement,
     StepRunner,
     check_precision,
 )
-from autobatch.plan import DeviceCapacity
-from autobatch.task import Task, model_fingerprint
+from autobatch.probe.peak import PeakLine, largest_under, peak_at, peak_lines
+from autobatch.tasks.task import Task
 
 MAX_MEASURED_STEPS = 4
 DEFAULT_MAX_MICRO_BATCH = 4096
@@ -68,54 +69,6 @@ DEFAULT_MAX_MICRO_BATCH = 4096
 NCCL_RESERVE_BYTES = 256 * 2**20
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
-PROFILE_FORMAT_VERSION = 2  # 2: gradient checkpointing; probe batches with padding
-
-
-@dataclass(frozen=True)
-class PeakLine:
-    """peak(b) = fixed_bytes + per_sample_bytes * b."""
-
-    fixed_bytes: float
-    per_sample_bytes: float
-
-    def at(self, b: int) -> float:
-        return self.fixed_bytes + self.per_sample_bytes * b
-
-    def largest_under(self, budget: float, cap: int) -> int:
-        """Largest b in [0, cap] with at(b) <= budget."""
-        if self.per_sample_bytes <= 0:
-            return cap if self.fixed_bytes <= budget else 0
-        return max(0, min(cap, math.floor((budget - self.fixed_bytes) / self.per_sample_bytes)))
-
-    @classmethod
-    def through(cls, p: tuple[int, float], q: tuple[int, float]) -> PeakLine:
-        (b1, p1), (b2, p2) = p, q
-        slope = (p2 - p1) / (b2 - b1)
-        return cls(p2 - slope * b2, slope)
-
-
-def peak_lines(ok: list[StepMeasurement]) -> tuple[PeakLine, ...]:
-    """peak(b) = the max of these lines, from measured steps (at least one)."""
-    micro = sorted((m.micro_batch, m.micro_peak_bytes) for m in ok)
-    lines = [PeakLine.through(p, q) for p, q in zip(micro, micro[1:])]
-    top = max(ok, key=lambda m: m.micro_batch)
-    if top.slope_bytes is not None:  # the tangent at the largest size
-        slope = top.slope_bytes
-        lines.append(PeakLine(top.micro_peak_bytes - slope * top.micro_batch, slope))
-    if not lines:  # b = 1 alone: all of it per sample (pessimistic)
-        lines.append(PeakLine(0.0, float(micro[0][1])))
-    opt = sorted((m.micro_batch, m.optimizer_peak_bytes) for m in ok)
-    lines.append(PeakLine.through(*opt[-2:]) if len(opt) > 1 else PeakLine(opt[0][1], 0.0))
-    return tuple(dict.fromkeys(lines))  # without repeats
-
-
-def largest_under(lines: tuple[PeakLine, ...], budget: float, cap: int) -> int:
-    """Largest b in [0, cap] whose peak (the max of the lines) is within budget."""
-    return min(line.largest_under(budget, cap) for line in lines)
-
-
-def peak_at(lines: tuple[PeakLine, ...], b: int) -> int:
-    return math.ceil(max(line.at(b) for line in lines))
 
 
 @dataclass(frozen=True)
@@ -250,7 +203,7 @@ def profile_model(
     if max_micro_batch < 1:
         raise ProbeError(f"max_micro_batch={max_micro_batch!r} must be >= 1")
 
-    key_fields, grad_bytes = _key_fields(task, info, make_optimizer, precision)
+    key_fields, grad_bytes = cache.key_fields(task, info, make_optimizer, precision)
     key_fields["gradient_checkpointing"] = gradient_checkpointing
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
@@ -262,7 +215,7 @@ def profile_model(
     headroom = int(headroom_fraction * usable) + headroom_bytes
     budgeter = _Budget(usable - headroom - sum(v for _, v in static))
 
-    measurements = _load(cache_dir, key)
+    measurements = cache.load(cache_dir, key)
     cached = measurements is not None
     runner = None
     if measurements is None:
@@ -278,7 +231,7 @@ def profile_model(
         finally:
             runner.close()
     if not cached:
-        _store(cache_dir, key, key_fields, measurements)
+        cache.store(cache_dir, key, key_fields, measurements)
     steps = runner.steps if runner else 0
     ok = [m for m in measurements if not m.oom]
     if not ok or not any(m.peak_bytes <= budgeter.of(measurements) for m in ok):
@@ -436,73 +389,3 @@ def usable_bytes(info: DeviceInfo) -> int:
             usable = min(usable, int(fraction(dev) * total))
         return usable
     return info.free_bytes
-
-
-# ---------------------------------------------------------------------------
-# cache
-
-
-def _key_fields(
-    task: Task, info: DeviceInfo, make_optimizer: MakeOptimizer, precision: str
-) -> tuple[dict[str, Any], int]:
-    """What changes a profile, and the model's gradient bytes (for the DDP reserve)."""
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = task.build_model()
-    except Exception:  # a model that cannot be built on meta: build it for real
-        model = task.build_model()
-    optimizer = make_optimizer(model)
-    flags = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (bool, str, type(None)))}
-    sample = task.probe_batch(1)
-    leaves = sample.values() if isinstance(sample, dict) else sample
-    leaves = [sample] if isinstance(sample, torch.Tensor) else list(leaves)
-    fields = {
-        "format": PROFILE_FORMAT_VERSION,
-        "model": model_fingerprint(model),
-        "sample": [f"{tuple(t.shape)}:{t.dtype}" for t in leaves if isinstance(t, torch.Tensor)],
-        "precision": precision,
-        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "optimizer_flags": flags,
-        "device": info.name,
-        "device_memory": info.total_bytes,
-        "simulated": info.simulated,
-        "speed": info.speed,
-        "torch": torch.__version__,
-    }
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return fields, grads
-
-
-def _path(cache_dir: str | os.PathLike, key: str) -> Path:
-    return Path(cache_dir) / f"profile-{key}.json"
-
-
-def _load(cache_dir: str | os.PathLike | None, key: str) -> list[StepMeasurement] | None:
-    if cache_dir is None:
-        return None
-    try:
-        data = json.loads(_path(cache_dir, key).read_text())
-    except (OSError, ValueError):
-        return None
-    if data.get("format_version") != PROFILE_FORMAT_VERSION:
-        return None
-    try:
-        return [StepMeasurement(**m) for m in data["measurements"]]
-    except (KeyError, TypeError):  # written by another version: measure again
-        return None
-
-
-def _store(cache_dir: str | os.PathLike | None, key: str, fields: dict, measurements: list) -> None:
-    """Write atomically (temp file + rename): concurrent probes never see half a file."""
-    if cache_dir is None:
-        return
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    data = {
-        "format_version": PROFILE_FORMAT_VERSION,
-        "key": fields,
-        "measurements": [asdict(m) for m in measurements],
-    }
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".profile-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, _path(cache_dir, key))

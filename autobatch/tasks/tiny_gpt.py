@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from autobatch.task import Task
+from autobatch.tasks.task import Task
 
 IGNORE_INDEX = -100
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from autobatch.metrics import RankSnapshot
-from launcher.job import JobSpec
+from autobatch.metrics.snapshot import RankSnapshot
+from launcher.job.spec import JobSpec
 
 if TYPE_CHECKING:
-    from launcher.daemon import Daemon
+    from launcher.daemon.daemon import Daemon
 
 
 class JobWatcher:
@@ -90,7 +90,7 @@ class JobWatcher:
             self.store.update(self.job_id, progress=_progress(snaps, self.spec))
 
     def on_done(self, details: dict) -> None:
-        from launcher.runner import summary_dict
+        from launcher.job.runner import summary_dict
 
         self._drain()
         summary = details["summary"]
@@ -99,8 +99,8 @@ class JobWatcher:
 
     def make_relay(self) -> Any:
         """The runner's collector factory: the relay this watcher drains."""
-        from launcher.cluster import on_this_node
-        from launcher.daemon import SnapshotRelay
+        from launcher.daemon.daemon import SnapshotRelay
+        from launcher.job.cluster import on_this_node
 
         self.relay = SnapshotRelay.options(**on_this_node()).remote(self.daemon.metrics_url)
         return self.relay

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from autobatch.errors import PlanError
-from autobatch.plan import Plan
+from autobatch.planning.plan import Plan
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autobatch.devices import DeviceInfo
 from autobatch.errors import ProbeError
-from autobatch.simulated import Pacer, TensorMemory
-from autobatch.task import Task
+from autobatch.probe.devices import DeviceInfo
+from autobatch.probe.simulated import Pacer, TensorMemory
+from autobatch.tasks.task import Task
 
 Precision = Literal["fp32", "bf16", "fp16"]
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]

@@ -21,11 +21,12 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from autobatch.devices import DeviceInfo, SimulatedDevice
 from autobatch.errors import LaunchError
-from autobatch.metrics import PrometheusSink, RankSnapshot
-from autobatch.profile import ModelProfile
-from launcher.job import JobSpec
+from autobatch.metrics.prometheus import PrometheusSink
+from autobatch.metrics.snapshot import RankSnapshot
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice
+from autobatch.probe.profile import ModelProfile
+from launcher.job.spec import JobSpec
 
 RESERVE_TIMEOUT_S = 60.0
 ACTOR_TIMEOUT_S = 120.0
@@ -203,24 +204,24 @@ class DeviceWorker:
         _cpu_threads()
 
     def inventory(self, simulated: SimulatedDevice | None, index: int) -> tuple:
-        from launcher.worker import resolve_device
+        from launcher.job.worker import resolve_device
 
         info = resolve_device(simulated, index)
         ctx = ray.get_runtime_context()
         return info, ray.util.get_node_ip_address(), ctx.get_node_id()
 
     def node_devices(self) -> tuple[str, list[DeviceInfo]]:
-        from autobatch.devices import inventory
+        from autobatch.probe.devices import inventory
 
         return ray.util.get_node_ip_address(), inventory()
 
     def profile(self, spec: JobSpec, info: DeviceInfo, cache_dir: str | None) -> ModelProfile:
-        from launcher.worker import probe
+        from launcher.job.worker import probe
 
         return probe(spec, info, cache_dir)
 
     def address(self) -> tuple[str, int, int]:
-        from launcher.worker import free_port
+        from launcher.job.worker import free_port
 
         return ray.util.get_node_ip_address(), free_port(), os.getpid()
 
@@ -239,7 +240,7 @@ class DeviceWorker:
             )
 
     def train(self, ctx: Any, collector: Any) -> Any:
-        from launcher.worker import train_rank
+        from launcher.job.worker import train_rank
 
         return train_rank(ctx, lambda snap: collector.push.remote(snap))
 

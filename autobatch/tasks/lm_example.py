@@ -1,6 +1,6 @@
 """A tiny random causal LM and example data: for tests and the README walkthrough.
 
-    python -m autobatch.lm_example OUT_DIR [--arch gpt2|llama] [--samples 2000]
+    python -m autobatch.tasks.lm_example OUT_DIR [--arch gpt2|llama] [--samples 2000]
 
 writes OUT_DIR/model (random weights, a byte-level BPE tokenizer trained here on
 a built-in text: nothing is downloaded) and OUT_DIR/data.jsonl (synthetic
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from autobatch.causal_lm import CausalLMError, require_hf
+from autobatch.tasks.causal_lm import CausalLMError, require_hf
 
 SPECIAL_TOKEN = "<|endoftext|>"  # eos, bos and pad of the tiny tokenizer
 
@@ -180,7 +180,7 @@ def make_example_jsonl(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m autobatch.lm_example",
+        prog="python -m autobatch.tasks.lm_example",
         description="write a tiny random causal LM and a JSONL data set",
     )
     parser.add_argument("out_dir", type=Path)

@@ -34,18 +34,13 @@ from typing import Literal
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autobatch.devices import parse_devices
 from autobatch.errors import ProbeError
-from autobatch.measure import MakeOptimizer, Precision, autocast
-from autobatch.plan import DeviceCapacity
-from autobatch.profile import (
-    DEFAULT_MAX_MICRO_BATCH,
-    NCCL_RESERVE_BYTES,
-    PeakLine,
-    largest_under,
-    peak_at,
-)
-from autobatch.task import Task
+from autobatch.planning.plan import DeviceCapacity
+from autobatch.probe.devices import parse_devices
+from autobatch.probe.measure import MakeOptimizer, Precision, autocast
+from autobatch.probe.peak import PeakLine, largest_under, peak_at
+from autobatch.probe.profile import DEFAULT_MAX_MICRO_BATCH, NCCL_RESERVE_BYTES
+from autobatch.tasks.task import Task
 
 TF, GBs, MiB = 1e12, 1e9, 2**20
 

@@ -25,18 +25,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.accumulate import Accumulator, LossFn, StepResult
-from autobatch.devices import DeviceInfo, SimulatedDevice, inventory
 from autobatch.errors import LaunchError
-from autobatch.measure import to_device
-from autobatch.metrics import RankSnapshot
-from autobatch.packing import pack_global_batch, padding_waste, token_budgets
-from autobatch.plan import DeviceCapacity, Plan, make_plan
-from autobatch.profile import ModelProfile, profile_model
-from autobatch.sampler import GlobalBatchSampler
-from autobatch.simulated import Pacer, TensorMemory
-from launcher.checkpoint import load_checkpoint, save_checkpoint
-from launcher.job import JobSpec, OptimizerSpec, ScheduleSpec, load_task
+from autobatch.metrics.snapshot import RankSnapshot
+from autobatch.planning.packing import pack_global_batch, padding_waste, token_budgets
+from autobatch.planning.plan import DeviceCapacity, Plan
+from autobatch.planning.planner import make_plan
+from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice, inventory
+from autobatch.probe.measure import to_device
+from autobatch.probe.profile import ModelProfile, profile_model
+from autobatch.probe.simulated import Pacer, TensorMemory
+from autobatch.step.accumulate import Accumulator, LossFn, StepResult
+from launcher.job.checkpoint import load_checkpoint, save_checkpoint
+from launcher.job.spec import JobSpec, OptimizerSpec, ScheduleSpec, load_task
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=120)
 

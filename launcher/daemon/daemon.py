@@ -30,11 +30,12 @@ import ray
 from pydantic import ValidationError
 
 from autobatch.errors import AutobatchError
-from autobatch.metrics import PrometheusSink, RankSnapshot
-from launcher import scheduler
-from launcher.checkpoint import latest_checkpoint
-from launcher.job import JobSpec, SpecError, format_validation_error
-from launcher.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
+from autobatch.metrics.prometheus import PrometheusSink
+from autobatch.metrics.snapshot import RankSnapshot
+from launcher.daemon import scheduler
+from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
+from launcher.job.checkpoint import latest_checkpoint
+from launcher.job.spec import JobSpec, SpecError, format_validation_error
 
 
 class InvalidSpec(SpecError):
@@ -116,7 +117,7 @@ class Daemon:
         self.recover()
         if not self.run_jobs:
             return
-        from launcher import cluster
+        from launcher.job import cluster
 
         self._started_ray = cluster.connect(self.address, num_cpus=self.num_cpus)
         # Ray builds its serialisation context (importing pydantic.v1) on first use; doing
@@ -250,7 +251,7 @@ class Daemon:
 
     def schedule(self) -> list[str]:
         """Start every queued job whose devices are all free; fail the ones that never fit."""
-        from launcher.job import parse_spec
+        from launcher.job.spec import parse_spec
 
         self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
         with self._lock:
@@ -287,8 +288,8 @@ class Daemon:
         return [job_id for job_id, _ in started]
 
     def _run_job(self, job_id: str, spec: JobSpec, stop: threading.Event, slots: frozenset) -> None:
-        from launcher.jobwatch import JobWatcher
-        from launcher.runner import JobCancelled, JobRunner
+        from launcher.daemon.jobwatch import JobWatcher
+        from launcher.job.runner import JobCancelled, JobRunner
 
         watcher = JobWatcher(self, job_id, spec)
         try:

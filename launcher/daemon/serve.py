@@ -2,7 +2,7 @@
 
 Refuses to listen beyond loopback without a token. SIGTERM/SIGINT stop it
 gracefully (running jobs go back to the queue and resume at the next start);
-SIGKILL loses nothing either (see launcher.daemon).
+SIGKILL loses nothing either (see launcher.daemon.daemon).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def serve(
     """Run the daemon until SIGTERM/SIGINT."""
     import uvicorn
 
-    from launcher.api import create_app
-    from launcher.daemon import Daemon
+    from launcher.daemon.api import create_app
+    from launcher.daemon.daemon import Daemon
 
     token = token or os.environ.get("AUTOBATCH_TOKEN") or None
     check_bind(host, token)

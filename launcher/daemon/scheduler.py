@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from launcher.job import JobSpec
+from launcher.job.spec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,263 @@
+"""The planner: split a fixed global batch over heterogeneous devices.
+
+A pure function of values. Each device brings what it can do for this job (a
+`DeviceCapacity`: its largest micro-batch and a linear time model per
+micro-step); `make_plan` returns a `Plan` in which every rank has its exact
+list of micro-batch sizes, the sizes sum to the global batch, and the slowest
+rank's predicted step time is as small as it can be.
+
+The time of a rank that processes s samples per optimizer step in
+k = ceil(s / m) near-equal micro-batches is
+
+    T(s) = step_overhead + k * fixed + per_sample * s        (T(0) = 0: left out)
+
+T is non-decreasing in s, so "can every rank finish within T?" is monotone in
+T: binary search the smallest feasible T, then hand out exactly B samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from autobatch.errors import PlanError
+from autobatch.planning.plan import (
+    Baseline,
+    DeviceCapacity,
+    ExcludedDevice,
+    Plan,
+    RankPlan,
+    _ceil_div,
+    _gib,
+)
+
+
+def split_evenly(samples: int, max_micro_batch: int) -> tuple[int, ...]:
+    """`samples` as the fewest micro-batches <= max_micro_batch, sizes differing by <= 1."""
+    k = _ceil_div(samples, max_micro_batch)
+    base, extra = divmod(samples, k)
+    return (base + 1,) * extra + (base,) * (k - extra)
+
+
+def _check_inputs(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> None:
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
+        raise PlanError(f"global_batch_size={global_batch_size!r} must be an integer >= 1")
+    if global_batch_size < 1:
+        raise PlanError(f"global_batch_size={global_batch_size} must be >= 1")
+    if not devices:
+        raise PlanError("no devices to plan for: give at least one device")
+    seen: set[str] = set()
+    for d in devices:
+        if d.device_id in seen:
+            raise PlanError(f"device_id {d.device_id!r} appears twice; device ids must be unique")
+        seen.add(d.device_id)
+        if d.max_micro_batch < 1:
+            raise PlanError(_cannot_fit_message(d))
+
+
+def _cannot_fit_message(d: DeviceCapacity) -> str:
+    msg = f"device {d.device_id!r} ({d.name}) cannot fit even one sample"
+    if d.memory_bytes is not None and d.peak_fixed_bytes is not None:
+        need = d.predicted_peak_bytes(1)
+        msg += f": it has {_gib(d.memory_bytes)} for training, one sample needs {_gib(need)}"
+    return msg + "; remove it from the job or lower the sequence length / precision"
+
+
+class _Fleet:
+    """The devices as arrays, for the vectorised capacity search."""
+
+    def __init__(self, devices: Sequence[DeviceCapacity], global_batch_size: int):
+        self.B = global_batch_size
+        self.m = np.array([d.max_micro_batch for d in devices], dtype=np.int64)
+        self.a = np.array([d.fixed_s for d in devices], dtype=np.float64)
+        self.c = np.array([d.per_sample_s for d in devices], dtype=np.float64)
+        self.o = np.array([d.step_overhead_s for d in devices], dtype=np.float64)
+
+    def time(self, s: np.ndarray) -> np.ndarray:
+        k = -(-s // self.m)
+        t = self.o + k * self.a + self.c * s
+        return np.where(s > 0, t, 0.0)
+
+    def capacity(self, T: float) -> np.ndarray:
+        """Per device, the most samples it can do in one step of at most T seconds."""
+        rest = T - self.o
+        full = self.a + self.c * self.m
+        k = np.floor(np.maximum(rest, 0.0) / full).astype(np.int64)
+        s = k * self.m  # k full micro-batches
+        # ... or one more, partial, micro-batch
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = rest - (k + 1) * self.a
+            partial = np.where(self.c > 0, np.floor(room / self.c), np.where(room >= 0, self.m, -1))
+        partial = np.minimum(partial, (k + 1) * self.m)
+        s = np.maximum(s, np.where(room >= 0, partial, 0)).astype(np.int64)
+        s = np.clip(s, 0, self.B)
+        for _ in range(3):  # floating-point rounding: make T(s) <= T hold exactly
+            s = np.where(self.time(s) > T, s - 1, s)
+        return np.where((s < self.B) & (self.time(s + 1) <= T), s + 1, s)
+
+
+def make_plan(
+    global_batch_size: int,
+    devices: Sequence[DeviceCapacity],
+    *,
+    baseline: bool = True,
+    keep_all: bool = False,
+) -> Plan:
+    """The plan that minimises the slowest rank's predicted step time.
+
+    Ranks follow the order of `devices` (left-out devices are skipped). A
+    device is left out only when the others finish the step no later without
+    it; the reason is recorded in `Plan.excluded`. With `keep_all` (a running
+    process group cannot shrink) every device gets at least one sample: one
+    each, and the rest planned as above.
+    """
+    _check_inputs(global_batch_size, devices)
+    if keep_all:
+        return _plan_keeping_all(global_batch_size, devices, baseline=baseline)
+    samples = _optimal_samples(global_batch_size, devices)
+    return _assemble(global_batch_size, devices, samples, baseline=baseline)
+
+
+def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:
+    if len(devices) > B:
+        raise PlanError(
+            f"global_batch_size={B} is smaller than the {len(devices)} devices that must each "
+            "take at least one sample"
+        )
+    return _assemble(B, devices, _optimal_samples(B, devices, at_least=1), baseline=baseline)
+
+
+def _optimal_samples(
+    global_batch_size: int, devices: Sequence[DeviceCapacity], *, at_least: int = 0
+) -> np.ndarray:
+    """Samples per device that minimise the slowest device's step time, each device
+    taking at least `at_least` samples (binary search on the step time)."""
+    fleet = _Fleet(devices, global_batch_size)
+
+    def capacity(T: float) -> np.ndarray:
+        return np.maximum(fleet.capacity(T), at_least)
+
+    lo, hi = 0.0, float(min(d.rank_time(global_batch_size) for d in devices))
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid <= lo or mid >= hi:
+            break
+        if capacity(mid).sum() >= global_batch_size:
+            hi = mid
+        else:
+            lo = mid
+    return _fill(capacity(lo), capacity(hi), global_batch_size)
+
+
+def _fill(floor_s: np.ndarray, ceil_s: np.ndarray, B: int) -> np.ndarray:
+    """Start from what every device does within the infeasible bound, then water-fill
+    the deficit over the devices that can do more within the feasible bound."""
+    s = floor_s.copy()
+    deficit = B - int(s.sum())
+    room = ceil_s - s
+    while deficit > 0:
+        open_ = np.flatnonzero(room > 0)
+        assert len(open_), "the feasible bound must cover the global batch"
+        share = max(1, deficit // len(open_))
+        give = np.minimum(room[open_], share)
+        if give.sum() > deficit:  # last round: one each, in device order
+            give = np.minimum(give, 1)
+            give[np.cumsum(give) > deficit] = 0
+        s[open_] += give
+        room[open_] -= give
+        deficit -= int(give.sum())
+    return s
+
+
+def _assemble(
+    B: int, devices: Sequence[DeviceCapacity], samples: np.ndarray, *, baseline: bool
+) -> Plan:
+    ranks, excluded = [], []
+    step_time = max(d.rank_time(int(s)) for d, s in zip(devices, samples))
+    for d, s in zip(devices, samples):
+        s = int(s)
+        if s == 0:
+            excluded.append(ExcludedDevice(d.device_id, d.name, _exclusion_reason(d, step_time)))
+            continue
+        mbs = split_evenly(s, d.max_micro_batch)
+        ranks.append(
+            RankPlan(
+                rank=len(ranks),
+                device_id=d.device_id,
+                device_name=d.name,
+                micro_batches=mbs,
+                max_micro_batch=d.max_micro_batch,
+                predicted_time_s=d.rank_time(s),
+                predicted_peak_bytes=d.predicted_peak_bytes(max(mbs)),
+            )
+        )
+    return Plan(
+        global_batch_size=B,
+        ranks=tuple(ranks),
+        predicted_step_time_s=step_time,
+        ideal_samples_per_s=sum(d.best_samples_per_s(B) for d in devices),
+        baseline=equal_split_baseline(B, devices) if baseline else None,
+        excluded=tuple(excluded),
+        inputs=tuple(devices),
+    )
+
+
+def _exclusion_reason(d: DeviceCapacity, step_time: float) -> str:
+    one = d.rank_time(1)
+    if one > step_time:
+        return (
+            f"even one sample takes {one * 1e3:.2f} ms (fixed {d.fixed_s * 1e3:.2f} ms per "
+            f"micro-step + {d.step_overhead_s * 1e3:.2f} ms per step), longer than the "
+            f"{step_time * 1e3:.2f} ms the other devices need for the whole batch"
+        )
+    return "not needed: the other devices finish the global batch in the same step time"
+
+
+def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> Plan:
+    """Today's DDP recipe as a runnable plan: every device gets an equal share of the
+    global batch, in micro-batches no larger than the smallest device's limit, with the
+    same accumulation count everywhere (shares differ by at most one sample)."""
+    _check_inputs(global_batch_size, devices)
+    n = min(len(devices), global_batch_size)
+    used = devices[:n]
+    micro = min(d.max_micro_batch for d in used)
+    accum = _ceil_div(_ceil_div(global_batch_size, n), micro)
+    ranks = []
+    for i, d in enumerate(used):
+        share = global_batch_size // n + (1 if i < global_batch_size % n else 0)
+        base, extra = divmod(share, accum)
+        mbs = tuple(x for x in (base + 1,) * extra + (base,) * (accum - extra) if x > 0)
+        ranks.append(
+            RankPlan(
+                rank=i,
+                device_id=d.device_id,
+                device_name=d.name,
+                micro_batches=mbs,
+                max_micro_batch=d.max_micro_batch,
+                predicted_time_s=d.time_of(mbs),
+                predicted_peak_bytes=d.predicted_peak_bytes(max(mbs)),
+            )
+        )
+    excluded = tuple(
+        ExcludedDevice(d.device_id, d.name, "fewer samples than devices") for d in devices[n:]
+    )
+    return Plan(
+        global_batch_size=global_batch_size,
+        ranks=tuple(ranks),
+        predicted_step_time_s=max(r.predicted_time_s for r in ranks),
+        ideal_samples_per_s=sum(d.best_samples_per_s(global_batch_size) for d in devices),
+        baseline=None,
+        excluded=excluded,
+        inputs=tuple(devices),
+    )
+
+
+def equal_split_baseline(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> Baseline:
+    eq = equal_split_plan(global_batch_size, devices)
+    return Baseline(
+        micro_batch_size=max(r.micro_batch_size for r in eq.ranks),
+        accumulation_steps=max(r.accumulation_steps for r in eq.ranks),
+        step_time_s=eq.predicted_step_time_s,
+        samples_per_s=eq.predicted_samples_per_s,
+    )
