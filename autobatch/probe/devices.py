@@ -203,24 +203,6 @@ def normalise_speeds(devices: Sequence[SimulatedDevice]) -> list[SimulatedDevice
     return [replace(d, speed=d.speed / fastest) for d in devices]
 
 
-def choose_precision(devices: Sequence[DeviceInfo]) -> tuple[str, str]:
-    """The training precision for a mix of devices, and why: bf16 autocast where every
-    device has it (compute capability >= 8.0), fp16 with a loss scaler on older GPUs
-    (the scaler's skip decision follows the all-reduced gradients, so it is the same on
-    every rank), fp32 when a device is not a GPU."""
-    if not devices:
-        raise DeviceSpecError("choose_precision needs at least one device")
-    not_gpu = [d.name for d in devices if not d.is_cuda]
-    if not_gpu:
-        return "fp32", f"{not_gpu[0]} is not a GPU: fp32"
-    old = [d for d in devices if not d.bf16_supported]
-    if old:
-        cc = old[0].compute_capability
-        at = f" (compute capability {cc[0]}.{cc[1]})" if cc else ""
-        return "fp16", f"{old[0].name}{at} has no bf16: fp16 autocast with a loss scaler"
-    return "bf16", "every device supports bf16 (compute capability >= 8.0): bf16 autocast"
-
-
 # ---------------------------------------------------------------------------
 # inventory
 

@@ -37,9 +37,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from autobatch.errors import ProbeError
 from autobatch.planning.plan import DeviceCapacity
 from autobatch.probe.devices import parse_devices
-from autobatch.probe.measure import MakeOptimizer, Precision, autocast
+from autobatch.probe.measure import MakeOptimizer
 from autobatch.probe.peak import PeakLine, largest_under, peak_at
 from autobatch.probe.profile import DEFAULT_MAX_MICRO_BATCH, NCCL_RESERVE_BYTES
+from autobatch.step.accumulate import Accumulator
+from autobatch.step.precision import Precision, check_supported, choose_precision
 from autobatch.tasks.task import Task
 
 TF, GBs, MiB = 1e12, 1e9, 2**20
@@ -62,6 +64,12 @@ class GpuSpec:
     bf16_flops: float | None  # BF16 tensor cores; None: no bf16
     bandwidth: float  # bytes/s
     compute_capability: tuple[int, int]
+
+    is_cuda = True
+
+    @property
+    def bf16_supported(self) -> bool:
+        return self.bf16_flops is not None
 
 
 def _gpu(name, mib, fp32, fp16, bf16, bw, cc):  # noqa: ANN001, ANN202
@@ -200,35 +208,28 @@ def trace_step(
         model.to_empty(device="cpu")
         model.train()
         opt = make_optimizer(model)
+        step = Accumulator(model, opt, precision=precision, loss_scaling=False)
         mt = _frozen_aware(MemTracker, model)()
         mt.track_external(model, opt)
         for b in (1, *sizes):  # b=1 first, untracked: builds the optimizer state
             with mt:
                 for _ in range(2):  # the 2nd micro-step runs with gradients alive
                     mt.reset_mod_stats()  # MemTracker tracks one forward per module at a time
-                    mb = task.probe_batch(b)
-                    with autocast("cpu", precision):
-                        loss = task.loss_fn(model, mb)
-                    (loss.float() / b).backward()
-                    del loss, mb
+                    step.micro_step(task.probe_batch(b), task.loss_fn, weight=1 / b)
             micro_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
             mt.reset_mod_stats()
             with mt:
-                opt.step()
+                step.update()
             opt_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
-            opt.zero_grad(set_to_none=True)
         for b in (1, sizes[0], sizes[-1]):  # b=1 untraced: gradients exist, as in later steps
             costs = _OpCosts()
             mb = task.probe_batch(b)
             with costs if b != 1 else contextlib.nullcontext():
-                with autocast("cpu", precision):
-                    loss = task.loss_fn(model, mb)
-                (loss.float() / b).backward()
+                step.micro_step(mb, task.loss_fn, weight=1 / b)
             micro_ops.append(tuple(costs.ops))
         costs = _OpCosts()
         with costs:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+            step.update()
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     micro_pts = micro_pts[1:]
     chords = [PeakLine.through(p, q) for p, q in zip(micro_pts, micro_pts[1:])]
@@ -283,16 +284,6 @@ def _ops_time(ops: Sequence[OpCost], gpu: GpuSpec) -> float:
     return total
 
 
-def _check_precision(gpu: GpuSpec, precision: str) -> None:
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ProbeError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
-    if precision == "bf16" and gpu.bf16_flops is None:
-        raise ProbeError(
-            f"{gpu.name} has no bf16 (compute capability {gpu.compute_capability}, bf16 needs "
-            ">= (8, 0)): use precision 'fp16' or 'fp32', or leave this GPU out"
-        )
-
-
 def estimate_capacity(
     trace: StepTrace,
     gpu: GpuSpec,
@@ -306,7 +297,7 @@ def estimate_capacity(
 ) -> DeviceCapacity:
     """One GPU's estimated capacity for the traced step (max_micro_batch 0: one sample
     does not fit; the planner then says so)."""
-    _check_precision(gpu, precision)
+    check_supported(gpu, precision)
     budget = gpu.memory_bytes * (1 - headroom_fraction) - overhead_bytes
     if distributed:
         budget -= trace.gradient_bytes + NCCL_RESERVE_BYTES
@@ -350,10 +341,10 @@ def estimate_capacities(
     """
     items = [devices] if isinstance(devices, str) else list(devices)
     names = [name for item in items for name in parse_devices(item, known=GPU_SPECS)]
-    if precision == "auto":  # as the launcher's choose_precision: bf16 where all have it
-        precision = "bf16" if all(GPU_SPECS[n].bf16_flops for n in names) else "fp16"
+    if precision == "auto":
+        precision, _ = choose_precision([GPU_SPECS[n] for n in names])
     for name in names:  # fail before the trace, naming the device
-        _check_precision(GPU_SPECS[name], precision)
+        check_supported(GPU_SPECS[name], precision)
     trace = trace_step(task, make_optimizer=make_optimizer, precision=precision)
     multi = len(names) > 1 if distributed is None else distributed
     return [

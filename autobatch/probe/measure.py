@@ -26,7 +26,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,9 +34,10 @@ from torch import nn
 from autobatch.errors import ProbeError
 from autobatch.probe.devices import DeviceInfo
 from autobatch.probe.simulated import Pacer, TensorMemory
+from autobatch.step.accumulate import Accumulator
+from autobatch.step.precision import Precision, check_supported
 from autobatch.tasks.task import Task
 
-Precision = Literal["fp32", "bf16", "fp16"]
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -93,24 +94,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
-
-
-def autocast(device_type: str, precision: Precision) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type, dtype=dtype)
-
-
-def check_precision(device: DeviceInfo, precision: str) -> None:
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ProbeError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
-    if precision == "bf16" and not device.bf16_supported:
-        cc = device.compute_capability
-        raise ProbeError(
-            f"{device.name} has no bf16 (compute capability {cc}, bf16 needs >= (8, 0)): "
-            "use precision 'fp16' or 'fp32' for this device"
-        )
 
 
 class _CudaMeter:
@@ -177,7 +160,7 @@ class StepRunner:
                 f"{device.name} ({device.uuid}) is not visible to this process "
                 "(CUDA_VISIBLE_DEVICES): probe it from the process that owns it"
             )
-        check_precision(device, precision)
+        check_supported(device, precision)
         self.task, self.info, self.precision = task, device, precision
         self.device = torch.device(device.torch_device)
         self.model = task.build_model().to(self.device)
@@ -185,6 +168,8 @@ class StepRunner:
             task.checkpoint_activations(self.model)
         self.model.train()
         self.optimizer = make_optimizer(self.model)
+        # The training step itself, on one rank: what is measured is what trains.
+        self.accumulator = Accumulator(self.model, self.optimizer, precision=precision)
         if self.device.type == "cuda":
             self.meter: _CudaMeter | _TensorMeter = _CudaMeter(self.device)
         else:
@@ -223,14 +208,19 @@ class StepRunner:
         m.reset_peak()
         m.sync()
         t0 = time.perf_counter()
-        with self._paced():
-            mb = to_device(self.task.probe_batch(size), self.device)
-            with autocast(self.device.type, self.precision):
-                loss = self.task.loss_fn(self.model, mb)
+        forward_s = 0.0
+
+        def forward_done() -> None:
+            nonlocal forward_s
             m.sync()
             forward_s = time.perf_counter() - t0
-            (loss.float() * weight).backward()
-            del loss, mb
+
+        with self._paced():
+            mb = to_device(self.task.probe_batch(size), self.device)
+            self.accumulator.micro_step(
+                mb, self.task.loss_fn, weight=weight, after_forward=forward_done
+            )
+            del mb
             m.sync()
         return m.peak(), m.reserved_peak(), time.perf_counter() - t0, forward_s
 
@@ -244,12 +234,11 @@ class StepRunner:
             m.reset_peak()
             t0 = time.perf_counter()
             with self._paced():
-                self.optimizer.step()
+                self.accumulator.update()
                 m.sync()
             optimizer_s = time.perf_counter() - t0
             optimizer_peak = m.peak()
             reserved = [r[1] for r in runs] + [m.reserved_peak()]
-            self.optimizer.zero_grad(set_to_none=True)
         # A lazily built optimizer state (Adam's moments) is born in the first step;
         # in every later step it is alive during the micro-steps too.
         born = self.state_bytes() - state_before
@@ -286,7 +275,7 @@ class StepRunner:
     def close(self) -> None:
         """Free the model and optimizer (and, on a GPU, the allocator's cache)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.model = self.optimizer = self.meter = None  # type: ignore[assignment]
+        self.model = self.optimizer = self.meter = self.accumulator = None  # type: ignore[assignment]
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

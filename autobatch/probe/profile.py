@@ -54,12 +54,11 @@ from autobatch.probe.cache import PROFILE_FORMAT_VERSION
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice
 from autobatch.probe.measure import (
     MakeOptimizer,
-    Precision,
     StepMeasurement,
     StepRunner,
-    check_precision,
 )
 from autobatch.probe.peak import PeakLine, largest_under, peak_at, peak_lines
+from autobatch.step.precision import Precision, check_supported
 from autobatch.tasks.task import Task
 
 MAX_MEASURED_STEPS = 4
@@ -193,7 +192,7 @@ def profile_model(
                 raise
         return profile_model(task, device, gradient_checkpointing=True, **kwargs)
     info = device.info() if isinstance(device, SimulatedDevice) else device
-    check_precision(info, precision)
+    check_supported(info, precision)
     if not 0 <= headroom_fraction < 1:
         raise ProbeError(f"headroom_fraction={headroom_fraction!r} must be in [0, 1)")
     checks = (("headroom_bytes", headroom_bytes), ("extra_reserve_bytes", extra_reserve_bytes))

@@ -12,18 +12,18 @@ by the number of micro-steps would instead over-weight small micro-batches.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from autobatch.step.precision import Precision, autocast, check_precision
+from autobatch.step.wrap import REPLICATED, ModelWrapping
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """(model, micro_batch) -> the SUM of the per-item losses of that micro-batch."""
 
@@ -57,9 +57,13 @@ class Accumulator:
         precision: Precision = "fp32",
         scaler: torch.amp.GradScaler | None = None,
         agree_on_oom: bool = False,
+        wrapping: ModelWrapping = REPLICATED,
+        loss_scaling: bool = True,
     ) -> None:
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision={precision!r} must be one of 'fp32', 'bf16', 'fp16'")
+        """`model` is the wrapped model (`wrapping.wrap(...)`: DDP, or the plain module on
+        one rank). `loss_scaling=False` runs fp16 without a GradScaler (a traced step on
+        fake tensors cannot take the scaler's inf check)."""
+        check_precision(precision)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0 or None")
         self.model = model
@@ -67,12 +71,12 @@ class Accumulator:
         self.max_grad_norm = max_grad_norm
         self.precision = precision
         self.device_type = next(model.parameters()).device.type
-        if precision == "fp16" and scaler is None:
+        if precision == "fp16" and scaler is None and loss_scaling:
             scaler = torch.amp.GradScaler(self.device_type)
         self.scaler = scaler
         self.agree_on_oom = agree_on_oom
-        self.is_ddp = isinstance(model, DDP)
-        self.world_size = dist.get_world_size() if self.is_ddp else 1
+        self.wrapping = wrapping
+        self.world_size = wrapping.world_size(model)
 
     # -- the optimizer step ------------------------------------------------
     def step(
@@ -117,8 +121,7 @@ class Accumulator:
         times: list[float] = []
         for mb in micro_batches[:-1]:
             try:
-                with self._no_sync():
-                    loss_sum += self._forward_backward(mb, loss_fn, weight, times)
+                loss_sum += self._timed(mb, loss_fn, weight, times, last=False)
             except torch.OutOfMemoryError:
                 if not self.agree_on_oom:
                     raise
@@ -131,9 +134,9 @@ class Accumulator:
             # Keep the collectives matched: the synced backward of a one-sample stand-in,
             # weighted 0. The step is dropped on every rank after the all-reduce below.
             self.optimizer.zero_grad(set_to_none=True)
-            self._forward_backward(oom_stand_in(), loss_fn, 0.0, [])
+            self.micro_step(oom_stand_in(), loss_fn, weight=0.0)
         else:
-            loss_sum += self._forward_backward(micro_batches[-1], loss_fn, weight, times)
+            loss_sum += self._timed(micro_batches[-1], loss_fn, weight, times, last=True)
         # Right after the gradient all-reduce every rank is at the same point, so this small
         # all-reduce (the loss, and whether any rank ran out of memory) waits for nobody;
         # after the optimizer step it would wait for the slowest optimizer.
@@ -142,7 +145,7 @@ class Accumulator:
             loss_total, oom_count = self._all_reduce_sums([loss_total, oom_count])
         if oom_count:
             return self._oom_result(local_items, global_items, oom_here)
-        grad_norm, skipped = self._update()
+        grad_norm, skipped = self.update()
         return StepResult(
             loss=loss_total / global_items,
             local_items=local_items,
@@ -165,22 +168,42 @@ class Accumulator:
             oom_here=here,
         )
 
-    def _forward_backward(
-        self, mb: Any, loss_fn: LossFn, weight: float, times: list[float]
+    def micro_step(
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        *,
+        weight: float,
+        last: bool = True,
+        after_forward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        t0 = time.perf_counter()
-        with self._autocast():
-            loss = loss_fn(self.model, mb)
-        if loss.dtype in (torch.float16, torch.bfloat16):
-            loss = loss.float()
-        scaled = loss * weight
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
-        times.append(time.perf_counter() - t0)
+        """Forward and backward of one micro-batch, its loss SUM times `weight`, in the
+        wrapping's context (gradients synchronised only when `last`). Returns the loss sum
+        (float64, CPU). `after_forward` runs between the two (the probe times the forward)."""
+        with self.wrapping.micro_step(self.model, last=last):
+            with autocast(self.device_type, self.precision):
+                loss = loss_fn(self.model, batch)
+            if after_forward is not None:
+                after_forward()
+            if loss.dtype in (torch.float16, torch.bfloat16):
+                loss = loss.float()
+            scaled = loss * weight
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
         return loss.detach().to(torch.float64).cpu()
 
-    def _update(self) -> tuple[float | None, bool]:
+    def _timed(
+        self, mb: Any, loss_fn: LossFn, weight: float, times: list[float], *, last: bool
+    ) -> torch.Tensor:
+        t0 = time.perf_counter()
+        loss = self.micro_step(mb, loss_fn, weight=weight, last=last)
+        times.append(time.perf_counter() - t0)
+        return loss
+
+    def update(self) -> tuple[float | None, bool]:
+        """The optimizer step after the micro-steps: unscale (fp16), clip, step, zero the
+        gradients. Returns (the total norm before clipping, whether fp16 skipped the step)."""
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -201,15 +224,6 @@ class Accumulator:
         return grad_norm, skipped
 
     # -- helpers -------------------------------------------------------------
-    def _no_sync(self) -> contextlib.AbstractContextManager:
-        return self.model.no_sync() if self.is_ddp else contextlib.nullcontext()
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device_type, dtype=dtype)
-
     def _all_reduce_sum(self, value: float, dtype: torch.dtype) -> float:
         if self.world_size == 1:
             return value

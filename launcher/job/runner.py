@@ -27,7 +27,8 @@ from autobatch.errors import AutobatchError, LaunchError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
-from autobatch.probe.devices import choose_precision, normalise_speeds
+from autobatch.probe.devices import normalise_speeds
+from autobatch.step.precision import choose_precision
 from launcher.job import cluster
 from launcher.job.checkpoint import latest_checkpoint
 from launcher.job.spec import JobSpec
