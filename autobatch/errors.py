@@ -14,6 +14,11 @@ input without reading code.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class AutobatchError(Exception):
     """Base of every error autobatch raises on purpose."""
@@ -45,3 +50,18 @@ class NoFitError(ProbeError):
 
 class LaunchError(AutobatchError):
     """The launcher could not start, run or recover a job."""
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
+    """pydantic's errors as one line per problem: 'field.path: message (got value)'."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "(spec)"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = (
+            ""
+            if err["type"] == "missing" or isinstance(err.get("input"), dict)
+            else (f" (got {err.get('input')!r})")
+        )
+        lines.append(f"{path}: {msg}{got}")
+    return "; ".join(lines)

@@ -31,7 +31,8 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
 from launcher.job.runner import JobRunner
-from launcher.job.spec import load_task, parse_spec
+from launcher.job.spec import parse_spec
+from launcher.job.tasks import load_task
 
 TASK = {"dataset_size": 2048, "seq_len": 32, "d_model": 64, "n_layers": 2}
 B, STEPS = 32, 60

@@ -130,7 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dry_run:
         from autobatch.planning.planner import make_plan
         from autobatch.probe.estimate import estimate_capacities
-        from launcher.job.spec import load_task
+        from launcher.job.tasks import load_task
         from launcher.job.worker import build_optimizer
 
         if not args.devices:

@@ -19,7 +19,8 @@ from autobatch.planning.plan import DeviceCapacity
 from autobatch.planning.planner import make_plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.step.accumulate import Accumulator
-from autobatch.tasks.tiny_gpt import IGNORE_INDEX, TinyGPT, TinyGPTConfig, token_loss_sum
+from autobatch.tasks.losses import IGNORE_INDEX
+from autobatch.tasks.tiny_gpt import TinyGPT, TinyGPTConfig, token_loss_sum
 
 PLANS = {
     2: [[2, 2, 2, 2], [8]],

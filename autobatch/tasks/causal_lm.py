@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from autobatch.errors import AutobatchError
+from autobatch.tasks.lora import LoraError, LoraSpec, lora_settings
+from autobatch.tasks.losses import IGNORE_INDEX, next_token_loss_sum
 from autobatch.tasks.task import Task
-from autobatch.tasks.tiny_gpt import IGNORE_INDEX, next_token_loss_sum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 INSTALL_HINT = "pip install 'autobatch[hf]'"
 
 Sample = dict[str, torch.Tensor]
@@ -91,7 +91,7 @@ def causal_lm_task(
     model_dir: str,
     data: str,
     max_seq_len: int,
-    lora: dict[str, Any] | None = None,
+    lora: LoraSpec | dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
     dtype: str = "float32",
     max_samples: int | None = None,
@@ -113,7 +113,10 @@ def causal_lm_task(
         raise CausalLMError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise CausalLMError(f"max_samples={max_samples!r} must be an integer >= 1 or None")
-    lora_config = _check_lora(lora)
+    try:
+        lora_config = lora_settings(lora)
+    except LoraError as exc:
+        raise CausalLMError(str(exc)) from None
     model_path = _check_model_dir(model_dir, max_seq_len)
     tokenizer = _load_tokenizer(model_path)
     records = read_jsonl(data, max_samples=max_samples)
@@ -336,39 +339,11 @@ def _load_tokenizer(model_path: Path) -> Any:
         ) from exc
 
 
-def _check_lora(lora: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The LoRA settings with defaults filled in, or None; errors name the bad key."""
-    if lora is None:
-        return None
-    if not isinstance(lora, dict):
-        raise CausalLMError(f"lora={lora!r} must be a mapping with keys {', '.join(LORA_KEYS)}")
-    unknown = sorted(set(lora) - set(LORA_KEYS))
-    if unknown:
-        raise CausalLMError(f"lora: unknown key(s) {unknown}; allowed: {', '.join(LORA_KEYS)}")
-    cfg = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None, **lora}
-    r, alpha, dropout, targets = (cfg[k] for k in LORA_KEYS)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise CausalLMError(f"lora.r={r!r} must be an integer >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise CausalLMError(f"lora.alpha={alpha!r} must be a number > 0")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise CausalLMError(f"lora.dropout={dropout!r} must be a number in [0, 1)")
-    if targets is not None and not (
-        isinstance(targets, str)
-        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
-    ):
-        raise CausalLMError(
-            f"lora.target_modules={targets!r} must be a module name, a non-empty list of "
-            "names, or absent (PEFT's default for the architecture)"
-        )
-    return cfg
-
-
 def load_model(
     model_dir: str | Path,
     *,
     dtype: str = "float32",
-    lora: dict[str, Any] | None = None,
+    lora: LoraSpec | None = None,
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
     """The model of `model_dir` in training mode, without a KV cache, LoRA-wrapped if asked."""
@@ -388,16 +363,15 @@ def load_model(
     model.config.use_cache = False  # a cache only costs memory in training
     if lora is not None:
         peft = require_hf("peft")
-        cfg = _check_lora(lora)
         try:
             model = peft.get_peft_model(
                 model,
                 peft.LoraConfig(
                     task_type=peft.TaskType.CAUSAL_LM,
-                    r=cfg["r"],
-                    lora_alpha=cfg["alpha"],
-                    lora_dropout=cfg["dropout"],
-                    target_modules=cfg["target_modules"],
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
                     # GPT-2's projections are Conv1D (weights stored transposed)
                     fan_in_fan_out=model.config.model_type == "gpt2",
                 ),

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from autobatch.tasks.losses import next_token_loss_sum
 from autobatch.tasks.task import Task
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -78,24 +76,6 @@ def checkpoint_blocks(model: nn.Module) -> None:
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropies over the target tokens (labels != -100)."""
     return next_token_loss_sum(model(batch["input_ids"]), batch["labels"])
-
-
-def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropies of each position's logits against the next label, over
-    labels != -100, in at least float32."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Target tokens of a batch after the causal shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def synthetic_corpus(n: int, cfg: TinyGPTConfig, *, seed: int = 0) -> list[torch.Tensor]:

@@ -29,13 +29,14 @@ from typing import Any
 import ray
 from pydantic import ValidationError
 
-from autobatch.errors import AutobatchError
+from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.metrics.prometheus import PrometheusSink
 from autobatch.metrics.snapshot import RankSnapshot
 from launcher.daemon import scheduler
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
 from launcher.job.checkpoint import latest_checkpoint
-from launcher.job.spec import JobSpec, SpecError, format_validation_error
+from launcher.job.spec import JobSpec, SpecError
+from launcher.job.tasks import daemon_refuses
 
 
 class InvalidSpec(SpecError):
@@ -173,13 +174,9 @@ class Daemon:
                 for e in exc.errors()
             ]
             raise InvalidSpec(f"invalid job spec: {format_validation_error(exc)}", errors) from None
-        if spec.task != "tiny_gpt" and not spec.task.split(":")[0].startswith(
-            tuple(m for m in self.task_modules if m)
-        ):
-            allowed = ", ".join(self.task_modules) or "none (start with --task-module)"
-            self._invalid(
-                ["task"], f"task={spec.task!r} is not in a module this daemon allows ({allowed})"
-            )
+        refused = daemon_refuses(spec.task, self.task_modules)
+        if refused:
+            self._invalid(["task"], refused)
         return spec
 
     def submit(self, data: Any) -> str:

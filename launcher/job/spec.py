@@ -7,7 +7,6 @@ allowed. Inside the launcher the spec is read-only.
 
 from __future__ import annotations
 
-import importlib
 import pathlib
 import re
 from typing import Annotated, Any, Literal
@@ -22,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from autobatch.errors import AutobatchError
+from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
-from autobatch.tasks.task import Task
+from launcher.job.tasks import check_builtin_args, check_task_name
 
 
 class SpecError(AutobatchError, ValueError):
@@ -33,6 +32,15 @@ class SpecError(AutobatchError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # A NUL byte in a path fails deep inside os calls; in any text it is a mistake.
+        for s in [v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else []:
+            if isinstance(s, str) and "\x00" in s:
+                raise ValueError("a NUL byte (\\x00) in text: no field allows it")
+        return v
 
 
 class OptimizerSpec(_Strict):
@@ -120,31 +128,51 @@ class FaultSpec(_Strict):
     micro_step: Literal["first", "last"] = "first"  # oom: a no_sync micro-step, or the synced one
 
 
-class LoraSpec(_Strict):
-    r: Annotated[int, Field(ge=1, le=1024)] = 8
-    alpha: Annotated[float, Field(gt=0)] = 16.0
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
+# task_args is JSON data within these bounds: nesting depth, values (every visit counts, so
+# YAML aliases cannot hide a blow-up) and its size as JSON (approximate).
+TASK_ARGS_MAX_DEPTH, TASK_ARGS_MAX_VALUES, TASK_ARGS_MAX_BYTES = 16, 10_000, 64 << 10
 
 
-class CausalLMArgs(_Strict):
-    """task_args of the built-in `causal_lm` task (needs `pip install 'autobatch[hf]'`)."""
-
-    model_dir: str  # a local Hugging Face model directory (config, weights, tokenizer)
-    data: str  # JSONL: {"text": ...} or {"prompt": ..., "completion": ...} per line
-    lora: LoraSpec | None = None
-    gradient_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-    max_samples: Annotated[int, Field(ge=1)] | None = None
-
-
-BUILTIN_TASKS = ("tiny_gpt", "causal_lm")
+def check_task_args(args: dict[str, Any]) -> None:
+    """Raise ValueError naming the place when task_args is not bounded JSON data without NULs."""
+    stack: list[tuple[Any, str, int]] = [(args, "task_args", 1)]
+    values = size = 0
+    while stack:
+        value, where, depth = stack.pop()
+        values += 1
+        if depth > TASK_ARGS_MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {TASK_ARGS_MAX_DEPTH} levels")
+        if values > TASK_ARGS_MAX_VALUES:
+            raise ValueError(f"task_args holds more than {TASK_ARGS_MAX_VALUES} values")
+        if isinstance(value, dict):
+            for k, item in value.items():
+                if not isinstance(k, str) or "\x00" in k:
+                    raise ValueError(f"{where}: key {k!r} must be a string without NUL bytes")
+                stack.append((item, f"{where}.{k}", depth + 1))
+                size += len(k) + 4
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError(f"{where}: {value!r} holds a NUL byte (\\x00)")
+            size += len(value) + 2
+        elif isinstance(value, int):  # bool and int; never converted to text here
+            size += value.bit_length() // 3 + 2
+        elif value is None or isinstance(value, float):
+            size += 24
+        else:
+            raise ValueError(
+                f"{where}: a {type(value).__name__} is not JSON data (strings, numbers, "
+                "booleans, null, lists, mappings)"
+            )
+        if size > TASK_ARGS_MAX_BYTES:
+            raise ValueError(f"task_args is over {TASK_ARGS_MAX_BYTES} bytes as JSON")
 
 
 class JobSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    task: str = "tiny_gpt"  # "tiny_gpt", "causal_lm", or an entrypoint "package.module:function"
-    task_args: dict[str, Any] = {}
+    task: str = "tiny_gpt"  # a built-in task (launcher.job.tasks) or "package.module:function"
+    task_args: dict[str, Any] = {}  # JSON data, bounded (check_task_args)
     global_batch_size: Annotated[int, Field(ge=1, le=1 << 24)]
     max_steps: Annotated[int, Field(ge=1)] | None = None
     epochs: Annotated[float, Field(gt=0)] | None = None
@@ -172,36 +200,20 @@ class JobSpec(_Strict):
     # <checkpoint dir>/samples-rank<r>.jsonl: an audit that each global batch was exact.
     audit_samples: bool = False
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: str) -> str:
-        if v not in BUILTIN_TASKS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
-            raise ValueError(
-                f"task={v!r} must be one of {', '.join(BUILTIN_TASKS)} or an entrypoint "
-                "'package.module:function'"
-            )
-        return v
-
     @model_validator(mode="after")
     def _length(self) -> JobSpec:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs (or both: whichever ends first)")
         return self
 
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return check_task_name(v)
+
     @model_validator(mode="after")
-    def _causal_lm(self) -> JobSpec:
-        if self.task != "causal_lm":
-            return self
-        if self.max_seq_len is None:
-            raise ValueError("task 'causal_lm' needs max_seq_len (tokens per sequence, >= 2)")
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2 for causal_lm")
-        try:
-            CausalLMArgs.model_validate(self.task_args)
-        except ValidationError as exc:
-            raise ValueError(
-                "task_args (causal_lm): " + format_validation_error(exc).replace("; ", ", ")
-            ) from None
+    def _task_args(self) -> JobSpec:
+        check_builtin_args(self)
         return self
 
     # -- derived values ----------------------------------------------------
@@ -221,19 +233,6 @@ class JobSpec(_Strict):
         if self.epochs is not None:
             limits.append(max(1, int(self.epochs * steps_per_epoch)))
         return min(limits)
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: 'field.path: message (got value)'."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        msg = err["msg"].removeprefix("Value error, ")
-        got = "" if err["type"] in ("missing",) else f" (got {err.get('input')!r})"
-        if isinstance(err.get("input"), dict):
-            got = ""
-        lines.append(f"{path}: {msg}{got}")
-    return "; ".join(lines)
 
 
 def parse_spec(data: dict[str, Any]) -> JobSpec:
@@ -257,39 +256,3 @@ def load_spec(path: str | pathlib.Path) -> JobSpec:
     except yaml.YAMLError as exc:
         raise SpecError(f"{p}: not valid YAML: {exc}") from None
     return parse_spec(data)
-
-
-def load_task(spec: JobSpec) -> Task:
-    """Build the job's Task: the built-in demo, or the user's entrypoint."""
-    if spec.task == "tiny_gpt":
-        from autobatch.tasks.tiny_gpt import tiny_gpt_task
-
-        args = dict(spec.task_args)
-        if spec.max_seq_len is not None:
-            args.setdefault("seq_len", spec.max_seq_len)
-        try:
-            return tiny_gpt_task(seed=spec.seed, **args)
-        except TypeError as exc:
-            raise SpecError(f"task_args: {exc}") from None
-    if spec.task == "causal_lm":
-        from autobatch.tasks.causal_lm import causal_lm_task
-
-        args = CausalLMArgs.model_validate(spec.task_args)
-        lora = args.lora.model_dump() if args.lora else None
-        return causal_lm_task(
-            **{**args.model_dump(), "lora": lora}, max_seq_len=spec.max_seq_len, seed=spec.seed
-        )
-    module_name, func_name = spec.task.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SpecError(
-            f"task={spec.task!r}: cannot import module {module_name!r}: {exc}"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise SpecError(f"task={spec.task!r}: {module_name} has no function {func_name!r}")
-    task = func(**spec.task_args)
-    if not isinstance(task, Task):
-        raise SpecError(f"task={spec.task!r} returned {type(task).__name__}, not an autobatch.Task")
-    return task

@@ -37,7 +37,8 @@ from autobatch.probe.profile import ModelProfile, profile_model
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult
 from launcher.job.checkpoint import load_checkpoint, save_checkpoint
-from launcher.job.spec import JobSpec, OptimizerSpec, ScheduleSpec, load_task
+from launcher.job.spec import JobSpec, OptimizerSpec, ScheduleSpec
+from launcher.job.tasks import load_task
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=120)
 
