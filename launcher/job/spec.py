@@ -135,26 +135,27 @@ TASK_ARGS_MAX_DEPTH, TASK_ARGS_MAX_VALUES, TASK_ARGS_MAX_BYTES = 16, 10_000, 64 
 
 def check_task_args(args: dict[str, Any]) -> None:
     """Raise ValueError naming the place when task_args is not bounded JSON data without NULs."""
-    stack: list[tuple[Any, str, int]] = [(args, "task_args", 1)]
+    stack: list[tuple[Any, str, int]] = [(args, "", 1)]  # value, its path, its depth
     values = size = 0
     while stack:
-        value, where, depth = stack.pop()
+        value, path, depth = stack.pop()
+        where = f" (at {path.lstrip('.')})" if path else ""
         values += 1
         if depth > TASK_ARGS_MAX_DEPTH:
-            raise ValueError(f"{where}: nested deeper than {TASK_ARGS_MAX_DEPTH} levels")
+            raise ValueError(f"nested deeper than {TASK_ARGS_MAX_DEPTH} levels{where}")
         if values > TASK_ARGS_MAX_VALUES:
-            raise ValueError(f"task_args holds more than {TASK_ARGS_MAX_VALUES} values")
+            raise ValueError(f"more than {TASK_ARGS_MAX_VALUES} values")
         if isinstance(value, dict):
             for k, item in value.items():
                 if not isinstance(k, str) or "\x00" in k:
-                    raise ValueError(f"{where}: key {k!r} must be a string without NUL bytes")
-                stack.append((item, f"{where}.{k}", depth + 1))
+                    raise ValueError(f"key {k!r}{where} must be a string without NUL bytes")
+                stack.append((item, f"{path}.{k}", depth + 1))
                 size += len(k) + 4
         elif isinstance(value, (list, tuple)):
-            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
         elif isinstance(value, str):
             if "\x00" in value:
-                raise ValueError(f"{where}: {value!r} holds a NUL byte (\\x00)")
+                raise ValueError(f"{value!r}{where} holds a NUL byte (\\x00)")
             size += len(value) + 2
         elif isinstance(value, int):  # bool and int; never converted to text here
             size += value.bit_length() // 3 + 2
@@ -162,11 +163,11 @@ def check_task_args(args: dict[str, Any]) -> None:
             size += 24
         else:
             raise ValueError(
-                f"{where}: a {type(value).__name__} is not JSON data (strings, numbers, "
+                f"a {type(value).__name__}{where} is not JSON data (strings, numbers, "
                 "booleans, null, lists, mappings)"
             )
         if size > TASK_ARGS_MAX_BYTES:
-            raise ValueError(f"task_args is over {TASK_ARGS_MAX_BYTES} bytes as JSON")
+            raise ValueError(f"over {TASK_ARGS_MAX_BYTES} bytes as JSON")
 
 
 class JobSpec(_Strict):
@@ -210,6 +211,12 @@ class JobSpec(_Strict):
     @classmethod
     def _task(cls, v: str) -> str:
         return check_task_name(v)
+
+    @field_validator("task_args")
+    @classmethod
+    def _bounded_task_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_task_args(v)
+        return v
 
     @model_validator(mode="after")
     def _task_args(self) -> JobSpec:
