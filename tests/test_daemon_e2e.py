@@ -108,7 +108,7 @@ def dashboard_queries() -> list[str]:
     """Every query of the dashboard, with Grafana's variables as Prometheus would see them."""
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    return [e.replace("$__rate_interval", "1m").replace("$job", ".*") for e in exprs]
+    return [e.replace("$__rate_interval", "1m").replace("$job_id", ".*") for e in exprs]
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus binary")
@@ -120,7 +120,7 @@ def test_prometheus_scrapes_every_dashboard_query_then_cancel_frees_the_devices(
     # per-rank memory series, labelled with the job id
     for rank in range(3):
         assert re.search(
-            rf'autobatch_torch_memory_peak_bytes{{job="{long}",rank="{rank}",[^}}]*}} \d', text
+            rf'autobatch_torch_memory_peak_bytes{{job_id="{long}",rank="{rank}",[^}}]*}} \d', text
         ), text[:2000]
     if shutil.which("promtool"):
         check = subprocess.run(
@@ -148,7 +148,7 @@ def test_prometheus_scrapes_every_dashboard_query_then_cancel_frees_the_devices(
     done = daemon.wait_state(waiting, "succeeded", timeout_s=120)
     assert transition_time(done, "probing") >= transition_time(daemon.job(long), "cancelled")
     assert daemon.job(long)["transitions"][-1]["reason"] == "cancelled by request while running"
-    assert f'job="{long}"' not in daemon.http.get("/metrics").text  # its ranks were dropped
+    assert f'job_id="{long}"' not in daemon.http.get("/metrics").text  # its ranks were dropped
 
 
 def test_every_dashboard_metric_is_one_the_daemon_exports():

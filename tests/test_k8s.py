@@ -1,9 +1,11 @@
-"""Offline checks of the Kubernetes manifests (k8s/*.yaml) and the Dockerfile.
+"""Offline checks of the Kubernetes manifests (k8s/), their kustomization, and the Dockerfile.
 
-Core kinds validate against the Kubernetes JSON schemas that kubernetes-validate ships
-(strict: unknown fields fail); the RayCluster against an allow-list of ray.io/v1 fields
-plus its pod templates as core PodTemplateSpecs; the cross-references (Secret, Service
-port, head Service, dashboard JSON, Ray version) against each other.
+What `kubectl apply -k k8s/` would create is rendered here without a cluster (k8s_util; the
+same as `kubectl kustomize` where kubectl is installed). Core kinds validate against the
+Kubernetes JSON schemas that kubernetes-validate ships (strict: unknown fields fail); the
+RayCluster against an allow-list of ray.io/v1 fields plus its pod templates as core
+PodTemplateSpecs; the cross-references (Secret, Service port, head Service, PVCs, dashboard,
+Ray version, GPU node labels, the image's CUDA) against each other.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
-import pathlib
 import re
+import shutil
 
 import kubernetes_validate
 import pytest
 import yaml
+from k8s_util import K8S, KUSTOMIZATION, ROOT, find, json_patch, kubectl_kustomize, render
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
 MANIFESTS = ["raycluster.yaml", "daemon.yaml", "monitoring.yaml"]
 K8S_VERSION = "1.31.0"  # validate against this Kubernetes release's schemas (shipped offline)
-CORE_KINDS = {"Deployment", "Service", "Secret", "PersistentVolumeClaim", "ConfigMap"}
+CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"}
+TOKEN_SECRET = ("autobatch-token", "token")  # created by hand (README), never applied from k8s/
+GKE_COMPONENT = "components/gke"
+# NVIDIA GPU Feature Discovery's nvidia.com/gpu.product -> GKE's cloud.google.com/gke-accelerator
+GFD_TO_GKE = {"NVIDIA-A100-SXM4-80GB": "nvidia-a100-80gb", "Tesla-T4": "nvidia-tesla-t4"}
 
 # ray.io/v1 RayCluster fields (KubeRay CRD, ray.io_rayclusters.yaml)
 RAYCLUSTER_SPEC_KEYS = {
@@ -57,17 +62,12 @@ def load(name: str) -> list[dict]:
 
 
 def all_docs() -> list[dict]:
-    return [d for name in MANIFESTS for d in load(name)]
+    """What `kubectl apply -k k8s/` applies."""
+    return render()
 
 
 def one(kind: str, name: str | None = None) -> dict:
-    found = [
-        d
-        for d in all_docs()
-        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-    ]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
+    return find(all_docs(), kind, name)
 
 
 def validate(obj: dict) -> None:
@@ -87,12 +87,12 @@ def pod_template_doc(template: dict, name: str) -> dict:
     }
 
 
-def raycluster() -> dict:
-    return one("RayCluster")
+def raycluster(docs: list[dict] | None = None) -> dict:
+    return find(docs if docs is not None else all_docs(), "RayCluster")
 
 
-def worker_groups() -> list[dict]:
-    return raycluster()["spec"]["workerGroupSpecs"]
+def worker_groups(docs: list[dict] | None = None) -> list[dict]:
+    return raycluster(docs)["spec"]["workerGroupSpecs"]
 
 
 # ---------------------------------------------------------------------------
@@ -108,8 +108,9 @@ def test_manifest_parses(name):
         assert d["metadata"].get("name")
 
 
-def test_core_kinds_present_and_validate():
-    docs = [d for d in all_docs() if d["kind"] in CORE_KINDS]
+@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+def test_core_kinds_present_and_validate(components):
+    docs = [d for d in render(components=components) if d["kind"] in CORE_KINDS]
     assert {d["kind"] for d in docs} == CORE_KINDS
     for d in docs:
         validate(d)
@@ -144,8 +145,9 @@ def test_raycluster_uses_only_ray_io_v1_fields():
         assert all(isinstance(v, str) for v in params.values()), params
 
 
-def test_raycluster_pod_templates_validate_as_core():
-    spec = raycluster()["spec"]
+@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+def test_raycluster_pod_templates_validate_as_core(components):
+    spec = raycluster(render(components=components))["spec"]
     templates = [("head", spec["headGroupSpec"]["template"])]
     templates += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
     for name, template in templates:
@@ -205,11 +207,18 @@ def test_daemon_connects_to_the_raycluster_head_service():
     assert m.group(2) == "10001"  # Ray Client: the daemon's pod runs no raylet
 
 
-def test_daemon_token_from_the_secret():
-    secret = one("Secret")
+def test_the_token_secret_is_created_by_hand_and_referenced_by_name():
+    # Not in k8s/: re-applying the manifests must never reset the token to a placeholder.
+    assert not [d for d in all_docs() if d["kind"] == "Secret"]
+    name, key = TOKEN_SECRET
     ref = env_of(daemon_container())["AUTOBATCH_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == secret["metadata"]["name"]
-    assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {})
+    assert (ref["name"], ref["key"]) == (name, key)
+    (endpoint,) = one("ServiceMonitor")["spec"]["endpoints"]
+    creds = endpoint["authorization"]["credentials"]
+    assert (creds["name"], creds["key"]) == (name, key)
+    # the README's command creates exactly this Secret and key
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(rf"kubectl create secret generic {name} --from-literal={key}=", readme)
 
 
 def test_daemon_binds_all_interfaces_and_uses_the_pvc():
@@ -247,6 +256,14 @@ def test_service_selects_the_daemon_pods():
 # monitoring
 
 
+def test_servicemonitor_leaves_the_job_label_to_prometheus():
+    # The Operator sets job=<Service>; honorLabels would let a target overwrite Prometheus'
+    # own labels. The daemon exports job_id instead (tests/test_monitoring.py).
+    (endpoint,) = one("ServiceMonitor")["spec"]["endpoints"]
+    assert not endpoint.get("honorLabels", False)
+    assert "jobLabel" not in one("ServiceMonitor")["spec"]
+
+
 def test_servicemonitor_targets_the_daemon_service():
     sm = one("ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
@@ -255,20 +272,100 @@ def test_servicemonitor_targets_the_daemon_service():
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
-    auth = endpoint["authorization"]
-    assert auth["type"] == "Bearer"
-    secret = one("Secret")
-    assert auth["credentials"]["name"] == secret["metadata"]["name"]
-    assert auth["credentials"]["key"] in secret.get("stringData", {}) | secret.get("data", {})
+    assert endpoint["authorization"]["type"] == "Bearer"
 
 
-def test_dashboard_configmap_equals_the_dashboard_file():
+def test_dashboard_configmap_is_the_dashboard_file():
     cm = one("ConfigMap", "autobatch-grafana-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     (embedded,) = cm["data"].values()
     source = (K8S / "grafana" / "autobatch-dashboard.json").read_text()
-    assert json.loads(embedded) == json.loads(source)
-    assert embedded == source  # verbatim, not merely equivalent
+    assert embedded == source
+    json.loads(embedded)
+
+
+# ---------------------------------------------------------------------------
+# the kustomization: one apply, the storage class, the GPU node labels
+
+
+def test_kustomization_applies_every_manifest():
+    spec = yaml.safe_load(KUSTOMIZATION.read_text())
+    assert sorted(spec["resources"]) == sorted(MANIFESTS)
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk == set(MANIFESTS), on_disk ^ set(MANIFESTS)
+    kinds = {d["kind"] for d in all_docs()}
+    assert kinds == CORE_KINDS | {"RayCluster", "ServiceMonitor"}
+
+
+@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+def test_the_offline_rendering_is_what_kubectl_kustomize_builds(components, tmp_path):
+    root = K8S
+    if components:  # a copy of k8s/ with the component switched on, as an operator would
+        root = tmp_path / "k8s"
+        shutil.copytree(K8S, root)
+        spec = yaml.safe_load(KUSTOMIZATION.read_text())
+        spec["components"] = components
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    built = kubectl_kustomize(root)
+    if built is None:
+        pytest.skip("neither kubectl nor kustomize on PATH (the offline rendering is tested)")
+
+    def key(d: dict) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    ours = render(components=components)
+    assert sorted(map(key, built)) == sorted(map(key, ours))
+    theirs = {key(d): d for d in built}
+    for d in ours:
+        assert theirs[key(d)] == d, key(d)
+    # kubectl applies in this order: the claims before the pods that mount them
+    order = [d["kind"] for d in built]
+    assert order.index("PersistentVolumeClaim") < order.index("Deployment")
+    assert order.index("PersistentVolumeClaim") < order.index("RayCluster")
+
+
+def test_checkpoint_volume_is_read_write_many_with_an_explicit_storage_class():
+    pvc = one("PersistentVolumeClaim", "autobatch-checkpoints")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    placeholder = pvc["spec"]["storageClassName"]  # never the cluster's (RWO) default
+    assert placeholder == "set-me-rwx-storage-class"
+    # a valid name (lower-case DNS subdomain), so the API server accepts it and the claim's
+    # events name it; the README tells what happens when it is left as is
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", placeholder)
+    readme = (ROOT / "README.md").read_text()
+    assert placeholder in readme and "Pending" in readme
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for t in [g["template"] for g in worker_groups()]
+        for v in t["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"autobatch-checkpoints"}
+
+
+def test_gke_component_selects_each_group_by_gke_accelerator():
+    base, gke = worker_groups(), worker_groups(render(components=[GKE_COMPONENT]))
+    assert [g["groupName"] for g in base] == [g["groupName"] for g in gke]
+    for b, g in zip(base, gke):
+        product = b["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+        selector = g["template"]["spec"]["nodeSelector"]
+        assert selector == {"cloud.google.com/gke-accelerator": GFD_TO_GKE[product]}, b["groupName"]
+        # only the selector differs
+        b2 = copy.deepcopy(b)
+        b2["template"]["spec"]["nodeSelector"] = selector
+        assert b2 == g
+    pvc = find(render(components=[GKE_COMPONENT]), "PersistentVolumeClaim", "autobatch-checkpoints")
+    assert pvc["spec"]["storageClassName"] == "standard-rwx"  # GKE Filestore CSI, RWX
+
+
+def test_gke_component_refuses_reordered_worker_groups():
+    # its `test` ops guard the list indices it patches
+    spec = yaml.safe_load((K8S / GKE_COMPONENT / "kustomization.yaml").read_text())
+    (patch,) = [p for p in spec["patches"] if p["target"]["kind"] == "RayCluster"]
+    rc = copy.deepcopy(raycluster())
+    rc["spec"]["workerGroupSpecs"].reverse()
+    with pytest.raises(ValueError, match="test failed"):
+        json_patch(rc, yaml.safe_load(patch["patch"]))
 
 
 # ---------------------------------------------------------------------------
@@ -289,6 +386,62 @@ def test_dockerfile_base_is_the_installed_ray_version():
     assert argv[:2] == ["autobatch", "serve"]
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     assert "--token" not in argv  # the token comes from AUTOBATCH_TOKEN, never the image
+
+
+# rayproject/ray:<ray>-py<python>-gpu is an alias of one -cuXY platform, the one Ray's CI
+# names as its default GPU platform (ci/ray_ci/docker_container.py: CUDA 12.1.1 -> cu121).
+RAY_GPU_ALIAS = "cu121"
+# the oldest NVIDIA driver branch that runs each CUDA the image may be built on
+DRIVER_BRANCH = {"cu121": "R530", "cu124": "R550", "cu126": "R560", "cu128": "R570"}
+
+
+def dockerfile_cuda(text: str) -> dict[str, list[str]]:
+    """Every CUDA the Dockerfile names, as cuXY: the base image's (from Ray's tag scheme), the
+    pinned torch wheel's local version, its wheel index, and the build-time check's."""
+    tags = re.findall(r"^FROM\s+rayproject/ray:[\w.]+-py\d+-(\w+)\s*$", text, flags=re.M)
+    return {
+        "base": [RAY_GPU_ALIAS if t == "gpu" else t for t in tags],
+        "torch": re.findall(r"\btorch==[\d.]+\+(\w+)", text),
+        "index": re.findall(r"download\.pytorch\.org/whl/(\w+)", text),
+        "check": [
+            "cu" + a + b for a, b in re.findall(r"torch\.version\.cuda == '(\d+)\.(\d)'", text)
+        ],
+    }
+
+
+def cuda_mismatch(text: str) -> str | None:
+    found = dockerfile_cuda(text)
+    if any(len(v) != 1 for v in found.values()):
+        return f"expected exactly one of each: {found}"
+    values = {v[0] for v in found.values()}
+    if len(values) != 1 or not next(iter(values)).startswith("cu"):
+        return f"the image's CUDA builds disagree: {found}"
+    return None
+
+
+def test_dockerfile_torch_is_built_for_the_base_images_cuda():
+    text = (ROOT / "Dockerfile").read_text()
+    assert cuda_mismatch(text) is None, cuda_mismatch(text)
+    cuda = dockerfile_cuda(text)["base"][0]
+    # pinned before the project is installed, so `pip install .` keeps it (torch>=2.4)
+    assert text.index("torch==") < text.index("pip install --no-cache-dir .")
+    # the comment tells operators the driver this CUDA needs
+    assert f"{DRIVER_BRANCH[cuda]} or newer" in text
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("-py311-cu128", "-py311-gpu"),  # the alias is CUDA 12.1
+        ("whl/cu128", "whl/cu130"),  # a CUDA 13 index
+        ("torch==2.9.1+cu128", "torch>=2.4"),  # unpinned: PyPI's CUDA 13 build
+        ("torch.version.cuda == '12.8'", "torch.version.cuda == '13.0'"),
+    ],
+)
+def test_a_dockerfile_whose_cuda_builds_disagree_is_refused(old, new):
+    text = (ROOT / "Dockerfile").read_text()
+    assert old in text
+    assert cuda_mismatch(text.replace(old, new)) is not None
 
 
 def test_images_are_the_same_everywhere():

@@ -46,7 +46,10 @@ DESIGN_METRICS = [
     ("autobatch_padding_waste_ratio", "gauge"),
     ("autobatch_jobs", "gauge"),
 ]
-RANK_LABELS = {"job", "rank", "node", "device", "device_uuid"}
+RANK_LABELS = {"job_id", "rank", "node", "device", "device_uuid"}
+# Labels Prometheus (or the Prometheus Operator's relabelling) sets on every series: a
+# target's own label of the same name would be renamed exported_<name> (honor_labels false).
+PROMETHEUS_OWNED = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
 
 
 def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
@@ -130,6 +133,12 @@ def test_every_design_metric_is_exposed_with_its_type_help_and_labels(
             assert set(s.labels) == RANK_LABELS | extra
 
 
+def test_no_label_is_one_prometheus_sets(sink: PrometheusSink) -> None:
+    labels = {k for f in families(sink.render()).values() for s in f.samples for k in s.labels}
+    assert "job_id" in labels
+    assert not labels & PROMETHEUS_OWNED, labels & PROMETHEUS_OWNED
+
+
 def test_render_and_the_prometheus_client_collector_expose_the_same_samples(
     sink: PrometheusSink,
 ) -> None:
@@ -140,7 +149,7 @@ def test_values_of_one_rank_are_exported_as_pushed(sink: PrometheusSink) -> None
     fams = families(sink.render())
 
     def value(name: str, **labels: str) -> float:
-        want = {"job": "j1", "rank": "1", **labels}
+        want = {"job_id": "j1", "rank": "1", **labels}
         (v,) = [s.value for s in fams[name].samples if want.items() <= s.labels.items()]
         return v
 
@@ -195,9 +204,9 @@ def test_drop_job_removes_only_that_jobs_series(sink: PrometheusSink) -> None:
     assert sink.drop_job("j1") == 2
     assert sink.drop_job("j1") == 0
     text = sink.render()
-    assert b'job="j1"' not in text
+    assert b'job_id="j1"' not in text
     samples = [s for f in families(text).values() for s in f.samples]
-    jobs = {s.labels["job"] for s in samples if "job" in s.labels}
+    jobs = {s.labels["job_id"] for s in samples if "job_id" in s.labels}
     assert jobs == {"j2"}
     assert 'state="running"' in text.decode()  # the jobs gauge is the owner's, not dropped
 
@@ -233,7 +242,7 @@ def test_odd_label_values_are_escaped_and_parse_back() -> None:
     s.push(snap(job='job "q"', device=odd, replans_total={'reason "r"': 1}))
     fams = families(s.render())
     (sample,) = fams["autobatch_micro_batch_size"].samples
-    assert sample.labels["device"] == odd and sample.labels["job"] == 'job "q"'
+    assert sample.labels["device"] == odd and sample.labels["job_id"] == 'job "q"'
     assert fams["autobatch_replans_total"].samples[0].labels["reason"] == 'reason "r"'
 
 

@@ -1,6 +1,7 @@
 """Snapshots as Prometheus metrics: the families of DESIGN.md ("Metrics"), one sink, /metrics.
 
-`PrometheusSink` keeps the latest snapshot of every (job, rank), accumulates
+`PrometheusSink` keeps the latest snapshot of every (job, rank), labelled
+`job_id`, `rank`, `node`, `device`, `device_uuid` (`snapshot.LABELS`), accumulates
 the step-duration histogram from the durations each snapshot carries, and
 exposes them on its own `CollectorRegistry` (`sink.registry`), as text
 (`render()`) or over HTTP (`serve()`).
@@ -156,7 +157,7 @@ class _Series:
 
     snapshot: RankSnapshot
     values: tuple[str, ...]
-    text: str  # 'job="a",rank="0",...', escaped once
+    text: str  # 'job_id="a",rank="0",...', escaped once
     buckets: tuple[int, ...]  # cumulative counts, one per bound, then +Inf
     duration_sum: float
 

@@ -19,7 +19,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from autobatch.planning.plan import Plan
 
-LABELS = ("job", "rank", "node", "device", "device_uuid")
+# The label names of every per-rank series. The job id is `job_id`, not `job`: Prometheus
+# owns `job` (the scrape job; the Prometheus Operator sets it to the Service name), and
+# with honor_labels false a target's own `job` label is renamed `exported_job`.
+LABELS = ("job_id", "rank", "node", "device", "device_uuid")
 
 
 @dataclass(frozen=True)
