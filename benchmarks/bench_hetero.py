@@ -65,6 +65,7 @@ from hetero_sim import ForeignLoad, calibrate, worker_setup
 from autobatch.errors import LaunchError
 from autobatch.planning.plan import Plan
 from autobatch.probe.estimate import GPU_SPECS
+from launcher.job.events import Planned, Progress, RunnerEvent
 from launcher.job.runner import JobRunner
 from launcher.job.spec import parse_spec
 
@@ -106,12 +107,12 @@ class _Recorder:
     steps: dict[tuple[int, int], tuple[float, float | None]] = field(default_factory=dict)
     plan: Plan | None = None
 
-    def __call__(self, event: str, details: dict) -> None:
-        if event == "plan":
-            self.plan = details["plan"]
-        if event != "progress":
+    def __call__(self, event: RunnerEvent) -> None:
+        if isinstance(event, Planned):
+            self.plan = event.plan
+        if not isinstance(event, Progress):
             return
-        for s in details["snapshots"]:
+        for s in event.snapshots:
             if s.rank == 0:
                 self.stamps.setdefault(s.optimizer_steps_total, s.timestamp_s)
             if s.optimizer_steps_total > self.skip and s.step_duration_s:

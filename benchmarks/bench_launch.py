@@ -30,6 +30,7 @@ from autobatch.planning.planner import make_plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
+from launcher.job.events import Progress, RunnerEvent
 from launcher.job.runner import JobRunner
 from launcher.job.spec import parse_spec
 from launcher.job.tasks import load_task
@@ -70,9 +71,9 @@ def startup(tmp: str, cache: str) -> dict[str, float]:
 def launcher_step_s(tmp: str) -> float:
     stamps: dict[int, float] = {}
 
-    def listener(event: str, details: dict) -> None:
-        if event == "progress":
-            for s in details["snapshots"]:
+    def listener(event: RunnerEvent) -> None:
+        if isinstance(event, Progress):
+            for s in event.snapshots:
                 stamps.setdefault(s.optimizer_steps_total, s.timestamp_s)
 
     sims = [{"name": "sim-one", "memory": "512MiB"}]

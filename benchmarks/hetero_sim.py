@@ -166,7 +166,7 @@ def pace_on_model(ref: Reference) -> None:
 
     import autobatch.probe.measure
     import autobatch.probe.simulated
-    import launcher.job.worker
+    import launcher.job.train
 
     size: dict[str, int | None] = {"b": None}  # the probe's micro-batch in progress
 
@@ -233,4 +233,4 @@ def pace_on_model(ref: Reference) -> None:
 
     autobatch.probe.measure.StepRunner._micro_step = probe_micro_step
     autobatch.probe.simulated.Pacer = ModelPacer
-    autobatch.probe.measure.Pacer = launcher.job.worker.Pacer = ModelPacer
+    autobatch.probe.measure.Pacer = launcher.job.train.Pacer = ModelPacer

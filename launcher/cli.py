@@ -12,12 +12,23 @@ import sys
 import time
 from collections.abc import Sequence
 
+from rich import progress as bar
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from autobatch.errors import AutobatchError
 from autobatch.planning.plan import Plan
+from launcher.job.events import (
+    Finished,
+    JobSummary,
+    MetricsAt,
+    Planned,
+    Progress,
+    Restarting,
+    Resuming,
+    RunnerEvent,
+)
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -29,27 +40,27 @@ def plan_table(plan: Plan, title: str = "plan") -> Table:
     for h in rows[0]:
         table.add_column(h, justify="left" if h == "device" else "right")
     for row in rows:
-        table.add_row(*row.values())
+        table.add_row(*(Text(v) for v in row.values()))
     return table
 
 
 def print_plan(plan: Plan) -> None:
     out.print(plan_table(plan))
     for line in plan.summary_lines():
-        out.print(line)
+        out.print(Text(line))
 
 
 class _Display:
     """Turns runner events into a rich progress bar and messages."""
 
     def __init__(self, total_steps: int | None) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} samples/s"),
-            TextColumn("global batch {task.fields[batch]}"),
-            TimeElapsedColumn(),
+        self.progress = bar.Progress(
+            bar.TextColumn("[bold]step {task.completed}/{task.total}"),
+            bar.BarColumn(),
+            bar.TextColumn("loss {task.fields[loss]}"),
+            bar.TextColumn("{task.fields[rate]} samples/s"),
+            bar.TextColumn("global batch {task.fields[batch]}"),
+            bar.TimeElapsedColumn(),
             console=out,
             transient=False,
         )
@@ -58,21 +69,23 @@ class _Display:
         self.t0 = time.monotonic()
         self.first_step = None
 
-    def __call__(self, event: str, details: dict) -> None:
-        if event == "plan":
-            print_plan(details["plan"])
-        elif event == "metrics":
-            out.print(f"metrics: {details['url']}")
-        elif event == "resume":
-            out.print(f"resuming from {details['checkpoint']}")
-        elif event == "restart":
-            out.print(f"[yellow]restart {details['restarts']}[/]: {details['reason']}")
-            if details["kind"] in ("oom", "lost"):
-                print_plan(details["plan"])
-        elif event == "progress":
-            self._progress(details["snapshots"])
-        elif event == "done":
-            self._done(details["summary"])
+    def __call__(self, event: RunnerEvent) -> None:
+        # Text from a job (paths, a rank's error) is data: printed as Text, never as markup.
+        match event:
+            case Planned(plan=plan):
+                print_plan(plan)
+            case MetricsAt(url=url):
+                out.print(Text(f"metrics: {url}"))
+            case Resuming(checkpoint=checkpoint):
+                out.print(Text(f"resuming from {checkpoint}"))
+            case Restarting(decision=decision, restarts=restarts):
+                out.print(Text.assemble((f"restart {restarts}", "yellow"), f": {decision.reason}"))
+                if decision.replan:
+                    print_plan(decision.plan)
+            case Progress(snapshots=snapshots):
+                self._progress(snapshots)
+            case Finished(summary=summary):
+                self._done(summary)
 
     def _progress(self, snaps: list) -> None:
         rank0 = next((s for s in snaps if s.rank == 0), None)
@@ -99,27 +112,29 @@ class _Display:
             batch=f"{rank0.effective_global_batch_size}/{rank0.global_batch_size}",
         )
 
-    def _done(self, summary) -> None:  # noqa: ANN001
+    def _done(self, summary: JobSummary) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=summary.steps)
             self.progress.stop()
         out.print(
-            f"done: {summary.steps} steps in {summary.seconds:.1f} s, "
-            f"{summary.samples_per_s:,.1f} samples/s, restarts {summary.restarts}, "
-            f"OOM events {summary.oom_events}, checkpoint {summary.checkpoint}"
-            + (f", trained model in {summary.output}" if summary.output else "")
+            Text(
+                f"done: {summary.steps} steps in {summary.seconds:.1f} s, "
+                f"{summary.samples_per_s:,.1f} samples/s, restarts {summary.restarts}, "
+                f"OOM events {summary.oom_events}, checkpoint {summary.checkpoint}"
+                + (f", trained model in {summary.output}" if summary.output else "")
+            )
         )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.job.runner import JobRunner, summary_dict
+    from launcher.job.runner import JobRunner
     from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec)
     display = _Display(spec.max_steps)
     summary = JobRunner(spec, address=args.address, runs_root=args.runs_dir, listener=display).run()
     if args.json:
-        out.print_json(json.dumps(summary_dict(summary)))
+        out.print_json(json.dumps(summary.to_dict()))
     return 0
 
 
@@ -130,8 +145,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dry_run:
         from autobatch.planning.planner import make_plan
         from autobatch.probe.estimate import estimate_capacities
+        from launcher.job.optim import build_optimizer
         from launcher.job.tasks import load_task
-        from launcher.job.worker import build_optimizer
 
         if not args.devices:
             raise AutobatchError(
@@ -177,9 +192,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for h in ("node", "device", "memory", "kind", "uuid"):
         table.add_column(h)
     for r in rows:
-        table.add_row(
-            r["node"], r["name"], f"{r['total_bytes'] / 2**30:.2f} GiB", r["kind"], r["uuid"]
-        )
+        cells = (r["node"], r["name"], f"{r['total_bytes'] / 2**30:.2f} GiB", r["kind"], r["uuid"])
+        table.add_row(*(Text(c) for c in cells))
     out.print(table)
     return 0
 
@@ -225,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except AutobatchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

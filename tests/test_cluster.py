@@ -14,6 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, job
 
+from launcher.job.events import Planned, Progress, RunnerEvent
 from launcher.job.runner import JobRunner
 from launcher.job.spec import parse_spec
 
@@ -51,11 +52,13 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
     spec = job(tmp_path, name="nodes", max_steps=10, devices=devices)
     seen: dict = {"nodes": set(), "removed": False}
 
-    def listener(event: str, details: dict) -> None:
-        if event == "plan":
-            seen["nodes"] = {d.node_id for d in details["devices"]}
-        steps = [s.optimizer_steps_total for s in details.get("snapshots", [])]
-        if event == "progress" and not seen["removed"] and min(steps) >= 2:
+    def listener(event: RunnerEvent) -> None:
+        if isinstance(event, Planned):
+            seen["nodes"] = {d.node_id for d in event.devices}
+        if not isinstance(event, Progress):
+            return
+        steps = [s.optimizer_steps_total for s in event.snapshots]
+        if not seen["removed"] and min(steps) >= 2:
             seen["removed"] = True
             cluster.remove_node(workers[-1])  # a whole node, its raylet and workers
 

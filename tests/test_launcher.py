@@ -15,8 +15,10 @@ import ray
 import torch
 from daemon_util import TINY
 
+from autobatch.errors import LaunchError
 from autobatch.planning.sampler import GlobalBatchSampler
 from launcher.job.checkpoint import list_checkpoints
+from launcher.job.events import MetricsAt, Progress, Restarting, Resuming
 from launcher.job.runner import JobRunner
 from launcher.job.spec import parse_spec
 
@@ -60,7 +62,7 @@ def local_ray(tmp_path_factory):
 
 def run(spec: dict) -> tuple:
     events = []
-    summary = JobRunner(parse_spec(spec), listener=lambda e, d: events.append((e, d))).run()
+    summary = JobRunner(parse_spec(spec), listener=events.append).run()
     return summary, events
 
 
@@ -97,11 +99,11 @@ def baseline(local_ray, tmp_path_factory):
     spec = job(tmp)
     seen = {}
 
-    def listener(event, details):
-        seen.setdefault("events", []).append(event)
-        if event == "metrics":
-            seen["url"] = details["url"]
-        if event == "progress" and "text" not in seen:
+    def listener(event):
+        seen.setdefault("events", []).append(type(event).__name__)
+        if isinstance(event, MetricsAt):
+            seen["url"] = event.url
+        if isinstance(event, Progress) and "text" not in seen:
             seen["text"] = urllib.request.urlopen(seen["url"], timeout=30).read().decode()
 
     summary = JobRunner(parse_spec(spec), listener=listener).run()
@@ -115,7 +117,7 @@ def test_three_heterogeneous_simulated_devices_train_with_an_exact_global_batch(
     assert plan.world_size == 3
     assert len({r.micro_batch_size for r in plan.ranks}) > 1  # heterogeneous
     assert_every_global_batch_exact(spec, ckpt)
-    assert seen["events"][:2] == ["plan", "metrics"] and seen["events"][-1] == "done"
+    assert seen["events"][:2] == ["Planned", "MetricsAt"] and seen["events"][-1] == "Finished"
     assert list_checkpoints(ckpt)[-1].name == "step_00000006.pt"
 
 
@@ -132,13 +134,30 @@ def test_metrics_are_served_while_the_job_runs(baseline):
     assert 'rank="2"' in seen["text"]
 
 
+def test_effective_global_batch_is_measured_and_a_short_step_is_refused(local_ray, tmp_path):
+    # A planted bug: rank 0 drops one sample of step 3. Every rank counts the samples it
+    # processed; their sum rides the step's small all-reduce. The short step is refused
+    # on every rank (no optimizer update) and the job fails saying so.
+    spec = job(tmp_path, faults=[{"kind": "short_batch", "rank": 0, "step": 3}])
+    seen: list = []
+    runner = JobRunner(parse_spec(spec), listener=seen.append)
+    with pytest.raises(LaunchError, match=r"step 3: the ranks processed 23 samples, not the "):
+        runner.run()
+    snaps = [s for e in seen if isinstance(e, Progress) for s in e.snapshots]
+    by_step = {(s.rank, s.optimizer_steps_total): s.effective_global_batch_size for s in snaps}
+    assert all(v == 24 for (_, step), v in by_step.items() if step < 3)
+    assert 23 in by_step.values()  # the refused step is reported as measured, not as planned
+    assert max(step for _, step in by_step) == 3  # no rank counted a 4th step
+    assert list_checkpoints(tmp_path / "ckpt")[-1].name == "step_00000002.pt"
+
+
 def test_killed_worker_restarts_from_the_checkpoint_and_finishes(local_ray, tmp_path):
     spec = job(tmp_path, faults=[{"kind": "crash", "rank": 1, "step": 3}])
     summary, events = run(spec)
     assert summary.restarts == 1
     assert summary.steps == 6
-    restart = next(d for e, d in events if e == "restart")
-    assert restart["kind"] == "lost" and restart["resume"].endswith("step_00000002.pt")
+    restart = next(e for e in events if isinstance(e, Restarting))
+    assert restart.decision.cause == "lost" and restart.resume.endswith("step_00000002.pt")
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
 
 
@@ -175,7 +194,7 @@ def test_resume_continues_at_the_next_global_batch(baseline, tmp_path):
     first, _ = run(job(tmp_path, max_steps=3))
     assert first.steps == 3
     second, events = run(job(tmp_path))
-    assert any(e == "resume" for e, _ in events)
+    assert any(isinstance(e, Resuming) for e in events)
     assert second.steps == 6
     for name, p in whole.parameters.items():
         assert torch.allclose(p, second.parameters[name], rtol=1e-6, atol=1e-7), name
@@ -224,9 +243,9 @@ def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adap
     )
     snapshots = []
 
-    def listener(event, details):
-        if event == "progress":
-            snapshots.extend(details["snapshots"])
+    def listener(event):
+        if isinstance(event, Progress):
+            snapshots.extend(event.snapshots)
 
     summary = JobRunner(parse_spec(spec), listener=listener).run()
     assert summary.steps == 4 and summary.restarts == 0

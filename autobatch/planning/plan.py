@@ -202,6 +202,11 @@ class Plan:
         return tuple(offsets)
 
     # -- serialisation -----------------------------------------------------
+    def capacity(self, rank: int) -> DeviceCapacity:
+        """What rank `rank`'s device was planned with."""
+        device_id = self.ranks[rank].device_id
+        return next(d for d in self.inputs if d.device_id == device_id)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["format_version"] = PLAN_FORMAT_VERSION

@@ -181,17 +181,7 @@ def _assemble(
             excluded.append(ExcludedDevice(d.device_id, d.name, _exclusion_reason(d, step_time)))
             continue
         mbs = split_evenly(s, d.max_micro_batch)
-        ranks.append(
-            RankPlan(
-                rank=len(ranks),
-                device_id=d.device_id,
-                device_name=d.name,
-                micro_batches=mbs,
-                max_micro_batch=d.max_micro_batch,
-                predicted_time_s=d.rank_time(s),
-                predicted_peak_bytes=d.predicted_peak_bytes(max(mbs)),
-            )
-        )
+        ranks.append(_rank_plan(len(ranks), d, mbs, d.rank_time(s)))
     return Plan(
         global_batch_size=B,
         ranks=tuple(ranks),
@@ -228,17 +218,7 @@ def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) 
         share = global_batch_size // n + (1 if i < global_batch_size % n else 0)
         base, extra = divmod(share, accum)
         mbs = tuple(x for x in (base + 1,) * extra + (base,) * (accum - extra) if x > 0)
-        ranks.append(
-            RankPlan(
-                rank=i,
-                device_id=d.device_id,
-                device_name=d.name,
-                micro_batches=mbs,
-                max_micro_batch=d.max_micro_batch,
-                predicted_time_s=d.time_of(mbs),
-                predicted_peak_bytes=d.predicted_peak_bytes(max(mbs)),
-            )
-        )
+        ranks.append(_rank_plan(i, d, mbs, d.time_of(mbs)))
     excluded = tuple(
         ExcludedDevice(d.device_id, d.name, "fewer samples than devices") for d in devices[n:]
     )
@@ -260,4 +240,18 @@ def equal_split_baseline(global_batch_size: int, devices: Sequence[DeviceCapacit
         accumulation_steps=max(r.accumulation_steps for r in eq.ranks),
         step_time_s=eq.predicted_step_time_s,
         samples_per_s=eq.predicted_samples_per_s,
+    )
+
+
+def _rank_plan(
+    rank: int, d: DeviceCapacity, micro_batches: tuple[int, ...], time_s: float
+) -> RankPlan:
+    return RankPlan(
+        rank=rank,
+        device_id=d.device_id,
+        device_name=d.name,
+        micro_batches=micro_batches,
+        max_micro_batch=d.max_micro_batch,
+        predicted_time_s=time_s,
+        predicted_peak_bytes=d.predicted_peak_bytes(max(micro_batches)),
     )

@@ -39,6 +39,8 @@ class StepResult:
     skipped: bool = False  # fp16 overflow: no optimizer update, on every rank alike
     oom: bool = False  # some rank ran out of memory in a no_sync micro-step: step not taken
     oom_here: bool = False  # ... and it was this rank
+    global_samples: int | None = None  # samples all ranks processed, when they were counted
+    refused: bool = False  # the ranks' samples were not the expected global batch: no update
 
 
 class Accumulator:
@@ -88,6 +90,8 @@ class Accumulator:
         count_items: Callable[[Any], int] | None = None,
         sync_loss: bool = True,
         oom_stand_in: Callable[[], Any] | None = None,
+        local_samples: int | None = None,
+        expected_samples: int | None = None,
     ) -> StepResult:
         """One optimizer step over this rank's micro-batches.
 
@@ -102,6 +106,11 @@ class Accumulator:
         step in the same small all-reduce that sums the loss, right after the gradient
         all-reduce. Without it they agree before the synced micro-step: a second point
         per step where every rank waits for the slowest.
+
+        `local_samples` (the samples this rank processes) is summed over ranks in that
+        same all-reduce: `StepResult.global_samples` is the global batch as measured. With
+        `expected_samples` a step whose measured batch differs is refused on every rank
+        alike: no optimizer update, `refused=True`.
         """
         if not micro_batches:
             raise ValueError("a rank needs at least one micro-batch per optimizer step")
@@ -140,11 +149,24 @@ class Accumulator:
         # Right after the gradient all-reduce every rank is at the same point, so this small
         # all-reduce (the loss, and whether any rank ran out of memory) waits for nobody;
         # after the optimizer step it would wait for the slowest optimizer.
-        loss_total, oom_count = float(loss_sum), float(oom_here)
-        if sync_loss or (self.agree_on_oom and oom_stand_in is not None):
-            loss_total, oom_count = self._all_reduce_sums([loss_total, oom_count])
+        sums = [float(loss_sum), float(oom_here), float(local_samples or 0)]
+        if sync_loss or local_samples is not None or (self.agree_on_oom and oom_stand_in):
+            sums = self._all_reduce_sums(sums)
+        loss_total, oom_count, samples = sums
         if oom_count:
             return self._oom_result(local_items, global_items, oom_here)
+        global_samples = None if local_samples is None else round(samples)
+        if expected_samples is not None and global_samples != expected_samples:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(
+                float("nan"),
+                local_items,
+                global_items,
+                0,
+                None,
+                global_samples=global_samples,
+                refused=True,
+            )
         grad_norm, skipped = self.update()
         return StepResult(
             loss=loss_total / global_items,
@@ -154,6 +176,7 @@ class Accumulator:
             grad_norm=grad_norm,
             micro_step_s=tuple(times),
             skipped=skipped,
+            global_samples=global_samples,
         )
 
     def _oom_result(self, local_items: int | None, global_items: int, here: bool) -> StepResult:

@@ -1,0 +1,9 @@
+"""The daemon: a queue of jobs in SQLite, each run by launcher.job's JobRunner.
+
+    daemon     Daemon: scheduling loop, job threads, state transitions (one place)
+    store      SQLite job records and transitions;  scheduler  which queued jobs start
+    jobwatch   a job's runner events -> store, log, metrics
+    api        the FastAPI app;  serve  `autobatch serve`;  client  the CLI's commands
+
+May import launcher.job and autobatch.
+"""

@@ -4,7 +4,7 @@
         listener events -> store (state, plan, progress, restarts), job log, metrics sink
 
 One Ray connection for the process (embedded local Ray, or `address`); every
-job's ranks push snapshots to a small relay actor, which the job's thread drains
+job's ranks push snapshots to a small collector actor, which the job's thread drains
 into the daemon's `PrometheusSink` (so the histogram sees every step), labelled
 with the job id. A finished job's ranks are dropped from the sink.
 
@@ -31,8 +31,8 @@ from pydantic import ValidationError
 
 from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.metrics.prometheus import PrometheusSink
-from autobatch.metrics.snapshot import RankSnapshot
 from launcher.daemon import scheduler
+from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
 from launcher.job.checkpoint import latest_checkpoint
 from launcher.job.spec import JobSpec, SpecError
@@ -49,28 +49,6 @@ class InvalidSpec(SpecError):
 
 class JobStateError(StoreError):
     """The request does not fit the job's state (e.g. cancelling a finished job)."""
-
-
-@ray.remote(num_cpus=0)
-class SnapshotRelay:
-    """Where one job's ranks push their snapshots; the daemon drains them in order."""
-
-    def __init__(self, url: str) -> None:
-        self._url, self._pending, self._latest = url, [], {}
-
-    def push(self, snapshot: RankSnapshot) -> None:
-        self._pending.append(snapshot)
-        self._latest[snapshot.rank] = snapshot
-
-    def drain(self) -> list[RankSnapshot]:
-        out, self._pending = self._pending, []
-        return out
-
-    def latest(self) -> list[RankSnapshot]:
-        return list(self._latest.values())
-
-    def url(self) -> str:
-        return self._url
 
 
 @dataclasses.dataclass
@@ -136,10 +114,8 @@ class Daemon:
             then = (
                 f"resuming from checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: restarting"
             )
-            self.store.set_state(
-                rec.id, "queued", f"daemon restarted while the job was {rec.state}: {then}"
-            )
-            self.log(rec.id, f"daemon restarted while the job was {rec.state}: {then}")
+            why = f"daemon restarted while the job was {rec.state}: {then}"
+            self.transition(rec.id, "queued", why)
             ids.append(rec.id)
         return ids
 
@@ -200,14 +176,22 @@ class Daemon:
                 raise JobStateError(f"job {job_id} is already {rec.state}; nothing to cancel")
             run = self.running.get(job_id)
             if run is None:
-                self.store.set_state(job_id, "cancelled", "cancelled by request while queued")
-                self.log(job_id, "cancelled while queued")
+                self.transition(job_id, "cancelled", "cancelled by request while queued")
                 return "cancelled"
             run.cancel_reason = f"cancelled by request while {rec.state}"
             run.stop.set()
         self.log(job_id, "cancel requested: stopping the job's actors")
         run.thread.join(wait_s)
         return self.store.get(job_id).state
+
+    def transition(self, job_id: str, state: str, reason: str, **data: Any) -> None:
+        """The one way a job changes state: the store checks and records the transition (and
+        `data`, e.g. last_error, in the same breath), the job log says it."""
+        with self._lock:
+            self.store.set_state(job_id, state, reason)
+            if data:
+                self.store.update(job_id, **data)
+        self.log(job_id, f"{state}: {reason}")
 
     def log(self, job_id: str, line: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -260,8 +244,7 @@ class Daemon:
                 need = scheduler.need(spec)
                 why = scheduler.unsatisfiable(need, self.total_gpus)
                 if why:
-                    self.store.set_state(rec.id, "failed", why)
-                    self.store.update(rec.id, last_error=why)
+                    self.transition(rec.id, "failed", why, last_error=why)
                     continue
                 queue.append((rec.id, need, spec))
             busy = {s for r in self.running.values() for s in r.slots}
@@ -276,16 +259,12 @@ class Daemon:
                     daemon=True,
                 )
                 self.running[job_id] = _Running(thread, stop, slots)
-                self.store.set_state(
-                    job_id,
-                    "probing",
-                    f"all {len(slots)} device(s) free: {', '.join(sorted(slots))}",
-                )
+                free = f"all {len(slots)} device(s) free: {', '.join(sorted(slots))}"
+                self.transition(job_id, "probing", free)
                 thread.start()
         return [job_id for job_id, _ in started]
 
     def _run_job(self, job_id: str, spec: JobSpec, stop: threading.Event, slots: frozenset) -> None:
-        from launcher.daemon.jobwatch import JobWatcher
         from launcher.job.runner import JobCancelled, JobRunner
 
         watcher = JobWatcher(self, job_id, spec)
@@ -294,13 +273,11 @@ class Daemon:
                 spec,
                 listener=watcher,
                 stop=stop,
-                collector_factory=watcher.make_relay,
+                collector_factory=watcher.make_collector,
             )
             summary = runner.run()
-            self.store.set_state(
-                job_id, "succeeded", f"{summary.steps} steps in {summary.seconds:.1f} s"
-            )
-            self.log(job_id, "succeeded")
+            done = f"{summary.steps} steps in {summary.seconds:.1f} s"
+            self.transition(job_id, "succeeded", done)
         except JobCancelled:
             self._ended(job_id, None)
         except AutobatchError as exc:
@@ -320,12 +297,9 @@ class Daemon:
             run = self.running.get(job_id)
             reason = run.cancel_reason if run else None
             if reason:
-                self.store.set_state(job_id, "cancelled", reason)
+                self.transition(job_id, "cancelled", reason)
             elif self._stopping:
-                self.store.set_state(
-                    job_id, "queued", "daemon stopped: will resume from the last checkpoint"
-                )
+                why = "daemon stopped: will resume from the last checkpoint"
+                self.transition(job_id, "queued", why)
             else:
-                self.store.update(job_id, last_error=error)
-                self.store.set_state(job_id, "failed", error or "stopped")
-        self.log(job_id, f"{self.store.get(job_id).state}: {reason or error or 'daemon stopped'}")
+                self.transition(job_id, "failed", error or "stopped", last_error=error)

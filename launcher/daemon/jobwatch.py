@@ -1,75 +1,105 @@
 """What the daemon does with one job's runner events: record, log, export.
 
-plan     -> store.plan, state running, the plan table in the job log
-resume   -> the job log (the transition that re-queued the job said why)
-restart  -> state restarting (reason), restarts, last_error, the new plan
-progress -> snapshots drained from the relay into the daemon's sink (job label =
-            job id), store.progress (at most once a second), a log line per step
-done     -> a last drain, the summary
+    Planned    -> store.plan, state running, the plan table in the job log
+    MetricsAt  -> the job log
+    Resuming   -> the job log (the transition that re-queued the job said why)
+    Restarting -> state restarting (reason), restarts, last_error, the new plan
+    Progress   -> snapshots drained from the job's collector into the daemon's sink
+                  (job label = job id), store.progress (at most once a second), a log
+                  line per step; state running again after a restart
+    Finished   -> a last drain, the summary
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import ray
 
+from autobatch.metrics.prometheus import PrometheusSink
 from autobatch.metrics.snapshot import RankSnapshot
+from launcher.daemon.store import JobStore
+from launcher.job.cluster import on_this_node
+from launcher.job.collector import SnapshotCollector
+from launcher.job.events import (
+    Finished,
+    MetricsAt,
+    Planned,
+    Progress,
+    Restarting,
+    Resuming,
+    RunnerEvent,
+)
 from launcher.job.spec import JobSpec
 
-if TYPE_CHECKING:
-    from launcher.daemon.daemon import Daemon
+
+class JobHost(Protocol):
+    """What a watcher needs of the daemon."""
+
+    store: JobStore
+    sink: PrometheusSink
+    metrics_url: str
+
+    def log(self, job_id: str, line: str) -> None: ...
+
+    def transition(self, job_id: str, state: str, reason: str) -> None: ...
 
 
 class JobWatcher:
-    def __init__(self, daemon: Daemon, job_id: str, spec: JobSpec) -> None:
-        self.daemon, self.job_id, self.spec = daemon, job_id, spec
-        self.store = daemon.store
-        self.relay: Any = None
+    def __init__(self, host: JobHost, job_id: str, spec: JobSpec) -> None:
+        self.host, self.job_id, self.spec = host, job_id, spec
+        self.store = host.store
+        self.collector: Any = None
         self.last_step = -1
         self.last_write = 0.0
 
-    def __call__(self, event: str, details: dict) -> None:
-        handler = getattr(self, f"on_{event}", None)
-        if handler is not None:
-            handler(details)
+    def __call__(self, event: RunnerEvent) -> None:
+        match event:
+            case Planned(plan=plan):
+                self.store.update(self.job_id, plan=plan.to_dict())
+                self.host.log(self.job_id, "plan:\n" + plan.render_table())
+                self._state(
+                    "running",
+                    f"plan of {plan.world_size} rank(s), predicted "
+                    f"{plan.predicted_samples_per_s:,.1f} samples/s",
+                )
+            case MetricsAt(url=url):
+                self.host.log(self.job_id, f"ranks report metrics to {url or 'the daemon'}")
+            case Resuming(checkpoint=checkpoint):
+                self.host.log(self.job_id, f"resuming from {checkpoint}")
+            case Restarting(decision=decision, restarts=restarts, resume=resume):
+                reason = f"restart {restarts}: {decision.reason}"
+                self.store.update(
+                    self.job_id,
+                    restarts=restarts,
+                    last_error=decision.reason,
+                    plan=decision.plan.to_dict(),
+                )
+                self.host.log(self.job_id, f"{reason}; resuming from {resume}")
+                self._state("restarting", reason)
+            case Progress(snapshots=snapshots):
+                self._progress(snapshots)
+            case Finished(summary=summary):
+                self._drain()
+                progress = {"step": summary.steps, "total_steps": summary.steps, "ranks": []}
+                self.store.update(self.job_id, summary=summary.to_dict(), progress=progress)
+
+    def make_collector(self) -> Any:
+        """The runner's collector factory: one that keeps snapshots for this watcher."""
+        self.collector = SnapshotCollector.options(**on_this_node()).remote(
+            url=self.host.metrics_url
+        )
+        return self.collector
 
     def _state(self, state: str, reason: str) -> None:
         if self.store.get(self.job_id).state != state:
-            self.store.set_state(self.job_id, state, reason)
+            self.host.transition(self.job_id, state, reason)
 
-    def on_plan(self, details: dict) -> None:
-        plan = details["plan"]
-        self.store.update(self.job_id, plan=plan.to_dict())
-        self.daemon.log(self.job_id, "plan:\n" + plan.render_table())
-        self._state(
-            "running",
-            f"plan of {plan.world_size} rank(s), predicted "
-            f"{plan.predicted_samples_per_s:,.1f} samples/s",
-        )
-
-    def on_metrics(self, details: dict) -> None:
-        self.daemon.log(self.job_id, f"ranks report metrics to {details['url'] or 'the daemon'}")
-
-    def on_resume(self, details: dict) -> None:
-        self.daemon.log(self.job_id, f"resuming from {details['checkpoint']}")
-
-    def on_restart(self, details: dict) -> None:
-        reason = f"restart {details['restarts']} ({details['kind']}): {details['reason']}"
-        self.store.update(
-            self.job_id,
-            restarts=details["restarts"],
-            last_error=details["reason"],
-            plan=details["plan"].to_dict(),
-        )
-        self.daemon.log(self.job_id, reason + f"; resuming from {details['resume']}")
-        self._state("restarting", reason)
-
-    def on_progress(self, details: dict) -> None:
+    def _progress(self, snaps: Sequence[RankSnapshot]) -> None:
         self._drain()
-        snaps: list[RankSnapshot] = details["snapshots"]
         rank0 = next((s for s in snaps if s.rank == 0), None)
         if rank0 is None:
             return
@@ -79,7 +109,7 @@ class JobWatcher:
         if step != self.last_step:
             self.last_step = step
             loss = f"{rank0.train_loss:.4f}" if rank0.train_loss is not None else "-"
-            self.daemon.log(
+            self.host.log(
                 self.job_id,
                 f"step {step}/{self.spec.max_steps or '?'} loss {loss} global batch "
                 f"{rank0.effective_global_batch_size}/{rank0.global_batch_size}",
@@ -89,30 +119,14 @@ class JobWatcher:
             self.last_write = now
             self.store.update(self.job_id, progress=_progress(snaps, self.spec))
 
-    def on_done(self, details: dict) -> None:
-        from launcher.job.runner import summary_dict
-
-        self._drain()
-        summary = details["summary"]
-        progress = {"step": summary.steps, "total_steps": summary.steps, "ranks": []}
-        self.store.update(self.job_id, summary=summary_dict(summary), progress=progress)
-
-    def make_relay(self) -> Any:
-        """The runner's collector factory: the relay this watcher drains."""
-        from launcher.daemon.daemon import SnapshotRelay
-        from launcher.job.cluster import on_this_node
-
-        self.relay = SnapshotRelay.options(**on_this_node()).remote(self.daemon.metrics_url)
-        return self.relay
-
     def _drain(self) -> None:
-        if self.relay is None:
+        if self.collector is None:
             return
-        for snap in ray.get(self.relay.drain.remote()):
-            self.daemon.sink.push(dataclasses.replace(snap, job=self.job_id))
+        for snap in ray.get(self.collector.drain.remote()):
+            self.host.sink.push(dataclasses.replace(snap, job=self.job_id))
 
 
-def _progress(snaps: list[RankSnapshot], spec: JobSpec) -> dict[str, Any]:
+def _progress(snaps: Sequence[RankSnapshot], spec: JobSpec) -> dict[str, Any]:
     """The job's progress as the API shows it: step, loss, batch, and a line per rank."""
     rank0 = next(s for s in snaps if s.rank == 0)
     return {

@@ -1,15 +1,14 @@
-"""The Ray side: connect, reserve one bundle per device, and the actors that live in them.
+"""The Ray side of a job: connect, reserve one bundle per device, place actors, wait for them.
 
-Ray is imported here and in the runner only. Each start-up phase is its own
-function with a timeout; on failure it raises `LaunchError` naming what to
-check, and the runner cleans up what was created.
+The actors themselves are in `worker` (one per bundle) and `collector`. Each
+start-up phase is its own function with a timeout; on failure it raises
+`LaunchError` naming what to check, and the runner cleans up what was created.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,10 @@ from ray.util.scheduling_strategies import (
 )
 
 from autobatch.errors import LaunchError
-from autobatch.metrics.prometheus import PrometheusSink
-from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice
 from autobatch.probe.profile import ModelProfile
 from launcher.job.spec import JobSpec
+from launcher.job.worker import DeviceWorker
 
 RESERVE_TIMEOUT_S = 60.0
 ACTOR_TIMEOUT_S = 120.0
@@ -182,91 +180,6 @@ def wait_all(refs: list, timeout_s: float, what: str) -> list:
             " check `ray status` and the worker logs"
         )
     return ray.get(refs)
-
-
-# ---------------------------------------------------------------------------
-# the actors
-
-
-def _cpu_threads() -> None:
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("AUTOBATCH_CPU_THREADS", "1")))
-
-
-@ray.remote
-class DeviceWorker:
-    """Lives in one bundle: finds its device, measures the job's model on it, then trains
-    as one rank. Probing and training in the same process saves a process start (and a
-    CUDA context) per device, and the profile is measured in the process that trains."""
-
-    def __init__(self) -> None:
-        _cpu_threads()
-
-    def inventory(self, simulated: SimulatedDevice | None, index: int) -> tuple:
-        from launcher.job.worker import resolve_device
-
-        info = resolve_device(simulated, index)
-        ctx = ray.get_runtime_context()
-        return info, ray.util.get_node_ip_address(), ctx.get_node_id()
-
-    def node_devices(self) -> tuple[str, list[DeviceInfo]]:
-        from autobatch.probe.devices import inventory
-
-        return ray.util.get_node_ip_address(), inventory()
-
-    def profile(self, spec: JobSpec, info: DeviceInfo, cache_dir: str | None) -> ModelProfile:
-        from launcher.job.worker import probe
-
-        return probe(spec, info, cache_dir)
-
-    def address(self) -> tuple[str, int, int]:
-        from launcher.job.worker import free_port
-
-        return ray.util.get_node_ip_address(), free_port(), os.getpid()
-
-    def join(self, master: str, rank: int, world: int, backend: str, timeout_s: float) -> None:
-        import datetime
-
-        import torch.distributed as dist
-
-        if world > 1:
-            dist.init_process_group(
-                backend,
-                init_method=master,
-                rank=rank,
-                world_size=world,
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
-
-    def train(self, ctx: Any, collector: Any) -> Any:
-        from launcher.job.worker import train_rank
-
-        return train_rank(ctx, lambda snap: collector.push.remote(snap))
-
-
-@ray.remote(num_cpus=0)
-class MetricsCollector:
-    """Holds the latest snapshot of every rank and serves them on /metrics."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.sink = PrometheusSink()
-        self.server, self.port = self.sink.serve(host, port)
-        self.started = time.time()
-
-    def push(self, snapshot: RankSnapshot) -> None:
-        self.sink.push(snapshot)
-
-    def latest(self) -> list[RankSnapshot]:
-        return self.sink.snapshots()
-
-    def url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
-        return f"http://{host}:{self.port}/metrics"
-
-    def render(self) -> bytes:
-        return self.sink.render()
 
 
 def profile_cache_dir() -> str:

@@ -3,53 +3,47 @@
     connect -> reserve bundles -> probe (inventory, then one profile per device type)
       -> plan -> [start training actors -> rendezvous -> train]*  -> summary
 
-The bracketed part repeats after a failure, from the last checkpoint, at most
-`max_restarts` times: a lost worker restarts every rank; an out-of-memory in the
-synced backward lowers that device's micro-batch; a device whose node is gone
-is planned out (same global batch). Every actor and the placement group are
-removed on the way out, whatever happens.
+The bracketed part repeats after a failure, from the last checkpoint, as the
+failure policy (`policy.decide`) says: restart, re-plan on the devices left, or
+fail with the reason. The runner tells its listener what happens (`events`).
+Every actor and the placement group are removed on the way out, whatever happens.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import pathlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from autobatch.errors import AutobatchError, LaunchError
+from autobatch.errors import LaunchError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
 from autobatch.probe.devices import normalise_speeds
-from autobatch.step.precision import choose_precision
-from launcher.job import cluster
+from autobatch.step.precision import Precision, choose_precision
+from launcher.job import cluster, policy
 from launcher.job.checkpoint import latest_checkpoint
+from launcher.job.collector import SnapshotCollector
+from launcher.job.context import RankContext, RankOutcome
+from launcher.job.events import (
+    Finished,
+    JobSummary,
+    Listener,
+    MetricsAt,
+    Planned,
+    Progress,
+    Restarting,
+    Resuming,
+)
+from launcher.job.policy import RankFailure
 from launcher.job.spec import JobSpec
-from launcher.job.worker import RankContext, RankOutcome, lower_micro_batches
-
-Listener = Callable[[str, dict], None]  # (event, details): plan, progress, restart, done
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    job: str
-    steps: int
-    seconds: float
-    samples_per_s: float
-    restarts: int
-    oom_events: int
-    replans: dict[str, int]
-    checkpoint: str | None
-    plan: Plan
-    parameters: dict | None = None
-    output: str | None = None  # the trained model, for tasks that save one
+from launcher.job.worker import DeviceWorker
 
 
 class JobCancelled(LaunchError):
@@ -59,10 +53,12 @@ class JobCancelled(LaunchError):
 FAILURE_GRACE_S = 2.0  # how long the other ranks have to report after one fails
 
 
-class _Failure(Exception):
-    def __init__(self, kind: str, rank: int, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.rank = kind, rank  # kind: "oom" (synced backward), "lost", "error"
+class _AttemptFailed(Exception):
+    """An attempt ended with these failures (raised inside the runner only)."""
+
+    def __init__(self, failures: list[RankFailure]) -> None:
+        super().__init__("; ".join(map(str, failures)))
+        self.failures = failures
 
 
 class JobRunner:
@@ -79,13 +75,13 @@ class JobRunner:
     ) -> None:
         """`stop`: set it to cancel the job (checked between phases and every 0.5 s while
         training; raises JobCancelled). `collector_factory`: makes the Ray actor the ranks
-        push snapshots to (default: a MetricsCollector serving its own /metrics)."""
+        push snapshots to (default: a SnapshotCollector serving its own /metrics)."""
         self.spec = spec
         self.stop = stop
         self.collector_factory = collector_factory
         self.address = address
         self.runs_root = runs_root
-        self.listener = listener or (lambda event, details: None)
+        self.listener: Listener = listener or (lambda event: None)
         self.metrics_host = metrics_host
         self.started_ray = False
         self.pg = None
@@ -94,6 +90,7 @@ class JobRunner:
         self.collector = None
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
         self.notes: list[str] = []  # choices made on the way, carried into the plan
+        self.precision: Precision | None = None  # the spec's, with auto resolved
         self._t = time.monotonic()
 
     def _check_stop(self) -> None:
@@ -113,7 +110,7 @@ class JobRunner:
     def run(self) -> JobSummary:
         with self._session():
             plan, devices = self._probe_and_plan()
-            self.listener("plan", {"plan": plan, "devices": devices})
+            self.listener(Planned(plan, devices))
             return self._train(plan, devices)
 
     # -- phases -------------------------------------------------------------
@@ -162,7 +159,7 @@ class JobRunner:
         """Start one worker per bundle; inventory every device, then measure one device of
         each type (one at a time, so timings are not disturbed); the others share it."""
         self.workers = {
-            i: cluster.DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
+            i: DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
             for i, r in enumerate(requests)
         }
         try:
@@ -178,7 +175,7 @@ class JobRunner:
             cache = cluster.profile_cache_dir()
             profiles = {}
             for key, i in by_type.items():
-                ref = self.workers[i].profile.remote(self.spec, found[i][0], cache)
+                ref = self.workers[i].profile.remote(self.spec, self.precision, found[i][0], cache)
                 profiles[key] = cluster.wait_all([ref], 600, f"profile of {key[0]}")[0]
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {_cause(exc)}") from None
@@ -194,28 +191,25 @@ class JobRunner:
 
     def _resolve_precision(self, infos: list) -> None:
         """precision: auto becomes the precision every device supports, noted in the plan."""
-        if self.spec.precision == "auto":
-            precision, why = choose_precision(infos)
-            self.spec = self.spec.model_copy(update={"precision": precision})
-            self.notes.append(f"precision {precision} (auto): {why}")
+        if self.spec.precision != "auto":
+            self.precision = self.spec.precision
+            return
+        self.precision, why = choose_precision(infos)
+        self.notes.append(f"precision {self.precision} (auto): {why}")
 
     def _train(self, plan: Plan, devices: list[cluster.ProbedDevice]) -> JobSummary:
         spec = self.spec
         if self.collector_factory is not None:
             self.collector = self.collector_factory()
         else:
-            self.collector = cluster.MetricsCollector.options(**cluster.on_this_node()).remote(
+            self.collector = SnapshotCollector.options(**cluster.on_this_node()).remote(
                 self.metrics_host, spec.metrics_port or 0
             )
-        self.listener("metrics", {"url": ray.get(self.collector.url.remote())})
+        self.listener(MetricsAt(ray.get(self.collector.url.remote())))
         ckpt_dir = spec.checkpoint_dir(self.runs_root)
-        resume = (
-            str(latest_checkpoint(ckpt_dir))
-            if spec.checkpoint.resume and latest_checkpoint(ckpt_dir)
-            else None
-        )
+        resume = _latest(ckpt_dir) if spec.checkpoint.resume else None
         if resume:
-            self.listener("resume", {"checkpoint": resume})
+            self.listener(Resuming(resume))
         restarts, replans, attempt = 0, {}, 0
         t0 = time.monotonic()
         while True:
@@ -224,31 +218,27 @@ class JobRunner:
                     plan, devices, ckpt_dir, resume, attempt, restarts, replans
                 )
                 break
-            except _Failure as failure:
+            except _AttemptFailed as failed:
                 self._stop_workers()
                 self._check_stop()
-                restarts += 1
-                if restarts > spec.max_restarts:
-                    raise LaunchError(
-                        f"job {spec.name} failed after {restarts - 1} restart(s): {failure}"
-                    ) from None
-                plan, reason = self._recover(plan, devices, failure)
-                if reason:
-                    replans[reason] = replans.get(reason, 0) + 1
-                resume = str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None
-                attempt += 1
-                self.listener(
-                    "restart",
-                    {
-                        "reason": str(failure),
-                        "kind": failure.kind,
-                        "restarts": restarts,
-                        "plan": plan,
-                        "resume": resume,
-                    },
+                decision = policy.decide(
+                    failed.failures,
+                    restarts=restarts,
+                    max_restarts=spec.max_restarts,
+                    plan=plan,
+                    lost_devices=_lost(devices),
+                    keep_all=spec.devices.keep_all,
                 )
+                if decision.action == "fail":
+                    raise LaunchError(f"job {spec.name}: {decision.reason}") from None
+                restarts += 1
+                plan = decision.plan
+                if decision.replan:
+                    replans[decision.replan] = replans.get(decision.replan, 0) + 1
+                resume = _latest(ckpt_dir)
+                attempt += 1
+                self.listener(Restarting(decision, restarts, resume))
         seconds = time.monotonic() - t0
-        final = Plan.from_json(outcomes[0].final_plan_json)
         steps = outcomes[0].steps_done
         summary = JobSummary(
             job=spec.name,
@@ -259,28 +249,12 @@ class JobRunner:
             oom_events=sum(o.oom_events for o in outcomes) + replans.get("oom", 0),
             replans=replans,
             checkpoint=outcomes[0].checkpoint,
-            plan=final,
+            plan=Plan.from_json(outcomes[0].final_plan_json),
             parameters=outcomes[0].parameters,
             output=outcomes[0].output,
         )
-        self.listener("done", {"summary": summary})
+        self.listener(Finished(summary))
         return summary
-
-    def _recover(
-        self, plan: Plan, devices: list[cluster.ProbedDevice], failure: _Failure
-    ) -> tuple[Plan, str | None]:
-        """The plan for the next attempt, and why it changed (None: unchanged)."""
-        if failure.kind == "oom":
-            return lower_micro_batches(plan, [failure.rank]), "oom"
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        lost = {d.device_id for d in devices if d.node_id not in alive}
-        if lost:
-            left = [d for d in plan.inputs if d.device_id not in lost]
-            if not left:
-                raise LaunchError("every device of the job is gone; nothing to re-plan on")
-            keep_all = self.spec.devices.keep_all
-            return make_plan(plan.global_batch_size, left, keep_all=keep_all), "device_lost"
-        return plan, None
 
     def _attempt(
         self,
@@ -311,6 +285,7 @@ class JobRunner:
             ctx = RankContext(
                 job=self.spec.name,
                 spec=self.spec,
+                precision=self.precision,
                 plan_json=plan.to_json(),
                 rank=rank,
                 device=d.info,
@@ -331,7 +306,7 @@ class JobRunner:
         """The bundle's probe worker on the first attempt; a fresh one after a failure."""
         if bundle in self.workers:
             return self.workers.pop(bundle)
-        return cluster.DeviceWorker.options(
+        return DeviceWorker.options(
             **cluster.in_bundle(self.pg, bundle, self.requests[bundle])
         ).remote()
 
@@ -339,7 +314,7 @@ class JobRunner:
         try:
             return cluster.wait_all(refs, cluster.ACTOR_TIMEOUT_S, what)
         except (RayActorError, RayTaskError) as exc:
-            raise _Failure("lost", -1, f"{what}: {_cause(exc)}") from None
+            raise _AttemptFailed([RankFailure(-1, "lost", f"{what}: {_cause(exc)}")]) from None
 
     def _wait(self, refs: list) -> list[RankOutcome]:
         pending = list(refs)
@@ -351,7 +326,9 @@ class JobRunner:
                 # The first failure is often a consequence (a peer's collective breaking):
                 # give the other ranks a moment to fail too, and judge by the root cause.
                 more, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
-                raise _worst(failures + [f for ref in more if (f := _failure_of(refs, ref))])
+                failures += [f for ref in more if (f := _failure_of(refs, ref))]
+                self._progress()  # what the ranks reported last, the failing step included
+                raise _AttemptFailed(failures)
             self._progress()
         return ray.get(refs)
 
@@ -362,7 +339,7 @@ class JobRunner:
         if snaps and "first_step" not in self.phase_s:
             self._phase("first_step")
         if snaps:
-            self.listener("progress", {"snapshots": snaps})
+            self.listener(Progress(snaps))
 
     # -- clean-up -------------------------------------------------------------
     def _stop_workers(self) -> None:
@@ -391,57 +368,25 @@ def _cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def _failure_of(refs: list, ref: object) -> _Failure | None:
+def _failure_of(refs: list, ref: object) -> RankFailure | None:
     """What went wrong on the rank of a finished `ref`, or None when it succeeded."""
     rank = refs.index(ref)
     try:
         ray.get(ref)
     except RayActorError as exc:
-        return _Failure("lost", rank, f"rank {rank} worker died: {_cause(exc)}")
+        return RankFailure(rank, "lost", f"rank {rank} worker died: {_cause(exc)}")
     except RayTaskError as exc:
-        return _Failure(_failure_kind(exc), rank, f"rank {rank}: {_cause(exc)}")
+        kind = policy.classify(getattr(exc, "cause", None))
+        return RankFailure(rank, kind, f"rank {rank}: {_cause(exc)}")
     return None
 
 
-def _worst(failures: list[_Failure]) -> Exception:
-    """One exception for the failures of an attempt: an error in the task fails the job; an
-    out-of-memory (lower that device) comes before a lost worker. The message lists all."""
-    order = {"error": 0, "oom": 1, "lost": 2}
-    failures = sorted(failures, key=lambda f: (order[f.kind], f.rank))
-    first = failures[0]
-    message = "; ".join(str(f) for f in failures)
-    if first.kind == "error":
-        return LaunchError(f"the task failed: {message}")
-    return _Failure(first.kind, first.rank, message)
+def _lost(devices: list[cluster.ProbedDevice]) -> set[str]:
+    """The job's devices whose node is gone."""
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    return {d.device_id for d in devices if d.node_id not in alive}
 
 
-def _failure_kind(exc: RayTaskError) -> str:
-    """'oom': lower that device and restart. 'error': bad input or a bug in the task, which
-    a restart would only repeat: fail the job. 'lost': anything else (a collective that
-    failed because a peer died or timed out, gloo's plain RuntimeErrors): restart."""
-    import torch
-
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, torch.OutOfMemoryError):
-        return "oom"
-    if isinstance(
-        cause,
-        (
-            AutobatchError,
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            ImportError,
-            NotImplementedError,
-        ),
-    ):
-        return "error"
-    return "lost"
-
-
-def summary_dict(summary: JobSummary) -> dict:
-    out = dataclasses.asdict(summary)
-    out.pop("parameters", None)
-    out["plan"] = summary.plan.to_dict()
-    return out
+def _latest(ckpt_dir: pathlib.Path) -> str | None:
+    found = latest_checkpoint(ckpt_dir)
+    return str(found) if found else None

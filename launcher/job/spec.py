@@ -122,7 +122,9 @@ class CheckpointSpec(_Strict):
 class FaultSpec(_Strict):
     """Fault injection for tests and drills: fires once, on the job's first attempt."""
 
-    kind: Literal["oom", "crash"]
+    # oom: out of memory in a micro-step; crash: kill -9 of the rank's process;
+    # short_batch: the rank drops a sample of its step (the measured global batch is short)
+    kind: Literal["oom", "crash", "short_batch"]
     rank: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     micro_step: Literal["first", "last"] = "first"  # oom: a no_sync micro-step, or the synced one

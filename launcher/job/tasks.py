@@ -15,7 +15,7 @@ import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,10 +23,20 @@ from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.tasks.lora import LoraSpec
 from autobatch.tasks.task import Task
 
-if TYPE_CHECKING:
-    from launcher.job.spec import JobSpec
-
 ENTRYPOINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class TaskRequest(Protocol):
+    """What of a job spec names its task (a JobSpec is one)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def task_args(self) -> dict[str, Any]: ...
+    @property
+    def max_seq_len(self) -> int | None: ...
+    @property
+    def seed(self) -> int: ...
 
 
 class TaskError(AutobatchError, ValueError):
@@ -59,7 +69,7 @@ class CausalLMArgs(_Args):
     max_samples: Annotated[int, Field(ge=1)] | None = None
 
 
-def _tiny_gpt(args: TinyGptArgs, spec: JobSpec) -> Task:
+def _tiny_gpt(args: TinyGptArgs, spec: TaskRequest) -> Task:
     from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
     sizes = args.model_dump(exclude_none=True)
@@ -68,7 +78,7 @@ def _tiny_gpt(args: TinyGptArgs, spec: JobSpec) -> Task:
     return tiny_gpt_task(seed=spec.seed, **sizes)
 
 
-def _causal_lm(args: CausalLMArgs, spec: JobSpec) -> Task:
+def _causal_lm(args: CausalLMArgs, spec: TaskRequest) -> Task:
     from autobatch.tasks.causal_lm import causal_lm_task
 
     fields = {name: getattr(args, name) for name in CausalLMArgs.model_fields}
@@ -78,7 +88,7 @@ def _causal_lm(args: CausalLMArgs, spec: JobSpec) -> Task:
 @dataclass(frozen=True)
 class TaskEntry:
     args: type[BaseModel]  # validates task_args
-    build: Callable[[BaseModel, JobSpec], Task]
+    build: Callable[[BaseModel, TaskRequest], Task]
     daemon_default: bool  # the daemon runs it without being told to (--task-module)
     min_seq_len: int | None = None  # needs max_seq_len of at least this
 
@@ -99,7 +109,7 @@ def check_task_name(task: str) -> str:
     return task
 
 
-def check_builtin_args(spec: JobSpec) -> None:
+def check_builtin_args(spec: TaskRequest) -> None:
     """A ValueError (for the spec's validator) when a built-in task's arguments are invalid."""
     entry = BUILTIN.get(spec.task)
     if entry is None:
@@ -133,7 +143,7 @@ def daemon_refuses(task: str, allowed_modules: tuple[str, ...]) -> str | None:
     return f"task={task!r} is not in a module this daemon allows ({allowed})"
 
 
-def load_task(spec: JobSpec) -> Task:
+def load_task(spec: TaskRequest) -> Task:
     """Build the job's Task: a built-in one, or the user's entrypoint."""
     entry = BUILTIN.get(spec.task)
     if entry is not None:

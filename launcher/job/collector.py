@@ -1,0 +1,50 @@
+"""Where one job's ranks push their metrics snapshots: a small actor on the driver's node.
+
+Under `autobatch run` it serves them on its own /metrics. Under the daemon it
+serves nothing: the daemon drains the snapshots in order into its one Prometheus
+target (so the step histogram sees every step), labelled with the job id.
+Either way the runner reads the latest snapshot of every rank for progress.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from autobatch.metrics.prometheus import PrometheusSink
+from autobatch.metrics.snapshot import RankSnapshot
+
+
+@ray.remote(num_cpus=0)
+class SnapshotCollector:
+    def __init__(self, host: str | None = None, port: int = 0, url: str = "") -> None:
+        """`host`: serve /metrics there (port 0: any free port). None: keep the snapshots
+        for `drain`, and report `url` (where the owner serves them) as the job's."""
+        self._pending: list[RankSnapshot] = []
+        self._latest: dict[int, RankSnapshot] = {}
+        self._sink = self._server = None
+        self._url = url
+        if host is not None:
+            self._sink = PrometheusSink()
+            self._server, port = self._sink.serve(host, port)
+            shown = host if host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+            self._url = f"http://{shown}:{port}/metrics"
+
+    def push(self, snapshot: RankSnapshot) -> None:
+        self._latest[snapshot.rank] = snapshot
+        if self._sink is not None:
+            self._sink.push(snapshot)
+        else:
+            self._pending.append(snapshot)
+
+    def drain(self) -> list[RankSnapshot]:
+        out, self._pending = self._pending, []
+        return out
+
+    def latest(self) -> list[RankSnapshot]:
+        return list(self._latest.values())
+
+    def url(self) -> str:
+        return self._url
+
+    def render(self) -> bytes:
+        return self._sink.render() if self._sink is not None else b""

@@ -1,0 +1,155 @@
+"""The failure policy: what a job does when ranks fail. Pure: values in, a decision out.
+
+    decide(failures seen on the ranks, restarts so far, plan, devices lost) -> Decision
+
+    a rank's task raised a bad-input error or a bug    -> fail (a restart would repeat it)
+    out of memory in a no_sync micro-step (agreed)     -> retry in place, that device lowered
+    out of memory in the synced backward               -> restart from the checkpoint, lowered
+    a device whose node is gone                        -> re-plan on the devices left
+    anything else (a dead worker, a broken collective) -> restart from the checkpoint
+    no restarts left, or nothing left to plan on       -> fail, saying why
+
+An attempt's failures are judged by their root cause: the first failure is often a
+consequence (a peer's collective broke because another rank died), so a task error
+outranks an out-of-memory, which outranks a lost worker. Retries in place do not
+count as restarts: they cost one global batch, not a checkpoint interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from autobatch.errors import AutobatchError, LaunchError
+from autobatch.planning.plan import Plan
+from autobatch.planning.planner import make_plan
+
+FailureKind = Literal["task_error", "oom_no_sync", "oom_synced", "lost"]
+Action = Literal["retry_in_place", "restart", "replan", "fail"]
+
+# Errors a restart would only repeat: bad input or a bug in the task.
+TASK_ERRORS: tuple[type[BaseException], ...] = (
+    AutobatchError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    ImportError,
+    NotImplementedError,
+)
+# The root cause of an attempt's failures: a task error, then out-of-memory, then a lost worker.
+_ROOT_ORDER: dict[FailureKind, int] = {
+    "task_error": 0,
+    "oom_synced": 1,
+    "oom_no_sync": 1,
+    "lost": 2,
+}
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int  # -1: not one rank's (a start-up phase)
+    kind: FailureKind
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    plan: Plan  # the plan of the next attempt (unchanged for restart and fail)
+    reason: str  # for the user: what happened and what happens next
+    cause: FailureKind  # the root cause among the failures
+    replan: Literal["oom", "device_lost"] | None = None  # why the plan changed, for metrics
+
+
+def classify(cause: BaseException | None) -> FailureKind:
+    """The kind of a rank's exception (the task's own, not Ray's wrapper). gloo reports a
+    dead peer as a plain RuntimeError: that is a lost worker, not an error in the task."""
+    import torch
+
+    if isinstance(cause, torch.OutOfMemoryError):
+        return "oom_synced"
+    if isinstance(cause, TASK_ERRORS):
+        return "task_error"
+    return "lost"
+
+
+def root_cause(failures: Sequence[RankFailure]) -> RankFailure:
+    return min(failures, key=lambda f: (_ROOT_ORDER[f.kind], f.rank))
+
+
+def decide(
+    failures: Sequence[RankFailure],
+    *,
+    restarts: int,
+    max_restarts: int,
+    plan: Plan,
+    lost_devices: Collection[str] = (),
+    keep_all: bool = False,
+) -> Decision:
+    """What to do after `failures` (at least one), `restarts` restarts into the job."""
+    if not failures:
+        raise ValueError("decide() needs at least one failure")
+    root = root_cause(failures)
+    what = "; ".join(str(f) for f in sorted(failures, key=lambda f: (_ROOT_ORDER[f.kind], f.rank)))
+    if root.kind == "task_error":
+        return Decision("fail", plan, f"the task failed: {what}", root.kind)
+    oom_ranks = sorted({f.rank for f in failures if f.kind == root.kind and f.rank >= 0})
+    if root.kind == "oom_no_sync":
+        return _lowered("retry_in_place", plan, oom_ranks, what, root.kind)
+    if restarts >= max_restarts:
+        return Decision("fail", plan, f"failed after {restarts} restart(s): {what}", root.kind)
+    if root.kind == "oom_synced":
+        return _lowered("restart", plan, oom_ranks[:1], what, root.kind)
+    lost = set(lost_devices)
+    if lost:
+        left = [d for d in plan.inputs if d.device_id not in lost]
+        if not left:
+            return Decision("fail", plan, f"every device of the job is gone: {what}", root.kind)
+        try:
+            new = make_plan(plan.global_batch_size, left, keep_all=keep_all)
+        except AutobatchError as exc:
+            why = f"cannot re-plan on the devices left ({exc}): {what}"
+            return Decision("fail", plan, why, root.kind)
+        gone = ", ".join(sorted(lost))
+        return Decision(
+            "replan", new, f"{what}; re-planned without {gone}", root.kind, "device_lost"
+        )
+    return Decision("restart", plan, what, root.kind)
+
+
+def _lowered(
+    action: Action, plan: Plan, ranks: list[int], what: str, cause: FailureKind
+) -> Decision:
+    try:
+        lowered = lower_micro_batches(plan, ranks)
+    except LaunchError as exc:
+        return Decision("fail", plan, f"{exc}: {what}", cause)
+    sizes = ", ".join(f"rank {r} to {lowered.ranks[r].micro_batch_size}" for r in ranks)
+    return Decision(action, lowered, f"{what}; micro-batch lowered: {sizes}", cause, "oom")
+
+
+def lower_micro_batches(plan: Plan, ranks: Sequence[int]) -> Plan:
+    """The plan after `ranks` ran out of memory: their limit drops to 3/4 of the micro-batch
+    that failed (at least one less), the same global batch is re-split over the same ranks."""
+    by_id = {r.device_id: r for r in plan.ranks}
+    inputs = []
+    for d in plan.inputs:
+        if d.device_id not in by_id:
+            continue
+        r = by_id[d.device_id]
+        if r.rank in ranks:
+            if r.micro_batch_size <= 1:
+                raise LaunchError(
+                    f"rank {r.rank} ({d.name}) ran out of memory at micro-batch 1: it cannot "
+                    "train this model; remove the device or lower the sequence length"
+                )
+            d = replace(
+                d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4) or 1
+            )
+        inputs.append(d)
+    return make_plan(plan.global_batch_size, inputs, keep_all=True)
