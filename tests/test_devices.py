@@ -9,7 +9,17 @@ from types import SimpleNamespace
 import pytest
 
 from autobatch.errors import ProbeError
-from autobatch.probe.devices import DeviceInfo, DeviceSpecError, SimulatedDevice, cpu_device, inventory, normalise_speeds, parse_devices, parse_memory, parse_simulated
+from autobatch.probe.devices import (
+    DeviceInfo,
+    DeviceSpecError,
+    SimulatedDevice,
+    cpu_device,
+    inventory,
+    normalise_speeds,
+    parse_devices,
+    parse_memory,
+    parse_simulated,
+)
 from autobatch.step.precision import choose_precision
 
 GiB, MiB = 2**30, 2**20
