@@ -47,6 +47,15 @@ class NoFitError(ProbeError):
         super().__init__(message)
         self.measured_steps = measured_steps
 
+    def __reduce__(self) -> tuple:
+        # Pickled across processes (a Ray worker's error reaches the driver as its cause):
+        # the keyword-only argument must travel too, or unpickling fails.
+        return (_no_fit, (str(self), self.measured_steps))
+
+
+def _no_fit(message: str, measured_steps: int) -> NoFitError:
+    return NoFitError(message, measured_steps=measured_steps)
+
 
 class LaunchError(AutobatchError):
     """The launcher could not start, run or recover a job."""

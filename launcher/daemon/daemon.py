@@ -43,8 +43,11 @@ class InvalidSpec(SpecError):
     """A submitted spec is invalid; `errors` holds one {loc, msg} per problem."""
 
     def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
-        super().__init__(message)
+        super().__init__(message, errors)
         self.errors = errors
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class JobStateError(StoreError):

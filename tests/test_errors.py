@@ -1,0 +1,50 @@
+"""Every error the project raises on purpose survives pickling, as Ray sends a worker's
+error to the driver: a user then sees the one-line `error:`, not a deserialisation failure."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import pkgutil
+
+import pytest
+
+import autobatch
+import launcher
+from autobatch.errors import AutobatchError, NoFitError
+
+
+def _all_errors() -> list[type[BaseException]]:
+    for pkg in (autobatch, launcher):
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if mod.name.endswith(("causal_lm", "lm_example", "example", "serve")):
+                continue  # optional extra / runs on import; their errors are plain subclasses
+            importlib.import_module(mod.name)
+    found, todo = [], [AutobatchError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    if cls is NoFitError:
+        return NoFitError("small: one sample does not fit", measured_steps=2)
+    if cls.__name__ == "InvalidSpec":
+        return cls("invalid job spec: x: bad", [{"loc": ["x"], "msg": "bad"}])
+    return cls("a message naming the field")
+
+
+@pytest.mark.parametrize("cls", _all_errors(), ids=lambda c: c.__name__)
+def test_error_survives_pickling_with_its_fields(cls):
+    exc = _instance(cls)
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls
+    assert str(back) == str(exc)
+    assert vars(back) == vars(exc)  # measured_steps, errors, ...
+
+
+def test_error_list_is_not_empty():
+    names = {c.__name__ for c in _all_errors()}
+    assert {"NoFitError", "InvalidSpec", "SpecError", "TaskError", "LaunchError"} <= names
