@@ -24,6 +24,7 @@ from autobatch.probe.estimate import (
 )
 from autobatch.probe.measure import StepRunner
 from autobatch.probe.peak import peak_at
+from autobatch.probe.profile import NCCL_RESERVE_BYTES
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import TinyGPTConfig, tiny_gpt_task
 
@@ -114,6 +115,11 @@ def test_estimate_capacities_for_a_declared_mix(gpt_trace):
     assert a100.max_micro_batch > 4 * t4.max_micro_batch  # 80 GB against 15 GB
     assert a100.per_sample_s < t4.per_sample_s  # 2039 GB/s against 320 GB/s
     assert a100.memory_bytes == GPU_SPECS["A100-80GB"].memory_bytes
+    # several GPUs: the launcher's NCCL process group, its reserve included
+    nccl = estimate_capacity(
+        gpt_trace, GPU_SPECS["T4-16GB"], "t4", backend="nccl", max_micro_batch=10**6
+    )
+    assert t4.max_micro_batch == nccl.max_micro_batch
     plan = make_plan(100_000, caps)
     assert sum(r.samples for r in plan.ranks) == 100_000
     assert "(est)" in plan.render_table()
@@ -126,8 +132,17 @@ def test_overhead_reduces_the_largest_micro_batch_by_what_it_takes(gpt_trace):
     per_sample = gpt_trace.peak_lines[-2].per_sample_bytes  # the steepest micro-step chord
     lost = base.max_micro_batch - stated.max_micro_batch
     assert lost == pytest.approx(GPU_OVERHEAD_BYTES / per_sample, abs=1)
-    ddp = estimate_capacity(gpt_trace, t4, "t4", distributed=True, max_micro_batch=10**6)
-    assert ddp.max_micro_batch < stated.max_micro_batch
+    gloo = estimate_capacity(gpt_trace, t4, "t4", backend="gloo", max_micro_batch=10**6)
+    nccl = estimate_capacity(gpt_trace, t4, "t4", backend="nccl", max_micro_batch=10**6)
+    older = estimate_capacity(gpt_trace, t4, "t4", distributed=True, max_micro_batch=10**6)
+    assert nccl.max_micro_batch < gloo.max_micro_batch < stated.max_micro_batch
+    assert stated.max_micro_batch - gloo.max_micro_batch == pytest.approx(
+        gpt_trace.gradient_bytes / per_sample, abs=1
+    )  # DDP's buckets
+    assert gloo.max_micro_batch - nccl.max_micro_batch == pytest.approx(
+        NCCL_RESERVE_BYTES / per_sample, abs=1
+    )
+    assert older == nccl
 
 
 def test_a_gpu_too_small_for_one_sample_is_reported_by_the_planner(gpt_trace):

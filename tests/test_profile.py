@@ -12,10 +12,16 @@ from torch.nn import functional as F
 
 from autobatch.errors import NoFitError, ProbeError
 from autobatch.planning.planner import make_plan
+from autobatch.probe import profile
 from autobatch.probe.devices import SimulatedDevice, cpu_device
 from autobatch.probe.measure import StepRunner
 from autobatch.probe.peak import PeakLine, largest_under
-from autobatch.probe.profile import MAX_MEASURED_STEPS, ModelProfile, profile_model
+from autobatch.probe.profile import (
+    MAX_MEASURED_STEPS,
+    ModelProfile,
+    profile_model,
+    resolve_backend,
+)
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
@@ -267,14 +273,50 @@ def test_bf16_on_a_device_without_it_and_an_invisible_gpu_are_refused():
         profile_model(mlp_task(), hidden, make_optimizer=adamw)
 
 
-def test_distributed_reserves_the_ddp_buckets():
+@pytest.mark.parametrize(
+    ("kwargs", "reserved"),
+    [
+        ({"backend": "gloo"}, {"ddp_gradient_buckets"}),  # gloo's buffers are in host memory
+        ({"backend": "nccl"}, {"ddp_gradient_buckets", "nccl_buffers"}),
+        ({"distributed": True}, {"ddp_gradient_buckets"}),  # older spelling: gloo off CUDA
+    ],
+)
+def test_the_process_group_reserves_what_its_backend_holds(kwargs, reserved, monkeypatch):
+    monkeypatch.setattr(profile, "NCCL_RESERVE_BYTES", 2 * MiB)  # 256 MiB: more than "sim"
     task, device = mlp_task(), SimulatedDevice("sim", 16 * MiB)
     alone = profile_model(task, device, make_optimizer=adamw)
-    ddp = profile_model(task, device, make_optimizer=adamw, distributed=True)
+    ddp = profile_model(task, device, make_optimizer=adamw, **kwargs)
     grads = sum(p.numel() * 4 for p in task.build_model().parameters())
-    assert dict(ddp.reserve)["ddp_gradient_buckets"] == grads
-    assert ddp.budget_bytes == alone.budget_bytes - grads
+    expected = {"ddp_gradient_buckets": grads, "nccl_buffers": 2 * MiB}
+    assert alone.reserve == ()
+    assert dict(ddp.reserve) == {k: expected[k] for k in reserved}
+    assert ddp.budget_bytes == alone.budget_bytes - sum(expected[k] for k in reserved)
     assert ddp.max_micro_batch < alone.max_micro_batch
+
+
+@pytest.mark.parametrize(
+    ("backend", "distributed", "is_cuda", "expected"),
+    [
+        (None, False, True, None),  # one process: no process group
+        ("gloo", False, True, "gloo"),  # several ranks on one GPU: gloo, no NCCL reserve
+        (None, True, True, "nccl"),  # the older distributed=True: the launcher's choice
+        (None, True, False, "gloo"),
+    ],
+)
+def test_resolve_backend(backend, distributed, is_cuda, expected):
+    assert resolve_backend(backend, distributed, is_cuda) == expected
+
+
+@pytest.mark.parametrize(
+    ("backend", "distributed", "message"),
+    [
+        ("mpi", False, r"backend='mpi' must be one of \('nccl', 'gloo'\) or None"),
+        ("gloo", True, r"backend='gloo' and distributed=True: give backend alone"),
+    ],
+)
+def test_resolve_backend_errors(backend, distributed, message):
+    with pytest.raises(ProbeError, match=message):
+        resolve_backend(backend, distributed, True)
 
 
 def test_gradient_checkpointing_is_turned_on_where_one_sample_does_not_fit_without_it():

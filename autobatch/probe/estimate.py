@@ -11,9 +11,10 @@ built on `meta` and materialised with `to_empty` inside fake mode, so nothing
 is allocated. peak(b) is the max of the micro-step line and the optimizer line.
 What tensors do not show is added as a stated per-GPU overhead: the CUDA
 context, cuBLAS/cuDNN workspaces and allocator fragmentation
-(`GPU_OVERHEAD_BYTES`), plus DDP's gradient buckets and NCCL's buffers when the
-job has several devices. CPU autocast lowers slightly different ops than CUDA
-autocast, so bf16/fp16 estimates are rougher than fp32 ones.
+(`GPU_OVERHEAD_BYTES`), plus what the process group holds when the job has
+several devices (DDP's gradient buckets; NCCL's buffers with the "nccl"
+backend). CPU autocast lowers slightly different ops than CUDA autocast, so
+bf16/fp16 estimates are rougher than fp32 ones.
 
 Time: the same fake step, op by op: each op's FLOPs (torch's FLOP counter
 formulas: matmuls, convolutions, attention) and the bytes it reads and writes.
@@ -39,7 +40,12 @@ from autobatch.planning.plan import DeviceCapacity
 from autobatch.probe.devices import parse_devices
 from autobatch.probe.measure import MakeOptimizer
 from autobatch.probe.peak import PeakLine, largest_under, peak_at
-from autobatch.probe.profile import DEFAULT_MAX_MICRO_BATCH, NCCL_RESERVE_BYTES
+from autobatch.probe.profile import (
+    DEFAULT_MAX_MICRO_BATCH,
+    Backend,
+    comm_reserve,
+    resolve_backend,
+)
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.precision import Precision, check_supported, choose_precision
 from autobatch.tasks.task import Task
@@ -292,15 +298,17 @@ def estimate_capacity(
     precision: Precision = "fp32",
     headroom_fraction: float = 0.05,
     overhead_bytes: int = GPU_OVERHEAD_BYTES,
+    backend: Backend | None = None,
     distributed: bool = False,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
 ) -> DeviceCapacity:
     """One GPU's estimated capacity for the traced step (max_micro_batch 0: one sample
-    does not fit; the planner then says so)."""
+    does not fit; the planner then says so). `backend`: the process group's, for its
+    reserve, as in `profile_model` (`distributed=True`, the older spelling, is "nccl")."""
     check_supported(gpu, precision)
+    reserve = comm_reserve(resolve_backend(backend, distributed, True), trace.gradient_bytes)
     budget = gpu.memory_bytes * (1 - headroom_fraction) - overhead_bytes
-    if distributed:
-        budget -= trace.gradient_bytes + NCCL_RESERVE_BYTES
+    budget -= sum(v for _, v in reserve)
     m = largest_under(trace.peak_lines, budget, max_micro_batch)
     b1, b2 = trace.sizes
     t1, t2 = (_ops_time(ops, gpu) for ops in trace.micro_ops)
@@ -332,12 +340,15 @@ def estimate_capacities(
     precision: Precision | Literal["auto"] = "fp32",
     headroom_fraction: float = 0.05,
     overhead_bytes: int = GPU_OVERHEAD_BYTES,
+    backend: Backend | Literal["auto"] | None = "auto",
     distributed: bool | None = None,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
 ) -> list[DeviceCapacity]:
     """ESTIMATED capacities of declared GPUs, e.g. "2xA100-80GB,4xT4-16GB", for the planner.
 
-    `distributed` (default: more than one device) reserves DDP buckets and NCCL buffers.
+    `backend` of the process group, for its reserve: "auto" is "nccl" (as the launcher
+    picks for GPUs) when there is more than one device, else None (no DDP).
+    `distributed`, the older spelling: True is "nccl", False None.
     """
     items = [devices] if isinstance(devices, str) else list(devices)
     names = [name for item in items for name in parse_devices(item, known=GPU_SPECS)]
@@ -345,8 +356,12 @@ def estimate_capacities(
         precision, _ = choose_precision([GPU_SPECS[n] for n in names])
     for name in names:  # fail before the trace, naming the device
         check_supported(GPU_SPECS[name], precision)
+    if distributed is not None:
+        backend = resolve_backend(None if backend == "auto" else backend, distributed, True)
+    elif backend == "auto":
+        backend = "nccl" if len(names) > 1 else None
+    resolve_backend(backend, False, True)  # fail before the trace on a backend it does not know
     trace = trace_step(task, make_optimizer=make_optimizer, precision=precision)
-    multi = len(names) > 1 if distributed is None else distributed
     return [
         estimate_capacity(
             trace,
@@ -355,7 +370,7 @@ def estimate_capacities(
             precision=precision,
             headroom_fraction=headroom_fraction,
             overhead_bytes=overhead_bytes,
-            distributed=multi,
+            backend=backend,
             max_micro_batch=max_micro_batch,
         )
         for i, name in enumerate(names)

@@ -25,10 +25,12 @@ optimizer step's line.
 budget = usable - headroom - reserve. *usable* is what torch may hold: on CUDA the
 free memory after this process's context plus torch's own reserved memory, capped
 by `set_per_process_memory_fraction`; a simulated device's declared memory; a
-CPU's available RAM. The *reserve* is what the measurement cannot see: DDP's
-gradient buckets and NCCL's buffers when `distributed`, the allocator's
-fragmentation (reserved minus allocated at the peak, measured), and
-`extra_reserve_bytes`. The CUDA context is already outside the free memory.
+CPU's available RAM. The *reserve* is what the measurement cannot see: what the
+process group takes, by its `backend` (DDP's gradient buckets for either; NCCL's
+buffers for "nccl" only: a gloo group, e.g. several ranks on one GPU, holds its
+buffers in host memory), the allocator's fragmentation (reserved minus allocated
+at the peak, measured), and `extra_reserve_bytes`. The CUDA context is already
+outside the free memory.
 
 Profiles are cached on disk by what changes them (model, sample shape, precision,
 optimizer, device type, torch version); a cache hit re-derives the largest
@@ -43,7 +45,7 @@ import math
 import os
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -66,6 +68,8 @@ DEFAULT_MAX_MICRO_BATCH = 4096
 # NCCL communicator buffers per process: NCCL_BUFFSIZE (4 MiB) x channels x peers, plus
 # its device-side structures; a few hundred MiB on typical nodes. A stated allowance.
 NCCL_RESERVE_BYTES = 256 * 2**20
+Backend = Literal["nccl", "gloo"]  # the process group's backend, for its reserve
+BACKENDS = ("nccl", "gloo")
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
 
@@ -165,6 +169,7 @@ def profile_model(
     headroom_fraction: float = 0.05,
     headroom_bytes: int = 0,
     extra_reserve_bytes: int = 0,
+    backend: Backend | None = None,
     distributed: bool = False,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
     cache_dir: str | os.PathLike | None = None,
@@ -173,8 +178,11 @@ def profile_model(
     """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
 
     On CUDA this creates the context in the calling process: call it in the
-    process that trains on the device. `distributed` reserves DDP's gradient
-    buckets (gradient_as_bucket_view=False, the default) and, on CUDA, NCCL's buffers.
+    process that trains on the device. `backend` is the process group's that the job
+    trains in (None: one process, no DDP): either reserves DDP's gradient buckets
+    (gradient_as_bucket_view=False, the default), "nccl" also NCCL's buffers
+    (`NCCL_RESERVE_BYTES`). `distributed=True` is the older spelling of "nccl" on
+    CUDA and "gloo" elsewhere.
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
     """
@@ -182,7 +190,7 @@ def profile_model(
         kwargs = dict(
             make_optimizer=make_optimizer, precision=precision,
             headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
-            extra_reserve_bytes=extra_reserve_bytes, distributed=distributed,
+            extra_reserve_bytes=extra_reserve_bytes, backend=backend, distributed=distributed,
             max_micro_batch=max_micro_batch, cache_dir=cache_dir,
         )  # fmt: skip
         try:
@@ -206,10 +214,7 @@ def profile_model(
     key_fields["gradient_checkpointing"] = gradient_checkpointing
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
-    if distributed:
-        static.append(("ddp_gradient_buckets", grad_bytes))
-        if info.is_cuda:
-            static.append(("nccl_buffers", NCCL_RESERVE_BYTES))
+    static += comm_reserve(resolve_backend(backend, distributed, info.is_cuda), grad_bytes)
     usable = usable_bytes(info)
     headroom = int(headroom_fraction * usable) + headroom_bytes
     budgeter = _Budget(usable - headroom - sum(v for _, v in static))
@@ -256,6 +261,31 @@ def profile_model(
         key=key,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def resolve_backend(backend: str | None, distributed: bool, is_cuda: bool) -> Backend | None:
+    """The backend whose reserve applies; `distributed=True` means the launcher's choice
+    (nccl on CUDA, else gloo)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ProbeError(f"backend={backend!r} must be one of {BACKENDS} or None (one process)")
+    if distributed:
+        if backend is not None:
+            raise ProbeError(
+                f"backend={backend!r} and distributed=True: give backend alone "
+                "(distributed=True is the older spelling of the launcher's default)"
+            )
+        return "nccl" if is_cuda else "gloo"
+    return backend
+
+
+def comm_reserve(backend: Backend | None, gradient_bytes: int) -> list[tuple[str, int]]:
+    """What a process group on `backend` holds on the device that a probe cannot see."""
+    if backend is None:
+        return []
+    reserve = [("ddp_gradient_buckets", gradient_bytes)]
+    if backend == "nccl":
+        reserve.append(("nccl_buffers", NCCL_RESERVE_BYTES))
+    return reserve
 
 
 class _Budget:
