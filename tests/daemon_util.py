@@ -18,6 +18,8 @@ import uvicorn
 
 from launcher.daemon.api import create_app
 from launcher.daemon.daemon import Daemon
+from launcher.daemon.guards import uvicorn_config
+from launcher.daemon.limits import Limits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,14 +62,16 @@ def tiny_spec(name: str = "tiny", sims: tuple[str, ...] = ("big", "mid", "small"
 
 
 @contextlib.contextmanager
-def api_in_thread(daemon: Daemon, token: str | None = None) -> Iterator[str]:
-    """The daemon's app on a free loopback port, served by uvicorn in a thread; yields its URL."""
+def api_in_thread(
+    daemon: Daemon, token: str | None = None, limits: Limits | None = None
+) -> Iterator[str]:
+    """The daemon's app on a free loopback port, served by uvicorn in a thread (with the
+    guards `autobatch serve` has); yields its URL."""
+    limits = limits or Limits()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(daemon, token=token), log_level="warning", lifespan="off")
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(daemon, token=token, limits=limits), limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -6,19 +6,27 @@ which is all the API's contract needs. Running jobs: tests/test_daemon_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pathlib
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 import yaml
-from daemon_util import ROOT, api_in_thread, tiny_spec
+from daemon_util import ROOT, DaemonProcess, api_in_thread, tiny_spec
 
 from launcher.cli import main
 from launcher.daemon.client import ClientError, DaemonClient
 from launcher.daemon.daemon import Daemon
+from launcher.daemon.limits import Limits
 from launcher.daemon.serve import ServeError, check_bind
 
 TOKEN = "s3cret-token"
@@ -49,6 +57,8 @@ def test_submit_json_and_yaml_then_list_and_get(api):
     ids = [r1.json()["id"], r2.json()["id"]]
     assert ids[0].startswith("a-") and ids[1].startswith("b-")
     listed = api.get("/v1/jobs").json()
+    assert listed["next_cursor"] is None  # one page holds them
+    listed = listed["jobs"]
     assert [j["id"] for j in listed] == ids  # queue order
     assert {j["state"] for j in listed} == {"queued"}
     rec = api.get(f"/v1/jobs/{ids[0]}").json()
@@ -56,7 +66,7 @@ def test_submit_json_and_yaml_then_list_and_get(api):
     assert [(t["from_state"], t["to_state"], t["reason"]) for t in rec["transitions"]] == [
         (None, "queued", "submitted")
     ]
-    assert api.get("/v1/jobs", params={"state": "running"}).json() == []
+    assert api.get("/v1/jobs", params={"state": "running"}).json()["jobs"] == []
 
 
 @pytest.mark.parametrize(
@@ -97,7 +107,7 @@ def test_invalid_specs_answer_422_with_the_field_path(api, spec, status, message
     r = api.post("/v1/jobs", json=spec)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
-    assert api.get("/v1/jobs").json() == []  # nothing was queued
+    assert api.get("/v1/jobs").json()["jobs"] == []  # nothing was queued
 
 
 def test_checkpoint_dir_inside_the_root_is_accepted_and_resolved(api, daemon):
@@ -112,7 +122,7 @@ def test_checkpoint_dir_inside_the_root_is_accepted_and_resolved(api, daemon):
     [
         (b"{not json", "application/json", "the body is not valid JSON"),
         (b"a: [1, 2", "application/yaml", "the body is not valid YAML"),
-        (b"\xff\xfe", "application/json", "the body is not valid JSON"),
+        (b"\xff\xfe", "application/json", "the body is not UTF-8: byte 0xff at offset 0"),
     ],
 )
 def test_unparsable_bodies_answer_422(api, body, ctype, message):
@@ -131,6 +141,60 @@ def test_bodies_over_1_mib_answer_413(api):
 
     r = api.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_spec_the_daemon_would_store_over_the_limit_answers_413(daemon):
+    # 2,400 simulated devices: a valid spec of 170 KB that is 280 KB as stored (defaults added)
+    sims = [{"name": f"sim-{i:04d}-{'x' * 50}", "memory": "1MiB"} for i in range(2400)]
+    spec = tiny_spec(devices={"select": "simulated", "simulated": sims})
+    with api_in_thread(daemon) as url:
+        r = httpx.post(f"{url}/v1/jobs", json=spec, timeout=60)
+        assert r.status_code == 413, r.text
+        assert "the daemon stores at most 262144 (max_spec_bytes)" in r.json()["detail"]
+        assert httpx.get(f"{url}/v1/jobs").json()["jobs"] == []
+    with api_in_thread(daemon, limits=Limits(max_spec_bytes=1 << 20)) as url:
+        assert httpx.post(f"{url}/v1/jobs", json=spec, timeout=60).status_code == 201
+
+
+def test_jobs_are_listed_a_page_at_a_time_in_queue_order(api):
+    ids = [api.post("/v1/jobs", json=tiny_spec(f"j{i}")).json()["id"] for i in range(5)]
+    api.post(f"/v1/jobs/{ids[1]}/cancel")
+    first = api.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["jobs"]] == ids[:2] and first["next_cursor"]
+    late = api.post("/v1/jobs", json=tiny_spec("late")).json()["id"]  # pages do not shift
+    second = api.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    third = api.get("/v1/jobs", params={"limit": 2, "cursor": second["next_cursor"]}).json()
+    assert [j["id"] for j in second["jobs"] + third["jobs"]] == [*ids[2:], late]
+    assert third["next_cursor"] is None
+    queued = api.get("/v1/jobs", params={"state": "queued", "limit": 3}).json()
+    rest = api.get("/v1/jobs", params={"state": "queued", "cursor": queued["next_cursor"]})
+    assert [j["id"] for j in queued["jobs"] + rest.json()["jobs"]] == [ids[0], *ids[2:], late]
+    assert len(api.get("/v1/jobs").json()["jobs"]) == 6  # the default page holds 100
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"limit": 0}, "query.limit"),  # at least 1
+        ({"limit": 1001}, "query.limit"),  # at most Limits.max_page
+        ({"cursor": "abc"}, "query.cursor"),  # a cursor is what next_cursor gave
+        ({"cursor": "9" * 19}, "query.cursor"),  # beyond SQLite's integers
+    ],
+)
+def test_bad_page_parameters_answer_422(api, params, message):
+    r = api.get("/v1/jobs", params=params)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == message.split(".")
+
+
+def test_a_long_log_is_tailed_from_its_end(api, daemon):
+    job_id = api.post("/v1/jobs", json=tiny_spec()).json()["id"]
+    with daemon.log_path(job_id).open("a") as f:  # 3 MB: tails read blocks from the end
+        f.writelines(f"line {i} {'.' * 60}\n" for i in range(50_000))
+    full = daemon.log_path(job_id).read_text()
+    for tail in (1, 3, 2000):
+        got = api.get(f"/v1/jobs/{job_id}/logs", params={"tail": tail}).text
+        assert got == "".join(full.splitlines(True)[-tail:])
+    assert api.get(f"/v1/jobs/{job_id}/logs", params={"tail": 0}).text == full
 
 
 @pytest.mark.parametrize(
@@ -153,7 +217,7 @@ def test_cancel_a_queued_job_then_again_is_a_conflict(api):
     assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
     rec = api.get(f"/v1/jobs/{job_id}").json()
     assert rec["transitions"][-1]["reason"] == "cancelled by request while queued"
-    assert "cancelled while queued" in api.get(f"/v1/jobs/{job_id}/logs").text
+    assert re.search("cancelled.* while queued", api.get(f"/v1/jobs/{job_id}/logs").text)
 
 
 def test_logs_tail_and_follow_of_a_finished_job(api):
@@ -188,6 +252,118 @@ def test_openapi_schema_is_published_with_the_job_spec(api):
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/JobSpec"}
     assert "global_batch_size" in schema["components"]["schemas"]["JobSpec"]["properties"]
+
+
+def test_a_job_whose_progress_holds_nan_is_still_served_as_json(api, daemon):
+    job_id = api.post("/v1/jobs", json=tiny_spec()).json()["id"]
+    daemon.store.update(job_id, progress={"step": 3, "loss": float("nan"), "rate": float("inf")})
+    r = api.get(f"/v1/jobs/{job_id}")  # a diverged loss: strict JSON has no NaN (it was a 500)
+    assert r.status_code == 200 and r.json()["progress"] == {"step": 3, "loss": None, "rate": None}
+
+
+def test_a_spec_with_thousands_of_problems_answers_a_bounded_422(api):
+    spec = tiny_spec() | {f"unknown_{i}": i for i in range(5000)}
+    r = api.post("/v1/jobs", json=spec)
+    assert r.status_code == 422 and len(r.content) < 32_000
+    assert r.json()["detail"].endswith("... (5000 problems in all)")
+    assert len(r.json()["errors"]) == 50
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """What the server sent until it closed the connection (b"": closed without a word)."""
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_slow_clients_are_cut_off_at_the_deadlines(daemon):
+    limits = Limits(header_timeout_s=0.5, body_timeout_s=0.5)
+    with api_in_thread(daemon, limits=limits) as url:
+        head = _connect(url)  # a request head that never ends
+        head.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n")
+        body = _connect(url)  # a body that never ends
+        body.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        idle = _connect(url)  # nothing at all
+        t0 = time.monotonic()
+        assert _answer(head) == b"" and _answer(idle) == b""
+        answer = _answer(body)
+        assert time.monotonic() - t0 < 3
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in answer
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_connections_over_the_cap_are_closed_at_once(daemon):
+    with api_in_thread(daemon, limits=Limits(max_connections=4)) as url:
+        held = [_connect(url) for _ in range(4)]
+        time.sleep(0.2)
+        extra = _connect(url)
+        extra.settimeout(2)
+        assert _answer(extra) == b""  # closed by the server, not timed out
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_bodies_beyond_the_memory_budget_answer_503_until_it_frees(daemon):
+    with api_in_thread(daemon, limits=Limits(max_buffered=100_000)) as url:
+        slow = _connect(url)  # holds 80 KB of the budget while it sends the rest slowly
+        spec = json.dumps(tiny_spec(task_args={"pad": "x" * 80_000})).encode()
+        slow.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(spec), spec[:80_000])
+        )
+        time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/jobs", json=tiny_spec(task_args={"pad": "y" * 30_000}))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "holds 100000 bytes of request bodies already" in r.json()["detail"]
+        slow.sendall(spec[80_000:])
+        assert b" 422 " in slow.recv(64)  # tiny_gpt takes no `pad`; the budget is free
+        r = httpx.post(f"{url}/v1/jobs", json=tiny_spec(task_args={"pad": "y" * 30_000}))
+        assert r.status_code == 422
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            out.add(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_body_parser_processes_are_replaced_when_killed_and_end_with_the_daemon(tmp_path):
+    d = DaemonProcess(tmp_path / "state", tmp_path / "cache", "--api-only")
+    try:
+        assert d.http.post("/v1/jobs", json=tiny_spec()).status_code == 201
+        parsers = _children(d.proc.pid)
+        assert len(parsers) >= 2  # the parser processes (and multiprocessing's tracker)
+        for pid in parsers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        r = d.http.post("/v1/jobs", json=tiny_spec())
+        assert r.status_code == 503 and "parser's process died; retry" in r.json()["detail"]
+        assert d.http.post("/v1/jobs", json=tiny_spec()).status_code == 201  # a new pool
+        parsers = _children(d.proc.pid)
+        d.kill()  # SIGKILL: no clean-up in the daemon
+        deadline = time.monotonic() + 10
+        while parsers & {int(p.name) for p in pathlib.Path("/proc").glob("[0-9]*")}:
+            assert time.monotonic() < deadline, f"left behind: {parsers}"
+            time.sleep(0.1)
+    finally:
+        d.stop()
 
 
 # -- auth ------------------------------------------------------------------------------
@@ -268,7 +444,22 @@ def test_cli_against_the_daemon(daemon, tmp_path, capsys, monkeypatch):
         _, out, _ = run_main(capsys, "status", job_id)
         assert "queued" in out and "submitted" in out
         assert run_main(capsys, "cancel", job_id)[1].strip() == f"{job_id}: cancelled"
-        assert "cancelled while queued" in run_main(capsys, "logs", job_id, "-f")[1]
+        assert re.search("cancelled.* while queued", run_main(capsys, "logs", job_id, "-f")[1])
+
+
+def test_cli_jobs_follows_every_page_or_stops_at_limit_with_a_hint(daemon, capsys):
+    ids = [daemon.submit(tiny_spec(f"p{i}")) for i in range(5)]
+    with api_in_thread(daemon, limits=Limits(default_page=2)) as url:  # 3 pages
+        code, out, err = run_main(capsys, "jobs", "--server", url)
+        assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ids
+        assert err == ""
+        code, out, err = run_main(capsys, "jobs", "--limit", "3", "--server", url)
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ids[:3]
+        hint = err.strip()
+        assert hint.startswith("more jobs: autobatch jobs --cursor ") and "--limit 3" in hint
+        cursor = hint.split("--cursor ")[1].split()[0]
+        _, out, err = run_main(capsys, "jobs", "--json", "--cursor", cursor, "--server", url)
+        assert [j["id"] for j in json.loads(out)] == ids[3:] and err == ""
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,26 @@ def test_records_survive_reopening_and_the_journal_is_wal(tmp_path):
     again.close()
 
 
+def test_pages_follow_the_queue_order_from_a_cursor(store):
+    for i in range(7):
+        store.add(f"j-{i}", "j", {})
+    store.set_state("j-2", "cancelled", "test")
+    store.update("j-3", progress={"step": 4, "total_steps": 10})
+    rows, cursor = store.page(limit=3)
+    assert [r["id"] for r in rows] == ["j-0", "j-1", "j-2"] and cursor == 3  # seq of j-2
+    rows, cursor = store.page(limit=3, after=cursor)
+    assert [r["id"] for r in rows] == ["j-3", "j-4", "j-5"]
+    assert (rows[0]["step"], rows[0]["total_steps"]) == (4, 10)
+    rows, cursor = store.page(limit=3, after=cursor)
+    assert [r["id"] for r in rows] == ["j-6"] and cursor is None
+    rows, cursor = store.page(limit=6)  # exactly the rest: no empty page after it
+    assert len(rows) == 6 and cursor == 6
+    assert store.page(limit=6, after=cursor) == ([store.page(after=6)[0][0]], None)
+    queued, cursor = store.page("queued", limit=2, after=2)  # a state, from a cursor
+    assert [r["id"] for r in queued] == ["j-3", "j-4"] and cursor == 5
+    assert store.page("running") == ([], None)
+
+
 def test_a_restarted_daemon_requeues_active_jobs_and_says_why(tmp_path):
     from daemon_util import tiny_spec
 

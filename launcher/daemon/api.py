@@ -1,40 +1,50 @@
 """The daemon's HTTP JSON API (FastAPI): jobs, logs, health, metrics; OpenAPI at /openapi.json.
 
     POST /v1/jobs                 a job spec (JSON, or YAML with a yaml content type) -> id
-    GET  /v1/jobs                 every job, in queue order (?state=running)
+    GET  /v1/jobs                 jobs in queue order, a page at a time (?state=running
+                                  &limit=100&cursor=<next_cursor of the previous page>)
     GET  /v1/jobs/{id}            state, plan, progress, restarts, last error, transitions
     POST /v1/jobs/{id}/cancel     stop the job's actors, free its devices
     GET  /v1/jobs/{id}/logs       the job log (?tail=N, 0: all; ?follow=true streams until it ends)
     GET  /healthz                 liveness (never needs the token)
     GET  /metrics                 Prometheus exposition: job states and every running rank
 
-Two ASGI layers wrap the app: a bearer-token check (constant time; every route
-but /healthz) and a request body cap (413 over `max_body` bytes). Invalid specs
-answer 422 with the field path of each problem; unknown ids 404.
+No request can cost the daemon more than `Limits` allows (launcher.daemon.limits):
+the connection, token and body guards wrap the app (launcher.daemon.guards); a
+body is parsed (launcher.daemon.body) and validated in a small pool of threads,
+never on the event loop, and every route that reads the store or a file does it
+off the loop too. Invalid specs answer 422 with the field path of each problem,
+a spec the daemon would store over `max_spec_bytes` 413, unknown ids 404.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import os
+import pathlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-import yaml
+import pydantic_core
 from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel
 
+from launcher.daemon.body import BodyError, BodyParser
 from launcher.daemon.daemon import Daemon, InvalidSpec, JobStateError
+from launcher.daemon.guards import BearerAuth, BodyCap
+from launcher.daemon.limits import Limits
 from launcher.daemon.store import STATES, TERMINAL, UnknownJob
 from launcher.job.spec import JobSpec
 
-MAX_BODY = 1 << 20
 State = Literal["queued", "probing", "running", "restarting", "succeeded", "failed", "cancelled"]
 assert tuple(State.__args__) == STATES  # the Literal and the store agree
+_CHUNK = 64 << 10  # log files are read and sent this much at a time
+_MAX_ERRORS, _MAX_DETAIL = 50, 8192  # what a 422 lists of an invalid spec's problems
 
 
 class JobBrief(BaseModel):
@@ -51,9 +61,21 @@ class JobBrief(BaseModel):
     last_error: str | None
 
 
-def create_app(daemon: Daemon, *, token: str | None = None, max_body: int = MAX_BODY) -> Any:
-    """The ASGI application: FastAPI routes inside the auth and body-cap layers."""
+class JobPage(BaseModel):
+    """GET /v1/jobs: one page of jobs in queue order."""
+
+    jobs: list[JobBrief]
+    # give it as ?cursor= for the next page; null on the last page
+    next_cursor: str | None
+
+
+def create_app(daemon: Daemon, *, token: str | None = None, limits: Limits | None = None) -> Any:
+    """The ASGI application: FastAPI routes inside the auth and body guards."""
+    limits = limits or Limits()
     app = FastAPI(title="autobatch daemon", version="1", docs_url=None, redoc_url=None)
+    parser = BodyParser(limits.parse_workers)
+    parser.start()
+    specs = ThreadPoolExecutor(limits.parse_workers, thread_name_prefix="api-spec")
 
     @app.exception_handler(UnknownJob)
     async def _unknown(request: Request, exc: UnknownJob) -> JSONResponse:
@@ -61,7 +83,15 @@ def create_app(daemon: Daemon, *, token: str | None = None, max_body: int = MAX_
 
     @app.exception_handler(InvalidSpec)
     async def _invalid(request: Request, exc: InvalidSpec) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "errors": exc.errors}, status_code=422)
+        detail, errors = str(exc), exc.errors[:_MAX_ERRORS]  # 10,000 unknown keys: 10,000 errors
+        if len(detail) > _MAX_DETAIL or len(exc.errors) > _MAX_ERRORS:
+            detail = f"{detail[:_MAX_DETAIL]} ... ({len(exc.errors)} problems in all)"
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+    @app.exception_handler(BodyError)
+    async def _body(request: Request, exc: BodyError) -> JSONResponse:
+        errors = [{"loc": exc.loc, "msg": str(exc)}]
+        return JSONResponse({"detail": str(exc), "errors": errors}, status_code=exc.status)
 
     @app.exception_handler(JobStateError)
     async def _conflict(request: Request, exc: JobStateError) -> JSONResponse:
@@ -69,22 +99,32 @@ def create_app(daemon: Daemon, *, token: str | None = None, max_body: int = MAX_
 
     @app.post("/v1/jobs", status_code=201, openapi_extra=_spec_body())
     async def submit(request: Request) -> dict[str, str]:
-        data = _parse_body(await request.body(), request.headers.get("content-type", ""))
-        job_id = await asyncio.to_thread(daemon.submit, data)
+        body, ctype = await request.body(), request.headers.get("content-type", "")
+        data = await parser.parse(body, ctype, limits)
+        loop = asyncio.get_running_loop()
+        job_id = await loop.run_in_executor(specs, _submit, daemon, data, limits)
         return {"id": job_id, "state": "queued"}
 
-    @app.get("/v1/jobs", response_model=list[JobBrief])
-    async def jobs(state: State | None = None) -> Response:
+    @app.get("/v1/jobs", response_model=JobPage)
+    async def jobs(
+        state: State | None = None,
+        limit: int = Query(limits.default_page, ge=1, le=limits.max_page),
+        cursor: str | None = Query(
+            None, pattern=r"^[0-9]{1,18}$", description="next_cursor of the previous page"
+        ),
+    ) -> Response:
         # Serialised here, not by FastAPI: a listing is the hot path (see bench_daemon.py).
-        briefs = await asyncio.to_thread(daemon.store.briefs, state)
-        return Response(json.dumps(briefs).encode(), media_type="application/json")
+        rows, after = await asyncio.to_thread(
+            daemon.store.page, state, limit=limit, after=int(cursor or 0)
+        )
+        page = {"jobs": rows, "next_cursor": None if after is None else str(after)}
+        return Response(_json(page), media_type="application/json")
 
     @app.get("/v1/jobs/{job_id}")
-    async def job(job_id: str) -> dict[str, Any]:
-        rec = await asyncio.to_thread(daemon.store.get, job_id)
-        out = rec.to_dict()
-        out["transitions"] = [t.__dict__ for t in daemon.store.transitions(job_id)]
-        return out
+    async def job(job_id: str) -> Response:
+        return Response(
+            await asyncio.to_thread(_job, daemon, job_id), media_type="application/json"
+        )
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str) -> dict[str, str]:
@@ -95,14 +135,10 @@ def create_app(daemon: Daemon, *, token: str | None = None, max_body: int = MAX_
     async def logs(
         job_id: str, tail: int = Query(200, ge=0, le=100_000), follow: bool = False
     ) -> Response:
-        path = daemon.log_path(job_id)
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        lines = text.splitlines(keepends=True)
-        head = "".join(lines[-tail:] if tail else lines)  # tail=0: the whole log
-        if not follow:
-            return PlainTextResponse(head)
+        path = await asyncio.to_thread(daemon.log_path, job_id)
+        start = await asyncio.to_thread(_tail_start, path, tail)  # tail=0: the whole log
         return StreamingResponse(
-            _follow(daemon, job_id, head, len(text.encode())), media_type="text/plain"
+            _stream_log(daemon, job_id, path, start, follow), media_type="text/plain; charset=utf-8"
         )
 
     @app.get("/healthz")
@@ -125,7 +161,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, max_body: int = MAX_
         return app.openapi_schema
 
     app.openapi = openapi
-    return BodyCap(BearerAuth(app, token), max_body)
+    return BodyCap(BearerAuth(app, token), limits)
 
 
 def _spec_body() -> dict[str, Any]:
@@ -140,91 +176,75 @@ def _spec_body() -> dict[str, Any]:
     }
 
 
-def _parse_body(body: bytes, content_type: str) -> Any:
-    is_yaml = "yaml" in content_type
+def _submit(daemon: Daemon, data: Any, limits: Limits) -> str:
+    """Validate, bound and queue one parsed spec (in a worker thread); the job's id."""
+    size = len(daemon.validate(data).model_dump_json())
+    if size > limits.max_spec_bytes:
+        raise BodyError(
+            f"the job spec is {size} bytes as JSON (with its defaults); the daemon stores at "
+            f"most {limits.max_spec_bytes} (max_spec_bytes)",
+            status=413,
+        )
+    return daemon.submit(data)
+
+
+def _job(daemon: Daemon, job_id: str) -> bytes:
+    out = daemon.store.get(job_id).to_dict()
+    out["transitions"] = [t.__dict__ for t in daemon.store.transitions(job_id)]
+    return _json(out)
+
+
+def _json(value: Any) -> bytes:
+    """Strict JSON; NaN and infinities (a diverged loss in `progress`) become null."""
     try:
-        text = body.decode("utf-8")
-        return yaml.safe_load(text) if is_yaml else json.loads(text)
-    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        kind = "YAML" if is_yaml else "JSON (send YAML with Content-Type: application/yaml)"
-        msg = f"the body is not valid {kind}: {str(exc).splitlines()[0] if str(exc) else exc}"
-        raise InvalidSpec(msg, [{"loc": ["body"], "msg": msg}]) from None
+        return json.dumps(value, allow_nan=False).encode()
+    except ValueError:
+        return pydantic_core.to_json(value, inf_nan_mode="null")
 
 
-async def _follow(daemon: Daemon, job_id: str, head: str, offset: int) -> AsyncIterator[bytes]:
-    yield head.encode()
-    path = daemon.log_path(job_id)
+def _tail_start(path: pathlib.Path, lines: int) -> int:
+    """The offset where the last `lines` lines of the file begin (0: the whole file)."""
+    if lines == 0 or not path.exists():
+        return 0
+    with path.open("rb") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        found = 0
+        while pos > 0:
+            start = max(0, pos - _CHUNK)
+            f.seek(start)
+            block = f.read(pos - start)
+            i = len(block)
+            while (i := block.rfind(b"\n", 0, i)) >= 0:
+                if start + i != end - 1:  # the newline that ends the file ends the last line
+                    found += 1
+                    if found == lines:
+                        return start + i + 1
+            pos = start
+    return 0
+
+
+def _read_from(path: pathlib.Path, offset: int) -> bytes:
+    if not path.exists():
+        return b""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(_CHUNK)
+
+
+async def _stream_log(
+    daemon: Daemon, job_id: str, path: pathlib.Path, offset: int, follow: bool
+) -> AsyncIterator[bytes]:
+    """The log from `offset`, a chunk at a time; with `follow`, until the job has ended."""
     while True:
-        state = daemon.store.get(job_id).state
-        size = path.stat().st_size if path.exists() else 0
-        if size > offset:
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read(size - offset)
-            offset = size
+        chunk = await asyncio.to_thread(_read_from, path, offset)
+        if chunk:
+            offset += len(chunk)
             yield chunk
-        elif state in TERMINAL:
+            continue
+        if not follow:
             return
+        state = (await asyncio.to_thread(daemon.store.get, job_id)).state
+        if state in TERMINAL:
+            follow = False  # send what the log holds now, then end
+            continue
         await asyncio.sleep(0.2)
-
-
-class BearerAuth:
-    """Every path but /healthz needs `Authorization: Bearer <token>` when a token is set."""
-
-    def __init__(self, app: Any, token: str | None) -> None:
-        self.app, self.token = app, (token or "").encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.token and scope["path"] != "/healthz":
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, given = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-                response = JSONResponse(
-                    {"detail": "missing or wrong token: send Authorization: Bearer <token>"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyCap:
-    """Reads the whole body first (at most `max_body` bytes), answers 413 beyond it."""
-
-    def __init__(self, app: Any, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
-        chunks, size, more = [], 0, not too_big
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body:
-                too_big = True
-                break
-        if too_big:
-            response = JSONResponse(
-                {"detail": f"request body over {self.max_body} bytes"}, status_code=413
-            )
-            await response(scope, receive, send)
-            return
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)

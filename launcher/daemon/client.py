@@ -55,8 +55,28 @@ class DaemonClient:
             "POST", "/v1/jobs", content=body, headers={"Content-Type": ctype}
         ).json()["id"]
 
-    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/jobs", params={"state": state} if state else None).json()
+    def jobs_page(
+        self, state: str | None = None, *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of GET /v1/jobs: {"jobs": [...], "next_cursor": str | None}."""
+        params = {"state": state, "limit": limit, "cursor": cursor}
+        params = {k: v for k, v in params.items() if v is not None}
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def jobs(
+        self, state: str | None = None, *, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Jobs in queue order, following pages: all of them, or the first `limit`; and the
+        cursor where the listing stopped (None: nothing more)."""
+        rows: list[dict[str, Any]] = []
+        while limit is None or len(rows) < limit:
+            want = None if limit is None else min(limit - len(rows), 1000)
+            page = self.jobs_page(state, limit=want, cursor=cursor)
+            rows += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return rows, cursor
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
@@ -132,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         checkpoint_root=args.checkpoint_root,
         task_modules=tuple(args.task_module or ()),
+        run_jobs=not args.api_only,
     )
 
 
@@ -147,9 +168,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    rows = _client(args).jobs(args.state)
+    rows, cursor = _client(args).jobs(args.state, limit=args.limit, cursor=args.cursor)
+    more = (
+        f"more jobs: autobatch jobs --cursor {cursor}"
+        f"{f' --limit {args.limit}' if args.limit else ''}"
+        f"{f' --state {args.state}' if args.state else ''}"
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
+        if cursor is not None:
+            print(more, file=sys.stderr)
         return 0
     print(f"{'ID':<28} {'STATE':<11} {'STEP':>11} {'RESTARTS':>8}  LAST ERROR")
     for r in rows:
@@ -157,6 +185,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(
             f"{r['id']:<28} {r['state']:<11} {step:>11} {r['restarts']:>8}  {r['last_error'] or ''}"
         )
+    if cursor is not None:
+        print(more, file=sys.stderr)
     return 0
 
 
@@ -194,6 +224,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def add_commands(sub: Any) -> None:
     """Register the daemon's subcommands on the `autobatch` parser's subparsers."""
     from launcher.daemon.serve import DEFAULT_PORT
@@ -221,6 +261,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--task-module", action="append", help="allow tasks from this module prefix (repeat)"
     )
+    s.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the API and queue jobs, but run none and start no Ray (tests, benchmarks)",
+    )
     s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -230,8 +275,10 @@ def add_commands(sub: Any) -> None:
     common(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list the daemon's jobs")
+    p = sub.add_parser("jobs", help="list the daemon's jobs (every page, or --limit)")
     p.add_argument("--state", help="only jobs in this state")
+    p.add_argument("--limit", type=_positive, help="at most this many (default: all)")
+    p.add_argument("--cursor", help="start after this cursor (printed when more are left)")
     p.add_argument("--json", action="store_true")
     common(p)
     p.set_defaults(func=cmd_jobs)

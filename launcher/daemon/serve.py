@@ -1,6 +1,9 @@
 """`autobatch serve`: the daemon's process: Ray, the job threads, the HTTP API (uvicorn).
 
-Refuses to listen beyond loopback without a token. SIGTERM/SIGINT stop it
+Refuses to listen beyond loopback without a token. The HTTP server runs with the
+guards of launcher.daemon.guards (connection cap, deadlines for request heads and
+bodies). `run_jobs=False` (`--api-only`) serves the API and queues jobs but runs
+none and starts no Ray: for tests and benchmarks of the API. SIGTERM/SIGINT stop it
 gracefully (running jobs go back to the queue and resume at the next start);
 SIGKILL loses nothing either (see launcher.daemon.daemon).
 """
@@ -14,6 +17,7 @@ import socket
 import sys
 
 from autobatch.errors import AutobatchError
+from launcher.daemon.limits import Limits
 
 DEFAULT_PORT = 8470
 
@@ -49,12 +53,17 @@ def serve(
     num_cpus: int = 16,
     checkpoint_root: str | None = None,
     task_modules: tuple[str, ...] = (),
+    run_jobs: bool = True,
+    limits: Limits | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     import uvicorn
 
     from launcher.daemon.api import create_app
     from launcher.daemon.daemon import Daemon
+    from launcher.daemon.guards import uvicorn_config
+
+    limits = limits or Limits()
 
     token = token or os.environ.get("AUTOBATCH_TOKEN") or None
     check_bind(host, token)
@@ -74,13 +83,12 @@ def serve(
         checkpoint_root=checkpoint_root,
         task_modules=task_modules,
         metrics_url=f"http://{url_host}:{port}/metrics",
+        run_jobs=run_jobs,
     )
     try:
         daemon.start()
-        app = create_app(daemon, token=token)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
-        )
+        app = create_app(daemon, token=token, limits=limits)
+        server = uvicorn.Server(uvicorn_config(app, limits, timeout_graceful_shutdown=5))
         print(
             f"autobatch daemon on http://{url_host}:{port} (state {pathlib.Path(state_dir)})",
             flush=True,

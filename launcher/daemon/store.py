@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS transitions (
     reason TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
 
 
@@ -199,22 +200,32 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
         return [_record(r) for r in rows]
 
-    def briefs(self, state: str | None = None) -> list[dict[str, Any]]:
-        """What a job listing shows, in queue order: no spec, plan or summary to decode."""
+    def page(
+        self, state: str | None = None, *, limit: int = 100, after: int = 0
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """A page of what a job listing shows, in queue order: up to `limit` jobs after the
+        cursor `after` (0: from the start), and the cursor of the next page (None: none).
+
+        Keyset pagination on the queue order: a job submitted meanwhile never shifts a page.
+        No spec, plan or summary is decoded.
+        """
         query = (
-            "SELECT id, name, state, created, updated, json_extract(progress, '$.step'), "
-            "json_extract(progress, '$.total_steps'), restarts, last_error FROM jobs"
+            "SELECT seq, id, name, state, created, updated, json_extract(progress, '$.step'), "
+            "json_extract(progress, '$.total_steps'), restarts, last_error FROM jobs "
+            "WHERE seq > ?"
         )
-        args: tuple = ()
+        args: tuple = (after,)
         if state:
-            query, args = query + " WHERE state = ?", (state,)
+            query, args = query + " AND state = ?", (after, state)
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+            rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
         keys = (
             "id", "name", "state", "created", "updated", "step", "total_steps", "restarts",
             "last_error",
         )  # fmt: skip
-        return [dict(zip(keys, r)) for r in rows]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [dict(zip(keys, r[1:])) for r in rows], rows[-1][0] if more else None
 
     def transitions(self, job_id: str) -> list[Transition]:
         self.get(job_id)  # 404 for unknown ids
