@@ -1,71 +1,99 @@
 """Heterogeneous DDP on one NVIDIA GPU: ranks with different memory caps, probed, planned, trained.
 
-    .venv/bin/python benchmarks/gpu_check.py [--caps-gib 4 2.5 1.5] [--steps 30] [--no-write]
+    OUT=<dir> bash benchmarks/gpu_run.sh      # this and gpu_probe_check.py, see there
+    python3 benchmarks/gpu_check.py [--caps-gib 4 2.5 1.5] [--steps 30] [--rounds 2]
+        [--time-limit S] [--no-write] [--cpu] [--plant-failure RANK]
 
-Three processes (one per entry of --caps-gib) share GPU 0. NCCL refuses two
-ranks on one GPU, so they form a gloo process group, which all-reduces CUDA
-tensors. Each caps its allocator with torch.cuda.set_per_process_memory_fraction,
-so each has a different largest micro-batch. Then, with a small GPT in bf16
-(fp16 where the GPU has no bf16) and AdamW(foreach=True):
+Runs from a bare checkout with the machine's python (torch and numpy; the
+repository goes on sys.path, see gpu_common.py). Three processes (one per entry
+of --caps-gib) share GPU 0. NCCL refuses two ranks on one GPU, so they form a
+gloo process group. Each caps its allocator with
+torch.cuda.set_per_process_memory_fraction, so each has a different largest
+micro-batch. Then, with a small GPT in bf16 (fp16 where the GPU has no bf16) and
+AdamW(foreach=True), in phases:
 
-1. probe: each rank in turn runs `profile_model` (at most 4 measured steps), the
-   others wait, so timings are not disturbed;
+1. probe: each rank in turn runs `profile_model(backend="gloo")` (at most 4
+   measured steps; DDP's gradient buckets reserved, no NCCL buffers: gloo keeps
+   its buffers in host memory), the others wait, so timings are not disturbed;
 2. plan: the capacities are all-gathered, every rank computes the same
    `make_plan` (and `equal_split_plan`, today's DDP recipe);
-3. train `--steps` optimizer steps with the plan, then as many with the equal
-   split, from the same initial weights, with the library's Accumulator under
-   DDP (sync_loss=False and the default agree_on_oom=False, so the gradient
-   all-reduce is the only collective of a step; the launcher's worker adds two,
-   see bench_hetero). A DDP communication hook counts gradient all-reduces, and
-   `dist.all_reduce` is wrapped to count any other all-reduce. An out-of-memory
-   ends the check with an error naming the rank and step.
+3. gradients: the first step's gradient under the plan (and in fp32 under a plan
+   at a third of each limit: fp32 activations are larger), kept for the
+   single-process full-batch reference the parent computes at the end;
+4. runs: `--steps` optimizer steps per run from the same initial weights, the
+   plan and the equal split alternating (plan, equal split, equal split, plan
+   for --rounds 2), with the library's Accumulator under DDP (sync_loss=False, so
+   the gradient all-reduce is the only collective of a step; the launcher's
+   worker adds one, see bench_hetero). A DDP communication hook counts gradient
+   buckets and `dist.all_reduce` is wrapped to count any other all-reduce.
 
-It reports per rank: the cap, the planned micro-batches (size and accumulation),
-the peak predicted by the probe for that micro-batch (plus DDP's gradient
-buckets, which the single-process probe does not hold) against the allocator's
-measured peak, and OOMs; the gradient of the first step (after DDP's all-reduce,
-before the optimizer) against a single-process full-batch reference computed
-afterwards in this process without a cap, as a relative L2 error (next to the
-error of the bf16 reference itself against fp32, the precision's own noise), and
-the same in fp32 with a plan at a third of each limit (fp32 activations are larger)
-against the fp32 reference (exact up to rounding);
-synced backwards and all-reduces per step; samples/s of the plan and of the
-equal split (steps after the first `WARMUP`, wall time on rank 0).
+The gradient all-reduce goes through host memory: the comm hook copies each
+bucket to the host, all-reduces it there (one all-reduce per bucket, as DDP's
+default hook) and copies it back, in the runs and in the first-step gradients.
+gloo on CUDA tensors is deprecated in torch and has had gradient-corruption bugs
+in DDP's futures: staged, such a bug cannot show up as a failure of the library.
+DDP's start-up broadcasts are skipped (every rank builds the same seeded weights);
+its one other collective, a broadcast of bucket indices after the first step,
+stays on the GPU, and the set-up phase tries such a broadcast first.
 
-All ranks share one GPU's compute: each rank's time model is measured alone,
-but in training the three processes' kernels interleave, so the planner's
-predicted step time is optimistic; the plan and the equal split share the GPU
-alike, so their ratio compares like with like.
+It reports per rank: the cap, the planned micro-batches, the probe's predicted
+peak for that micro-batch (plus DDP's buckets, which the single-process probe
+does not hold) against the allocator's measured and reserved peak; synced
+backwards, buckets and other all-reduces per step; the first step's gradient
+against the single-process full-batch reference as a relative L2 error (next to
+the bf16 reference's own error against fp32), and the fp32 plan against the fp32
+reference (exact up to rounding); samples/s of every run (wall time on rank 0,
+steps after the first `WARMUP`). The three ranks share one GPU without MPS, so
+their kernels take turns: the plan-vs-equal-split ratio measured here counts
+micro-steps and communication, not load balance across devices of different
+speeds (every rank computes at the same speed).
 
-The results are printed and, unless --no-write, written into the GPU section of
-benchmarks/RESULTS.md (between the gpu-check markers, which make_results.py
-keeps). `--cpu` runs the same code on the CPU with simulated devices of
---caps-mib, as a functional check on a machine without a GPU (it writes nothing).
-Meant to finish well under 5 minutes on one GPU.
+Failures: the parent and rank 0 print a line per phase as it goes; each rank
+saves what it measured after every phase (a JSON in a work directory, copied
+into $OUT/gpu_check.json while the ranks run). An error in any rank (an
+out-of-memory, a gloo timeout, `--plant-failure RANK`: that rank raises an
+out-of-memory in the second run) is recorded with its phase; the other ranks
+fail at their next collective and record theirs. The report then keeps
+everything measured before the failure and ends with a FAILED section. The work
+directory is removed after a clean run, kept (its path printed) otherwise.
+
+Results are printed and written to $OUT/gpu_check.md and .json when OUT is set;
+on a GPU, unless --no-write, also to this check's part of the GPU section of
+benchmarks/RESULTS.md, passed or FAILED (a failed run is a result too). `--cpu`
+runs the same code on the CPU with simulated devices of --caps-mib, as a
+functional check (it writes $OUT only). Meant to finish in 4 minutes on one GPU.
 """
 
 from __future__ import annotations
+
+import gpu_common  # first: the repository on sys.path, the environment guarded
+
+# isort: split
 
 import argparse
 import contextlib
 import datetime
 import functools
 import gc
+import inspect
 import json
 import math
 import pathlib
+import shutil
+import signal
 import socket
+import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autobatch.planning.plan import Plan
@@ -84,18 +112,23 @@ CPU_MODEL = {"seq_len": 64}  # the demo's tiny GPT, for --cpu
 GLOBAL_BATCH = 64
 WARMUP = 5  # steps not timed
 SEED = 0
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+COLLECTIVE_TIMEOUT_S = 90  # gloo: a rank that waits longer for the others fails
+GRACE_S = 30  # after a rank failed, how long the others get to record their own error
+PLANTED_STEP = 2  # --plant-failure: the step of the second run where that rank fails
+TITLE = "gpu_check.py: 3 ranks with different memory caps on one GPU"
 
 
 @dataclass(frozen=True)
 class Settings:
     caps_bytes: tuple[int, ...]  # one rank per cap
     steps: int
+    rounds: int
     cpu: bool
     precision: str
     port: int
-    out_dir: str
+    work_dir: str
+    t0: float  # the parent's start (time.time()), for progress lines
+    plant_failure: int | None = None
 
     @property
     def world(self) -> int:
@@ -103,6 +136,13 @@ class Settings:
 
     def task(self) -> Task:
         return _task(self.cpu)
+
+    def run_order(self) -> list[str]:
+        """The plan and the equal split, alternating which goes first: ABBA..."""
+        order: list[str] = []
+        for i in range(self.rounds):
+            order += ["plan", "equal split"][:: 1 if i % 2 == 0 else -1]
+        return order
 
 
 @functools.cache
@@ -115,7 +155,25 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------
-# counting collectives
+# the gradient all-reduce, staged through host memory, and counting collectives
+
+
+def host_staged_allreduce(process_group, bucket):  # noqa: ANN001, ANN201  (DDP checks annotations)
+    """DDP comm hook: the bucket's mean over ranks, all-reduced in host memory.
+
+    One all-reduce per bucket, as DDP's default hook, but never on CUDA tensors: the
+    bucket is copied to the host (blocking), all-reduced there and copied back, and
+    the future is returned complete."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    host = buffer.cpu() if buffer.is_cuda else buffer
+    host.div_(dist.get_world_size(group))
+    dist.all_reduce(host, group=group)  # looked up at call time: `Collectives` counts it
+    if host is not buffer:
+        buffer.copy_(host)
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
 
 
 class Collectives:
@@ -136,7 +194,7 @@ class Collectives:
     def hook(self, state, bucket):  # noqa: ANN001, ANN201  (DDP checks real annotations)
         self.bucket_calls += 1
         self.synced_backwards += int(bucket.is_last())
-        return default_hooks.allreduce_hook(state, bucket)
+        return host_staged_allreduce(state, bucket)
 
     def counts(self) -> tuple[int, int, int]:
         return self.synced_backwards, self.bucket_calls, self.all_reduce_calls - self.bucket_calls
@@ -164,6 +222,39 @@ class GradSnapshot(torch.optim.Optimizer):
 # one rank
 
 
+class RankLog:
+    """What one rank measured so far, saved after every phase (the parent reads it)."""
+
+    def __init__(self, settings: Settings, rank: int) -> None:
+        self.rank, self.t0 = rank, settings.t0
+        self.path = pathlib.Path(settings.work_dir) / f"rank{rank}.json"
+        self.data: dict[str, Any] = {
+            "rank": rank,
+            "cap_bytes": settings.caps_bytes[rank],
+            "current": "start",
+            "phases": [],
+            "runs": [],
+            "done": False,
+            "error": None,
+        }
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.data["current"] = name
+        self.save()
+        t = time.time()
+        yield
+        self.data["phases"].append({"phase": name, "s": round(time.time() - t, 2)})
+        self.save()
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[gpu_check +{time.time() - self.t0:5.1f} s] {text}", flush=True)
+
+    def save(self) -> None:
+        gpu_common.atomic_write_json(self.path, self.data)
+
+
 def device_info(settings: Settings, rank: int) -> tuple[DeviceInfo, torch.device]:
     """This rank's device: GPU 0 capped to its fraction, or a simulated CPU device."""
     cap = settings.caps_bytes[rank]
@@ -171,21 +262,8 @@ def device_info(settings: Settings, rank: int) -> tuple[DeviceInfo, torch.device
         return SimulatedDevice(f"cpu-cap{rank}", cap).info(rank), torch.device("cpu")
     device = torch.device("cuda:0")
     torch.cuda.set_device(device)
-    free, total = torch.cuda.mem_get_info(device)
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    props = torch.cuda.get_device_properties(device)
-    info = DeviceInfo(
-        index=0,
-        uuid=str(getattr(props, "uuid", "GPU-0")),
-        name=props.name,
-        total_bytes=total,
-        free_bytes=free,
-        used_bytes=total - free,
-        compute_capability=(props.major, props.minor),
-        bf16_supported=torch.cuda.is_bf16_supported(),
-        pci_bus_id=None,
-        torch_device="cuda:0",
-    )
+    info = gpu_common.cuda_device_info(0)
+    torch.cuda.set_per_process_memory_fraction(cap / info.total_bytes, device)
     return info, device
 
 
@@ -199,7 +277,7 @@ def probe_in_turn(settings: Settings, rank: int, info: DeviceInfo) -> ModelProfi
                 info,
                 make_optimizer=adamw,
                 precision=settings.precision,
-                distributed=True,
+                backend="gloo",  # what this check's process group is: no NCCL reserve
             )
         dist.barrier()
     assert profile is not None
@@ -218,6 +296,7 @@ class RunStats:
     other_all_reduces_per_step: tuple[int, ...]
     first_loss: float
     last_loss: float
+    losses: list[float] = field(default_factory=list)
 
 
 class _Peak:
@@ -246,39 +325,58 @@ class _Peak:
         return torch.cuda.max_memory_allocated(d), torch.cuda.max_memory_reserved(d)
 
 
-def train(settings: Settings, rank: int, device: torch.device, plan: Plan) -> RunStats:
-    """`settings.steps` steps of `plan` from the seeded initial weights."""
+def _ddp(model: torch.nn.Module, device: torch.device, hook: Any) -> DDP:
+    """DDP with `hook` for the gradient all-reduce. Every rank builds the same seeded
+    weights, so DDP's start-up broadcasts (gloo on CUDA tensors) are skipped where this
+    torch can (init_sync, torch >= 2.6); the model has no buffers to broadcast."""
+    kwargs: dict[str, Any] = {"broadcast_buffers": False}
+    if "init_sync" in inspect.signature(DDP.__init__).parameters:
+        kwargs["init_sync"] = False
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
+    ddp.register_comm_hook(None, hook)
+    return ddp
+
+
+def train(
+    settings: Settings, rank: int, device: torch.device, plan: Plan, *, fail_at: int | None = None
+) -> RunStats:
+    """`settings.steps` steps of `plan` from the seeded initial weights (`fail_at`: raise an
+    out-of-memory at that step, a planted failure)."""
     task = settings.task()
     torch.manual_seed(SEED)
     model = task.build_model().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     counter = Collectives()
-    ddp.register_comm_hook(None, counter.hook)
+    ddp = _ddp(model, device, counter.hook)
     opt = adamw(model)
     acc = Accumulator(ddp, opt, precision=settings.precision)
     sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
     peak = _Peak(device, model, opt)
     syncs, buckets, others, losses = [], [], [], []
     t0 = 0.0
-    for step in range(settings.steps):
-        if step == WARMUP:
-            _sync(device)
-            t0 = time.perf_counter()
-        batches = [to_device(task.batch(i), device) for i in sampler.micro_batches(plan, rank)]
-        n_items = task.count_items(sampler.global_batch())
-        before = counter.counts()
-        with peak, _no_oom(f"rank {rank}, step {step}, {plan.ranks[rank].micro_batches}"):
-            result = acc.step(batches, task.loss_fn, global_items=n_items, sync_loss=False)
-        _append_counts(before, counter.counts(), syncs, buckets, others)
-        losses.append(result.loss)
-        sampler.advance()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    loss = torch.tensor([losses[0], losses[-1]], dtype=torch.float64)
-    counter.close()
+    try:
+        for step in range(settings.steps):
+            if step == WARMUP:
+                _sync(device)
+                t0 = time.perf_counter()
+            batches = [to_device(task.batch(i), device) for i in sampler.micro_batches(plan, rank)]
+            n_items = task.count_items(sampler.global_batch())
+            before = counter.counts()
+            with peak, _no_oom(f"rank {rank}, step {step}, {plan.ranks[rank].micro_batches}"):
+                if step == fail_at:
+                    raise torch.OutOfMemoryError(f"planted failure (--plant-failure {rank})")
+                result = acc.step(batches, task.loss_fn, global_items=n_items, sync_loss=False)
+            _append_counts(before, counter.counts(), syncs, buckets, others)
+            losses.append(result.loss)
+            sampler.advance()
+            del batches
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        counter.close()
+    loss = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(loss)  # after the counted steps: each rank held its part of the loss
     peak_bytes, reserved = peak.result()
-    del ddp, model, opt, acc
+    del ddp, model, opt, acc, peak
     _free(device)
     return RunStats(
         samples_per_s=plan.global_batch_size * (settings.steps - WARMUP) / seconds,
@@ -288,17 +386,21 @@ def train(settings: Settings, rank: int, device: torch.device, plan: Plan) -> Ru
         buckets_per_step=tuple(buckets),
         other_all_reduces_per_step=tuple(others),
         first_loss=float(loss[0]),
-        last_loss=float(loss[1]),
+        last_loss=float(loss[-1]),
+        losses=[round(float(x), 5) for x in loss],
     )
+
+
+class CheckFailure(RuntimeError):
+    """A rank cannot go on (an out-of-memory): the others would wait in the all-reduce."""
 
 
 @contextlib.contextmanager
 def _no_oom(where: str) -> Iterator[None]:
-    """An out-of-memory ends the check: the other ranks would wait in the all-reduce."""
     try:
         yield
     except torch.OutOfMemoryError as exc:
-        raise SystemExit(f"OUT OF MEMORY ({where}): {str(exc).splitlines()[0]}") from None
+        raise CheckFailure(f"OUT OF MEMORY ({where}): {str(exc).splitlines()[0]}") from None
 
 
 def _append_counts(
@@ -315,7 +417,7 @@ def first_step_grads(
     task = settings.task()
     torch.manual_seed(SEED)
     model = task.build_model().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = _ddp(model, device, host_staged_allreduce)
     snapshot = GradSnapshot(model)
     scaler = None  # fp16: a scale of 1, so the first step is not skipped for overflow
     if precision == "fp16":
@@ -323,10 +425,12 @@ def first_step_grads(
     acc = Accumulator(ddp, snapshot, precision=precision, scaler=scaler)
     sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
     batches = [to_device(task.batch(i), device) for i in sampler.micro_batches(plan, rank)]
-    acc.step(batches, task.loss_fn, global_items=task.count_items(sampler.global_batch()))
-    del ddp, model, acc
+    with _no_oom(f"rank {rank}, first step in {precision}, {plan.ranks[rank].micro_batches}"):
+        acc.step(batches, task.loss_fn, global_items=task.count_items(sampler.global_batch()))
+    grads = snapshot.grads
+    del ddp, model, acc, snapshot, batches  # the snapshot holds the parameters too
     _free(device)
-    return snapshot.grads
+    return grads
 
 
 def _sync(device: torch.device) -> None:
@@ -342,63 +446,177 @@ def _free(device: torch.device) -> None:
 
 
 def rank_main(rank: int, settings: Settings) -> None:
+    """One rank (a spawned process): its phases, each saved as it ends; an error is saved
+    with the phase it ended and the process exits 1."""
+    log = RankLog(settings, rank)
     torch.set_num_threads(1)
-    info, device = device_info(settings, rank)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{settings.port}",
-        rank=rank,
-        world_size=settings.world,
-        timeout=datetime.timedelta(seconds=60),
-    )
     try:
+        with log.phase("set-up"):
+            info, device = device_info(settings, rank)
+            log.data["device"] = info.name
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{settings.port}",
+                rank=rank,
+                world_size=settings.world,
+                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            )
+            if device.type == "cuda":  # DDP rebuilds its buckets with one such broadcast
+                dist.broadcast(torch.zeros(1, device=device), src=0)  # gloo on a CUDA tensor
+        run_phases(settings, rank, device, info, log)
+        log.data["done"] = True
+        log.save()
+    except BaseException as exc:
+        log.data["error"] = {
+            "phase": log.data["current"],
+            "at_s": round(time.time() - settings.t0, 1),
+            "error": gpu_common.error_line(exc),
+            "traceback": traceback.format_exc()[-4000:],
+        }
+        log.save()
+        print(
+            f"[gpu_check] rank {rank} FAILED in {log.data['current']}: "
+            f"{gpu_common.error_line(exc)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def run_phases(
+    settings: Settings, rank: int, device: torch.device, info: DeviceInfo, log: RankLog
+) -> None:
+    with log.phase("probe"):
         profile = probe_in_turn(settings, rank, info)
-        capacities: list[Any] = [None] * settings.world
-        dist.all_gather_object(capacities, profile.capacity(f"rank{rank}", info.name))
+        log.data["profile"] = _profile_summary(profile)
+        gathered: list[Any] = [None] * settings.world
+        dist.all_gather_object(gathered, (profile.capacity(f"rank{rank}", info.name), log.data))
+        capacities = [c for c, _ in gathered]
+        for r, (_, other) in enumerate(gathered):
+            p = other["profile"]
+            log.say(
+                f"probe: rank {r} (cap {_mib(other['cap_bytes'])}): largest micro-batch "
+                f"{p['max_micro_batch']}, budget {_mib(p['budget_bytes'])}, reserve "
+                f"{_reserve(p['reserve'])}, {p['measured_steps']} measured steps"
+            )
+    with log.phase("plan"):
         plan = make_plan(GLOBAL_BATCH, capacities)
         if plan.world_size < settings.world:  # a rank left out: this check trains on all
             plan = make_plan(GLOBAL_BATCH, capacities, keep_all=True)
         equal = equal_split_plan(GLOBAL_BATCH, capacities)
-        grads = first_step_grads(settings, rank, device, plan, settings.precision)
         # fp32 activations take about twice the memory: a plan at a third of each limit
         smaller = [replace(c, max_micro_batch=max(1, c.max_micro_batch // 3)) for c in capacities]
         plan32 = make_plan(GLOBAL_BATCH, smaller, keep_all=True)
+        b = plan.ranks[rank].micro_batch_size
+        log.data["profile"]["predicted_peak_bytes"] = profile.peak_bytes(b)
+        log.data.update(
+            plan_json=plan.to_json(indent=None),
+            plan32_micro_batches=[list(r.micro_batches) for r in plan32.ranks],
+            equal_json=equal.to_json(indent=None),
+        )
+        log.say(f"plan: {plan.summary_lines()[0]}; micro-batches {_micro(plan)}")
+        log.say(f"equal split: micro-batches {_micro(equal)}")
+    with log.phase("gradients"):
+        grads = first_step_grads(settings, rank, device, plan, settings.precision)
         grads32 = first_step_grads(settings, rank, device, plan32, "fp32")
         if rank == 0:
-            torch.save({"grads": grads, "grads32": grads32}, f"{settings.out_dir}/grads.pt")
-        runs = {"plan": train(settings, rank, device, plan)}
-        runs["equal split"] = train(settings, rank, device, equal)
-        report = {
-            "rank": rank,
-            "cap_bytes": settings.caps_bytes[rank],
-            "profile": _profile_summary(profile, plan.ranks[rank].micro_batch_size),
-            "plan_json": plan.to_json(indent=None),
-            "plan32_micro_batches": [list(r.micro_batches) for r in plan32.ranks],
-            "equal_json": equal.to_json(indent=None),
-            "runs": {k: asdict(v) for k, v in runs.items()},
-        }
-        pathlib.Path(f"{settings.out_dir}/rank{rank}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+            torch.save({"grads": grads, "grads32": grads32}, f"{settings.work_dir}/grads.pt")
+        del grads, grads32
+        log.say(f"gradients: the first step's in {settings.precision} and in fp32, kept")
+    plans = {"plan": plan, "equal split": equal}
+    order = settings.run_order()
+    for i, label in enumerate(order):
+        name = f"run {i + 1}/{len(order)} ({label})"
+        with log.phase(name):
+            planted = settings.plant_failure == rank and i == 1
+            stats = train(
+                settings, rank, device, plans[label], fail_at=PLANTED_STEP if planted else None
+            )
+            log.data["runs"].append({"label": label, **asdict(stats)})
+            log.say(
+                f"{name}: {stats.samples_per_s:.1f} samples/s, loss {stats.first_loss:.3f} -> "
+                f"{stats.last_loss:.3f}; rank 0 peak {_mib(stats.peak_bytes)}, reserved "
+                f"{_mib(stats.reserved_bytes)}"
+            )
 
 
-def _profile_summary(p: ModelProfile, b: int) -> dict:
-    ddp = dict(p.reserve).get("ddp_gradient_buckets", 0)
+def _reserve(reserve: dict[str, int]) -> str:
+    return ", ".join(f"{k} {_mib(v)}" for k, v in reserve.items()) or "none"
+
+
+def _micro(plan: Plan) -> str:
+    return " | ".join("+".join(map(str, r.micro_batches)) for r in plan.ranks)
+
+
+def _profile_summary(p: ModelProfile) -> dict:
+    reserve = dict(p.reserve)
     return {
         "device": p.device_name,
         "precision": p.precision,
+        "usable_bytes": p.usable_bytes,
         "budget_bytes": p.budget_bytes,
+        "reserve": reserve,
         "max_micro_batch": p.max_micro_batch,
         "measured_steps": p.measured_steps,
-        "predicted_peak_bytes": p.peak_bytes(b),
-        "ddp_bucket_bytes": ddp,
+        "ddp_bucket_bytes": reserve.get("ddp_gradient_buckets", 0),
         "fixed_s": p.fixed_s,
         "per_sample_s": p.per_sample_s,
     }
 
 
 # ---------------------------------------------------------------------------
-# the reference and the report (parent process)
+# the ranks, the reference and the report (parent process)
+
+
+def run_ranks(settings: Settings, record: gpu_common.Record, deadline: float | None) -> None:
+    """Start the ranks and wait: until all exit, `GRACE_S` after the first failure, or the
+    deadline; copies what they measured into the record (and $OUT) as it comes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(r, settings)) for r in range(settings.world)]
+    for p in procs:
+        p.start()
+    failed_at, copied_at = None, 0.0
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.2)
+            now = time.time()
+            if now - copied_at > 5:
+                record.data["ranks"] = read_reports(settings)
+                record.save(results=False)
+                copied_at = now
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = now
+                codes = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode is not None}
+                record.say(f"a rank failed (exit codes {codes}); the others get {GRACE_S} s")
+            if failed_at is not None and now - failed_at > GRACE_S:
+                break
+            if deadline is not None and now > deadline:
+                record.fail("the time limit was reached (--time-limit): ranks stopped")
+                break
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    record.data["exit_codes"] = [p.exitcode for p in procs]
+    record.data["ranks"] = read_reports(settings)
+
+
+def read_reports(settings: Settings) -> list[dict]:
+    out = []
+    for r in range(settings.world):
+        path = pathlib.Path(settings.work_dir) / f"rank{r}.json"
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(path.read_text()))
+    return out
 
 
 def reference_grads(settings: Settings, precision: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -412,7 +630,7 @@ def reference_grads(settings: Settings, precision: str) -> tuple[dict[str, torch
         _free(device)
         if grads is not None:
             return grads, chunk
-    raise SystemExit("the single-process reference does not fit the GPU even in chunks of 4")
+    raise CheckFailure("the single-process reference does not fit the GPU even in chunks of 4")
 
 
 def _reference(
@@ -433,6 +651,20 @@ def _reference(
     return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()}
 
 
+def gradient_errors(settings: Settings, record: gpu_common.Record) -> dict[str, float]:
+    saved = torch.load(f"{settings.work_dir}/grads.pt")
+    record.say("reference: the first global batch in one process, uncapped")
+    ref, chunk = reference_grads(settings, settings.precision)
+    ref32, chunk32 = reference_grads(settings, "fp32")
+    record.data["reference_chunks"] = [chunk, chunk32]
+    return {
+        "plan_vs_ref": rel_error(saved["grads"], ref),
+        "ref_vs_fp32": rel_error(ref, ref32),
+        "plan_vs_fp32": rel_error(saved["grads"], ref32),
+        "plan32_vs_fp32": rel_error(saved["grads32"], ref32),
+    }
+
+
 def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     diff = math.sqrt(sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b))
     norm = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
@@ -443,54 +675,85 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def _set(values: tuple[int, ...]) -> str:
-    return ",".join(map(str, sorted(set(values))))
+def _set(values: tuple[int, ...] | list[int]) -> str:
+    return ",".join(map(str, sorted(set(values)))) or "-"
 
 
-def report_lines(settings: Settings, reports: list[dict], errors: dict[str, float]) -> list[str]:
-    name = "CPU (functional check, --cpu)" if settings.cpu else torch.cuda.get_device_name(0)
-    plan = Plan.from_json(reports[0]["plan_json"])
-    equal = Plan.from_json(reports[0]["equal_json"])
+def _runs(rep: dict, label: str) -> list[dict]:
+    return [run for run in rep.get("runs", []) if run["label"] == label]
+
+
+def report_lines(
+    settings: Settings, reports: list[dict], errors: dict[str, float] | None, gpu: str
+) -> list[str]:
+    """The report from whatever was measured: every rank's plan row once all planned, each
+    completed run, the gradient errors once computed."""
     lines = [
-        f"GPU: {name}; torch {torch.__version__}; {settings.world} ranks on it (gloo); "
-        f"{settings.precision}; model {CPU_MODEL if settings.cpu else GPU_MODEL}; "
-        f"global batch {GLOBAL_BATCH}; {settings.steps} steps per run, the first {WARMUP} "
-        f"not timed; {datetime.datetime.now():%Y-%m-%d %H:%M}",
-        "",
-        "| rank | cap | largest micro-batch (probe) | micro-batches (plan) | accum | "
-        "predicted peak (+DDP buckets) | measured peak | reserved peak | OOM | "
-        "synced backwards / step | gradient buckets / step | other all-reduces / step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"GPU: {gpu}; torch {torch.__version__}; {settings.world} ranks on it (gloo, gradient "
+        f"all-reduce staged through host memory); {settings.precision}; model "
+        f"{CPU_MODEL if settings.cpu else GPU_MODEL}; global batch {GLOBAL_BATCH}; "
+        f"{settings.steps} steps per run, the first {WARMUP} not timed; runs in the order "
+        f"{', '.join(settings.run_order())}; {datetime.datetime.now():%Y-%m-%d %H:%M}",
     ]
-    for rep in reports:
-        r, prof, run = rep["rank"], rep["profile"], rep["runs"]["plan"]
-        me = plan.ranks[r]
+    planned = len(reports) == settings.world and all("plan_json" in r for r in reports)
+    if planned:
+        plan = Plan.from_json(reports[0]["plan_json"])
+        equal = Plan.from_json(reports[0]["equal_json"])
+        lines += [
+            "",
+            "| rank | cap | largest micro-batch (probe) | micro-batches (plan) | accum | "
+            "predicted peak (+DDP buckets) | measured peak | reserved peak | "
+            "synced backwards / step | gradient buckets / step | other all-reduces / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rep in reports:
+            r, prof, runs = rep["rank"], rep["profile"], _runs(rep, "plan")
+            me, predicted = plan.ranks[r], prof["predicted_peak_bytes"]
+            peak = max((run["peak_bytes"] for run in runs), default=None)
+            reserved = max((run["reserved_bytes"] or 0 for run in runs), default=None)
+            lines.append(
+                f"| {r} | {_mib(rep['cap_bytes'])} | {prof['max_micro_batch']} | "
+                f"{'+'.join(map(str, me.micro_batches))} | {me.accumulation_steps} | "
+                f"{_mib(predicted)} ({_mib(predicted + prof['ddp_bucket_bytes'])}) | "
+                f"{_mib(peak)} | {_mib(reserved if not settings.cpu else None)} | "
+                f"{_set([n for run in runs for n in run['syncs_per_step']])} | "
+                f"{_set([n for run in runs for n in run['buckets_per_step']])} | "
+                f"{_set([n for run in runs for n in run['other_all_reduces_per_step']])} |"
+            )
+        lines += [
+            "",
+            f"- plan: {plan.summary_lines()[0]}",
+            f"- equal split: micro-batch {max(r.micro_batch_size for r in equal.ranks)} x "
+            f"{max(r.accumulation_steps for r in equal.ranks)} on every rank",
+        ]
+    runs = reports[0].get("runs", []) if reports else []
+    for i, run in enumerate(runs):
         lines.append(
-            f"| {r} | {_mib(rep['cap_bytes'])} | {prof['max_micro_batch']} | "
-            f"{'+'.join(map(str, me.micro_batches))} | "
-            f"{me.accumulation_steps} | {_mib(prof['predicted_peak_bytes'])} "
-            f"({_mib(prof['predicted_peak_bytes'] + prof['ddp_bucket_bytes'])}) | "
-            f"{_mib(run['peak_bytes'])} | {_mib(run['reserved_bytes'])} | none | "
-            f"{_set(run['syncs_per_step'])} | {_set(run['buckets_per_step'])} | "
-            f"{_set(run['other_all_reduces_per_step'])} |"
+            f"- run {i + 1} ({run['label']}): {run['samples_per_s']:.1f} samples/s; loss "
+            f"{run['first_loss']:.3f} -> {run['last_loss']:.3f}"
         )
-    p, e = (reports[0]["runs"][k] for k in ("plan", "equal split"))
-    lines += [
-        "",
-        f"- plan: {plan.summary_lines()[0]}",
-        f"- equal split: micro-batch {max(r.micro_batch_size for r in equal.ranks)} x "
-        f"{max(r.accumulation_steps for r in equal.ranks)} on every rank",
-        f"- measured: plan {p['samples_per_s']:.1f} samples/s, equal split "
-        f"{e['samples_per_s']:.1f} samples/s: {p['samples_per_s'] / e['samples_per_s']:.2f}x; "
-        f"loss {p['first_loss']:.3f} -> {p['last_loss']:.3f} (plan), "
-        f"{e['first_loss']:.3f} -> {e['last_loss']:.3f} (equal split)",
-        f"- first step's gradient vs the single-process full-batch reference: relative L2 error "
-        f"{errors['plan_vs_ref']:.2e} ({settings.precision} reference); the {settings.precision} "
-        f"reference itself vs fp32: {errors['ref_vs_fp32']:.2e}; plan vs fp32 reference "
-        f"{errors['plan_vs_fp32']:.2e}; in fp32 (a plan at a third of each micro-batch limit, "
-        f"micro-batches {reports[0]['plan32_micro_batches']}) vs the fp32 reference: "
-        f"{errors['plan32_vs_fp32']:.2e}",
-    ]
+    speeds = {
+        k: [r["samples_per_s"] for r in runs if r["label"] == k] for k in ("plan", "equal split")
+    }
+    if all(speeds.values()):
+        plan_s, equal_s = (statistics.median(v) for v in speeds.values())
+        shared = "CPU" if settings.cpu else "GPU (no MPS)"
+        lines.append(
+            f"- plan vs equal split on one shared {shared}: {plan_s / equal_s:.2f}x samples/s "
+            f"(medians of {len(speeds['plan'])} and {len(speeds['equal split'])} runs). The "
+            "ranks take turns on the one device, each computing at the same speed: this ratio "
+            "measures the plans' micro-step counts and communication, not load balance across "
+            "devices of different speeds."
+        )
+    if errors is not None:
+        lines.append(
+            f"- first step's gradient vs the single-process full-batch reference: relative L2 "
+            f"error {errors['plan_vs_ref']:.2e} ({settings.precision} reference); the "
+            f"{settings.precision} reference itself vs fp32: {errors['ref_vs_fp32']:.2e}; plan "
+            f"vs fp32 reference {errors['plan_vs_fp32']:.2e}; in fp32 (a plan at a third of each "
+            f"micro-batch limit, micro-batches {reports[0]['plan32_micro_batches']}) vs the fp32 "
+            f"reference: {errors['plan32_vs_fp32']:.2e}"
+        )
     return lines
 
 
@@ -498,9 +761,11 @@ def verdict(reports: list[dict], errors: dict[str, float]) -> list[str]:
     """The checks that must hold; empty when all do."""
     bad = []
     for rep in reports:
-        for label, run in rep["runs"].items():
+        for run in rep["runs"]:
             if set(run["syncs_per_step"]) != {1} or set(run["other_all_reduces_per_step"]) != {0}:
-                bad.append(f"rank {rep['rank']} {label}: not exactly one gradient all-reduce")
+                bad.append(
+                    f"rank {rep['rank']} {run['label']}: not exactly one gradient all-reduce"
+                )
     if errors["plan_vs_ref"] > max(1e-4, 2 * errors["ref_vs_fp32"]):
         bad.append(f"{reports[0]['profile']['precision']} gradient error above its own noise")
     if errors["plan32_vs_fp32"] > 1e-5:
@@ -508,15 +773,27 @@ def verdict(reports: list[dict], errors: dict[str, float]) -> list[str]:
     return bad
 
 
-def write_results(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    section = "\n".join([BEGIN, *lines, END])
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## GPU check\n\n" + section + "\n"
-    RESULTS.write_text(text)
+def rank_failures(settings: Settings, reports: list[dict], codes: list[int | None]) -> list[str]:
+    """One line per rank that did not finish: its error and phase, or how it ended."""
+    out = []  # (when, line): the first error first, it is likely the cause of the others
+    by_rank = {rep["rank"]: rep for rep in reports}
+    for r in range(settings.world):
+        rep, code = by_rank.get(r), codes[r] if r < len(codes) else None
+        if rep is not None and rep["done"]:
+            continue
+        if rep is None:
+            line = f"rank {r}: exit code {code}, nothing recorded (it died while starting)"
+            out.append((math.inf, line))
+        elif rep["error"]:
+            e = rep["error"]
+            out.append((e["at_s"], f"rank {r} in {e['phase']} at +{e['at_s']} s: {e['error']}"))
+        else:
+            line = (
+                f"rank {r} in {rep['current']}: exit code {code}, no error of its own recorded "
+                "(killed: a signal, the time limit, or after another rank's failure)"
+            )
+            out.append((math.inf, line))
+    return [line for _, line in sorted(out, key=lambda x: x[0])]
 
 
 def free_port() -> int:
@@ -525,68 +802,130 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caps-gib", type=float, nargs="+", default=[4.0, 2.5, 1.5])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, help="per run (default 30; 10 with --cpu)")
+    parser.add_argument("--rounds", type=int, default=2, help="of plan and equal split runs")
+    parser.add_argument("--time-limit", type=float, help="seconds: then stop and report")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--cpu", action="store_true", help="functional check without a GPU")
     parser.add_argument("--caps-mib", type=float, nargs="+", default=[32.0, 12.0, 8.0])
-    args = parser.parse_args()
+    parser.add_argument(
+        "--plant-failure", type=int, metavar="RANK", help="RANK fails in the second run"
+    )
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (10 if args.cpu else 30)
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be > {WARMUP + 1}")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    world = len(args.caps_mib if args.cpu else args.caps_gib)
+    if args.plant_failure is not None and not 0 <= args.plant_failure < world:
+        parser.error(f"--plant-failure {args.plant_failure}: a rank in 0..{world - 1}")
     return args
 
 
-def main() -> int:
-    args = parse_args()
+def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, Any]) -> None:
+    """The check; what it measures lands in `state` and `record` as it comes."""
     if not args.cpu and not torch.cuda.is_available():
-        print("no CUDA device: this check needs an NVIDIA GPU (or --cpu)", file=sys.stderr)
-        return 2
-    t_start = time.perf_counter()
+        record.fail("no CUDA device: this check needs an NVIDIA GPU (or --cpu)")
+        return
+    if not args.cpu:
+        smi = gpu_common.nvidia_smi()
+        record.data["nvidia_smi"] = smi
+        for g in smi:
+            record.say(
+                f"nvidia-smi: GPU {g['index']}: {g['name']}, compute mode "
+                f"{g['compute_mode']}, {g['memory.total']}, driver {g['driver_version']}"
+            )
+        if smi and "exclusive" in smi[0]["compute_mode"].lower():
+            record.fail(
+                f"GPU 0's compute mode is {smi[0]['compute_mode']}: the 3 ranks cannot share "
+                "it; this check needs the Default compute mode"
+            )
+            return
     bf16 = args.cpu or torch.cuda.is_bf16_supported()
     caps = [c * 2**20 for c in args.caps_mib] if args.cpu else [c * 2**30 for c in args.caps_gib]
     if not args.cpu and sum(caps) > 0.8 * torch.cuda.get_device_properties(0).total_memory:
-        print(f"--caps-gib {args.caps_gib} do not fit this GPU with room for 3 CUDA contexts")
-        return 2
-    with tempfile.TemporaryDirectory() as out:
-        settings = Settings(
-            tuple(int(c) for c in caps),
-            args.steps,
-            args.cpu,
-            "bf16" if bf16 else "fp16",
-            free_port(),
-            out,
-        )
-        mp.start_processes(rank_main, (settings,), nprocs=settings.world, start_method="spawn")
-        reports = [
-            json.loads(pathlib.Path(f"{out}/rank{r}.json").read_text())
-            for r in range(settings.world)
-        ]
-        saved = torch.load(f"{out}/grads.pt")
-    ref, chunk = reference_grads(settings, settings.precision)
-    ref32, chunk32 = reference_grads(settings, "fp32")
-    errors = {
-        "plan_vs_ref": rel_error(saved["grads"], ref),
-        "ref_vs_fp32": rel_error(ref, ref32),
-        "plan_vs_fp32": rel_error(saved["grads"], ref32),
-        "plan32_vs_fp32": rel_error(saved["grads32"], ref32),
-    }
-    lines = report_lines(settings, reports, errors)
-    if (chunk, chunk32) != (GLOBAL_BATCH, GLOBAL_BATCH):
-        lines.append(
-            f"- the reference ran in chunks of {chunk} ({settings.precision}) and "
-            f"{chunk32} (fp32) samples: the full batch did not fit the GPU"
-        )
-    bad = verdict(reports, errors)
-    lines.append(
-        f"- checks: {'all passed' if not bad else 'FAILED: ' + '; '.join(bad)}; "
-        f"total {time.perf_counter() - t_start:.0f} s"
+        record.fail(f"--caps-gib {args.caps_gib} do not fit this GPU with room for 3 contexts")
+        return
+    settings = Settings(
+        caps_bytes=tuple(int(c) for c in caps),
+        steps=args.steps,
+        rounds=args.rounds,
+        cpu=args.cpu,
+        precision="bf16" if bf16 else "fp16",
+        port=free_port(),
+        work_dir=tempfile.mkdtemp(prefix="gpu_check-"),
+        t0=record.t0,
+        plant_failure=args.plant_failure,
     )
-    print("\n".join(lines))
-    if not (args.no_write or args.cpu):  # a CPU run is not a GPU result
-        write_results(lines)
-    return 1 if bad else 0
+    state["settings"] = settings
+    record.data["settings"] = asdict(settings)
+    record.say(
+        f"{settings.world} ranks, caps {[_mib(c) for c in settings.caps_bytes]}, "
+        f"{settings.precision}; work directory {settings.work_dir}"
+    )
+    deadline = None if args.time_limit is None else record.t0 + args.time_limit
+    run_ranks(settings, record, deadline)
+    reports = record.data["ranks"]
+    for line in rank_failures(settings, reports, record.data["exit_codes"]):
+        record.fail(line)
+    if not record.failures:
+        state["errors"] = gradient_errors(settings, record)
+
+
+def compose(record: gpu_common.Record, state: dict[str, Any]) -> None:
+    """The report's lines from whatever was measured (also after a failure)."""
+    settings: Settings | None = state.get("settings")
+    if settings is None:
+        return
+    reports = sorted(record.data.get("ranks", []), key=lambda r: r["rank"])
+    errors = state.get("errors")
+    gpu = next((r["device"] for r in reports if "device" in r), "?")
+    smi = record.data.get("nvidia_smi")
+    if settings.cpu:
+        gpu = "CPU (functional check, --cpu)"
+    elif smi:
+        gpu += f" (nvidia-smi: compute mode {smi[0]['compute_mode']}, {smi[0]['memory.total']})"
+    lines = report_lines(settings, reports, errors, gpu)
+    chunks = record.data.get("reference_chunks")
+    if chunks and chunks != [GLOBAL_BATCH, GLOBAL_BATCH]:
+        lines.append(
+            f"- the reference ran in chunks of {chunks[0]} ({settings.precision}) and "
+            f"{chunks[1]} (fp32) samples: the full batch did not fit the GPU"
+        )
+    if errors is not None:
+        for bad in verdict(reports, errors):
+            record.fail(bad)
+    status = "all passed" if not record.failures else "FAILED (below)"
+    lines.append(f"- checks: {status}; total {time.time() - record.t0:.0f} s")
+    for line in lines:
+        record.note(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record = gpu_common.Record("gpu_check", TITLE)
+    state: dict[str, Any] = {}
+    signal.signal(signal.SIGTERM, gpu_common.raise_time_limit)
+    try:
+        check(args, record, state)
+    except BaseException as exc:  # the time limit, an interrupt, an error in the parent
+        record.fail(f"parent: {gpu_common.error_line(exc)}")
+        record.data["parent_traceback"] = traceback.format_exc()[-4000:]
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        compose(record, state)
+        written = record.save(results=not (args.cpu or args.no_write))
+        settings = state.get("settings")
+        if settings is not None and not record.failures:
+            shutil.rmtree(settings.work_dir, ignore_errors=True)
+        elif settings is not None:
+            print(f"kept the work directory {settings.work_dir}", file=sys.stderr)
+        print(f"written: {', '.join(map(str, written)) or 'nothing (no OUT, --cpu)'}")
+    return 1 if record.failures else 0
 
 
 if __name__ == "__main__":

@@ -1,168 +1,320 @@
 """The probe on a real NVIDIA GPU, at two memory caps: predicted vs measured, then training.
 
-For each cap (torch.cuda.set_per_process_memory_fraction), it probes a small GPT
-(`profile_model`, AdamW(foreach=True), bf16 when the GPU has it) and reports the
-budget, the steps, the chosen micro-batch b, the peak predicted for b before b
-was measured against the measured one, then trains 20 optimizer steps of 2
-micro-batches of b with the library's Accumulator (each micro-batch moved to the
-GPU inside the loss function, one at a time, as the probe measures it) and
-reports OOMs and the allocator's peak. One step at 1.15 x b shows how close to
-the edge b is. It also prints the NVML inventory (UUID matching on real hardware).
-Meant to finish well under 5 minutes on one GPU.
+    OUT=<dir> bash benchmarks/gpu_run.sh      # this and gpu_check.py, see there
+    python3 benchmarks/gpu_probe_check.py [--caps-gib 3 10] [--steps 20] [--time-limit S]
+        [--no-write] [--cpu]
 
-    .venv/bin/python benchmarks/gpu_probe_check.py [--caps-gib 3 10] [--steps 20]
+Runs from a bare checkout with the machine's python (torch and numpy; the
+repository goes on sys.path, see gpu_common.py). For each cap
+(torch.cuda.set_per_process_memory_fraction) it probes a small GPT
+(`profile_model` in one process: no process-group reserve; AdamW(foreach=True);
+bf16 when the GPU has it) and reports the budget, the measured steps, the chosen
+micro-batch b, the peak predicted for b before b was measured against the
+measured one. Then it trains --steps optimizer steps of 2 micro-batches of b with
+the library's Accumulator (each micro-batch moved to the GPU inside the loss
+function, one at a time, as the probe measures it; the loss sums every target
+token, so `global_items` counts target tokens) and reports OOMs, the allocator's
+peaks, and the time per step from the second step on (the first creates the
+optimizer state) against the probe's time model. One step at 1.15 x b shows how
+close to the edge b is. It also prints the NVML inventory (UUID matching on real
+hardware).
+
+A failure (an exception at one cap, the time limit) is recorded with what was
+measured before it, in a FAILED section; the next cap still runs after an
+exception. Results are printed and written to $OUT/gpu_probe_check.md and .json
+when OUT is set; on a GPU, unless --no-write, also to this check's part of the
+GPU section of benchmarks/RESULTS.md. `--cpu` runs the same on simulated devices
+of --caps-mib (counted tensor bytes for the allocator's peak, an out-of-memory
+at the cap), as a functional check. Meant to finish in 1 minute on one GPU.
 """
 
 from __future__ import annotations
+
+import gpu_common  # first: the repository on sys.path, the environment guarded
+
+# isort: split
 
 import argparse
 import dataclasses
 import gc
 import math
+import signal
 import sys
 import time
+import traceback
+from typing import Any
 
 import torch
 
-from autobatch.probe.devices import inventory
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice, inventory
 from autobatch.probe.measure import to_device
-from autobatch.probe.profile import profile_model
+from autobatch.probe.profile import ModelProfile, profile_model
+from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
+from autobatch.tasks.losses import IGNORE_INDEX
+from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import TinyGPTConfig, tiny_gpt_task
 
 CFG = TinyGPTConfig(vocab_size=8192, seq_len=512, d_model=512, n_heads=8, n_layers=6)
+CPU_CFG = TinyGPTConfig(seq_len=64)  # the demo's tiny GPT, for --cpu
+TITLE = "gpu_probe_check.py: the probe at two memory caps, predicted vs measured"
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
-def train(task, device: torch.device, b: int, precision: str, steps: int) -> dict:  # noqa: ANN001
-    """`steps` optimizer steps of 2 micro-batches of b; the allocator's peaks and OOMs."""
+class _Memory:
+    """Peaks over a run: the CUDA allocator's, or counted tensor bytes with an
+    out-of-memory at `limit` on the CPU."""
+
+    def __init__(self, device: torch.device, limit: int, model: Any, opt: Any, extra: Any) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peak = 0
+        self.counter = None
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self.counter = TensorMemory(limit, model=model, optimizer=opt, extra=extra)
+
+    def __enter__(self) -> None:
+        if self.counter is not None:
+            self.counter.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.counter is not None:
+            self.peak = max(self.peak, self.counter.peak_bytes)
+            self.counter.__exit__(*exc)
+
+    def result(self) -> tuple[int, int | None]:
+        if self.cuda:
+            d = self.device
+            return torch.cuda.max_memory_allocated(d), torch.cuda.max_memory_reserved(d)
+        return self.peak, None
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """What the next-token loss sums over: the labels after the causal shift, less ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train(
+    task: Task, device: torch.device, b: int, precision: str, steps: int, limit: int
+) -> dict[str, Any]:
+    """`steps` optimizer steps of 2 micro-batches of b; the peaks, OOMs and time per step
+    from the second step on."""
     model = task.build_model().to(device)
     opt = adamw(model)
     acc = Accumulator(model, opt, precision=precision)
     host = [task.probe_batch(b) for _ in range(2)]
+    n_tokens = sum(target_tokens(mb) for mb in host)  # the loss sums target tokens
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> torch.Tensor:
         return task.loss_fn(m, to_device(batch, device))  # on the GPU for its micro-step only
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    ooms, ran = 0, 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    _free(device)
+    tensors = [t for mb in host for t in mb.values()]
+    memory = _Memory(device, limit, model, opt, tensors)
+    ooms, ran, t0 = 0, 0, None
+    for step in range(steps):
         failed = False
         try:
-            acc.step(host, loss_fn, global_items=2 * b)
+            with memory:
+                acc.step(host, loss_fn, global_items=n_tokens)
             ran += 1
         except torch.OutOfMemoryError:
             failed = True  # recover outside the handler
         if failed:
             ooms += 1
             opt.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-    torch.cuda.synchronize(device)
+            _free(device)
+        if step == 0:  # the first step creates the optimizer state: not timed
+            _sync(device)
+            t0 = time.perf_counter()
+    _sync(device)
+    peak, reserved = memory.result()
     out = {
         "ran": ran,
         "ooms": ooms,
-        "peak": torch.cuda.max_memory_allocated(device),
-        "reserved": torch.cuda.max_memory_reserved(device),
-        "s_per_step": (time.perf_counter() - t0) / max(1, steps),
+        "peak": peak,
+        "reserved": reserved,
+        "s_per_step": (time.perf_counter() - t0) / (steps - 1) if steps > 1 else None,
+        "global_items": n_tokens,
     }
-    del model, opt, acc
-    gc.collect()
-    torch.cuda.empty_cache()
+    del model, opt, acc, memory, host, tensors
+    _free(device)
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps-gib", type=float, nargs=2, default=(3.0, 10.0))
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this check needs an NVIDIA GPU", file=sys.stderr)
-        return 2
-    t_start = time.perf_counter()
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_cap(
+    record: gpu_common.Record,
+    task: Task,
+    device: torch.device,
+    target: DeviceInfo | SimulatedDevice,
+    cap: int,
+    precision: str,
+    steps: int,
+) -> dict[str, Any]:
+    """Probe at `cap`, then train at the chosen micro-batch; report lines as they come."""
+    t0 = time.perf_counter()
+    p: ModelProfile = profile_model(task, target, make_optimizer=adamw, precision=precision)
+    probe_s = time.perf_counter() - t0
+    b = p.max_micro_batch
+    m = p.measurement_at(b)  # measured: this probe ran (no cache)
+    predicted = m.predicted_peak_bytes
+    result: dict[str, Any] = {"cap_bytes": cap, "profile": p.to_dict(), "probe_s": probe_s}
+    record.note(
+        f"- cap {_size(cap)}: usable {_size(p.usable_bytes)}, budget {_size(p.budget_bytes)}, "
+        f"reserve {dict(p.reserve) or 'none'}"
+    )
+    for s in p.measurements:
+        peak = "OOM" if s.oom else _mib(s.peak_bytes)
+        guess = f", predicted {_mib(s.predicted_peak_bytes)}" if s.predicted_peak_bytes else ""
+        record.note(f"  - measured step b={s.micro_batch}: peak {peak}{guess}")
+    shown = "-" if predicted is None else _mib(predicted)
+    error = "" if predicted is None else f" ({(predicted - m.peak_bytes) / m.peak_bytes:+.2%})"
+    record.note(
+        f"  - chosen micro-batch {b} after {p.measured_steps} steps in {probe_s:.1f} s; peak "
+        f"predicted {shown}, measured {_mib(m.peak_bytes)}{error}; time model "
+        f"{p.fixed_s * 1e3:.2f} ms + {p.per_sample_s * 1e3:.3f} ms/sample"
+    )
+    r = train(task, device, b, precision, steps, cap)
+    result["train"] = r
+    model_s = p.step_overhead_s + 2 * (p.fixed_s + p.per_sample_s * b)
+    record.note(
+        f"  - {steps} steps x 2 micro-batches of {b} ({r['global_items']} target tokens a "
+        f"step): {r['ran']} ran, {r['ooms']} OOM; allocated peak {_mib(r['peak'])} (profile "
+        f"says {_mib(p.peak_bytes(b))}), reserved peak {_mib(r['reserved'])} of "
+        f"{_mib(cap)}; {r['s_per_step'] * 1e3:.1f} ms/step from the 2nd step "
+        f"(model {model_s * 1e3:.1f})"
+    )
+    if r["ooms"]:
+        record.fail(f"cap {_mib(cap)}: {r['ooms']} OOM in {steps} steps at the probe's b={b}")
+    over = math.ceil(1.15 * b)
+    r_over = train(task, device, over, precision, 1, cap)
+    result["train_over"] = r_over
+    edge = "OOM" if r_over["ooms"] else f"ran, peak {_mib(r_over['peak'])}"
+    if r_over["reserved"] is not None and not r_over["ooms"]:
+        edge += f", reserved peak {_mib(r_over['reserved'])}"
+    record.note(f"  - 1 step at 1.15 x b = {over}: {edge}")
+    return result
+
+
+def targets(
+    args: argparse.Namespace, record: gpu_common.Record
+) -> tuple[torch.device, list[tuple[int, Any]], str]:
+    """The device, (cap, what to probe) per cap, the precision."""
+    if args.cpu:
+        caps = [int(c * 2**20) for c in args.caps_mib]
+        return (
+            torch.device("cpu"),
+            [(c, SimulatedDevice(f"sim-{c / 2**20:g}MiB", c)) for c in caps],
+            "bf16",
+        )
     devices = inventory()
+    record.data["nvml"] = [dataclasses.asdict(d) for d in devices]
     for d in devices:
-        print(
-            f"NVML {d.index}: {d.name} {d.uuid} cc={d.compute_capability} bf16={d.bf16_supported} "
-            f"pci={d.pci_bus_id} total={d.total_bytes / 2**30:.1f} GiB -> {d.torch_device}"
+        record.say(
+            f"NVML {d.index}: {d.name} {d.uuid} cc={d.compute_capability} "
+            f"bf16={d.bf16_supported} pci={d.pci_bus_id} total={d.total_bytes / 2**30:.1f} GiB "
+            f"-> {d.torch_device}"
         )
     info = next((d for d in devices if d.torch_device == "cuda:0"), None)
-    if info is None:  # e.g. a MIG slice: NVML lists the parent GPU under another UUID
-        print(
-            "warning: no NVML device matched cuda:0 by UUID; using the first one", file=sys.stderr
-        )
-        info = dataclasses.replace(devices[0], torch_device="cuda:0")
-    device = torch.device("cuda:0")
-    precision = "bf16" if info.bf16_supported else "fp32"
-    task = tiny_gpt_task(dataset_size=64, cfg=CFG)
-    total = torch.cuda.get_device_properties(device).total_memory
-    print(
-        f"model: GPT d={CFG.d_model} layers={CFG.n_layers} seq={CFG.seq_len} "
-        f"vocab={CFG.vocab_size}; {precision}; AdamW(foreach=True); torch {torch.__version__}"
+    if info is None:  # no NVML (nvidia-ml-py), or a MIG slice listed under its parent's UUID
+        record.say("warning: no NVML device matched cuda:0 by UUID; described by torch alone")
+        info = gpu_common.cuda_device_info(0)
+    caps = [int(c * 2**30) for c in args.caps_gib]
+    return (
+        torch.device("cuda:0"),
+        [(c, info) for c in caps],
+        ("bf16" if info.bf16_supported else "fp32"),
     )
-    failures = 0
-    for cap_gib in args.caps_gib:
-        fraction = cap_gib * 2**30 / total
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-        t0 = time.perf_counter()
-        p = profile_model(task, info, make_optimizer=adamw, precision=precision)
-        probe_s = time.perf_counter() - t0
-        b = p.max_micro_batch
-        m = p.measurement_at(b)
-        predicted = m.predicted_peak_bytes
-        print(
-            f"\ncap {cap_gib:.1f} GiB (fraction {fraction:.3f}): usable "
-            f"{p.usable_bytes / 2**30:.2f} GiB, budget {p.budget_bytes / 2**30:.2f} GiB, "
-            f"reserve {dict(p.reserve)}"
-        )
-        for s in p.measurements:
-            peak = "OOM" if s.oom else f"{s.peak_bytes / 2**20:.0f} MiB"
-            print(
-                f"  measured step b={s.micro_batch}: peak {peak}"
-                + (
-                    f", predicted {s.predicted_peak_bytes / 2**20:.0f} MiB"
-                    if s.predicted_peak_bytes
-                    else ""
-                )
-            )
-        shown = "-" if predicted is None else f"{predicted / 2**20:.0f} MiB"
-        error = "" if predicted is None else f" ({(predicted - m.peak_bytes) / m.peak_bytes:+.2%})"
-        print(
-            f"  chosen micro-batch {b} after {p.measured_steps} steps in {probe_s:.1f} s; "
-            f"peak predicted {shown}, measured {m.peak_bytes / 2**20:.0f} MiB{error}; "
-            f"time model {p.fixed_s * 1e3:.2f} ms + {p.per_sample_s * 1e3:.3f} ms/sample"
-        )
-        r = train(task, device, b, precision, args.steps)
-        print(
-            f"  {args.steps} steps x 2 micro-batches of {b}: {r['ran']} ran, {r['ooms']} OOM; "
-            f"allocated peak {r['peak'] / 2**20:.0f} MiB (profile says "
-            f"{p.peak_bytes(b) / 2**20:.0f}), reserved peak {r['reserved'] / 2**20:.0f} MiB "
-            f"of {cap_gib * 1024:.0f}; {r['s_per_step'] * 1e3:.1f} ms/step "
-            f"(model {(p.step_overhead_s + 2 * (p.fixed_s + p.per_sample_s * b)) * 1e3:.1f})"
-        )
-        failures += r["ooms"] > 0
-        over = math.ceil(1.15 * b)
-        r_over = train(task, device, over, precision, 1)
-        print(
-            f"  1 step at 1.15 x b = {over}: "
-            + (
-                "OOM"
-                if r_over["ooms"]
-                else f"ran, reserved peak {r_over['reserved'] / 2**20:.0f} MiB"
-            )
-        )
-    print(
-        f"\ntotal {time.perf_counter() - t_start:.0f} s; "
-        + ("no OOM in training" if not failures else f"OOM in training at {failures} cap(s)")
+
+
+def check(args: argparse.Namespace, record: gpu_common.Record) -> None:
+    if not args.cpu and not torch.cuda.is_available():
+        record.fail("no CUDA device: this check needs an NVIDIA GPU (or --cpu)")
+        return
+    device, caps, precision = targets(args, record)
+    cfg = CPU_CFG if args.cpu else CFG
+    task = tiny_gpt_task(dataset_size=64, cfg=cfg)
+    where = "CPU (functional check, --cpu)" if args.cpu else torch.cuda.get_device_name(0)
+    record.note(
+        f"{where}: GPT d={cfg.d_model} layers={cfg.n_layers} seq={cfg.seq_len} "
+        f"vocab={cfg.vocab_size}; {precision}; AdamW(foreach=True); torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
-    return 1 if failures else 0
+    record.data["caps"] = []
+    for cap, target in caps:
+        if args.time_limit is not None and time.time() - record.t0 > args.time_limit:
+            record.fail(f"the time limit was reached (--time-limit) before cap {_mib(cap)}")
+            return
+        record.say(f"cap {_mib(cap)}: probe and train")
+        if device.type == "cuda":
+            _free(device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        try:
+            record.data["caps"].append(
+                check_cap(record, task, device, target, cap, precision, args.steps)
+            )
+        except Exception as exc:  # record it, and try the next cap
+            record.fail(f"cap {_mib(cap)}: {gpu_common.error_line(exc)}")
+            record.data.setdefault("tracebacks", []).append(traceback.format_exc()[-4000:])
+        record.save(results=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--caps-gib", type=float, nargs="+", default=[3.0, 10.0])
+    parser.add_argument("--steps", type=int, help="training steps per cap (default 20; 6 --cpu)")
+    parser.add_argument("--time-limit", type=float, help="seconds: no new cap after it")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--cpu", action="store_true", help="functional check without a GPU")
+    parser.add_argument("--caps-mib", type=float, nargs="+", default=[8.0, 20.0])
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (6 if args.cpu else 20)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first is not timed)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record = gpu_common.Record("gpu_probe_check", TITLE)
+    signal.signal(signal.SIGTERM, gpu_common.raise_time_limit)
+    try:
+        check(args, record)
+    except BaseException as exc:  # the time limit, an interrupt, a failure outside a cap
+        record.fail(gpu_common.error_line(exc))
+        record.data.setdefault("tracebacks", []).append(traceback.format_exc()[-4000:])
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        status = "no OOM in training" if not record.failures else "FAILED (below)"
+        record.note(f"- {status}; total {time.time() - record.t0:.0f} s")
+        written = record.save(results=not (args.cpu or args.no_write))
+        print(f"written: {', '.join(map(str, written)) or 'nothing (no OUT, --cpu)'}")
+    return 1 if record.failures else 0
 
 
 if __name__ == "__main__":

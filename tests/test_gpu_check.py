@@ -1,0 +1,141 @@
+"""The GPU checks' machinery, on the CPU: reports that survive a failure, the gradient
+all-reduce staged through host memory, the parts of RESULTS.md's GPU section."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_ranks
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+_environ = dict(os.environ)
+import gpu_check  # noqa: E402
+import gpu_common  # noqa: E402
+import gpu_probe_check  # noqa: E402
+import make_results  # noqa: E402
+
+os.environ.clear()  # gpu_common guards the environment of the checks, not of this session
+os.environ.update(_environ)
+
+
+@pytest.mark.parametrize(
+    ("rounds", "order"),
+    [
+        (1, ["plan", "equal split"]),
+        (2, ["plan", "equal split", "equal split", "plan"]),  # each goes first once
+        (3, ["plan", "equal split", "equal split", "plan", "plan", "equal split"]),
+    ],
+)
+def test_the_runs_alternate_which_goes_first(rounds, order):
+    settings = gpu_check.Settings((1,), 10, rounds, True, "bf16", 0, "/tmp", 0.0)
+    assert settings.run_order() == order
+
+
+def test_each_check_replaces_only_its_own_part_and_make_results_keeps_them(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Summary\n\nkept\n")
+    gpu_common.write_part("gpu_check", ["first run"], results)  # creates the GPU section
+    gpu_common.write_part("gpu_probe_check", ["probe run"], results)
+    gpu_common.write_part("gpu_check", ["second run"], results)
+    text = results.read_text()
+    assert "kept" in text and "first run" not in text
+    section = make_results.gpu_section(text)  # what `make bench` keeps
+    assert section.startswith(gpu_common.BEGIN) and section.endswith(gpu_common.END)
+    assert "second run" in section and "probe run" in section
+    assert section.count("<!-- gpu-check:gpu_check:begin -->") == 1
+
+
+def test_a_record_saves_what_was_measured_and_a_failed_section_to_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    record = gpu_common.Record("some_check", "some check")
+    record.note("- run 1 (plan): 100.0 samples/s")
+    record.fail("rank 1 in run 2/4 (equal split): CheckFailure: `OUT OF MEMORY`")
+    written = record.save(results=False)
+    md, js = (tmp_path / "out" / f"some_check.{ext}" for ext in ("md", "json"))
+    assert written == [md, js]
+    text = md.read_text()
+    assert text.index("100.0 samples/s") < text.index("**FAILED.**") < text.index("rank 1 in")
+    data = json.loads(js.read_text())
+    assert data["failures"] == record.failures and data["lines"] == record.lines
+
+
+def test_rank_failures_name_the_first_error_first():
+    settings = gpu_check.Settings((1, 1, 1, 1), 10, 2, True, "bf16", 0, "/tmp", 0.0)
+    gloo = {"phase": "run 2/4", "at_s": 30.5, "error": "RuntimeError: `Connection closed`"}
+    planted = {"phase": "run 2/4", "at_s": 30.1, "error": "CheckFailure: `OUT OF MEMORY`"}
+    reports = [
+        {"rank": 0, "done": False, "current": "run 2/4", "error": gloo},
+        {"rank": 1, "done": False, "current": "run 2/4", "error": planted},
+        {"rank": 2, "done": True, "current": "run 4/4", "error": None},
+        # rank 3 recorded nothing: it died while starting
+    ]
+    lines = gpu_check.rank_failures(settings, reports, [1, 1, 0, -9])
+    assert lines == [
+        "rank 1 in run 2/4 at +30.1 s: CheckFailure: `OUT OF MEMORY`",
+        "rank 0 in run 2/4 at +30.5 s: RuntimeError: `Connection closed`",
+        "rank 3: exit code -9, nothing recorded (it died while starting)",
+    ]
+
+
+def _synced_grads(rank: int, world_size: int, staged: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 512), nn.GELU(), nn.Linear(512, 1024), nn.Linear(1024, 2))
+    ddp = DDP(model, bucket_cap_mb=0.5)  # several buckets (the first holds 1 MiB)
+    counter = None
+    if staged:
+        counter = gpu_check.Collectives()
+        ddp.register_comm_hook(None, counter.hook)
+    x = torch.randn(4 + rank, 8, generator=torch.Generator().manual_seed(rank))
+    for _ in range(2):  # DDP rebuilds its buckets after the first backward: 1, then 2
+        ddp(x).pow(2).sum().backward()
+    if counter is not None:
+        counter.close()
+        synced, buckets, others = counter.counts()
+        assert (synced, buckets, others) == (2, 3, 0)  # one all-reduce per bucket, no other
+    dist.barrier()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+def test_the_host_staged_all_reduce_averages_as_ddp_does():
+    default = run_ranks(_synced_grads, 2, False)
+    staged = run_ranks(_synced_grads, 2, True)
+    for by_rank in (default, staged):
+        for a, b in zip(*by_rank):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the ranks agree
+    for a, b in zip(default[0], staged[0]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_a_planted_failure_leaves_a_failed_section_with_what_was_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = ["--cpu", "--steps", "7", "--rounds", "1", "--plant-failure", "1"]
+    assert gpu_check.main(args) == 1
+    text = (tmp_path / "gpu_check.md").read_text()
+    measured, failed = text.split("**FAILED.**")
+    assert "| 2 | 8.0 MiB |" in measured  # every rank's probe and plan
+    assert "- run 1 (plan):" in measured and "- run 2 (" not in measured
+    errors = [line for line in failed.splitlines() if line.startswith("- ")]
+    assert "rank 1 in run 2/2 (equal split)" in errors[0] and "planted failure" in errors[0]
+    assert len(errors) == 3  # the others failed in their next collective, and said so
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [len(r["runs"]) for r in data["ranks"]] == [1, 1, 1]
+
+
+@pytest.mark.slow
+def test_the_probe_check_runs_on_a_simulated_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_probe_check.main(["--cpu", "--caps-mib", "8", "--steps", "2"]) == 0
+    text = (tmp_path / "gpu_probe_check.md").read_text()
+    assert "2 steps x 2 micro-batches of" in text and "0 OOM" in text
+    assert "FAILED" not in text
