@@ -251,7 +251,15 @@ def collectives_of_agreed_steps(rank: int) -> dict:
     finally:
         dist.all_reduce = real_all_reduce
     retry_grads = [b - p.detach() for b, p in zip(before, model.parameters())]
+    # The ranks count the samples they processed; rank 1 under-reports one (a planted bug).
+    n, kept = sum(len(x) for x, _ in mbs), [p.detach().clone() for p in model.parameters()]
+    kw = {"global_items": 16, "oom_stand_in": stand_in, "expected_samples": 16}
+    short = acc.step(mbs, loss, local_samples=n - rank, **kw)
+    untouched = all(torch.equal(k, p) for k, p in zip(kept, model.parameters()))
+    counted = acc.step(mbs, loss, local_samples=n, **kw)
     return {
+        "short": (short.refused, short.global_samples, untouched),
+        "counted": (counted.refused, counted.global_samples),
         "clean_loss": clean.loss,
         "clean_calls": clean_calls,
         "failed": (failed.oom, failed.oom_here),
@@ -356,12 +364,13 @@ def test_fp16_overflow_on_one_rank_skips_the_update_on_every_rank(two_ranks):
 
 def test_oom_agreement_and_loss_ride_one_small_all_reduce_after_the_gradient_one(two_ranks):
     _, results = two_ranks
-    # One step: the gradient bucket (DDP's async all-reduce), then one 2-element all-reduce
-    # (loss, OOM flag) before the optimizer step; nothing before the synced micro-step.
+    # One step: the gradient bucket (DDP's async all-reduce), then one 3-element all-reduce
+    # (loss, OOM flag, samples processed) before the optimizer step; nothing before the
+    # synced micro-step.
     grad_numel = sum(p.numel() for p in mlp(torch.float64).parameters())
     for res in (r["agreed"] for r in results):
-        assert res["clean_calls"] == [(True, grad_numel), (False, 2)]
-        assert res["failed_calls"] == [(True, grad_numel), (False, 2)]
+        assert res["clean_calls"] == [(True, grad_numel), (False, 3)]
+        assert res["failed_calls"] == [(True, grad_numel), (False, 3)]
     x, y = (t[:16] for t in regression_data(B, torch.float64))
     with torch.no_grad():
         want_loss = float(((mlp(torch.float64)(x) - y) ** 2).sum()) / 16
@@ -437,3 +446,10 @@ def test_step_without_micro_batches_or_item_count_is_rejected():
         acc.step([], sample_loss, global_items=1)
     with pytest.raises(ValueError, match="give global_items, or count_items"):
         acc.step(micro_batches("sample", torch.float32, 0, [2]), sample_loss)
+
+
+def test_measured_global_batch_rides_the_same_all_reduce_and_a_short_one_is_refused(two_ranks):
+    _, results = two_ranks
+    for res in (r["agreed"] for r in results):
+        assert res["short"] == (True, 15, True)  # refused on every rank, parameters untouched
+        assert res["counted"] == (False, 16)

@@ -151,6 +151,17 @@ def test_effective_global_batch_is_measured_and_a_short_step_is_refused(local_ra
     assert list_checkpoints(tmp_path / "ckpt")[-1].name == "step_00000002.pt"
 
 
+def test_a_device_too_small_for_one_sample_is_left_out_and_the_job_trains(local_ray, tmp_path):
+    sims = [*SIMS_3[:2], {"name": "sim-tiny", "memory": "40KiB", "speed": 1.0}]
+    spec = job(tmp_path, devices={"select": "simulated", "simulated": sims})
+    summary, _ = run(spec)
+    assert summary.steps == 6
+    assert "sim-tiny" not in {r.device_name for r in summary.plan.ranks}
+    (tiny,) = [e for e in summary.plan.excluded if e.device_name == "sim-tiny"]
+    assert "one sample does not fit" in tiny.reason
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+
+
 def test_killed_worker_restarts_from_the_checkpoint_and_finishes(local_ray, tmp_path):
     spec = job(tmp_path, faults=[{"kind": "crash", "rank": 1, "step": 3}])
     summary, events = run(spec)

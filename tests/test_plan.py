@@ -244,3 +244,15 @@ def test_plan_rejects_a_hand_made_plan_that_breaks_the_invariants():
     data["format_version"] = 99
     with pytest.raises(PlanError, match="format_version=99"):
         Plan.from_dict(data)
+
+
+def test_device_where_one_sample_does_not_fit_is_left_out_with_the_reason():
+    devices = [dev(0, 8), dev(1, 4), dev(2, 0)]  # d2: not even one sample fits
+    plan = make_plan(24, devices)
+    assert [r.device_id for r in plan.ranks] == ["d0", "d1"]
+    assert sum(r.samples for r in plan.ranks) == 24
+    (left_out,) = [e for e in plan.excluded if e.device_id == "d2"]
+    assert "cannot fit even one sample" in left_out.reason
+    assert "d2" in {d.device_id for d in plan.inputs}  # a re-plan still knows it
+    with pytest.raises(PlanError, match=r"'d2' \(GPU2\) cannot fit even one sample"):
+        make_plan(24, devices, keep_all=True)  # a running group cannot leave it out

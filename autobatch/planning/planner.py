@@ -18,6 +18,7 @@ T: binary search the smallest feasible T, then hand out exactly B samples.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,7 +41,9 @@ def split_evenly(samples: int, max_micro_batch: int) -> tuple[int, ...]:
     return (base + 1,) * extra + (base,) * (k - extra)
 
 
-def _check_inputs(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> None:
+def _check_inputs(
+    global_batch_size: int, devices: Sequence[DeviceCapacity], *, each_must_fit: bool = True
+) -> None:
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
         raise PlanError(f"global_batch_size={global_batch_size!r} must be an integer >= 1")
     if global_batch_size < 1:
@@ -52,8 +55,9 @@ def _check_inputs(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> 
         if d.device_id in seen:
             raise PlanError(f"device_id {d.device_id!r} appears twice; device ids must be unique")
         seen.add(d.device_id)
-        if d.max_micro_batch < 1:
-            raise PlanError(_cannot_fit_message(d))
+    unfit = [d for d in devices if d.max_micro_batch < 1]
+    if unfit and (each_must_fit or len(unfit) == len(devices)):
+        raise PlanError("; ".join(_cannot_fit_message(d) for d in unfit))
 
 
 def _cannot_fit_message(d: DeviceCapacity) -> str:
@@ -111,12 +115,25 @@ def make_plan(
     it; the reason is recorded in `Plan.excluded`. With `keep_all` (a running
     process group cannot shrink) every device gets at least one sample: one
     each, and the rest planned as above.
+
+    A device where not even one sample fits is left out with that reason (with
+    `keep_all`, or when no device fits, it is a PlanError).
     """
-    _check_inputs(global_batch_size, devices)
+    _check_inputs(global_batch_size, devices, each_must_fit=keep_all)
+    fit = [d for d in devices if d.max_micro_batch >= 1]
     if keep_all:
-        return _plan_keeping_all(global_batch_size, devices, baseline=baseline)
-    samples = _optimal_samples(global_batch_size, devices)
-    return _assemble(global_batch_size, devices, samples, baseline=baseline)
+        plan = _plan_keeping_all(global_batch_size, fit, baseline=baseline)
+    else:
+        samples = _optimal_samples(global_batch_size, fit)
+        plan = _assemble(global_batch_size, fit, samples, baseline=baseline)
+    if len(fit) == len(devices):
+        return plan
+    unfit = [
+        ExcludedDevice(d.device_id, d.name, _cannot_fit_message(d))
+        for d in devices
+        if d.max_micro_batch < 1
+    ]
+    return replace(plan, excluded=(*plan.excluded, *unfit), inputs=tuple(devices))
 
 
 def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:

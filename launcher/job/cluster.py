@@ -44,7 +44,8 @@ class ProbedDevice:
     info: DeviceInfo
     node: str  # node IP
     node_id: str
-    profile: ModelProfile
+    profile: ModelProfile | None  # None: not even one sample fits, see no_fit
+    no_fit: str | None = None
 
     @property
     def device_id(self) -> str:

@@ -21,11 +21,12 @@ from dataclasses import replace
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from autobatch.errors import LaunchError
+from autobatch.errors import LaunchError, NoFitError
 from autobatch.metrics.snapshot import RankSnapshot
-from autobatch.planning.plan import Plan
+from autobatch.planning.plan import ExcludedDevice, Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
-from autobatch.probe.devices import normalise_speeds
+from autobatch.probe.devices import DeviceInfo, normalise_speeds
+from autobatch.probe.profile import ModelProfile
 from autobatch.step.precision import Precision, choose_precision
 from launcher.job import cluster, policy
 from launcher.job.checkpoint import latest_checkpoint
@@ -139,19 +140,27 @@ class JobRunner:
         devices = self._probe(requests)
         self._phase("probe")
         self._check_stop()
-        capacities = [d.profile.capacity(d.device_id, d.info.name) for d in devices]
+        fit = [d for d in devices if d.profile is not None]
+        unfit = [ExcludedDevice(d.device_id, d.info.name, d.no_fit) for d in devices if d.no_fit]
+        if not fit or (unfit and self.spec.devices.keep_all):
+            why = (
+                "no device can" if not fit else "devices.keep_all is set, but not every device can"
+            )
+            reasons = "; ".join(f"{e.device_id}: {e.reason}" for e in unfit)
+            raise LaunchError(f"{why} train this job: {reasons}")
+        capacities = [d.profile.capacity(d.device_id, d.info.name) for d in fit]
         if self.spec.planner == "equal_split":
             plan = equal_split_plan(self.spec.global_batch_size, capacities)
         else:
             plan = make_plan(
                 self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
             )
-        checkpointed = sorted({d.info.name for d in devices if d.profile.gradient_checkpointing})
+        checkpointed = sorted({d.info.name for d in fit if d.profile.gradient_checkpointing})
         self.notes += [
             f"gradient checkpointing on {name}: micro-batch 1 does not fit without it"
             for name in checkpointed
         ]
-        plan = replace(plan, notes=(*plan.notes, *self.notes))
+        plan = replace(plan, excluded=(*plan.excluded, *unfit), notes=(*plan.notes, *self.notes))
         self._phase("plan")
         return plan, devices
 
@@ -175,19 +184,30 @@ class JobRunner:
             cache = cluster.profile_cache_dir()
             profiles = {}
             for key, i in by_type.items():
-                ref = self.workers[i].profile.remote(self.spec, self.precision, found[i][0], cache)
-                profiles[key] = cluster.wait_all([ref], 600, f"profile of {key[0]}")[0]
+                profiles[key] = self._profile(self.workers[i], found[i][0], cache)
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {_cause(exc)}") from None
+        probed = []
+        for i, (info, ip, node_id) in enumerate(found):
+            profile = profiles[(info.name, info.total_bytes, info.speed)]
+            if isinstance(profile, str):  # not even one sample fits: left out, saying why
+                probed.append(cluster.ProbedDevice(i, info, ip, node_id, None, no_fit=profile))
+            else:
+                probed.append(cluster.ProbedDevice(i, info, ip, node_id, profile))
         return sorted(
-            (
-                cluster.ProbedDevice(
-                    i, info, ip, node_id, profiles[(info.name, info.total_bytes, info.speed)]
-                )
-                for i, (info, ip, node_id) in enumerate(found)
-            ),
+            probed,
             key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
         )
+
+    def _profile(self, worker: object, info: DeviceInfo, cache: str) -> ModelProfile | str:
+        """The device's profile, or why not even one sample fits on it."""
+        ref = worker.profile.remote(self.spec, self.precision, info, cache)
+        try:
+            return cluster.wait_all([ref], 600, f"profile of {info.name}")[0]
+        except RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), NoFitError):
+                return str(exc.cause)
+            raise
 
     def _resolve_precision(self, infos: list) -> None:
         """precision: auto becomes the precision every device supports, noted in the plan."""
