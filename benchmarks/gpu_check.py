@@ -329,7 +329,7 @@ def _ddp(model: torch.nn.Module, device: torch.device, hook: Any) -> DDP:
     """DDP with `hook` for the gradient all-reduce. Every rank builds the same seeded
     weights, so DDP's start-up broadcasts (gloo on CUDA tensors) are skipped where this
     torch can (init_sync, torch >= 2.6); the model has no buffers to broadcast."""
-    kwargs: dict[str, Any] = {"broadcast_buffers": False}
+    kwargs: dict[str, Any] = {}
     if "init_sync" in inspect.signature(DDP.__init__).parameters:
         kwargs["init_sync"] = False
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
