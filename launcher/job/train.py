@@ -28,7 +28,7 @@ from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
-from autobatch.step.accumulate import Accumulator, LossFn
+from autobatch.step.accumulate import Accumulator, LossFn, StepResult
 from autobatch.step.wrap import REPLICATED
 from launcher.job import policy
 from launcher.job.checkpoint import load_checkpoint, save_checkpoint
@@ -81,135 +81,177 @@ class _Faults:
 
 
 def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOutcome:
-    spec = ctx.spec
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    plan = Plan.from_json(ctx.plan_json)
-    device = torch.device(ctx.device.torch_device or "cpu")
-    task = load_task(spec)
-    torch.manual_seed(spec.seed)
-    model = task.build_model().to(device)
-    if plan.capacity(ctx.rank).gradient_checkpointing:
-        task.checkpoint_activations(model)
-    optimizer = build_optimizer(spec.optimizer)(model)
-    sampler = GlobalBatchSampler(
-        len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
-    )
-    total = spec.total_steps(sampler.steps_per_epoch)
-    schedule = build_schedule(spec.schedule, optimizer, total)
-    state = load_checkpoint(ctx.resume_from) if ctx.resume_from else None
-    if state is not None:
-        sampler.check_resume(state["sampler"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        sampler.step = state["sampler"]["step"]
-    acc = Accumulator(
-        REPLICATED.wrap(model, device),
-        optimizer,
-        max_grad_norm=spec.optimizer.max_grad_norm,
-        precision=ctx.precision,
-        agree_on_oom=True,
-        wrapping=REPLICATED,
-    )
-    if state is not None and acc.scaler is not None and state.get("scaler"):
-        acc.scaler.load_state_dict(state["scaler"])  # fp16: resume with the scale it had
-
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        # One micro-batch on the device at a time, as the probe measured it.
-        return task.loss_fn(model, to_device(batch, device))
-
-    # A simulated device enforces its memory from the attempt's third step on: DDP
-    # rebuilds its gradient buckets once, with a broadcast inside the first forward
-    # after the first synced backward; an out-of-memory raised there on one rank
-    # would skip that broadcast and leave the ranks in different collectives.
-    memory = None
-    if ctx.device.simulated:
-        pacer = Pacer(ctx.speed, backward_factor=ctx.backward_factor)
-        loss_fn = pacer.wrap_loss_fn(loss_fn)
-        pacer.attach(optimizer)
-        memory = TensorMemory(ctx.device.total_bytes, model=model, optimizer=optimizer)
-    faults = _Faults(ctx)
-    loss_fn = faults.wrap(loss_fn, lambda: sampler.step, lambda: len(indices))
-
-    max_len = task.max_length() if task.sample_length else None
-    stats = RankStats(ctx, plan, max_len)
-    audit = _Audit(ctx) if spec.audit_samples else None
-    last_ckpt = ctx.resume_from
-    while sampler.step < total:
-        faults.before_step(sampler.step)
+    rank = _Rank(ctx)
+    while rank.sampler.step < rank.total:
+        rank.faults.before_step(rank.sampler.step)
         t0 = time.perf_counter()
-        lengths_of = None
-        if max_len is None:
-            indices = sampler.micro_batches(plan, ctx.rank)
-        else:  # variable-length sequences: a time-balanced split, packed by tokens
-            global_batch = sampler.global_batch()
-            lengths = task.lengths(global_batch)
-            packed = pack_global_batch(global_batch, lengths, token_budgets(plan, max_len))
-            indices = packed[ctx.rank]
-            lengths_of = dict(zip(map(int, global_batch), lengths))
-        indices = faults.trim(sampler.step, indices)
-        batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
-        n_items = task.count_items(sampler.global_batch())
-
-        def stand_in(first: int = int(indices[-1][0])) -> Any:
-            return task.batch([first])
-
-        if memory is not None:
-            memory.limit_bytes = ctx.device.total_bytes if stats.steps >= 2 or world == 1 else None
-        with memory if memory is not None else contextlib.nullcontext():
-            result = acc.step(
-                batches,
-                loss_fn,
-                global_items=n_items,
-                oom_stand_in=stand_in,
-                local_samples=sum(len(idx) for idx in indices),  # measured, summed over ranks
-                expected_samples=spec.global_batch_size,
-            )
+        indices, lengths_of = rank.share()
+        result = rank.step(indices)
         if result.refused:
-            stats.on_step(result, 0.0, plan, indices, lengths_of, memory, device)
-            push(stats.snapshot())
+            push(rank.record(result, 0.0, indices, lengths_of))
             raise LaunchError(
-                f"step {sampler.step}: the ranks processed {result.global_samples} samples, "
-                f"not the global batch of {spec.global_batch_size}: the step was refused "
+                f"step {rank.sampler.step}: the ranks processed {result.global_samples} samples, "
+                f"not the global batch of {ctx.spec.global_batch_size}: the step was refused "
                 "(no optimizer update)"
             )
         if result.oom:
-            plan = _retry_plan(plan, _ranks_that(result.oom_here, world), sampler.step)
-            stats.on_oom(result.oom_here, plan)
+            rank.plan = _retry_plan(rank.plan, _ranks_that(result.oom_here), rank.sampler.step)
+            rank.stats.on_oom(result.oom_here, rank.plan)
             continue  # the same global batch, on the lowered plan
-        if audit is not None:
-            audit.record(sampler.step, indices)
-        schedule.step()
-        sampler.advance()
-        stats.on_step(result, time.perf_counter() - t0, plan, indices, lengths_of, memory, device)
-        push(stats.snapshot())
-        if ctx.rank == 0 and (
-            sampler.step % spec.checkpoint.interval == 0 or sampler.step == total
-        ):
-            last_ckpt = str(
-                save_checkpoint(
-                    ctx.checkpoint_dir,
-                    sampler.step,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "sampler": sampler.state().to_dict(),
-                        "plan": plan.to_json(),
-                        "job": ctx.job,
-                        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                    },
-                )
+        if rank.audit is not None:
+            rank.audit.record(rank.sampler.step, indices)
+        rank.schedule.step()
+        rank.sampler.advance()
+        push(rank.record(result, time.perf_counter() - t0, indices, lengths_of))
+        rank.checkpoint_if_due()
+    return rank.outcome()
+
+
+class _Rank:
+    """One rank's training state: model, optimizer, schedule, sampler, accumulator, and the
+    simulated device's memory and pace; built (and resumed) once per attempt."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        spec = self.spec = ctx.spec
+        self.ctx = ctx
+        self.plan = Plan.from_json(ctx.plan_json)
+        self.device = torch.device(ctx.device.torch_device or "cpu")
+        self.task = task = load_task(spec)
+        torch.manual_seed(spec.seed)
+        self.model = task.build_model().to(self.device)
+        if self.plan.capacity(ctx.rank).gradient_checkpointing:
+            task.checkpoint_activations(self.model)
+        self.optimizer = build_optimizer(spec.optimizer)(self.model)
+        self.sampler = GlobalBatchSampler(
+            len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
+        )
+        self.total = spec.total_steps(self.sampler.steps_per_epoch)
+        self.schedule = build_schedule(spec.schedule, self.optimizer, self.total)
+        state = load_checkpoint(ctx.resume_from) if ctx.resume_from else None
+        if state is not None:  # before DDP wraps the model
+            self._resume(state)
+        self.acc = Accumulator(
+            REPLICATED.wrap(self.model, self.device),
+            self.optimizer,
+            max_grad_norm=spec.optimizer.max_grad_norm,
+            precision=ctx.precision,
+            agree_on_oom=True,
+            wrapping=REPLICATED,
+        )
+        if state is not None and self.acc.scaler is not None and state.get("scaler"):
+            self.acc.scaler.load_state_dict(state["scaler"])  # fp16: the scale it had
+        self.last_checkpoint = ctx.resume_from
+        self.loss_fn, self.memory = self._device_loss()
+        self.faults = _Faults(ctx)
+        self.loss_fn = self.faults.wrap(self.loss_fn, lambda: self.sampler.step, self._n_micro)
+        self.max_len = task.max_length() if task.sample_length else None
+        self.stats = RankStats(ctx, self.plan, self.max_len)
+        self.audit = _Audit(ctx) if spec.audit_samples else None
+        self._indices: list = []
+
+    def _resume(self, state: dict) -> None:
+        self.sampler.check_resume(state["sampler"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.step = state["sampler"]["step"]
+
+    def _device_loss(self) -> tuple[LossFn, TensorMemory | None]:
+        """The task's loss with its micro-batch moved to the device (one at a time, as the
+        probe measured it); on a simulated device also paced, and its memory enforced."""
+        task, device = self.task, self.device
+
+        def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            return task.loss_fn(model, to_device(batch, device))
+
+        if not self.ctx.device.simulated:
+            return loss_fn, None
+        pacer = Pacer(self.ctx.speed, backward_factor=self.ctx.backward_factor)
+        pacer.attach(self.optimizer)
+        limit = self.ctx.device.total_bytes
+        memory = TensorMemory(limit, model=self.model, optimizer=self.optimizer)
+        return pacer.wrap_loss_fn(loss_fn), memory
+
+    def _n_micro(self) -> int:
+        return len(self._indices)
+
+    def share(self) -> tuple[list, dict[int, int] | None]:
+        """This rank's micro-batches (dataset indices) of the current global batch, and for
+        variable-length data each sample's length."""
+        sampler, plan = self.sampler, self.plan
+        lengths_of = None
+        if self.max_len is None:
+            indices = sampler.micro_batches(plan, self.ctx.rank)
+        else:  # variable-length sequences: a time-balanced split, packed by tokens
+            global_batch = sampler.global_batch()
+            lengths = self.task.lengths(global_batch)
+            packed = pack_global_batch(global_batch, lengths, token_budgets(plan, self.max_len))
+            indices = packed[self.ctx.rank]
+            lengths_of = dict(zip(map(int, global_batch), lengths))
+        self._indices = self.faults.trim(sampler.step, indices)
+        return self._indices, lengths_of
+
+    def step(self, indices: list) -> StepResult:
+        task, memory = self.task, self.memory
+        batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
+        first = int(indices[-1][0])
+        if memory is not None:
+            # Enforced from the attempt's third step on: DDP rebuilds its gradient buckets
+            # once, with a broadcast inside the first forward after the first synced
+            # backward; an out-of-memory raised there on one rank would skip that broadcast
+            # and leave the ranks in different collectives.
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            enforce = self.stats.steps >= 2 or world == 1
+            memory.limit_bytes = self.ctx.device.total_bytes if enforce else None
+        with memory if memory is not None else contextlib.nullcontext():
+            return self.acc.step(
+                batches,
+                self.loss_fn,
+                global_items=task.count_items(self.sampler.global_batch()),
+                oom_stand_in=lambda: task.batch([first]),
+                local_samples=sum(len(idx) for idx in indices),  # measured, summed over ranks
+                expected_samples=self.spec.global_batch_size,
             )
-    params = output = None
-    if ctx.rank == 0:
-        params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if task.save is not None and ctx.output_dir:
-            task.save(model, ctx.output_dir)
-            output = ctx.output_dir
-    return RankOutcome(
-        ctx.rank, sampler.step, plan.to_json(), stats.oom_events, last_ckpt, params, output
-    )
+
+    def record(
+        self, result: StepResult, seconds: float, indices: list, lengths_of: dict | None
+    ) -> RankSnapshot:
+        """The step in this rank's metrics; the snapshot to push."""
+        stats = self.stats
+        stats.on_step(result, seconds, self.plan, indices, lengths_of, self.memory, self.device)
+        return stats.snapshot()
+
+    def checkpoint_if_due(self) -> None:
+        step = self.sampler.step
+        if self.ctx.rank != 0 or (step % self.spec.checkpoint.interval and step != self.total):
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": self.sampler.state().to_dict(),
+            "plan": self.plan.to_json(),
+            "job": self.ctx.job,
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+        }
+        self.last_checkpoint = str(save_checkpoint(self.ctx.checkpoint_dir, step, state))
+
+    def outcome(self) -> RankOutcome:
+        params = output = None
+        if self.ctx.rank == 0:
+            params = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            if self.task.save is not None and self.ctx.output_dir:
+                self.task.save(self.model, self.ctx.output_dir)
+                output = self.ctx.output_dir
+        return RankOutcome(
+            self.ctx.rank,
+            self.sampler.step,
+            self.plan.to_json(),
+            self.stats.oom_events,
+            self.last_checkpoint,
+            params,
+            output,
+        )
 
 
 class _Audit:
@@ -229,8 +271,9 @@ class _Audit:
             f.write(json.dumps(line) + "\n")
 
 
-def _ranks_that(flag: bool, world: int) -> list[int]:
+def _ranks_that(flag: bool) -> list[int]:
     """Every rank learns which ranks raised the flag (one small all-gather, OOM path only)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return [0] if flag else []
     flags = torch.zeros(world, dtype=torch.int32)
