@@ -79,7 +79,7 @@ def capacities_by_name(task: Task) -> tuple[dict[str, DeviceCapacity], float]:
     names = sorted({n for mix in MIXES for n in parse_devices(mix, known=GPU_SPECS)})
     t0 = time.perf_counter()
     caps = estimate_capacities(
-        task, ",".join(names), make_optimizer=adamw, precision=PRECISION, distributed=True
+        task, ",".join(names), make_optimizer=adamw, precision=PRECISION, backend="nccl"
     )
     return {c.name: c for c in caps}, time.perf_counter() - t0
 

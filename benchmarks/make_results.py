@@ -28,7 +28,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
 GPU_BEGIN, GPU_END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-NO_GPU = "Not run yet: no GPU lent. Command: `.venv/bin/python benchmarks/gpu_check.py`."
+NO_GPU = "Not run yet: no GPU lent. Command: `bash benchmarks/gpu_run.sh`."
 # (script, arguments, timeout s, the output lines copied into the summary), in running order
 BENCHMARKS = (
     ("bench_planner.py", (), 300, r"devices="),

@@ -90,6 +90,21 @@ def assert_every_global_batch_exact(spec: dict, ckpt_dir: pathlib.Path) -> None:
         assert sorted(indices) == sorted(sampler.global_batch(step).tolist()), f"step {step}"
 
 
+def assert_same_parameters(got: dict, want: dict) -> None:
+    """float32 parameters of two runs of the same job, relative 1e-5."""
+    assert got.keys() == want.keys()
+    for name, p in got.items():
+        assert (p - want[name]).abs().max() / want[name].abs().max() <= 1e-5, name
+
+
+def assert_restart_resumed_at(ckpt_dir: pathlib.Path, step: int) -> None:
+    """The attempt after the restart began exactly at the checkpoint's step, on every rank."""
+    for path in ckpt_dir.glob("samples-rank*.jsonl"):
+        retried = [json.loads(line) for line in path.read_text().splitlines()]
+        first = min(e["step"] for e in retried if e["attempt"] == 1)
+        assert first == step, f"{path.name}: the restart began at step {first}, not {step}"
+
+
 @pytest.fixture(scope="module")
 def baseline(local_ray, tmp_path_factory):
     """The reference job on three mixed devices; its /metrics scraped once mid-run."""
@@ -162,7 +177,7 @@ def test_a_device_too_small_for_one_sample_is_left_out_and_the_job_trains(local_
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
 
 
-def test_killed_worker_restarts_from_the_checkpoint_and_finishes(local_ray, tmp_path):
+def test_killed_worker_restarts_from_the_checkpoint_and_finishes(baseline, tmp_path):
     spec = job(tmp_path, faults=[{"kind": "crash", "rank": 1, "step": 3}])
     summary, events = run(spec)
     assert summary.restarts == 1
@@ -170,6 +185,9 @@ def test_killed_worker_restarts_from_the_checkpoint_and_finishes(local_ray, tmp_
     restart = next(e for e in events if isinstance(e, Restarting))
     assert restart.decision.cause == "lost" and restart.resume.endswith("step_00000002.pt")
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    assert_restart_resumed_at(tmp_path / "ckpt", 2)
+    # The same run as one that was never interrupted: model, optimizer state, schedule.
+    assert_same_parameters(summary.parameters, baseline[2].parameters)
 
 
 @pytest.mark.parametrize("where", ["first", "last"], ids=["no_sync", "synced"])
@@ -185,9 +203,12 @@ def test_out_of_memory_lowers_that_device_and_keeps_the_global_batch(baseline, t
     assert summary.oom_events >= 1
     if where == "last":  # the synced backward: torn down and restarted from the checkpoint
         assert summary.restarts == 1
+        assert_restart_resumed_at(tmp_path / "ckpt", 2)
     else:  # agreed by all ranks, retried in place
         assert summary.restarts == 0
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    # Other micro-batches, the same full-batch gradients: the same parameters.
+    assert_same_parameters(summary.parameters, baseline[2].parameters)
 
 
 def test_one_device_and_three_mixed_devices_give_the_same_parameters(baseline, tmp_path):

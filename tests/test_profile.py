@@ -19,8 +19,8 @@ from autobatch.probe.peak import PeakLine, largest_under
 from autobatch.probe.profile import (
     MAX_MEASURED_STEPS,
     ModelProfile,
+    check_backend,
     profile_model,
-    resolve_backend,
 )
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
@@ -278,7 +278,6 @@ def test_bf16_on_a_device_without_it_and_an_invisible_gpu_are_refused():
     [
         ({"backend": "gloo"}, {"ddp_gradient_buckets"}),  # gloo's buffers are in host memory
         ({"backend": "nccl"}, {"ddp_gradient_buckets", "nccl_buffers"}),
-        ({"distributed": True}, {"ddp_gradient_buckets"}),  # older spelling: gloo off CUDA
     ],
 )
 def test_the_process_group_reserves_what_its_backend_holds(kwargs, reserved, monkeypatch):
@@ -294,29 +293,14 @@ def test_the_process_group_reserves_what_its_backend_holds(kwargs, reserved, mon
     assert ddp.max_micro_batch < alone.max_micro_batch
 
 
-@pytest.mark.parametrize(
-    ("backend", "distributed", "is_cuda", "expected"),
-    [
-        (None, False, True, None),  # one process: no process group
-        ("gloo", False, True, "gloo"),  # several ranks on one GPU: gloo, no NCCL reserve
-        (None, True, True, "nccl"),  # the older distributed=True: the launcher's choice
-        (None, True, False, "gloo"),
-    ],
-)
-def test_resolve_backend(backend, distributed, is_cuda, expected):
-    assert resolve_backend(backend, distributed, is_cuda) == expected
-
-
-@pytest.mark.parametrize(
-    ("backend", "distributed", "message"),
-    [
-        ("mpi", False, r"backend='mpi' must be one of \('nccl', 'gloo'\) or None"),
-        ("gloo", True, r"backend='gloo' and distributed=True: give backend alone"),
-    ],
-)
-def test_resolve_backend_errors(backend, distributed, message):
-    with pytest.raises(ProbeError, match=message):
-        resolve_backend(backend, distributed, True)
+def test_an_unknown_backend_is_refused_naming_the_choices():
+    assert check_backend(None) is None and check_backend("gloo") == "gloo"
+    with pytest.raises(
+        ProbeError, match=r"backend='mpi' must be one of \('nccl', 'gloo'\) or None"
+    ):
+        profile_model(
+            mlp_task(), SimulatedDevice("sim", 16 * MiB), make_optimizer=adamw, backend="mpi"
+        )
 
 
 def test_gradient_checkpointing_is_turned_on_where_one_sample_does_not_fit_without_it():

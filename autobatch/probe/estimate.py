@@ -43,8 +43,8 @@ from autobatch.probe.peak import PeakLine, largest_under, peak_at
 from autobatch.probe.profile import (
     DEFAULT_MAX_MICRO_BATCH,
     Backend,
+    check_backend,
     comm_reserve,
-    resolve_backend,
 )
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.precision import Precision, check_supported, choose_precision
@@ -299,14 +299,13 @@ def estimate_capacity(
     headroom_fraction: float = 0.05,
     overhead_bytes: int = GPU_OVERHEAD_BYTES,
     backend: Backend | None = None,
-    distributed: bool = False,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
 ) -> DeviceCapacity:
     """One GPU's estimated capacity for the traced step (max_micro_batch 0: one sample
     does not fit; the planner then says so). `backend`: the process group's, for its
-    reserve, as in `profile_model` (`distributed=True`, the older spelling, is "nccl")."""
+    reserve, as in `profile_model`."""
     check_supported(gpu, precision)
-    reserve = comm_reserve(resolve_backend(backend, distributed, True), trace.gradient_bytes)
+    reserve = comm_reserve(check_backend(backend), trace.gradient_bytes)
     budget = gpu.memory_bytes * (1 - headroom_fraction) - overhead_bytes
     budget -= sum(v for _, v in reserve)
     m = largest_under(trace.peak_lines, budget, max_micro_batch)
@@ -341,14 +340,12 @@ def estimate_capacities(
     headroom_fraction: float = 0.05,
     overhead_bytes: int = GPU_OVERHEAD_BYTES,
     backend: Backend | Literal["auto"] | None = "auto",
-    distributed: bool | None = None,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
 ) -> list[DeviceCapacity]:
     """ESTIMATED capacities of declared GPUs, e.g. "2xA100-80GB,4xT4-16GB", for the planner.
 
     `backend` of the process group, for its reserve: "auto" is "nccl" (as the launcher
     picks for GPUs) when there is more than one device, else None (no DDP).
-    `distributed`, the older spelling: True is "nccl", False None.
     """
     items = [devices] if isinstance(devices, str) else list(devices)
     names = [name for item in items for name in parse_devices(item, known=GPU_SPECS)]
@@ -356,11 +353,9 @@ def estimate_capacities(
         precision, _ = choose_precision([GPU_SPECS[n] for n in names])
     for name in names:  # fail before the trace, naming the device
         check_supported(GPU_SPECS[name], precision)
-    if distributed is not None:
-        backend = resolve_backend(None if backend == "auto" else backend, distributed, True)
-    elif backend == "auto":
+    if backend == "auto":
         backend = "nccl" if len(names) > 1 else None
-    resolve_backend(backend, False, True)  # fail before the trace on a backend it does not know
+    check_backend(backend)  # fail before the trace on a backend it does not know
     trace = trace_step(task, make_optimizer=make_optimizer, precision=precision)
     return [
         estimate_capacity(

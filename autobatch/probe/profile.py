@@ -170,7 +170,6 @@ def profile_model(
     headroom_bytes: int = 0,
     extra_reserve_bytes: int = 0,
     backend: Backend | None = None,
-    distributed: bool = False,
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
     cache_dir: str | os.PathLike | None = None,
     gradient_checkpointing: bool | None = False,
@@ -181,8 +180,7 @@ def profile_model(
     process that trains on the device. `backend` is the process group's that the job
     trains in (None: one process, no DDP): either reserves DDP's gradient buckets
     (gradient_as_bucket_view=False, the default), "nccl" also NCCL's buffers
-    (`NCCL_RESERVE_BYTES`). `distributed=True` is the older spelling of "nccl" on
-    CUDA and "gloo" elsewhere.
+    (`NCCL_RESERVE_BYTES`).
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
     """
@@ -190,7 +188,7 @@ def profile_model(
         kwargs = dict(
             make_optimizer=make_optimizer, precision=precision,
             headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
-            extra_reserve_bytes=extra_reserve_bytes, backend=backend, distributed=distributed,
+            extra_reserve_bytes=extra_reserve_bytes, backend=backend,
             max_micro_batch=max_micro_batch, cache_dir=cache_dir,
         )  # fmt: skip
         try:
@@ -214,7 +212,7 @@ def profile_model(
     key_fields["gradient_checkpointing"] = gradient_checkpointing
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
-    static += comm_reserve(resolve_backend(backend, distributed, info.is_cuda), grad_bytes)
+    static += comm_reserve(check_backend(backend), grad_bytes)
     usable = usable_bytes(info)
     headroom = int(headroom_fraction * usable) + headroom_bytes
     budgeter = _Budget(usable - headroom - sum(v for _, v in static))
@@ -263,18 +261,10 @@ def profile_model(
     )
 
 
-def resolve_backend(backend: str | None, distributed: bool, is_cuda: bool) -> Backend | None:
-    """The backend whose reserve applies; `distributed=True` means the launcher's choice
-    (nccl on CUDA, else gloo)."""
+def check_backend(backend: str | None) -> Backend | None:
+    """`backend` if it is a process group's backend (None: one process), else a ProbeError."""
     if backend is not None and backend not in BACKENDS:
         raise ProbeError(f"backend={backend!r} must be one of {BACKENDS} or None (one process)")
-    if distributed:
-        if backend is not None:
-            raise ProbeError(
-                f"backend={backend!r} and distributed=True: give backend alone "
-                "(distributed=True is the older spelling of the launcher's default)"
-            )
-        return "nccl" if is_cuda else "gloo"
     return backend
 
 

@@ -152,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         checkpoint_root=args.checkpoint_root,
         task_modules=tuple(args.task_module or ()),
+        data_roots=tuple(args.data_root or ()),
         run_jobs=not args.api_only,
     )
 
@@ -257,6 +258,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the embedded Ray")
     s.add_argument(
         "--checkpoint-root", help="checkpoints stay under it (default: STATE_DIR/checkpoints)"
+    )
+    s.add_argument(
+        "--data-root",
+        action="append",
+        help="a directory tasks may read models and data from (repeat; default: the current one)",
     )
     s.add_argument(
         "--task-module", action="append", help="allow tasks from this module prefix (repeat)"

@@ -36,7 +36,7 @@ from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
 from launcher.job.checkpoint import latest_checkpoint
 from launcher.job.spec import JobSpec, SpecError
-from launcher.job.tasks import daemon_refuses
+from launcher.job.tasks import BUILTIN, daemon_refuses
 
 
 class InvalidSpec(SpecError):
@@ -71,6 +71,7 @@ class Daemon:
         num_cpus: int = 16,
         checkpoint_root: str | pathlib.Path | None = None,
         task_modules: tuple[str, ...] = (),
+        data_roots: tuple[str | pathlib.Path, ...] = (),
         metrics_url: str = "",
         run_jobs: bool = True,
         poll_s: float = 0.5,
@@ -85,6 +86,8 @@ class Daemon:
         self.sink = PrometheusSink()
         self.sink.set_job_states(self.store.counts)
         self.address, self.num_cpus, self.task_modules = address, num_cpus, task_modules
+        # Directories a task may read from (a model, a data file); default: where it started.
+        self.data_roots = tuple(pathlib.Path(r).resolve() for r in data_roots or (".",))
         self.metrics_url, self.run_jobs, self.poll_s = metrics_url, run_jobs, poll_s
         self.running: dict[str, _Running] = {}
         self.total_gpus = 0
@@ -156,6 +159,9 @@ class Daemon:
         refused = daemon_refuses(spec.task, self.task_modules)
         if refused:
             self._invalid(["task"], refused)
+        entry = BUILTIN.get(spec.task)
+        for key in entry.path_args if entry else ():
+            self._readable(["task_args", key], str(spec.task_args[key]))
         return spec
 
     def submit(self, data: Any) -> str:
@@ -208,6 +214,17 @@ class Daemon:
     # -- helpers -----------------------------------------------------------------
     def _invalid(self, loc: list[str], msg: str) -> None:
         raise InvalidSpec(f"invalid job spec: {'.'.join(loc)}: {msg}", [{"loc": loc, "msg": msg}])
+
+    def _readable(self, loc: list[str], path: str) -> None:
+        """A path a task reads: inside a data root (symlinks resolved), or refused."""
+        resolved = pathlib.Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.data_roots):
+            roots = ", ".join(str(r) for r in self.data_roots)
+            self._invalid(
+                loc,
+                f"{path!r} is outside the data roots this daemon reads from ({roots}); put it "
+                "there, or start the daemon with --data-root DIR",
+            )
 
     def _confined(self, loc: list[str], path: str | None, default: str) -> pathlib.Path:
         """A directory the job writes to: inside the checkpoint root, or refused."""

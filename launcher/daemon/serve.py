@@ -53,6 +53,7 @@ def serve(
     num_cpus: int = 16,
     checkpoint_root: str | None = None,
     task_modules: tuple[str, ...] = (),
+    data_roots: tuple[str, ...] = (),
     run_jobs: bool = True,
     limits: Limits | None = None,
 ) -> int:
@@ -82,6 +83,7 @@ def serve(
         num_cpus=num_cpus,
         checkpoint_root=checkpoint_root,
         task_modules=task_modules,
+        data_roots=data_roots,
         metrics_url=f"http://{url_host}:{port}/metrics",
         run_jobs=run_jobs,
     )

@@ -91,11 +91,18 @@ class TaskEntry:
     build: Callable[[BaseModel, TaskRequest], Task]
     daemon_default: bool  # the daemon runs it without being told to (--task-module)
     min_seq_len: int | None = None  # needs max_seq_len of at least this
+    path_args: tuple[str, ...] = ()  # task_args it reads files from (the daemon confines them)
 
 
 BUILTIN: dict[str, TaskEntry] = {
     "tiny_gpt": TaskEntry(TinyGptArgs, _tiny_gpt, daemon_default=True),
-    "causal_lm": TaskEntry(CausalLMArgs, _causal_lm, daemon_default=True, min_seq_len=2),
+    "causal_lm": TaskEntry(
+        CausalLMArgs,
+        _causal_lm,
+        daemon_default=True,
+        min_seq_len=2,
+        path_args=("model_dir", "data"),
+    ),
 }
 
 

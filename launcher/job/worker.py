@@ -89,7 +89,7 @@ def probe(
         make_optimizer=build_optimizer(spec.optimizer),
         precision=precision,
         headroom_fraction=spec.memory_headroom,
-        distributed=True,
+        backend="nccl" if device.is_cuda else "gloo",  # as the runner picks
         cache_dir=cache_dir,
         gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
     )
