@@ -6,20 +6,18 @@ Slow (about two minutes on two cores): `pytest -m "not slow"` skips it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from daemon_util import ROOT, DaemonProcess, tiny_spec, transition_time
+from prometheus_util import prometheus
 
 from autobatch.metrics.prometheus import METRIC_NAMES
 from launcher.job.checkpoint import list_checkpoints
@@ -70,40 +68,6 @@ def test_jobs_on_the_same_devices_run_one_after_the_other_disjoint_ones_together
     assert b_queued["to_state"] == "probing" and "all 3 device(s) free" in b_queued["reason"]
 
 
-@contextlib.contextmanager
-def prometheus(target: str, tmp: pathlib.Path) -> Iterator[httpx.Client]:
-    """A real Prometheus on a free loopback port scraping `target` every second."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    host = target.removeprefix("http://")
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: autobatch\n    static_configs: [{{targets: ['{host}']}}]\n"
-    )
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("wb"),
-    )  # fmt: skip
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/-/ready").status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "prometheus did not start"
-            time.sleep(0.2)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(20)
-
-
 def dashboard_queries() -> list[str]:
     """Every query of the dashboard, with Grafana's variables as Prometheus would see them."""
     dash = json.loads(DASHBOARD.read_text())
@@ -128,7 +92,12 @@ def test_prometheus_scrapes_every_dashboard_query_then_cancel_frees_the_devices(
         )
         assert check.returncode == 0, check.stdout + check.stderr
 
-    with prometheus(daemon.url, tmp_path) as prom:
+    target = {
+        "job_name": "autobatch",
+        "scrape_interval": "1s",
+        "static_configs": [{"targets": [daemon.url.removeprefix("http://")]}],
+    }
+    with prometheus(target, tmp_path) as prom:
         pending, deadline = dashboard_queries(), time.monotonic() + 60
         while pending and time.monotonic() < deadline:
             time.sleep(1)

@@ -16,12 +16,9 @@ About 6 s: Prometheus (2.42) applies a new target's discovery after 5 s.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import re
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from daemon_util import api_in_thread
 from k8s_util import K8S, find, render
+from prometheus_util import prometheus
 
 from autobatch.metrics.snapshot import RankSnapshot
 from launcher.daemon.daemon import Daemon
@@ -144,45 +141,6 @@ def operator_scrape_config(target: str, token_file: Path) -> dict[str, Any]:
         "static_configs": [{"targets": [target], "labels": meta}],
         "relabel_configs": relabel,
     }
-
-
-@contextlib.contextmanager
-def prometheus(scrape_config: dict[str, Any], tmp: Path) -> Iterator[httpx.Client]:
-    """A real Prometheus on a free loopback port with this one scrape job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump({"global": {"evaluation_interval": "1s"}, "scrape_configs": [scrape_config]})
-    )
-    log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/-/ready").status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start: {(tmp / 'prometheus.log').read_text()}")
-            time.sleep(0.1)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(20)
-        log.close()
 
 
 def snapshots(step: int) -> list[RankSnapshot]:
