@@ -56,6 +56,21 @@ def test_a_job_runs_to_success_and_its_log_follows_it(daemon):
     assert rec["progress"]["step"] == 6
 
 
+def test_a_failing_job_ends_failed_with_its_reason_and_frees_its_devices(daemon):
+    # No restarts allowed and rank 1 killed at step 1: the job fails; the next job on the
+    # same simulated devices starts after it and succeeds.
+    crash = [{"kind": "crash", "rank": 1, "step": 1}]
+    bad = daemon.submit(tiny_spec("bad", max_restarts=0, faults=crash))
+    good = daemon.submit(tiny_spec("good", max_steps=2))
+    rec = daemon.wait_state(bad, "failed", timeout_s=180)
+    assert "failed after 0 restart(s)" in rec["last_error"]
+    assert "rank 1 worker died" in rec["last_error"]
+    assert rec["transitions"][-1]["to_state"] == "failed"
+    assert rec["transitions"][-1]["reason"] == rec["last_error"]
+    after = daemon.wait_state(good, "succeeded", timeout_s=180)
+    assert transition_time(after, "probing") >= transition_time(rec, "failed")
+
+
 def test_jobs_on_the_same_devices_run_one_after_the_other_disjoint_ones_together(daemon):
     a = daemon.submit(tiny_spec("a", sims=("big", "mid", "small"), max_steps=6))
     b = daemon.submit(tiny_spec("b", sims=("big", "mid", "small"), max_steps=2))
