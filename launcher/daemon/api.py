@@ -11,10 +11,12 @@
 
 No request can cost the daemon more than `Limits` allows (launcher.daemon.limits):
 the connection, token and body guards wrap the app (launcher.daemon.guards); a
-body is parsed (launcher.daemon.body) and validated in a small pool of threads,
-never on the event loop, and every route that reads the store or a file does it
-off the loop too. Invalid specs answer 422 with the field path of each problem,
-a spec the daemon would store over `max_spec_bytes` 413, unknown ids 404.
+body is parsed in worker processes (launcher.daemon.body) and validated in a small
+pool of threads, never on the event loop. Reads of bounded size (a page of jobs,
+one record) run on the loop through the store's own read connection, which never
+waits for a writer; files and everything else run in threads. Invalid specs answer
+422 with the field path of each problem, a spec the daemon would store over
+`max_spec_bytes` 413, unknown ids 404.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, limits: Limits | Non
     """The ASGI application: FastAPI routes inside the auth and body guards."""
     limits = limits or Limits()
     app = FastAPI(title="autobatch daemon", version="1", docs_url=None, redoc_url=None)
+    reads = daemon.store.reader()  # bounded reads (a page, a record) on the loop
     parser = BodyParser(limits.parse_workers)
     parser.start()
     specs = ThreadPoolExecutor(limits.parse_workers, thread_name_prefix="api-spec")
@@ -113,18 +116,14 @@ def create_app(daemon: Daemon, *, token: str | None = None, limits: Limits | Non
             None, pattern=r"^[0-9]{1,18}$", description="next_cursor of the previous page"
         ),
     ) -> Response:
-        # Serialised here, not by FastAPI: a listing is the hot path (see bench_daemon.py).
-        rows, after = await asyncio.to_thread(
-            daemon.store.page, state, limit=limit, after=int(cursor or 0)
-        )
+        # Read and serialised here, on the loop: a listing is the hot path (bench_daemon.py).
+        rows, after = reads.page(state, limit=limit, after=int(cursor or 0))
         page = {"jobs": rows, "next_cursor": None if after is None else str(after)}
         return Response(_json(page), media_type="application/json")
 
     @app.get("/v1/jobs/{job_id}")
     async def job(job_id: str) -> Response:
-        return Response(
-            await asyncio.to_thread(_job, daemon, job_id), media_type="application/json"
-        )
+        return Response(_json(reads.record(job_id)), media_type="application/json")
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str) -> dict[str, str]:
@@ -188,18 +187,12 @@ def _submit(daemon: Daemon, data: Any, limits: Limits) -> str:
     return daemon.submit(data)
 
 
-def _job(daemon: Daemon, job_id: str) -> bytes:
-    out = daemon.store.get(job_id).to_dict()
-    out["transitions"] = [t.__dict__ for t in daemon.store.transitions(job_id)]
-    return _json(out)
-
-
 def _json(value: Any) -> bytes:
     """Strict JSON; NaN and infinities (a diverged loss in `progress`) become null."""
     try:
-        return json.dumps(value, allow_nan=False).encode()
-    except ValueError:
         return pydantic_core.to_json(value, inf_nan_mode="null")
+    except (pydantic_core.PydanticSerializationError, ValueError):  # rows from before the limits
+        return json.dumps(value, default=str).encode()
 
 
 def _tail_start(path: pathlib.Path, lines: int) -> int:

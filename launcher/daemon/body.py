@@ -27,6 +27,7 @@ two 1 MB YAML bodies were parsed at a time; see tests/test_daemon_fuzz.py).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import codecs
 import json
 import math
@@ -104,6 +105,7 @@ class BodyParser:
                     initializer=_worker_start,
                     initargs=(os.getpid(),),
                 )
+                atexit.register(pool.shutdown, cancel_futures=True)
             return pool
 
 
