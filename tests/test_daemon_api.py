@@ -398,6 +398,15 @@ def test_body_parser_processes_are_replaced_when_killed_and_end_with_the_daemon(
         d.stop()
 
 
+def test_sigterm_stops_the_daemon_through_its_shutdown(tmp_path):
+    d = DaemonProcess(tmp_path / "state", tmp_path / "cache", "--api-only")
+    assert d.http.post("/v1/jobs", json=tiny_spec()).status_code == 201  # parsers running
+    d.stop()  # SIGTERM; uvicorn raised it again after its own stop: the process died there
+    assert d.proc.returncode == 0
+    log = (tmp_path / "state-daemon.log").read_text()
+    assert "Traceback" not in log and "leaked semaphore" not in log, log
+
+
 # -- auth ------------------------------------------------------------------------------
 
 

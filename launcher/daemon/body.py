@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import codecs
+import gc
 import json
 import math
 import multiprocessing
@@ -105,8 +106,20 @@ class BodyParser:
                     initializer=_worker_start,
                     initargs=(os.getpid(),),
                 )
-                atexit.register(pool.shutdown, cancel_futures=True)
             return pool
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Stop every pool's workers (at exit: multiprocessing then has nothing to warn of)."""
+        with cls._lock:
+            pools, cls._pools = list(cls._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        del pools
+        gc.collect()  # the pools' queues release their semaphores now, not at exit
+
+
+atexit.register(BodyParser.close_all)
 
 
 def _worker_start(parent: int) -> None:

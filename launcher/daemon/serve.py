@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pathlib
+import signal
 import socket
 import sys
 
@@ -95,10 +96,23 @@ def serve(
             f"autobatch daemon on http://{url_host}:{port} (state {pathlib.Path(state_dir)})",
             flush=True,
         )
+        _keep_stop_signals()
         server.run(sockets=[sock])
     finally:
         daemon.shutdown()
     return 0
+
+
+def _keep_stop_signals() -> None:
+    """uvicorn stops on SIGTERM/SIGINT, then raises the signal again under the handler it
+    found: with the default one the process died there, before daemon.shutdown(). This
+    one lets serve() go on to stop the daemon."""
+
+    def stopped(sig: int, frame: object) -> None:
+        pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
 
 
 if __name__ == "__main__":
