@@ -286,6 +286,18 @@ def test_openapi_schema_is_published_with_the_job_spec(api):
     assert "global_batch_size" in schema["components"]["schemas"]["JobSpec"]["properties"]
 
 
+def test_a_kept_alive_connection_answers_at_once(api):
+    # Each answer is two writes (head, body): without TCP_NODELAY the body waited for the
+    # client's delayed ACK, 40 ms a request (bench_daemon.py: 44 ms with one client).
+    job_id = api.post("/v1/jobs", json=tiny_spec()).json()["id"]
+    took = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        assert api.get(f"/v1/jobs/{job_id}").status_code == 200
+        took.append(time.perf_counter() - t0)
+    assert sorted(took)[10] < 0.02, f"median {sorted(took)[10] * 1000:.0f} ms"
+
+
 def test_a_job_whose_progress_holds_nan_is_still_served_as_json(api, daemon):
     job_id = api.post("/v1/jobs", json=tiny_spec()).json()["id"]
     daemon.store.update(job_id, progress={"step": 3, "loss": float("nan"), "rate": float("inf")})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
 from typing import Any
 
 import uvicorn
@@ -44,6 +45,12 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) > self.limits.max_connections:
             transport.abort()  # connection_lost() forgets it
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio sets this only on sockets made with proto=IPPROTO_TCP, and a listening
+            # socket made by hand has proto 0: uvicorn's two writes per response (head, body)
+            # then met the client's delayed ACK, 40 ms a request on a kept-alive connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm()
 
     def on_response_complete(self) -> None:
