@@ -27,8 +27,9 @@ is not modelled.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -210,7 +211,9 @@ def trace_step(
             f"failed there: {exc}"
         ) from exc
     micro_pts, opt_pts, micro_ops = [], [], []
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    # A garbage collection in the middle of the trace frees fake tensors whose release is
+    # itself dispatched, and counted: the same step would cost a few ops more or less.
+    with _without_gc(), FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         model.train()
         opt = make_optimizer(model)
@@ -246,6 +249,18 @@ def trace_step(
         optimizer_ops=tuple(costs.ops),
         gradient_bytes=grads,
     )
+
+
+@contextlib.contextmanager
+def _without_gc() -> Iterator[None]:
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _NoHook:

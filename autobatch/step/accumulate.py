@@ -201,8 +201,8 @@ class Accumulator:
         after_forward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch, its loss SUM times `weight`, in the
-        wrapping's context (gradients synchronised only when `last`). Returns the loss sum
-        (float64, CPU). `after_forward` runs between the two (the probe times the forward)."""
+        wrapping's context (gradients synchronised only when `last`). Returns the loss sum,
+        detached. `after_forward` runs between the two (the probe times the forward)."""
         with self.wrapping.micro_step(self.model, last=last):
             with autocast(self.device_type, self.precision):
                 loss = loss_fn(self.model, batch)
@@ -214,13 +214,14 @@ class Accumulator:
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             scaled.backward()
-        return loss.detach().to(torch.float64).cpu()
+        return loss.detach()
 
     def _timed(
         self, mb: Any, loss_fn: LossFn, weight: float, times: list[float], *, last: bool
     ) -> torch.Tensor:
         t0 = time.perf_counter()
         loss = self.micro_step(mb, loss_fn, weight=weight, last=last)
+        loss = loss.to(torch.float64).cpu()  # waits for the device: the time is the work's
         times.append(time.perf_counter() - t0)
         return loss
 
