@@ -496,8 +496,10 @@ def attack(url: str, seconds: float, report: str) -> None:
             sock.settimeout(end + 5 - time.monotonic())
             try:
                 count("idle", "closed" if sock.recv(1) == b"" else "answered")
-            except (TimeoutError, OSError):
+            except TimeoutError:
                 count("idle", "still open")
+            except OSError:
+                count("idle", "reset")
 
     threads = [threading.Thread(target=hostile) for _ in range(3)]
     threads += [threading.Thread(target=large) for _ in range(2)]
@@ -551,8 +553,9 @@ def test_healthz_answers_within_1s_and_memory_stays_bounded_under_attack(tmp_pat
                 latencies.append(time.monotonic() - t0)
                 peak_rss = max(peak_rss, _rss(pid))
                 if len(latencies) % 20 == 0:  # a real user submits meanwhile
+                    t0 = time.monotonic()
                     r = probe.post("/v1/jobs", json=tiny_spec("legit"))
-                    accepted.append(r.status_code)
+                    accepted.append((r.status_code, time.monotonic() - t0))
                 time.sleep(0.05)
         assert attacker.wait() == 0
         seen = json.loads(report.read_text())
@@ -560,16 +563,20 @@ def test_healthz_answers_within_1s_and_memory_stays_bounded_under_attack(tmp_pat
         print(
             f"/healthz: {len(latencies)} probes, max {max(latencies) * 1000:.0f} ms, "
             f"p99 {sorted(latencies)[int(len(latencies) * 0.99)] * 1000:.0f} ms; RSS idle "
-            f"{idle_rss >> 20} MiB, peak {peak_rss >> 20} MiB (+{(peak_rss - idle_rss) >> 20})"
+            f"{idle_rss >> 20} MiB, peak {peak_rss >> 20} MiB (+{(peak_rss - idle_rss) >> 20}); "
+            f"submits meanwhile: {[(c, round(t, 2)) for c, t in accepted]}"
         )
         assert max(latencies) < 1.0
         assert peak_rss - idle_rss < ATTACK_RSS_BOUND
-        assert seen.get("slow-body 408", 0) >= 50, seen  # the body deadline fired
-        assert seen.get("slow-head closed", 0) >= 50, seen  # the header deadline fired
-        assert seen.get("idle closed", 0) >= 150, seen
+        # the deadlines ended every slow client (a client writing its next byte as the server
+        # closes sees a reset rather than the answer)
+        ended = {k: seen.get(f"{k} 408", 0) + seen.get(f"{k} closed", 0) + seen.get(f"{k} reset", 0)
+                 for k in ("slow-body", "slow-head", "idle")}  # fmt: skip
+        assert ended == {"slow-body": 60, "slow-head": 60, "idle": 200}, seen
+        assert seen.get("slow-body 408", 0) >= 1, seen
         assert seen.get("heavy-yaml 422", 0) >= 1 and seen.get("2mib-length 413", 0) >= 1, seen
         assert not any(k.endswith(" 500") for k in seen), seen
-        assert accepted and set(accepted) <= {201, 503}, accepted
+        assert accepted and {c for c, _ in accepted} <= {201, 503}, accepted
         # nothing hostile was stored; the daemon still takes a spec at once
         names = {j["name"] for j in daemon.http.get("/v1/jobs").json()["jobs"]}
         assert names <= {"legit"}
