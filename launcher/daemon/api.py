@@ -177,14 +177,15 @@ def _spec_body() -> dict[str, Any]:
 
 def _submit(daemon: Daemon, data: Any, limits: Limits) -> str:
     """Validate, bound and queue one parsed spec (in a worker thread); the job's id."""
-    size = len(daemon.validate(data).model_dump_json())
+    spec = daemon.validate(data)
+    size = len(spec.model_dump_json())
     if size > limits.max_spec_bytes:
         raise BodyError(
             f"the job spec is {size} bytes as JSON (with its defaults); the daemon stores at "
             f"most {limits.max_spec_bytes} (max_spec_bytes)",
             status=413,
         )
-    return daemon.submit(data)
+    return daemon.submit(spec)
 
 
 def _json(value: Any) -> bytes:

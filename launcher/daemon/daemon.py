@@ -35,7 +35,7 @@ from launcher.daemon import scheduler
 from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
 from launcher.job.checkpoint import latest_checkpoint
-from launcher.job.spec import JobSpec, SpecError
+from launcher.job.spec import JobSpec, SpecError, parse_spec
 from launcher.job.tasks import BUILTIN, daemon_refuses
 
 
@@ -90,6 +90,7 @@ class Daemon:
         self.data_roots = tuple(pathlib.Path(r).resolve() for r in data_roots or (".",))
         self.metrics_url, self.run_jobs, self.poll_s = metrics_url, run_jobs, poll_s
         self.running: dict[str, _Running] = {}
+        self._specs: dict[str, JobSpec] = {}  # parsed specs of queued jobs, by id
         self.total_gpus = 0
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -165,7 +166,8 @@ class Daemon:
         return spec
 
     def submit(self, data: Any) -> str:
-        spec = self.validate(data)
+        """Queue a job: `data` is a spec as sent (validated here) or one `validate` returned."""
+        spec = data if isinstance(data, JobSpec) else self.validate(data)
         job_id = new_job_id(spec.name)
         ckpt = self._confined(["checkpoint", "dir"], spec.checkpoint.dir, job_id)
         output = self._confined(["output_dir"], spec.output_dir, f"{job_id}-final")
@@ -212,6 +214,14 @@ class Daemon:
         return self.logs_dir / f"{job_id}.log"
 
     # -- helpers -----------------------------------------------------------------
+    def _parsed(self, job_id: str, spec: dict[str, Any]) -> JobSpec:
+        """A queued job's spec, parsed once (the scheduler looks at the queue twice a
+        second; re-validating a thousand specs each time would starve the API)."""
+        parsed = self._specs.get(job_id)
+        if parsed is None:
+            parsed = self._specs[job_id] = parse_spec(spec)
+        return parsed
+
     def _invalid(self, loc: list[str], msg: str) -> None:
         raise InvalidSpec(f"invalid job spec: {'.'.join(loc)}: {msg}", [{"loc": loc, "msg": msg}])
 
@@ -252,15 +262,13 @@ class Daemon:
 
     def schedule(self) -> list[str]:
         """Start every queued job whose devices are all free; fail the ones that never fit."""
-        from launcher.job.spec import parse_spec
-
         self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
         with self._lock:
             if self._stopping:
                 return []
             queue = []
             for rec in self.store.list(("queued",)):
-                spec = parse_spec(rec.spec)
+                spec = self._parsed(rec.id, rec.spec)
                 need = scheduler.need(spec)
                 why = scheduler.unsatisfiable(need, self.total_gpus)
                 if why:
@@ -268,7 +276,7 @@ class Daemon:
                     continue
                 queue.append((rec.id, need, spec))
             busy = {s for r in self.running.values() for s in r.slots}
-            specs = {job_id: spec for job_id, _, spec in queue}
+            specs = self._specs = {job_id: spec for job_id, _, spec in queue}  # the rest left
             started = scheduler.pick([(i, n) for i, n, _ in queue], busy, self.total_gpus)
             for job_id, slots in started:
                 stop = threading.Event()
