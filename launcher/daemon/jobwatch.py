@@ -1,13 +1,13 @@
 """What the daemon does with one job's runner events: record, log, export.
 
-    Planned    -> store.plan, state running, the plan table in the job log
-    MetricsAt  -> the job log
-    Resuming   -> the job log (the transition that re-queued the job said why)
-    Restarting -> state restarting (reason), restarts, last_error, the new plan
-    Progress   -> snapshots drained from the job's collector into the daemon's sink
-                  (job label = job id), store.progress (at most once a second), a log
-                  line per step; state running again after a restart
-    Finished   -> a last drain, the summary
+Planned    -> store.plan, state running, the plan table in the job log
+MetricsAt  -> the job log
+Resuming   -> the job log (the transition that re-queued the job said why)
+Restarting -> state restarting (reason), restarts, last_error, the new plan
+Progress   -> snapshots drained from the job's collector into the daemon's sink
+              (job label = job id), store.progress (at most once a second), a log
+              line per step; state running again after a restart
+Finished   -> a last drain, the summary
 """
 
 from __future__ import annotations
