@@ -27,6 +27,9 @@ _EXPORTS = {
     "equal_split_plan": "autobatch.planning.planner",
     "make_plan": "autobatch.planning.planner",
     "GlobalBatchSampler": "autobatch.planning.sampler",
+    "plan_for_group": "autobatch.probe.group",
+    "SimulatedDevice": "autobatch.probe.devices",
+    "Replicated": "autobatch.step.wrap",
     "SamplerState": "autobatch.planning.sampler",
     "Task": "autobatch.tasks.task",
 }
@@ -41,14 +44,17 @@ __all__ = [
     "PlanError",
     "ProbeError",
     "RankPlan",
+    "Replicated",
     "SamplerError",
     "SamplerState",
+    "SimulatedDevice",
     "StepResult",
     "Task",
     "TokenBudget",
     "equal_split_plan",
     "make_plan",
     "pack_global_batch",
+    "plan_for_group",
     "token_budgets",
 ]
 
@@ -77,5 +83,8 @@ if TYPE_CHECKING:
     from autobatch.planning.plan import DeviceCapacity, Plan, RankPlan
     from autobatch.planning.planner import equal_split_plan, make_plan
     from autobatch.planning.sampler import GlobalBatchSampler, SamplerState
+    from autobatch.probe.devices import SimulatedDevice
+    from autobatch.probe.group import plan_for_group
     from autobatch.step.accumulate import Accumulator, StepResult
+    from autobatch.step.wrap import Replicated
     from autobatch.tasks.task import Task

@@ -8,6 +8,8 @@ import sys
 
 from distributed import free_port
 
+from autobatch.probe.group import SIMULATED_ENV
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,8 @@ def test_example_gives_the_same_losses_on_one_and_three_ranks():
     one = _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
     three = _loss_lines(
         [
+            "env",
+            f"{SIMULATED_ENV}=sim-big:24MiB,sim-mid:12MiB:0.5,sim-small:6MiB:0.25",
             sys.executable,
             "-m",
             "torch.distributed.run",

@@ -23,14 +23,17 @@ def test_public_names_are_pinned():
         "PlanError",
         "ProbeError",
         "RankPlan",
+        "Replicated",
         "SamplerError",
         "SamplerState",
+        "SimulatedDevice",
         "StepResult",
         "Task",
         "TokenBudget",
         "equal_split_plan",
         "make_plan",
         "pack_global_batch",
+        "plan_for_group",
         "token_budgets",
     ]
     for name in autobatch.__all__:

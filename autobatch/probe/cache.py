@@ -23,6 +23,12 @@ from autobatch.tasks.task import Task, model_fingerprint
 PROFILE_FORMAT_VERSION = 2  # 2: gradient checkpointing; probe batches with padding
 
 
+def default_cache_dir() -> str:
+    """Where profiles are cached: AUTOBATCH_PROFILE_CACHE, else ~/.cache/autobatch/profiles."""
+    default = Path.home() / ".cache" / "autobatch" / "profiles"
+    return os.environ.get("AUTOBATCH_PROFILE_CACHE", str(default))
+
+
 def key_fields(
     task: Task, info: DeviceInfo, make_optimizer: MakeOptimizer, precision: str
 ) -> tuple[dict[str, Any], int]:

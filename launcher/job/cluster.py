@@ -8,7 +8,6 @@ start-up phase is its own function with a timeout; on failure it raises
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -181,11 +180,6 @@ def wait_all(refs: list, timeout_s: float, what: str) -> list:
             " check `ray status` and the worker logs"
         )
     return ray.get(refs)
-
-
-def profile_cache_dir() -> str:
-    default = pathlib.Path.home() / ".cache" / "autobatch" / "profiles"
-    return os.environ.get("AUTOBATCH_PROFILE_CACHE", str(default))
 
 
 def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:

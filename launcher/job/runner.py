@@ -25,6 +25,7 @@ from autobatch.errors import LaunchError, NoFitError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import ExcludedDevice, Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.probe.cache import default_cache_dir
 from autobatch.probe.devices import DeviceInfo, normalise_speeds
 from autobatch.probe.profile import ModelProfile
 from autobatch.step.precision import Precision, choose_precision
@@ -181,7 +182,7 @@ class JobRunner:
             by_type: dict[tuple, int] = {}
             for i, (info, _, _) in enumerate(found):
                 by_type.setdefault((info.name, info.total_bytes, info.speed), i)
-            cache = cluster.profile_cache_dir()
+            cache = default_cache_dir()
             profiles = {}
             for key, i in by_type.items():
                 profiles[key] = self._profile(self.workers[i], found[i][0], cache)
