@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,accelerate]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -19,7 +19,7 @@ from autobatch.errors import DeviceSpecError, PlanError
 from autobatch.probe.group import SIMULATED_ENV
 
 B = 48
-DEVICES = "sim-big:160KiB,sim-mid:64KiB:0.5,sim-small:48KiB:0.25"  # micro-batches ~69, 19, 11
+DEVICES = "sim-big:80KiB,sim-mid:64KiB:0.5,sim-small:52KiB:0.25"  # measured, not fixed
 g = torch.Generator().manual_seed(1)
 X = torch.randn(96, 16, generator=g, dtype=torch.float64)
 Y = torch.randn(96, 1, generator=g, dtype=torch.float64)
@@ -77,6 +77,7 @@ def test_every_rank_gets_the_same_ragged_plan_in_group_order(ranks):
     assert [r.device_name for r in plan.ranks] == ["sim-big", "sim-mid", "sim-small"]
     limits = [r.max_micro_batch for r in plan.ranks]
     assert limits[0] > limits[1] > limits[2]  # measured: the bigger device takes more
+    assert len({r.accumulation_steps for r in plan.ranks}) > 1  # ragged: no_sync on some
     assert sum(r.samples for r in plan.ranks) == B
 
 
