@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -22,6 +23,8 @@ from ray.util.scheduling_strategies import (
 from autobatch.errors import LaunchError
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice
 from autobatch.probe.profile import ModelProfile
+from launcher.job import policy
+from launcher.job.policy import RankFailure
 from launcher.job.spec import JobSpec
 from launcher.job.worker import DeviceWorker
 
@@ -223,3 +226,35 @@ def list_devices(spec: JobSpec | None) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------------------
+# what went wrong on a rank
+
+
+def cause(exc: BaseException) -> str:
+    """One line for a Ray error: the rank's own exception (type and first line), if any."""
+    own = getattr(exc, "cause", None)
+    if own is not None:
+        return f"{type(own).__name__}: {str(own).splitlines()[0] if str(own) else ''}"
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def failure_of(refs: list, ref: object) -> RankFailure | None:
+    """What went wrong on the rank of a finished `ref`, or None when it succeeded."""
+    rank = refs.index(ref)
+    try:
+        ray.get(ref)
+    except RayActorError as exc:
+        return RankFailure(rank, "lost", f"rank {rank} worker died: {cause(exc)}")
+    except RayTaskError as exc:
+        kind = policy.classify(getattr(exc, "cause", None))
+        return RankFailure(rank, kind, f"rank {rank}: {cause(exc)}")
+    return None
+
+
+def lost_devices(devices: list[ProbedDevice]) -> set[str]:
+    """The job's devices whose node is gone."""
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    return {d.device_id for d in devices if d.node_id not in alive}

@@ -187,7 +187,7 @@ class JobRunner:
             for key, i in by_type.items():
                 profiles[key] = self._profile(self.workers[i], found[i][0], cache)
         except RayTaskError as exc:
-            raise LaunchError(f"probe failed: {_cause(exc)}") from None
+            raise LaunchError(f"probe failed: {cluster.cause(exc)}") from None
         probed = []
         for i, (info, ip, node_id) in enumerate(found):
             profile = profiles[(info.name, info.total_bytes, info.speed)]
@@ -247,7 +247,7 @@ class JobRunner:
                     restarts=restarts,
                     max_restarts=spec.max_restarts,
                     plan=plan,
-                    lost_devices=_lost(devices),
+                    lost_devices=cluster.lost_devices(devices),
                     keep_all=spec.devices.keep_all,
                 )
                 if decision.action == "fail":
@@ -335,19 +335,21 @@ class JobRunner:
         try:
             return cluster.wait_all(refs, cluster.ACTOR_TIMEOUT_S, what)
         except (RayActorError, RayTaskError) as exc:
-            raise _AttemptFailed([RankFailure(-1, "lost", f"{what}: {_cause(exc)}")]) from None
+            raise _AttemptFailed(
+                [RankFailure(-1, "lost", f"{what}: {cluster.cause(exc)}")]
+            ) from None
 
     def _wait(self, refs: list) -> list[RankOutcome]:
         pending = list(refs)
         while pending:
             self._check_stop()
             done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-            failures = [f for ref in done if (f := _failure_of(refs, ref))]
+            failures = [f for ref in done if (f := cluster.failure_of(refs, ref))]
             if failures:
                 # The first failure is often a consequence (a peer's collective breaking):
                 # give the other ranks a moment to fail too, and judge by the root cause.
                 more, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
-                failures += [f for ref in more if (f := _failure_of(refs, ref))]
+                failures += [f for ref in more if (f := cluster.failure_of(refs, ref))]
                 self._progress()  # what the ranks reported last, the failing step included
                 raise _AttemptFailed(failures)
             self._progress()
@@ -379,33 +381,6 @@ class JobRunner:
                 self.pg = None
             if self.started_ray:
                 ray.shutdown()
-
-
-def _cause(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    if cause is not None:
-        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
-
-
-def _failure_of(refs: list, ref: object) -> RankFailure | None:
-    """What went wrong on the rank of a finished `ref`, or None when it succeeded."""
-    rank = refs.index(ref)
-    try:
-        ray.get(ref)
-    except RayActorError as exc:
-        return RankFailure(rank, "lost", f"rank {rank} worker died: {_cause(exc)}")
-    except RayTaskError as exc:
-        kind = policy.classify(getattr(exc, "cause", None))
-        return RankFailure(rank, kind, f"rank {rank}: {_cause(exc)}")
-    return None
-
-
-def _lost(devices: list[cluster.ProbedDevice]) -> set[str]:
-    """The job's devices whose node is gone."""
-    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    return {d.device_id for d in devices if d.node_id not in alive}
 
 
 def _latest(ckpt_dir: pathlib.Path) -> str | None:
