@@ -237,11 +237,11 @@ def profile_model(
     steps = runner.steps if runner else 0
     ok = [m for m in measurements if not m.oom]
     if not ok or not any(m.peak_bytes <= budgeter.of(measurements) for m in ok):
-        need = f"{ok[0].peak_bytes / 2**20:.1f} MiB" if ok else "more than the device has"
+        need = _size(ok[0].peak_bytes) if ok else "more than the device has"
         raise NoFitError(
             f"{info.name}: one sample does not fit: a training step at micro-batch 1 needs {need}, "
-            f"the budget is {budgeter.of(measurements) / 2**20:.1f} MiB (usable "
-            f"{usable / 2**20:.1f} MiB - headroom - reserve); lower the sequence length, use "
+            f"the budget is {_size(budgeter.of(measurements))} (usable "
+            f"{_size(usable)} - headroom - reserve); lower the sequence length, use "
             "bf16/fp16, or use a device with more memory",
             measured_steps=steps,
         )
@@ -408,3 +408,8 @@ def usable_bytes(info: DeviceInfo) -> int:
             usable = min(usable, int(fraction(dev) * total))
         return usable
     return info.free_bytes
+
+
+def _size(n: float) -> str:
+    """Bytes for a message: MiB, or KiB below one MiB (a tiny simulated device)."""
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB"
