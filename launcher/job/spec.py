@@ -199,6 +199,10 @@ class JobSpec(_Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 0  # 0: any free port
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
     faults: list[FaultSpec] = []
+    # DataLoader worker processes per rank that collate its micro-batches ahead of the step
+    # (prefetch; pinned memory on GPUs); 0 collates on the training thread. None: min(4, the
+    # node's CPUs / its ranks), 0 where a rank would get fewer than 2 CPUs.
+    data_workers: Annotated[int, Field(ge=0, le=64)] | None = None
     # Every rank appends the dataset indices of each completed step to
     # <checkpoint dir>/samples-rank<r>.jsonl: an audit that each global batch was exact.
     audit_samples: bool = False

@@ -1,11 +1,13 @@
 """The training loop of one rank: plan sampler -> micro-batches -> accumulator -> optimizer.
 
-Per optimizer step the rank takes its micro-batches from the plan sampler (or,
-for variable-length data, its packed share), runs the accumulator's step, and
-on an out-of-memory in a no_sync micro-step (agreed by every rank) asks the
-failure policy, which lowers that device's micro-batch: the same global batch is
-retried in place. Rank 0 checkpoints. Restarts and re-plans after a lost worker
-are the runner's.
+Per optimizer step the rank takes its micro-batches (the plan sampler's, or for
+variable-length data its packed share) from a DataLoader whose workers collate
+them ahead of time (`autobatch.tasks.loader.StepLoader`, `data_workers` of the
+spec), runs the accumulator's step, and on an out-of-memory in a no_sync
+micro-step (agreed by every rank) asks the failure policy, which lowers that
+device's micro-batch: the same global batch is retried in place, from a loader
+rebuilt for the lowered plan. Rank 0 checkpoints. Restarts and re-plans after a
+lost worker are the runner's.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import torch.distributed as dist
 
 from autobatch.errors import LaunchError
 from autobatch.metrics.snapshot import RankSnapshot
-from autobatch.planning.packing import pack_global_batch, token_budgets
 from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult
 from autobatch.step.wrap import REPLICATED
+from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
 from launcher.job.checkpoint import load_checkpoint, save_checkpoint
 from launcher.job.context import RankContext, RankOutcome
@@ -82,28 +84,32 @@ class _Faults:
 
 def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOutcome:
     rank = _Rank(ctx)
-    while rank.sampler.step < rank.total:
-        rank.faults.before_step(rank.sampler.step)
-        t0 = time.perf_counter()
-        indices, lengths_of = rank.share()
-        result = rank.step(indices)
-        if result.refused:
-            push(rank.record(result, 0.0, indices, lengths_of))
-            raise LaunchError(
-                f"step {rank.sampler.step}: the ranks processed {result.global_samples} samples, "
-                f"not the global batch of {ctx.spec.global_batch_size}: the step was refused "
-                "(no optimizer update)"
-            )
-        if result.oom:
-            rank.plan = _retry_plan(rank.plan, _ranks_that(result.oom_here), rank.sampler.step)
-            rank.stats.on_oom(result.oom_here, rank.plan)
-            continue  # the same global batch, on the lowered plan
-        if rank.audit is not None:
-            rank.audit.record(rank.sampler.step, indices)
-        rank.schedule.step()
-        rank.sampler.advance()
-        push(rank.record(result, time.perf_counter() - t0, indices, lengths_of))
-        rank.checkpoint_if_due()
+    try:
+        while rank.sampler.step < rank.total:
+            rank.faults.before_step(rank.sampler.step)
+            t0 = time.perf_counter()
+            indices, batches, lengths_of = rank.share()
+            result = rank.step(indices, batches)
+            if result.refused:
+                push(rank.record(result, 0.0, indices, lengths_of))
+                raise LaunchError(
+                    f"step {rank.sampler.step}: the ranks processed {result.global_samples} "
+                    f"samples, not the global batch of {ctx.spec.global_batch_size}: the step "
+                    "was refused (no optimizer update)"
+                )
+            if result.oom:
+                oom_ranks = _ranks_that(result.oom_here)
+                rank.replan(_retry_plan(rank.plan, oom_ranks, rank.sampler.step))
+                rank.stats.on_oom(result.oom_here, rank.plan)
+                continue  # the same global batch, on the lowered plan
+            if rank.audit is not None:
+                rank.audit.record(rank.sampler.step, indices)
+            rank.schedule.step()
+            rank.sampler.advance()
+            push(rank.record(result, time.perf_counter() - t0, indices, lengths_of))
+            rank.checkpoint_if_due()
+    finally:
+        rank.close_data()
     return rank.outcome()
 
 
@@ -148,6 +154,12 @@ class _Rank:
         self.stats = RankStats(ctx, self.plan, self.max_len)
         self.audit = _Audit(ctx) if spec.audit_samples else None
         self._indices: list = []
+        self.data_workers = (
+            spec.data_workers
+            if spec.data_workers is not None
+            else default_num_workers(_ranks_on_this_node(ctx.node))
+        )
+        self._data: StepLoader | None = None  # built at the current step on first use
 
     def _resume(self, state: dict) -> None:
         self.sampler.check_resume(state["sampler"])
@@ -175,25 +187,54 @@ class _Rank:
     def _n_micro(self) -> int:
         return len(self._indices)
 
-    def share(self) -> tuple[list, dict[int, int] | None]:
-        """This rank's micro-batches (dataset indices) of the current global batch, and for
-        variable-length data each sample's length."""
-        sampler, plan = self.sampler, self.plan
-        lengths_of = None
-        if self.max_len is None:
-            indices = sampler.micro_batches(plan, self.ctx.rank)
-        else:  # variable-length sequences: a time-balanced split, packed by tokens
-            global_batch = sampler.global_batch()
-            lengths = self.task.lengths(global_batch)
-            packed = pack_global_batch(global_batch, lengths, token_budgets(plan, self.max_len))
-            indices = packed[self.ctx.rank]
-            lengths_of = dict(zip(map(int, global_batch), lengths))
-        self._indices = self.faults.trim(sampler.step, indices)
-        return self._indices, lengths_of
+    def replan(self, plan: Plan) -> None:
+        """Train on `plan` from the current step: the loader of the old plan is closed (with
+        what it prefetched) and a new one starts at the current step on first use."""
+        self.plan = plan
+        self.close_data()
 
-    def step(self, indices: list) -> StepResult:
+    def close_data(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
+    def _loaded(self) -> StepBatches:
+        """The current step's micro-batches from the DataLoader (the plan sampler's, or for
+        variable-length data this rank's share of the step packed by tokens)."""
+        if self._data is None:
+            self._data = StepLoader(
+                self.task,
+                self.sampler,
+                self.plan,
+                self.ctx.rank,
+                num_workers=self.data_workers,
+                pin_memory=self.device.type == "cuda",
+                stop=self.total,
+                max_len=self.max_len,
+            )
+        loaded = next(self._data)
+        if loaded.step != self.sampler.step:
+            raise LaunchError(
+                f"the data loader is at step {loaded.step}, training at {self.sampler.step}"
+            )
+        return loaded
+
+    def share(self) -> tuple[list, list, dict[int, int] | None]:
+        """This rank's micro-batches of the current global batch: their dataset indices, the
+        collated batches, and for variable-length data each sample's length."""
+        loaded = self._loaded()
+        indices = self.faults.trim(loaded.step, loaded.indices)
+        # A micro-batch the short_batch fault trimmed is collated again from its trimmed
+        # indices (one trimmed to nothing is gone): the batch trained on is the trimmed one.
+        batches = [
+            batch if list(mine) == got else self.task.batch(mine)
+            for mine, got, batch in zip(indices, loaded.indices, loaded.batches)
+        ]
+        self._indices = indices
+        return indices, batches, loaded.lengths
+
+    def step(self, indices: list, batches: list) -> StepResult:
         task, memory = self.task, self.memory
-        batches = [task.batch(idx) for idx in indices]  # moved to the device one at a time
         first = int(indices[-1][0])
         if memory is not None:
             # Enforced from the attempt's third step on: DDP rebuilds its gradient buckets
@@ -269,6 +310,15 @@ class _Audit:
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def _ranks_on_this_node(node: str) -> int:
+    """How many ranks of the group run on this rank's node (one small all-gather)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return sum(n == node for n in nodes)
 
 
 def _ranks_that(flag: bool) -> list[int]:
