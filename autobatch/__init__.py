@@ -32,6 +32,11 @@ _EXPORTS = {
     "Replicated": "autobatch.step.wrap",
     "SamplerState": "autobatch.planning.sampler",
     "Task": "autobatch.tasks.task",
+    "MicroBatchSampler": "autobatch.tasks.loader",
+    "StepBatches": "autobatch.tasks.loader",
+    "StepLoader": "autobatch.tasks.loader",
+    "default_num_workers": "autobatch.tasks.loader",
+    "micro_batch_loader": "autobatch.tasks.loader",
 }
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "DeviceCapacity",
     "GlobalBatchSampler",
     "LaunchError",
+    "MicroBatchSampler",
     "Plan",
     "PlanError",
     "ProbeError",
@@ -48,11 +54,15 @@ __all__ = [
     "SamplerError",
     "SamplerState",
     "SimulatedDevice",
+    "StepBatches",
+    "StepLoader",
     "StepResult",
     "Task",
     "TokenBudget",
+    "default_num_workers",
     "equal_split_plan",
     "make_plan",
+    "micro_batch_loader",
     "pack_global_batch",
     "plan_for_group",
     "token_budgets",
@@ -87,4 +97,11 @@ if TYPE_CHECKING:
     from autobatch.probe.group import plan_for_group
     from autobatch.step.accumulate import Accumulator, StepResult
     from autobatch.step.wrap import Replicated
+    from autobatch.tasks.loader import (
+        MicroBatchSampler,
+        StepBatches,
+        StepLoader,
+        default_num_workers,
+        micro_batch_loader,
+    )
     from autobatch.tasks.task import Task

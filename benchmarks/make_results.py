@@ -39,6 +39,7 @@ BENCHMARKS = (
     ("bench_simulate.py", (), 600, r"estimates in|efficiency min"),
     ("bench_daemon.py", (), 900, r"GET|p50"),
     ("bench_lengths.py", (), 600, r"RESULT|padding waste"),
+    ("bench_dataloader.py", (), 300, r"RESULT"),
 )
 HEADLINES = {script.removesuffix(".py"): re.compile(pattern) for script, *_, pattern in BENCHMARKS}
 
