@@ -7,7 +7,7 @@ import os
 
 import pytest
 from distributed import run_ranks
-from test_group import DEVICES, TASK, B, build, collate, sgd
+from test_group import DEVICES, TASK, B, assert_full_batch_gradient, build, sgd
 
 from autobatch import Accumulator, GlobalBatchSampler, plan_for_group
 from autobatch.probe.group import SIMULATED_ENV
@@ -48,12 +48,7 @@ def test_accelerate_prepared_model_gives_the_full_batch_gradient(tmp_path):
         del os.environ[SIMULATED_ENV]
     assert {r["wrapped"] for r in ranks} == {"DistributedDataParallel"}
     assert len({r["micro_steps"] for r in ranks}) > 1  # ranks ran different numbers
-    model = build()
-    x, y = collate([TASK.dataset[int(i)] for i in ranks[0]["global_batch"]])
-    (((model(x) - y) ** 2).sum() / B).backward()
-    for got in (r["grads"] for r in ranks):
-        for g, p in zip(got, model.parameters()):
-            assert (g - p.grad).abs().max().item() <= 1e-10
+    assert_full_batch_gradient(ranks)
 
 
 @pytest.mark.parametrize(

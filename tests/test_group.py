@@ -81,13 +81,18 @@ def test_every_rank_gets_the_same_ragged_plan_in_group_order(ranks):
     assert sum(r.samples for r in plan.ranks) == B
 
 
-def test_one_step_of_the_group_plan_is_the_full_batch_gradient(ranks):
+def assert_full_batch_gradient(ranks: list[dict]) -> None:
+    """Every rank's step equals the mean gradient over the global batch, in one process."""
     model = build()
     x, y = collate([TASK.dataset[int(i)] for i in ranks[0]["global_batch"]])
     (((model(x) - y) ** 2).sum() / B).backward()
     for got in (r["grads"] for r in ranks):
         for g_, p in zip(got, model.parameters()):
             assert (g_ - p.grad).abs().max().item() <= 1e-10
+
+
+def test_one_step_of_the_group_plan_is_the_full_batch_gradient(ranks):
+    assert_full_batch_gradient(ranks)
 
 
 def test_a_device_list_that_does_not_match_the_group_is_refused(monkeypatch, tmp_path):
