@@ -72,8 +72,7 @@ def test_a_rank_killed_under_autobatch_run_restarts_and_the_run_finishes(tmp_pat
     # printed plainly, the job restarts from the step-2 checkpoint and every batch is exact.
     import yaml
     from daemon_util import tiny_spec
-
-    from autobatch.planning.sampler import GlobalBatchSampler
+    from test_launcher import assert_every_global_batch_exact
 
     spec = tiny_spec("drill", faults=[{"kind": "crash", "rank": 1, "step": 3}])
     spec.update(audit_samples=True, checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 2})
@@ -84,14 +83,4 @@ def test_a_rank_killed_under_autobatch_run_restarts_and_the_run_finishes(tmp_pat
     assert "restart 1: " in result.stdout and "worker died" in result.stdout
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["steps"] == 6 and summary["restarts"] == 1
-    sampler = GlobalBatchSampler(spec["task_args"]["dataset_size"], 24, seed=spec["seed"])
-    ledger: dict[int, list[int]] = {}
-    for rank_log in (tmp_path / "ckpt").glob("samples-rank*.jsonl"):
-        entries = [json.loads(line) for line in rank_log.read_text().splitlines()]
-        last = {e["step"]: e["attempt"] for e in entries}  # the attempt that completed each
-        for e in entries:
-            if e["attempt"] == last[e["step"]]:
-                ledger.setdefault(e["step"], []).extend(i for mb in e["micro_batches"] for i in mb)
-    assert sorted(ledger) == list(range(6))
-    for step, indices in ledger.items():
-        assert sorted(indices) == sorted(sampler.global_batch(step).tolist()), step
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")

@@ -70,8 +70,11 @@ def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
     """Per step, the indices every rank processed in the last attempt that completed it."""
     entries = collections.defaultdict(list)
     for path in ckpt_dir.glob("samples-rank*.jsonl"):
+        tries = {}  # a rank's last try of each (step, attempt): an OOM retry supersedes
         for line in path.read_text().splitlines():
             e = json.loads(line)
+            tries[e["step"], e["attempt"]] = e
+        for e in tries.values():
             entries[e["step"]].append(e)
     steps = {}
     for step, es in entries.items():

@@ -180,13 +180,13 @@ def test_workers_collate_in_other_processes_with_one_torch_thread_and_the_same_b
 
 
 def test_close_ends_the_worker_processes_and_the_training_rng_is_untouched():
-    rng = torch.get_rng_state()
+    rng, others = torch.get_rng_state(), set(multiprocessing.active_children())
     plan = PLANS["3 mixed, ragged"]
     loader = StepLoader(_index_task(), GlobalBatchSampler(N, 24), plan, 0, num_workers=2)
     next(loader)
-    assert len(multiprocessing.active_children()) == 2
+    assert len(set(multiprocessing.active_children()) - others) == 2
     loader.close()
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= others
     assert torch.equal(torch.get_rng_state(), rng)  # a loader draws from its own generator
     with pytest.raises(StopIteration):
         next(loader)
@@ -295,7 +295,9 @@ def _ctx(tmp: pathlib.Path, workers: int, **spec) -> RankContext:
 
 
 def _audit(tmp: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "samples-rank0.jsonl").read_text().splitlines()]
+    """Rank 0's last try of each step (a step retried in place after an OOM is written twice)."""
+    lines = (tmp / "samples-rank0.jsonl").read_text().splitlines()
+    return list({e["step"]: e for e in map(json.loads, lines)}.values())
 
 
 def test_the_rank_loop_trains_on_the_same_batches_with_workers_and_after_an_oom_retry(tmp_path):
@@ -320,6 +322,7 @@ def test_the_rank_loop_trains_on_the_same_batches_with_workers_and_after_an_oom_
 
 
 def test_a_short_batch_fault_trains_on_the_trimmed_batch_and_the_step_is_refused(tmp_path):
+    others = set(multiprocessing.active_children())  # e.g. another test's daemon parsers
     short = [{"kind": "short_batch", "rank": 0, "step": 1}]
     rank = _Rank(_ctx(tmp_path / "a", 2, faults=short))
     try:
@@ -332,4 +335,4 @@ def test_a_short_batch_fault_trains_on_the_trimmed_batch_and_the_step_is_refused
         rank.close_data()
     with pytest.raises(LaunchError, match="step 1: the ranks processed 11 samples"):
         train_rank(_ctx(tmp_path / "b", 2, faults=short), lambda snap: None)
-    assert multiprocessing.active_children() == []  # the failed loop closed its loader
+    assert set(multiprocessing.active_children()) <= others  # the failed loop closed its loader

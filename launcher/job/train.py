@@ -89,6 +89,8 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
             rank.faults.before_step(rank.sampler.step)
             t0 = time.perf_counter()
             indices, batches, lengths_of = rank.share()
+            if rank.audit is not None:
+                rank.audit.record(rank.sampler.step, indices)
             result = rank.step(indices, batches)
             if result.refused:
                 push(rank.record(result, 0.0, indices, lengths_of))
@@ -102,8 +104,6 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
                 rank.replan(_retry_plan(rank.plan, oom_ranks, rank.sampler.step))
                 rank.stats.on_oom(result.oom_here, rank.plan)
                 continue  # the same global batch, on the lowered plan
-            if rank.audit is not None:
-                rank.audit.record(rank.sampler.step, indices)
             rank.schedule.step()
             rank.sampler.advance()
             push(rank.record(result, time.perf_counter() - t0, indices, lengths_of))
@@ -296,6 +296,13 @@ class _Rank:
 
 
 class _Audit:
+    """Every step's dataset indices of this rank, one JSON line per try of a step.
+
+    Written before the step's collectives: a rank killed right after the gradient
+    all-reduce (the step then done on every rank) still has its line. A step tried
+    again (in place after an out-of-memory, or in a later attempt) is written again;
+    the last line of a step's last attempt is what the rank processed."""
+
     def __init__(self, ctx: RankContext) -> None:
         d = pathlib.Path(ctx.checkpoint_dir)
         d.mkdir(parents=True, exist_ok=True)
