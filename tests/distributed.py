@@ -32,6 +32,7 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
     )
     try:
         result = fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while a peer is still in a collective
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:

@@ -17,6 +17,7 @@ device (`torch.cuda.set_device(local_rank)` first); else the CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -74,6 +75,8 @@ def plan_for_group(
         mine: DeviceCapacity | str = profile.capacity(f"rank{rank}", device.name)
     except NoFitError as exc:  # every rank must hear of it, or its peers wait in the gather
         mine = f"rank {rank}: {exc}"
+    if isinstance(mine, str):
+        gc.collect()  # the failed probe's tensors, held by its traceback's frames
     found: list[DeviceCapacity | str | None] = [mine]
     if world > 1:
         found = [None] * world
