@@ -30,6 +30,7 @@ class RankContext:
     backward_factor: float = 3.0
     restarts: int = 0
     replans: dict[str, int] = field(default_factory=dict)
+    ranks_on_node: int = 1  # ranks of the job on this rank's node (for the data workers)
 
 
 @dataclass(frozen=True)

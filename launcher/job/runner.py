@@ -319,6 +319,7 @@ class JobRunner:
                 backward_factor=d.profile.backward_factor,
                 restarts=restarts,
                 replans=dict(replans),
+                ranks_on_node=sum(other.node == d.node for other in ranked),
             )
             refs.append(actor.train.remote(ctx, self.collector))
         return self._wait(refs)

@@ -157,7 +157,7 @@ class _Rank:
         self.data_workers = (
             spec.data_workers
             if spec.data_workers is not None
-            else default_num_workers(_ranks_on_this_node(ctx.node))
+            else default_num_workers(ctx.ranks_on_node)
         )
         self._data: StepLoader | None = None  # built at the current step on first use
 
@@ -317,15 +317,6 @@ class _Audit:
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
-
-
-def _ranks_on_this_node(node: str) -> int:
-    """How many ranks of the group run on this rank's node (one small all-gather)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return 1
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return sum(n == node for n in nodes)
 
 
 def _ranks_that(flag: bool) -> list[int]:
