@@ -86,13 +86,15 @@ def api_in_thread(
 
 
 class DaemonProcess:
-    """`autobatch serve` as a subprocess on a free loopback port, with an embedded local Ray."""
+    """`autobatch serve` as a subprocess on a free loopback port; its Ray head (unless
+    --api-only) is a process of its own, which `stop` ends too."""
 
     def __init__(self, state_dir: pathlib.Path, profile_cache: pathlib.Path, *args: str) -> None:
         env = dict(os.environ)
         env.update(RAY_AUTH_MODE="disabled", AUTOBATCH_PROFILE_CACHE=str(profile_cache))
         env.pop("RAY_ADDRESS", None)
         env.pop("AUTOBATCH_TOKEN", None)
+        self.env, self.state_dir = env, state_dir
         self.log = (state_dir.parent / f"{state_dir.name}-daemon.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher.cli", "serve", "--port", "0",
@@ -117,12 +119,18 @@ class DaemonProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM (the jobs run on), then the documented stop: `serve --shutdown`."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.kill()
+        subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "serve", "--shutdown",
+             "--state-dir", str(self.state_dir)],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=self.log, timeout=120, check=True,
+        )  # fmt: skip
         self.http.close()
         self.log.close()
 

@@ -1,5 +1,6 @@
-"""`autobatch serve` end to end: a subprocess on a free loopback port with an embedded local
-Ray, real jobs of three simulated devices, a real Prometheus scraping it, SIGKILL recovery.
+"""`autobatch serve` end to end: a subprocess on a free loopback port with its own local Ray
+head, real jobs of three simulated devices, a real Prometheus scraping it, jobs outliving a
+SIGKILLed daemon, `serve --shutdown`.
 
 Slow (about two minutes on two cores): `pytest -m "not slow"` skips it.
 """
@@ -10,6 +11,7 @@ import json
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +20,10 @@ from collections.abc import Iterator
 import pytest
 from daemon_util import ROOT, DaemonProcess, tiny_spec, transition_time
 from prometheus_util import prometheus
+from test_launcher import assert_every_global_batch_exact
 
 from autobatch.metrics.prometheus import METRIC_NAMES
+from launcher.daemon.rayhead import session_processes
 from launcher.job.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -143,29 +147,79 @@ def test_every_dashboard_metric_is_one_the_daemon_exports():
     assert used and used <= exported, used - exported
 
 
-def test_sigkill_mid_run_loses_nothing_the_job_resumes_from_its_checkpoint(tmp_path, profiles):
+def _step(rec: dict) -> int:
+    return (rec["progress"] or {}).get("step", 0)
+
+
+def test_a_sigkilled_daemon_costs_no_step_its_successor_reattaches_and_shutdown_leaves_nothing(
+    tmp_path, profiles
+):
     state = tmp_path / "state"
+    # ~15 steps/s here: long enough to outlast the daemon's restart
+    spec = tiny_spec("survivor", max_steps=400, checkpoint={"interval": 100}, audit_samples=True)
     first = DaemonProcess(state, profiles)
+    head = json.loads((state / "ray-head.json").read_text())
     try:
-        job = first.submit(tiny_spec("survivor", max_steps=60, checkpoint={"interval": 3}))
+        job = first.submit(spec)
         queued = first.submit(tiny_spec("later", max_steps=2))  # same devices: waits
-        first.wait(job, lambda r: (r["progress"] or {}).get("step", 0) >= 3, "3 steps")
-        assert first.job(queued)["state"] == "queued"
+        seen = [_step(first.wait(job, lambda r: _step(r) >= 4, "4 steps"))]
     finally:
         first.kill()
     second = DaemonProcess(state, profiles)
     try:
+        assert json.loads((state / "ray-head.json").read_text()) == head  # the same Ray
+        exported = False
+        while (rec := second.job(job))["state"] not in ("succeeded", "failed", "queued"):
+            seen.append(_step(rec))
+            exported |= f'job_id="{job}"' in second.http.get("/metrics").text
+            time.sleep(0.2)
+        assert rec["state"] == "succeeded", rec["transitions"]
+        assert rec["restarts"] == 0 and rec["progress"]["step"] == 400
+        assert [t["to_state"] for t in rec["transitions"]] == [
+            "queued", "probing", "running", "succeeded",
+        ]  # fmt: skip
+        assert seen == sorted(seen) and seen[1] < 400, seen  # still running when re-attached
+        assert exported  # its ranks' metrics reach the new daemon
+        log = second.http.get(f"/v1/jobs/{job}/logs", params={"tail": 0}).text
+        after = log.split("re-attached to the job's supervisor")[1]
+        assert "step 400/400" in after and "resuming from" not in log
+        ckpt = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
+        assert_every_global_batch_exact(spec, ckpt)
+        ledger = [json.loads(x) for p in ckpt.glob("samples-rank*.jsonl") for x in p.open()]
+        assert {e["attempt"] for e in ledger} == {0}  # one attempt: nothing re-run
+        later = second.wait_state(queued, "succeeded", timeout_s=120)
+        assert transition_time(later, "probing") >= transition_time(rec, "succeeded")
+    finally:
+        second.stop()  # SIGTERM, then `autobatch serve --shutdown`
+    assert first.proc.returncode is not None and second.proc.returncode is not None
+    assert session_processes(head["pid"]) == []  # the head and all it started are gone
+    assert not (state / "ray-head.json").exists()
+
+
+def test_a_job_whose_supervisor_died_resumes_from_its_checkpoint_and_says_so(tmp_path, profiles):
+    state = tmp_path / "state"
+    d = DaemonProcess(state, profiles)
+    try:
+        job = d.submit(tiny_spec("orphan", max_steps=300, checkpoint={"interval": 10}))
+        d.wait(job, lambda r: _step(r) >= 4, "4 steps")
+        d.proc.send_signal(signal.SIGTERM)  # the daemon stops; the job runs on
+        d.proc.wait(60)
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "launcher.cli", "serve", "--shutdown", "--state-dir",
+             str(state)], cwd=ROOT, env=d.env, check=True, timeout=120, capture_output=True,
+        )  # fmt: skip
+    second = DaemonProcess(state, profiles)
+    try:
         rec = second.wait_state(job, "succeeded", timeout_s=180)
         reasons = [t["reason"] for t in rec["transitions"]]
-        recovered = [r for r in reasons if r.startswith("daemon restarted while the job was")]
-        assert len(recovered) == 1, reasons
-        resumed_at = int(re.search(r"resuming from checkpoint step_(\d+)\.pt", recovered[0])[1])
-        assert 3 <= resumed_at < 60  # killed mid-run: resumed from a checkpoint, not from 0
+        stopped = [r for r in reasons if r.startswith("stopped by `autobatch serve --shutdown`")]
+        assert len(stopped) == 1, reasons
+        resumed_at = int(re.search(r"resuming from checkpoint step_(\d+)\.pt", stopped[0])[1])
+        assert 10 <= resumed_at < 300
         ckpt = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
         log = second.http.get(f"/v1/jobs/{job}/logs", params={"tail": 0}).text
         assert f"resuming from {ckpt}/step_000000" in log  # the runner resumed, not restarted
-        assert list_checkpoints(ckpt)[-1].name == "step_00000060.pt"
-        later = second.wait_state(queued, "succeeded", timeout_s=120)
-        assert [t["to_state"] for t in later["transitions"]][:2] == ["queued", "probing"]
+        assert list_checkpoints(ckpt)[-1].name == "step_00000300.pt"
     finally:
         second.stop()

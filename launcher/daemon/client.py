@@ -141,8 +141,10 @@ def _client(args: argparse.Namespace) -> DaemonClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from launcher.daemon.serve import serve
+    from launcher.daemon.serve import serve, shutdown
 
+    if args.shutdown:
+        return shutdown(args.state_dir, args.address)
     return serve(
         host=args.host,
         port=args.port,
@@ -252,10 +254,12 @@ def add_commands(sub: Any) -> None:
     )
     s.add_argument("--state-dir", default="autobatch-state", help="SQLite, job logs, checkpoints")
     s.add_argument(
-        "--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)"
+        "--address",
+        help="Ray address (default: RAY_ADDRESS, else a local Ray head of the state directory's "
+        "own, started once and kept for the jobs when the daemon stops)",
     )
     s.add_argument("--token", help="require this bearer token (default: AUTOBATCH_TOKEN)")
-    s.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the embedded Ray")
+    s.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
     s.add_argument(
         "--checkpoint-root", help="checkpoints stay under it (default: STATE_DIR/checkpoints)"
     )
@@ -271,6 +275,12 @@ def add_commands(sub: Any) -> None:
         "--api-only",
         action="store_true",
         help="serve the API and queue jobs, but run none and start no Ray (tests, benchmarks)",
+    )
+    s.add_argument(
+        "--shutdown",
+        action="store_true",
+        help="stop the daemon of --state-dir and everything it started (its Ray head, so its "
+        "jobs: they resume from their checkpoints at the next start), then exit",
     )
     s.set_defaults(func=cmd_serve)
 

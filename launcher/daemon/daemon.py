@@ -1,25 +1,27 @@
-"""The launcher daemon: a queue of jobs in SQLite, each run by a JobRunner in its own thread.
+"""The launcher daemon: a queue of jobs in SQLite, each driven by a supervisor that outlives it.
 
-    submit -> queued -> (scheduler: all its devices free) -> thread: JobRunner.run()
-        listener events -> store (state, plan, progress, restarts), job log, metrics sink
+    submit -> queued -> (scheduler: all its devices free) -> supervisor actor: JobRunner.run()
+        daemon thread per job: poll the supervisor -> events -> store (state, plan,
+        progress, restarts), job log, metrics sink
 
-One Ray connection for the process (embedded local Ray, or `address`); every
-job's ranks push snapshots to a small collector actor, which the job's thread drains
-into the daemon's `PrometheusSink` (so the histogram sees every step), labelled
-with the job id. A finished job's ranks are dropped from the sink.
+Ray is not the daemon's: by default a local head of its own process for the state
+directory (launcher.daemon.rayhead), or the cluster at `address`. Each job's driver
+is a detached actor (launcher.daemon.supervisor), so a daemon that stops (SIGTERM,
+an upgrade) or dies (SIGKILL) costs its jobs nothing: they go on training, and the
+next start re-attaches to them by job id and hands over what they said meanwhile.
+Every job's ranks push snapshots to a small collector actor, which the daemon drains
+into its `PrometheusSink`, labelled with the job id.
 
-Never losing a job: every transition is in SQLite before anything acts on it.
-A daemon that dies (SIGKILL) leaves its running jobs in probing/running/
-restarting; the next start moves them back to `queued` with the reason, and the
-runner resumes them from their last checkpoint. An embedded Ray dies with the
-daemon (Ray ties the raylet and GCS to the driver's life), so its actors free the
-devices; on an external cluster Ray kills a dead driver's actors and placement
-groups. A graceful stop (SIGTERM) re-queues running jobs the same way.
+Never losing a job: every transition is in SQLite before anything acts on it. A job
+whose supervisor died (its node or the head stopped) goes back to the queue with the
+reason, and resumes from its last checkpoint. `autobatch serve --shutdown` stops the
+daemon and its head, and with them every job; they resume at the next start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import threading
 import time
@@ -28,10 +30,11 @@ from typing import Any
 
 import ray
 from pydantic import ValidationError
+from ray.exceptions import GetTimeoutError, RayActorError
 
-from autobatch.errors import AutobatchError, format_validation_error
+from autobatch.errors import format_validation_error
 from autobatch.metrics.prometheus import PrometheusSink
-from launcher.daemon import scheduler
+from launcher.daemon import rayhead, scheduler, supervisor
 from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
 from launcher.job.checkpoint import latest_checkpoint
@@ -95,39 +98,54 @@ class Daemon:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = False
-        self._started_ray = False
         self._loop: threading.Thread | None = None
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
-        self.recover()
+        """Connect to the daemon's Ray (starting its head if needed), re-attach to the jobs
+        that kept running, start scheduling."""
         if not self.run_jobs:
+            self.recover()
             return
         from launcher.job import cluster
 
-        self._started_ray = cluster.connect(self.address, num_cpus=self.num_cpus)
+        address = (
+            self.address
+            or os.environ.get("RAY_ADDRESS")
+            or rayhead.ensure_head(self.state_dir, self.num_cpus)
+        )
+        cluster.connect(address)
         # Ray builds its serialisation context (importing pydantic.v1) on first use; doing
         # that in two threads at once (a job thread, the API importing FastAPI) raced into
         # KeyError: 'pydantic.v1'. Build it here, before any job thread exists.
         ray.get(ray.put(None))
+        self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.recover()
         self._loop = threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)
         self._loop.start()
 
     def recover(self) -> list[str]:
-        """Jobs a dead daemon left active go back to the queue, saying what happens next."""
+        """Jobs the last daemon left active: re-attached when their supervisor still runs
+        (nothing lost), else back to the queue to resume from their last checkpoint.
+        Returns the ids re-queued."""
         ids = []
         for rec in self.store.list(ACTIVE):
-            ckpt = latest_checkpoint(pathlib.Path(rec.spec["checkpoint"]["dir"]))
-            then = (
-                f"resuming from checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: restarting"
-            )
-            why = f"daemon restarted while the job was {rec.state}: {then}"
-            self.transition(rec.id, "queued", why)
+            sup = supervisor.find(rec.id) if self.run_jobs else None
+            if sup is not None:
+                self._attach(rec.id, parse_spec(rec.spec), sup)
+                continue
+            gone = " and its supervisor is gone" if self.run_jobs else ""
+            self.requeue(rec, f"daemon restarted while the job was {rec.state}{gone}")
             ids.append(rec.id)
         return ids
 
-    def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Stop every job (they go back to the queue, to resume at the next start)."""
+    def requeue(self, rec: Any, cause: str) -> None:
+        """Back to the queue, saying why and where it will resume."""
+        self.transition(rec.id, "queued", f"{cause}: {self._resume(rec)}")
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop following the jobs and disconnect; they keep running on their supervisors
+        (the next start re-attaches; `autobatch serve --shutdown` stops them)."""
         with self._lock:
             self._stopping = True
             for run in self.running.values():
@@ -139,8 +157,8 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         if self._loop is not None:
             self._loop.join(5)
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()  # a driver's disconnect: the daemon never owns the cluster
         self.store.close()
 
     # -- requests ----------------------------------------------------------------
@@ -279,55 +297,92 @@ class Daemon:
             specs = self._specs = {job_id: spec for job_id, _, spec in queue}  # the rest left
             started = scheduler.pick([(i, n) for i, n, _ in queue], busy, self.total_gpus)
             for job_id, slots in started:
-                stop = threading.Event()
-                thread = threading.Thread(
-                    target=self._run_job,
-                    args=(job_id, specs[job_id], stop, slots),
-                    name=f"job:{job_id}",
-                    daemon=True,
-                )
-                self.running[job_id] = _Running(thread, stop, slots)
                 free = f"all {len(slots)} device(s) free: {', '.join(sorted(slots))}"
                 self.transition(job_id, "probing", free)
-                thread.start()
+                self._follow_in_thread(job_id, specs[job_id], slots, None)
         return [job_id for job_id, _ in started]
 
-    def _run_job(self, job_id: str, spec: JobSpec, stop: threading.Event, slots: frozenset) -> None:
-        from launcher.job.runner import JobCancelled, JobRunner
+    def _attach(self, job_id: str, spec: JobSpec, sup: Any) -> None:
+        """Follow a job a previous daemon started, on the devices it holds."""
+        with self._lock:
+            busy = {s for r in self.running.values() for s in r.slots}
+            slots = scheduler.allocate(scheduler.need(spec), busy, self.total_gpus)
+            self.log(job_id, "daemon restarted: re-attached to the job's supervisor, which "
+                     "kept it running")  # fmt: skip
+            self._follow_in_thread(job_id, spec, slots or frozenset(), sup)
 
-        watcher = JobWatcher(self, job_id, spec)
+    def _follow_in_thread(
+        self, job_id: str, spec: JobSpec, slots: frozenset[str], sup: Any | None
+    ) -> None:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._run_job, args=(job_id, spec, stop, sup), name=f"job:{job_id}", daemon=True
+        )
+        self.running[job_id] = _Running(thread, stop, slots)
+        thread.start()
+
+    def _run_job(self, job_id: str, spec: JobSpec, stop: threading.Event, sup: Any) -> None:
+        """Launch (or re-attach to) the job's supervisor and follow it to its end."""
+        outcome: dict[str, Any] | None = None
         try:
-            runner = JobRunner(
-                spec,
-                listener=watcher,
-                stop=stop,
-                collector_factory=watcher.make_collector,
-            )
-            summary = runner.run()
-            done = f"{summary.steps} steps in {summary.seconds:.1f} s"
-            self.transition(job_id, "succeeded", done)
-        except JobCancelled:
-            self._ended(job_id, None)
-        except AutobatchError as exc:
-            self._ended(job_id, str(exc))
+            if sup is None:
+                sup = supervisor.launch(job_id, spec, self.metrics_url)
+            outcome = self._follow(job_id, sup, JobWatcher(self, job_id, spec), stop)
+        except (RayActorError, GetTimeoutError) as exc:
+            outcome = {"state": "lost", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not the daemon
             self.log(job_id, traceback.format_exc().rstrip())
-            self._ended(job_id, f"internal error: {type(exc).__name__}: {exc}")
+            outcome = {"state": "failed", "error": f"internal error: {type(exc).__name__}: {exc}"}
         finally:
-            self.sink.drop_job(job_id)
+            if outcome is not None:  # None: the daemon stops; the job runs on
+                self._conclude(job_id, outcome)
+                supervisor.reap(sup)
+                self.sink.drop_job(job_id)
             with self._lock:
                 self.running.pop(job_id, None)
             self._wake.set()
 
-    def _ended(self, job_id: str, error: str | None) -> None:
-        """A job that did not succeed: cancelled, re-queued (daemon stopping) or failed."""
+    def _follow(
+        self, job_id: str, sup: Any, watcher: JobWatcher, stop: threading.Event
+    ) -> dict[str, Any] | None:
+        """Hand the supervisor's events to the watcher until the run ends (its outcome), or
+        the daemon stops (None: the job keeps running). A cancel is passed on."""
+        ack, cancelling = -1, False
+        while True:
+            if stop.is_set() and not cancelling:
+                if self.running[job_id].cancel_reason is None:
+                    return None  # the daemon is stopping
+                sup.cancel.remote()
+                cancelling = True
+            events, outcome, watcher.collector = ray.get(sup.poll.remote(ack), timeout=60)
+            for seq, event in events:
+                watcher(event)
+                ack = seq
+            if outcome is not None:
+                return outcome
+            time.sleep(0.1) if cancelling else stop.wait(0.5)
+
+    def _conclude(self, job_id: str, outcome: dict[str, Any]) -> None:
+        if "traceback" in outcome:
+            self.log(job_id, outcome["traceback"].rstrip())
         with self._lock:
             run = self.running.get(job_id)
-            reason = run.cancel_reason if run else None
-            if reason:
-                self.transition(job_id, "cancelled", reason)
-            elif self._stopping:
-                why = "daemon stopped: will resume from the last checkpoint"
-                self.transition(job_id, "queued", why)
-            else:
-                self.transition(job_id, "failed", error or "stopped", last_error=error)
+            match outcome["state"]:
+                case "succeeded":
+                    self.transition(job_id, "succeeded", outcome["reason"])
+                case "cancelled":
+                    reason = run.cancel_reason if run and run.cancel_reason else "cancelled"
+                    self.transition(job_id, "cancelled", reason)
+                case "lost" if not self._stopping:
+                    rec = self.store.get(job_id)
+                    why = f"the job's supervisor died ({outcome['error']}): {self._resume(rec)}"
+                    self.transition(job_id, "queued", why, last_error=why)
+                case "lost":
+                    pass  # the daemon stops: the next start finds out what became of it
+                case _:
+                    self.transition(job_id, "failed", outcome["error"], last_error=outcome["error"])
+
+    @staticmethod
+    def _resume(rec: Any) -> str:
+        ckpt = latest_checkpoint(pathlib.Path(rec.spec["checkpoint"]["dir"]))
+        return f"resuming from checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: restarting"

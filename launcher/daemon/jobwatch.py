@@ -22,8 +22,6 @@ import ray
 from autobatch.metrics.prometheus import PrometheusSink
 from autobatch.metrics.snapshot import RankSnapshot
 from launcher.daemon.store import JobStore
-from launcher.job.cluster import on_this_node
-from launcher.job.collector import SnapshotCollector
 from launcher.job.events import (
     Finished,
     MetricsAt,
@@ -52,7 +50,7 @@ class JobWatcher:
     def __init__(self, host: JobHost, job_id: str, spec: JobSpec) -> None:
         self.host, self.job_id, self.spec = host, job_id, spec
         self.store = host.store
-        self.collector: Any = None
+        self.collector: Any = None  # the job's SnapshotCollector, once its ranks start
         self.last_step = -1
         self.last_write = 0.0
 
@@ -86,13 +84,6 @@ class JobWatcher:
                 self._drain()
                 progress = {"step": summary.steps, "total_steps": summary.steps, "ranks": []}
                 self.store.update(self.job_id, summary=summary.to_dict(), progress=progress)
-
-    def make_collector(self) -> Any:
-        """The runner's collector factory: one that keeps snapshots for this watcher."""
-        self.collector = SnapshotCollector.options(**on_this_node()).remote(
-            url=self.host.metrics_url
-        )
-        return self.collector
 
     def _state(self, state: str, reason: str) -> None:
         if self.store.get(self.job_id).state != state:

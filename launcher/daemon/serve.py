@@ -1,21 +1,26 @@
-"""`autobatch serve`: the daemon's process: Ray, the job threads, the HTTP API (uvicorn).
+"""`autobatch serve`: the daemon's process: the job threads, the HTTP API (uvicorn).
 
-Refuses to listen beyond loopback without a token. The HTTP server runs with the
-guards of launcher.daemon.guards (connection cap, deadlines for request heads and
-bodies). `run_jobs=False` (`--api-only`) serves the API and queues jobs but runs
-none and starts no Ray: for tests and benchmarks of the API. SIGTERM/SIGINT stop it
-gracefully (running jobs go back to the queue and resume at the next start);
-SIGKILL loses nothing either (see launcher.daemon.daemon).
+Refuses to listen beyond loopback without a token, and a state directory another
+daemon serves (a lock file held for the process's life). The HTTP server runs with
+the guards of launcher.daemon.guards (connection cap, deadlines for request heads
+and bodies). `run_jobs=False` (`--api-only`) serves the API and queues jobs but runs
+none and starts no Ray: for tests and benchmarks of the API. SIGTERM/SIGINT stop the
+daemon, SIGKILL kills it: either way its jobs run on, on their supervisors and the
+state directory's Ray head, and the next start re-attaches (launcher.daemon.daemon).
+`autobatch serve --shutdown` (`shutdown`) stops the daemon, its head and its jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import os
 import pathlib
 import signal
 import socket
 import sys
+import time
 
 from autobatch.errors import AutobatchError
 from launcher.daemon.limits import Limits
@@ -66,7 +71,7 @@ def serve(
     from launcher.daemon.guards import uvicorn_config
 
     limits = limits or Limits()
-
+    lock = _lock_state_dir(pathlib.Path(state_dir))
     token = token or os.environ.get("AUTOBATCH_TOKEN") or None
     check_bind(host, token)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -100,7 +105,101 @@ def serve(
         server.run(sockets=[sock])
     finally:
         daemon.shutdown()
+        lock.close()
     return 0
+
+
+def shutdown(state_dir: str = "autobatch-state", address: str | None = None) -> int:
+    """Stop the daemon serving `state_dir` (if one does), then every job it started: its
+    Ray head (or, on the cluster at `address`, the jobs' supervisors). The jobs go back
+    to the queue, to resume from their last checkpoint at the next start."""
+    from launcher.daemon import rayhead, supervisor
+    from launcher.daemon.daemon import Daemon
+    from launcher.daemon.store import ACTIVE
+
+    state = pathlib.Path(state_dir).resolve()
+    if not (state / "jobs.db").exists():
+        raise ServeError(f"{state} is not a daemon's state directory (no jobs.db there)")
+    pid = _lock_holder(state)
+    if pid:
+        _stop_process(pid)
+        print(f"stopped the daemon (pid {pid})", flush=True)
+    daemon = Daemon(state, run_jobs=False)
+    active = daemon.store.list(ACTIVE)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and active:
+        from launcher.job import cluster
+
+        cluster.connect(address)
+        for rec in active:
+            if (sup := supervisor.find(rec.id)) is not None:
+                supervisor.reap(sup)
+    elif not address:
+        stopped = rayhead.stop_head(state)
+        if stopped:
+            print(f"stopped the Ray head and its {len(stopped)} process(es)", flush=True)
+    for rec in active:
+        daemon.requeue(rec, "stopped by `autobatch serve --shutdown`")
+        print(f"{rec.id}: queued, resumes at the next start", flush=True)
+    daemon.store.close()
+    return 0
+
+
+LOCK_FILE = "daemon.lock"
+
+
+def _lock_state_dir(state: pathlib.Path):  # noqa: ANN202 - the open lock file
+    """Hold the state directory's lock for the process's life (released when it dies)."""
+    state.mkdir(parents=True, exist_ok=True)
+    f = (state / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ServeError(
+            f"another daemon (pid {holder}) serves {state}; stop it with "
+            f"`autobatch serve --shutdown --state-dir {state}`, or use another --state-dir"
+        ) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _lock_holder(state: pathlib.Path) -> int | None:
+    """The pid of the daemon holding the state directory's lock, if one does."""
+    path = state / LOCK_FILE
+    if not path.exists():
+        return None
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return int(f.read().strip() or 0) or None
+        return None
+
+
+def _stop_process(pid: int, timeout_s: float = 60.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _exists(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _keep_stop_signals() -> None:

@@ -8,10 +8,14 @@ Either way the runner reads the latest snapshot of every rank for progress.
 
 from __future__ import annotations
 
+import collections
+
 import ray
 
 from autobatch.metrics.prometheus import PrometheusSink
 from autobatch.metrics.snapshot import RankSnapshot
+
+PENDING_MAX = 20_000  # snapshots kept for `drain`
 
 
 @ray.remote(num_cpus=0)
@@ -19,7 +23,8 @@ class SnapshotCollector:
     def __init__(self, host: str | None = None, port: int = 0, url: str = "") -> None:
         """`host`: serve /metrics there (port 0: any free port). None: keep the snapshots
         for `drain`, and report `url` (where the owner serves them) as the job's."""
-        self._pending: list[RankSnapshot] = []
+        # Bounded: while nobody drains (a daemon restarting), the oldest are dropped.
+        self._pending: collections.deque[RankSnapshot] = collections.deque(maxlen=PENDING_MAX)
         self._latest: dict[int, RankSnapshot] = {}
         self._sink = self._server = None
         self._url = url
@@ -37,7 +42,8 @@ class SnapshotCollector:
             self._pending.append(snapshot)
 
     def drain(self) -> list[RankSnapshot]:
-        out, self._pending = self._pending, []
+        out = list(self._pending)
+        self._pending.clear()
         return out
 
     def latest(self) -> list[RankSnapshot]:

@@ -77,7 +77,8 @@ class JobRunner:
     ) -> None:
         """`stop`: set it to cancel the job (checked between phases and every 0.5 s while
         training; raises JobCancelled). `collector_factory`: makes the Ray actor the ranks
-        push snapshots to (default: a SnapshotCollector serving its own /metrics)."""
+        push snapshots to, which its caller ends (default: a SnapshotCollector serving its
+        own /metrics, ended with the run)."""
         self.spec = spec
         self.stop = stop
         self.collector_factory = collector_factory
@@ -374,9 +375,9 @@ class JobRunner:
     def _cleanup(self) -> None:
         if ray.is_initialized():
             self._stop_workers()
-            if self.collector is not None:
-                ray.kill(self.collector)
-                self.collector = None
+            if self.collector is not None and self.collector_factory is None:
+                ray.kill(self.collector)  # a factory's collector is its owner's to end
+            self.collector = None
             if self.pg is not None:
                 ray.util.remove_placement_group(self.pg)
                 self.pg = None
