@@ -4,7 +4,8 @@ Values only. `DeviceCapacity` is what a device brings to a job (its largest
 micro-batch, its time and memory model); `Plan` checks at construction that its
 micro-batches sum to the global batch and respect each device's limit, and
 serialises to JSON (logged, exported, replayable, diffable). The planner that
-makes one lives in `autobatch.planning.planner`.
+makes one lives in `autobatch.planning.planner`; what sharding does to a device's
+memory, in `autobatch.planning.memory`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from autobatch.errors import PlanError
+from autobatch.planning.memory import (
+    MemoryModel,
+    Sharding,
+    check_sharding,
+    check_world_size,
+)
 
 PLAN_FORMAT_VERSION = 1
 
@@ -28,6 +35,10 @@ class DeviceCapacity:
     of b samples, plus `step_overhead_s` once per optimizer step (optimizer
     update, gradient all-reduce). The memory fields are optional and only used
     for reporting and for error messages.
+
+    `sharding` and `world_size` say what the memory figures hold for ("none": a
+    replica, any world size). With a `memory` model (from a probe's profile),
+    `sharded(mode, W)` re-derives them for another mode or world size.
     """
 
     device_id: str
@@ -42,8 +53,18 @@ class DeviceCapacity:
     simulated: bool = False
     estimated: bool = False
     gradient_checkpointing: bool = False  # the figures hold with activation checkpointing on
+    sharding: Sharding = "none"
+    world_size: int | None = None  # the ranks the memory figures hold for (None: any)
+    memory: MemoryModel | None = None
 
     def __post_init__(self) -> None:
+        check_sharding(self.sharding)
+        if self.sharding != "none" and self.world_size is None:
+            raise PlanError(
+                f"device {self.device_id!r}: sharding={self.sharding!r} needs its world_size"
+            )
+        if self.world_size is not None:
+            check_world_size(self.world_size)
         for name in ("fixed_s", "per_sample_s", "step_overhead_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -58,6 +79,43 @@ class DeviceCapacity:
 
     def micro_step_time(self, b: int) -> float:
         return self.fixed_s + self.per_sample_s * b
+
+    def sharded(self, sharding: Sharding, world_size: int | None = None) -> DeviceCapacity:
+        """This device's capacity with `sharding` over `world_size` ranks (from its memory
+        model; "none" needs no world size). The time model is unchanged."""
+        check_sharding(sharding)
+        if self.memory is None:
+            if sharding == self.sharding == "none":
+                return self
+            raise PlanError(
+                f"device {self.device_id!r} ({self.name}) has no memory model: planning "
+                f"sharding={sharding!r} needs its profile's state bytes (probe it with "
+                "profile_model, then use ModelProfile.capacity)"
+            )
+        if sharding != "none" and world_size is None:
+            raise PlanError(f"sharding={sharding!r} needs the world size it holds for")
+        world = None if sharding == "none" else check_world_size(world_size)
+        fit = self.memory.fit(sharding, world or 1)
+        return replace(
+            self,
+            max_micro_batch=fit.max_micro_batch,
+            peak_fixed_bytes=fit.peak_fixed_bytes,
+            peak_per_sample_bytes=fit.peak_per_sample_bytes,
+            sharding=sharding,
+            world_size=world,
+        )
+
+    def state_bytes(self) -> int | None:
+        """Parameters, gradients and optimizer state this rank holds during its micro-steps
+        (None without a memory model)."""
+        if self.memory is None:
+            return None
+        return self.memory.state.per_rank(self.sharding, self.world_size or 1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeviceCapacity:
+        memory = data.get("memory")
+        return cls(**{**data, "memory": MemoryModel.from_dict(memory) if memory else None})
 
     def rank_time(self, samples: int) -> float:
         """Predicted time of one optimizer step in which this device does `samples`
@@ -102,6 +160,7 @@ class RankPlan:
     max_micro_batch: int
     predicted_time_s: float
     predicted_peak_bytes: int | None = None
+    state_bytes: int | None = None  # parameters, gradients, optimizer state held (sharded or not)
 
     @property
     def samples(self) -> int:
@@ -139,7 +198,9 @@ class Plan:
 
     The invariants are checked at construction: the micro-batches of all ranks
     sum to exactly `global_batch_size`, every micro-batch is within its
-    device's limit, and within one rank sizes differ by at most one.
+    device's limit, and within one rank sizes differ by at most one. With
+    `sharding="full"` every rank runs the same number of micro-steps, and a
+    sharded plan's ranks were planned for its world size.
     """
 
     global_batch_size: int
@@ -151,10 +212,12 @@ class Plan:
     inputs: tuple[DeviceCapacity, ...] = field(default=(), compare=True)
     # Choices made with the plan and why, e.g. "precision bf16: every device supports bf16".
     notes: tuple[str, ...] = ()
+    sharding: Sharding = "none"  # how the model is spread over the ranks (planning.memory)
 
     def __post_init__(self) -> None:
         if not self.ranks:
             raise PlanError("a plan needs at least one rank")
+        check_sharding(self.sharding)
         total = sum(r.samples for r in self.ranks)
         if total != self.global_batch_size:
             raise PlanError(
@@ -172,6 +235,26 @@ class Plan:
                 )
             if max(r.micro_batches) - min(r.micro_batches) > 1:
                 raise PlanError(f"rank {i}: micro-batch sizes {r.micro_batches} differ by > 1")
+        self._check_sharding()
+
+    def _check_sharding(self) -> None:
+        counts = {r.accumulation_steps for r in self.ranks}
+        if self.sharding == "full" and len(counts) > 1:
+            raise PlanError(
+                f"sharding='full' needs the same number of micro-steps on every rank; got "
+                f"{[r.accumulation_steps for r in self.ranks]} (each forward all-gathers)"
+            )
+        by_id = {d.device_id: d for d in self.inputs}
+        for r in self.ranks:
+            d = by_id.get(r.device_id)
+            if d is None or self.sharding == "none" == d.sharding:
+                continue
+            if (d.sharding, d.world_size) != (self.sharding, self.world_size):
+                raise PlanError(
+                    f"rank {r.rank} ({r.device_name}) was planned with sharding={d.sharding!r} "
+                    f"over {d.world_size} ranks; the plan is {self.sharding!r} over "
+                    f"{self.world_size}"
+                )
 
     # -- derived figures -------------------------------------------------
     @property
@@ -239,8 +322,9 @@ class Plan:
             ideal_samples_per_s=data["ideal_samples_per_s"],
             baseline=baseline,
             excluded=tuple(ExcludedDevice(**e) for e in data.get("excluded", ())),
-            inputs=tuple(DeviceCapacity(**d) for d in data.get("inputs", ())),
+            inputs=tuple(DeviceCapacity.from_dict(d) for d in data.get("inputs", ())),
             notes=tuple(data.get("notes", ())),
+            sharding=data.get("sharding", "none"),  # plans written before sharding: replicas
         )
 
     @classmethod
@@ -251,23 +335,25 @@ class Plan:
     def table_rows(self) -> list[dict[str, str]]:
         """One row of display strings per rank (used by the text and rich tables)."""
         by_id = {d.device_id: d for d in self.inputs}
+        with_state = any(r.state_bytes is not None for r in self.ranks)
         rows = []
         for r in self.ranks:
             dev = by_id.get(r.device_id)
             memory = _gib(dev.memory_bytes) if dev and dev.memory_bytes else "-"
             tag = " (sim)" if dev and dev.simulated else " (est)" if dev and dev.estimated else ""
-            rows.append(
-                {
-                    "rank": str(r.rank),
-                    "device": f"{r.device_name}{tag}",
-                    "memory": memory,
-                    "micro-batches": _micro_batches_text(r.micro_batches),
-                    "accum": str(r.accumulation_steps),
-                    "samples/step": str(r.samples),
-                    "pred. peak": _gib(r.predicted_peak_bytes) if r.predicted_peak_bytes else "-",
-                    "pred. time": f"{r.predicted_time_s * 1e3:.1f} ms",
-                }
-            )
+            row = {
+                "rank": str(r.rank),
+                "device": f"{r.device_name}{tag}",
+                "memory": memory,
+                "micro-batches": _micro_batches_text(r.micro_batches),
+                "accum": str(r.accumulation_steps),
+                "samples/step": str(r.samples),
+            }
+            if with_state:
+                row["state/rank"] = _gib(r.state_bytes)
+            row["pred. peak"] = _gib(r.predicted_peak_bytes) if r.predicted_peak_bytes else "-"
+            row["pred. time"] = f"{r.predicted_time_s * 1e3:.1f} ms"
+            rows.append(row)
         return rows
 
     def summary_lines(self) -> list[str]:
@@ -284,8 +370,22 @@ class Plan:
                 f"device): {b.samples_per_s:,.1f} samples/s; this plan is "
                 f"{self.speedup_vs_baseline:.2f}x"
             )
+        if self.sharding != "none" or any(r.state_bytes is not None for r in self.ranks):
+            lines.append(self._sharding_line())
         lines += [f"left out {e.device_id} ({e.device_name}): {e.reason}" for e in self.excluded]
         return lines + list(self.notes)
+
+    def _sharding_line(self) -> str:
+        what = {
+            "none": "every rank holds a full replica (DDP)",
+            "optimizer": "FSDP2, parameters gathered for the whole step, gradients "
+            "reduce-scattered at its end, optimizer state sharded",
+            "full": "FSDP2, parameters, gradients and optimizer state sharded; every rank "
+            f"runs {self.ranks[0].accumulation_steps} micro-step(s)",
+        }[self.sharding]
+        states = {r.state_bytes for r in self.ranks if r.state_bytes is not None}
+        held = f"; state per rank {_gib(max(states))}" if states else ""
+        return f"sharding {self.sharding} over {self.world_size} rank(s): {what}{held}"
 
     def render_table(self) -> str:
         rows = self.table_rows()

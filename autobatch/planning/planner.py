@@ -13,16 +13,21 @@ k = ceil(s / m) near-equal micro-batches is
 
 T is non-decreasing in s, so "can every rank finish within T?" is monotone in
 T: binary search the smallest feasible T, then hand out exactly B samples.
+
+With sharding ("optimizer", "full"), a device's memory depends on how many ranks
+share the model: `autobatch.planning.sharded` plans for the world size it includes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 
 from autobatch.errors import PlanError
+from autobatch.planning.memory import Sharding, check_sharding
 from autobatch.planning.plan import (
     Baseline,
     DeviceCapacity,
@@ -42,8 +47,10 @@ def split_evenly(samples: int, max_micro_batch: int) -> tuple[int, ...]:
 
 
 def _check_inputs(
-    global_batch_size: int, devices: Sequence[DeviceCapacity], *, each_must_fit: bool = True
+    global_batch_size: int, devices: Sequence[DeviceCapacity], *, each_must_fit: bool | None = True
 ) -> None:
+    """PlanError on a bad batch size or device list; `each_must_fit`: every device must
+    fit one sample (False: at least one; None: not checked here)."""
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
         raise PlanError(f"global_batch_size={global_batch_size!r} must be an integer >= 1")
     if global_batch_size < 1:
@@ -56,6 +63,8 @@ def _check_inputs(
             raise PlanError(f"device_id {d.device_id!r} appears twice; device ids must be unique")
         seen.add(d.device_id)
     unfit = [d for d in devices if d.max_micro_batch < 1]
+    if each_must_fit is None:
+        return
     if unfit and (each_must_fit or len(unfit) == len(devices)):
         raise PlanError("; ".join(_cannot_fit_message(d) for d in unfit))
 
@@ -107,6 +116,7 @@ def make_plan(
     *,
     baseline: bool = True,
     keep_all: bool = False,
+    sharding: Sharding | Literal["auto"] = "none",
 ) -> Plan:
     """The plan that minimises the slowest rank's predicted step time.
 
@@ -118,7 +128,19 @@ def make_plan(
 
     A device where not even one sample fits is left out with that reason (with
     `keep_all`, or when no device fits, it is a PlanError).
+
+    `sharding` ("none", "optimizer", "full", or "auto": the lightest that fits
+    every device, see `choose_sharding`) re-derives each device's memory figures
+    for the mode and the world size the plan includes (devices need a memory
+    model, `DeviceCapacity.memory`); "full" gives every rank the same number of
+    micro-steps. See `autobatch.planning.sharded`.
     """
+    if sharding == "auto" or check_sharding(sharding) != "none" or _sharded_inputs(devices):
+        from autobatch.planning import sharded  # it builds on this module's functions
+
+        return sharded.make_sharded_plan(
+            global_batch_size, devices, sharding, baseline=baseline, keep_all=keep_all
+        )
     _check_inputs(global_batch_size, devices, each_must_fit=keep_all)
     fit = [d for d in devices if d.max_micro_batch >= 1]
     if keep_all:
@@ -134,6 +156,11 @@ def make_plan(
         if d.max_micro_batch < 1
     ]
     return replace(plan, excluded=(*plan.excluded, *unfit), inputs=tuple(devices))
+
+
+def _sharded_inputs(devices: Sequence[DeviceCapacity]) -> bool:
+    """Capacities made for a sharding mode: a replica plan re-derives them first."""
+    return any(d.sharding != "none" for d in devices)
 
 
 def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:
@@ -188,7 +215,12 @@ def _fill(floor_s: np.ndarray, ceil_s: np.ndarray, B: int) -> np.ndarray:
 
 
 def _assemble(
-    B: int, devices: Sequence[DeviceCapacity], samples: np.ndarray, *, baseline: bool
+    B: int,
+    devices: Sequence[DeviceCapacity],
+    samples: np.ndarray,
+    *,
+    baseline: bool,
+    sharding: Sharding = "none",
 ) -> Plan:
     ranks, excluded = [], []
     step_time = max(d.rank_time(int(s)) for d, s in zip(devices, samples))
@@ -207,6 +239,7 @@ def _assemble(
         baseline=equal_split_baseline(B, devices) if baseline else None,
         excluded=tuple(excluded),
         inputs=tuple(devices),
+        sharding=sharding,
     )
 
 
@@ -239,6 +272,9 @@ def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) 
     excluded = tuple(
         ExcludedDevice(d.device_id, d.name, "fewer samples than devices") for d in devices[n:]
     )
+    modes = {d.sharding for d in used}
+    if len(modes) > 1:
+        raise PlanError(f"devices planned with different sharding modes: {sorted(modes)}")
     return Plan(
         global_batch_size=global_batch_size,
         ranks=tuple(ranks),
@@ -247,6 +283,7 @@ def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) 
         baseline=None,
         excluded=excluded,
         inputs=tuple(devices),
+        sharding=modes.pop(),
     )
 
 
@@ -271,4 +308,5 @@ def _rank_plan(
         max_micro_batch=d.max_micro_batch,
         predicted_time_s=time_s,
         predicted_peak_bytes=d.predicted_peak_bytes(max(micro_batches)),
+        state_bytes=d.state_bytes(),
     )

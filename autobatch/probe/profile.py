@@ -35,6 +35,12 @@ outside the free memory.
 Profiles are cached on disk by what changes them (model, sample shape, precision,
 optimizer, device type, torch version); a cache hit re-derives the largest
 micro-batch for the current budget without running a step.
+
+The profile also counts the model's state (`ModelState`): parameter and gradient
+bytes from the model, optimizer state from a step of the optimizer on the model
+built on the `meta` device (no memory; from the measured model if that fails),
+and the sharding units' parameters. With it, `capacity(sharding=, world_size=)`
+predicts what fits when the model is sharded over W ranks (`autobatch.planning.memory`).
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from autobatch.errors import NoFitError, ProbeError
+from autobatch.planning.memory import MemoryModel, ModelState, Sharding
 from autobatch.planning.plan import DeviceCapacity
 from autobatch.probe import cache
 from autobatch.probe.cache import PROFILE_FORMAT_VERSION
@@ -59,7 +68,14 @@ from autobatch.probe.measure import (
     StepMeasurement,
     StepRunner,
 )
-from autobatch.probe.peak import PeakLine, largest_under, peak_at, peak_lines
+from autobatch.probe.peak import (
+    PeakLine,
+    largest_under,
+    micro_lines,
+    optimizer_line,
+    peak_at,
+    peak_lines,
+)
 from autobatch.step.precision import Precision, check_supported
 from autobatch.tasks.task import Task
 
@@ -72,6 +88,7 @@ Backend = Literal["nccl", "gloo"]  # the process group's backend, for its reserv
 BACKENDS = ("nccl", "gloo")
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
+ShardUnits = Callable[[nn.Module], Iterable[nn.Module]]  # the submodules FSDP2 wraps one by one
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,8 @@ class ModelProfile:
     estimated: bool = False
     cache_key: str = ""
     gradient_checkpointing: bool = False  # measured with activation checkpointing on
+    state: ModelState | None = None  # parameters, gradients, optimizer state, sharding units
+    micro_batch_cap: int = DEFAULT_MAX_MICRO_BATCH  # the caller's max_micro_batch
 
     @property
     def reserve_bytes(self) -> int:
@@ -111,12 +130,23 @@ class ModelProfile:
     def measurement_at(self, b: int) -> StepMeasurement | None:
         return next((m for m in self.measurements if m.micro_batch == b and not m.oom), None)
 
-    def capacity(self, device_id: str, name: str | None = None) -> DeviceCapacity:
+    def capacity(
+        self,
+        device_id: str,
+        name: str | None = None,
+        *,
+        sharding: Sharding = "none",
+        world_size: int | None = None,
+    ) -> DeviceCapacity:
         """The planner's input. Its peak line is the chord of peak(b) over [1, max]: since
-        peak(b) is a max of lines (convex), the chord is never below it there."""
+        peak(b) is a max of lines (convex), the chord is never below it there.
+
+        `sharding` over `world_size` ranks: the figures for a sharded model (predicted,
+        needs `state`); the capacity carries its `memory_model()` either way, so the
+        planner can re-derive them for the world size it includes."""
         m = self.max_micro_batch
         per = 0 if m == 1 else math.ceil((self.peak_bytes(m) - self.peak_bytes(1)) / (m - 1))
-        return DeviceCapacity(
+        capacity = DeviceCapacity(
             device_id=device_id,
             name=name or self.device_name,
             max_micro_batch=m,
@@ -129,6 +159,33 @@ class ModelProfile:
             simulated=self.simulated,
             estimated=self.estimated,
             gradient_checkpointing=self.gradient_checkpointing,
+            memory=self.memory_model(),
+        )
+        if sharding == "none":
+            return capacity
+        if capacity.memory is None:
+            raise ProbeError(
+                f"{self.device_name}: this profile has no model state (parameters, gradients, "
+                f"optimizer state) to plan sharding={sharding!r}; profile it again with "
+                "profile_model"
+            )
+        return capacity.sharded(sharding, world_size)
+
+    def memory_model(self) -> MemoryModel | None:
+        """This device's memory for any sharding mode and world size (None without `state`).
+        Sharded predictions reach at most MAX_EXTRAPOLATION x the largest measured size."""
+        if self.state is None:
+            return None
+        ok = [m for m in self.measurements if not m.oom]
+        reach = min(self.micro_batch_cap, MAX_EXTRAPOLATION * max(m.micro_batch for m in ok))
+        return MemoryModel(
+            budget_bytes=self.budget_bytes,
+            micro_lines=micro_lines(ok),
+            optimizer_line=optimizer_line(ok),
+            state=self.state,
+            max_micro_batch=self.max_micro_batch,
+            cap=max(self.max_micro_batch, reach),
+            replica_reserve_bytes=dict(self.reserve).get("ddp_gradient_buckets", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +206,8 @@ class ModelProfile:
         data["reserve"] = tuple((k, int(v)) for k, v in data["reserve"])
         data["peak_lines"] = tuple(PeakLine(**line) for line in data["peak_lines"])
         data["measurements"] = tuple(StepMeasurement(**m) for m in data["measurements"])
+        if data.get("state") is not None:  # profiles written before sharding have none
+            data["state"] = ModelState(**data["state"])
         return cls(**data)
 
     @classmethod
@@ -173,6 +232,7 @@ def profile_model(
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
     cache_dir: str | os.PathLike | None = None,
     gradient_checkpointing: bool | None = False,
+    shard_units: ShardUnits | None = None,
 ) -> ModelProfile:
     """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
 
@@ -183,13 +243,15 @@ def profile_model(
     (`NCCL_RESERVE_BYTES`).
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
+    `shard_units`: the submodules a sharded job wraps one by one (`fully_shard`), for
+    the profile's `state` (default `default_shard_units`).
     """
     if gradient_checkpointing is None:
         kwargs = dict(
             make_optimizer=make_optimizer, precision=precision,
             headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
             extra_reserve_bytes=extra_reserve_bytes, backend=backend,
-            max_micro_batch=max_micro_batch, cache_dir=cache_dir,
+            max_micro_batch=max_micro_batch, cache_dir=cache_dir, shard_units=shard_units,
         )  # fmt: skip
         try:
             return profile_model(task, device, gradient_checkpointing=False, **kwargs)
@@ -220,6 +282,7 @@ def profile_model(
     measurements = cache.load(cache_dir, key)
     cached = measurements is not None
     runner = None
+    state = meta_model_state(task, make_optimizer, shard_units)
     if measurements is None:
         runner = StepRunner(
             task,
@@ -230,6 +293,8 @@ def profile_model(
         )
         try:
             measurements = _search(runner, budgeter, max_micro_batch)
+            if state is None and runner.steps and any(not m.oom for m in measurements):
+                state = model_state(runner.model, runner.state_bytes(), shard_units)
         finally:
             runner.close()
     if not cached:
@@ -258,6 +323,7 @@ def profile_model(
         measured_steps=steps,
         key=key,
         gradient_checkpointing=gradient_checkpointing,
+        state=state,
     )
 
 
@@ -339,6 +405,7 @@ def _conclude(
     measured_steps: int,
     key: str,
     gradient_checkpointing: bool,
+    state: ModelState | None,
 ) -> ModelProfile:
     ok = [m for m in measurements if not m.oom]
     budget = budgeter.of(measurements)
@@ -377,6 +444,8 @@ def _conclude(
         simulated=info.simulated,
         cache_key=key,
         gradient_checkpointing=gradient_checkpointing,
+        state=state,
+        micro_batch_cap=cap,
     )
 
 
@@ -393,6 +462,69 @@ def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
     if a < 0:
         return 0.0, sum(t for _, t in points) / sum(bs)
     return a, c
+
+
+# ---------------------------------------------------------------------------
+# the model's state, for sharding
+
+
+def default_shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules a sharded job wraps one by one: the root's children, a ModuleList
+    or ModuleDict child counted as its items (a transformer's blocks). The root's own
+    parameters form the root unit."""
+    units: list[nn.Module] = []
+    for child in model.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            units.extend(child.children())
+        else:
+            units.append(child)
+    return units
+
+
+def model_state(
+    model: nn.Module, optimizer_bytes: int, shard_units: ShardUnits | None = None
+) -> ModelState:
+    """Parameter and gradient bytes of `model` (each parameter once), its optimizer's
+    state bytes as given, and the parameters of its sharding units."""
+    params = {id(p): p for p in model.parameters()}
+    unit_bytes, in_units = [], set()
+    for unit in (shard_units or default_shard_units)(model):
+        mine = {id(p): p for p in unit.parameters() if id(p) not in in_units}
+        in_units |= mine.keys()
+        unit_bytes.append(_nbytes(mine.values()))
+    return ModelState(
+        params_bytes=_nbytes(params.values()),
+        grads_bytes=_nbytes(p for p in params.values() if p.requires_grad),
+        optimizer_bytes=optimizer_bytes,
+        largest_unit_bytes=max(unit_bytes, default=0),
+        root_unit_bytes=_nbytes(p for i, p in params.items() if i not in in_units),
+    )
+
+
+def meta_model_state(
+    task: Task, make_optimizer: MakeOptimizer, shard_units: ShardUnits | None = None
+) -> ModelState | None:
+    """`model_state` of the task's model built on the `meta` device (no memory), its
+    optimizer state counted after one step there; None when the model or its optimizer
+    cannot run on `meta` (e.g. fused kernels). Step counters the optimizer keeps on the
+    host (Adam's, unless capturable) are not device memory and are not counted."""
+    try:
+        with torch.device("meta"):
+            model = task.build_model()
+        optimizer = make_optimizer(model)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+    except Exception:  # any failure here only means: count it on the measured model instead
+        return None
+    tensors = (v for st in optimizer.state.values() for v in st.values())
+    on_meta = [v for v in tensors if isinstance(v, torch.Tensor) and v.is_meta]
+    return model_state(model, _nbytes(on_meta), shard_units)
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def usable_bytes(info: DeviceInfo) -> int:

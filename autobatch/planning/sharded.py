@@ -1,0 +1,358 @@
+"""Plans for a sharded model: the ranks included decide each device's memory.
+
+With sharding ("optimizer", "full"; `autobatch.planning.memory`) a rank holds
+1/W of the model's state, so a device's largest micro-batch depends on the world
+size W, which depends on the devices the plan includes. A plan is made for the
+world size it includes:
+
+1. The group: every device that fits one sample when shared over the group's
+   size (start from all; drop those that do not fit; repeat: fewer ranks, more
+   state each).
+2. Candidate groups: the group, then without its slowest device, and so on
+   (slowest: the longest step for one sample, `time_of((1,))`; for a replica
+   planner, exactly the devices that get no samples at the optimum). Each is
+   planned with every device taking part, at its own W; the fastest wins.
+
+"optimizer" plans like a replica (each rank its own number of micro-steps).
+"full" all-gathers in every forward, so every rank runs the same number k of
+micro-steps: for each k, the shares k <= s_r <= k * m_r that sum to B and
+minimise max_r(o_r + k * a_r + c_r * s_r) (a min-max of linear functions: binary
+search on the step time, then give back the surplus from the slowest ranks);
+k rises from ceil(B / sum m_r) until its lower bound, max_r(o_r + k (a_r + c_r)),
+passes the best step time.
+
+`choose_sharding` is the "auto" mode: no sharding when a replica fits every device,
+else the lightest mode that fits every device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+import numpy as np
+
+from autobatch.errors import PlanError
+from autobatch.planning.memory import SHARDINGS, Sharding, check_sharding
+from autobatch.planning.plan import DeviceCapacity, ExcludedDevice, Plan, _ceil_div, _gib
+from autobatch.planning.planner import (
+    _assemble,
+    _check_inputs,
+    _optimal_samples,
+    _rank_plan,
+    equal_split_baseline,
+    make_plan,
+)
+
+WHAT_IS_SHARDED = {
+    "optimizer": "optimizer state and reduced gradients sharded",
+    "full": "parameters, gradients and optimizer state sharded",
+}
+
+
+def make_sharded_plan(
+    global_batch_size: int,
+    devices: Sequence[DeviceCapacity],
+    sharding: Sharding | Literal["auto"],
+    *,
+    baseline: bool = True,
+    keep_all: bool = False,
+) -> Plan:
+    """`make_plan(..., sharding=...)`: the fastest plan for the world size it includes."""
+    _check_inputs(global_batch_size, devices, each_must_fit=None)
+    if sharding == "auto":
+        mode, why = choose_sharding(devices)
+        plan = make_sharded_plan(
+            global_batch_size, devices, mode, baseline=baseline, keep_all=keep_all
+        )
+        return replace(plan, notes=(why, *plan.notes))
+    if check_sharding(sharding) == "none":
+        replicas = [d.sharded("none") for d in devices]
+        return make_plan(global_batch_size, replicas, baseline=baseline, keep_all=keep_all)
+    if keep_all:
+        caps = _at(devices, sharding, len(devices))
+        _require_fit(caps)
+        plan = _plan_group(global_batch_size, caps, sharding, baseline=baseline)
+        if plan is None:
+            raise PlanError(_infeasible_message(global_batch_size, caps))
+        return _with_notes(plan)
+    return _best_group(global_batch_size, devices, sharding, baseline=baseline)
+
+
+def choose_sharding(
+    devices: Sequence[DeviceCapacity], world_size: int | None = None
+) -> tuple[Sharding, str]:
+    """The lightest sharding mode in which one sample fits every device, shared over
+    `world_size` ranks (default: all the devices), and why (for the plan's notes).
+
+    "none" when a replica fits every device; else "optimizer", else "full"; a
+    PlanError naming the devices that fit under no mode. Devices need a memory
+    model (`DeviceCapacity.memory`) unless a replica fits them all.
+    """
+    if not devices:
+        raise PlanError("choose_sharding needs at least one device")
+    W = len(devices) if world_size is None else world_size
+    replicas = [d.sharded("none") for d in devices]
+    if not _unfit(replicas):
+        return "none", f"sharding none: a full replica fits every device ({_tightest(replicas)})"
+    for mode in SHARDINGS[1:]:
+        caps = _at(devices, mode, W)
+        if not _unfit(caps):
+            return mode, (
+                f"sharding {mode} ({WHAT_IS_SHARDED[mode]} over {W} ranks): a replica does not "
+                f"fit: {_needs(_unfit(replicas), 'none', W)}; sharded, every device fits "
+                f"({_tightest(caps)})"
+            )
+    raise PlanError(
+        f"no sharding mode fits every device over {W} ranks: even fully sharded, "
+        f"{_needs(_unfit(caps), 'full', W)}; add devices (more ranks share the state), "
+        "lower the sequence length, use bf16/fp16 or gradient checkpointing, or leave "
+        "these devices out"
+    )
+
+
+# ---------------------------------------------------------------------------
+# the world size a plan includes
+
+
+def _at(devices: Sequence[DeviceCapacity], mode: Sharding, W: int) -> list[DeviceCapacity]:
+    return [d.sharded(mode, W) for d in devices]
+
+
+def _unfit(caps: Sequence[DeviceCapacity]) -> list[DeviceCapacity]:
+    return [d for d in caps if d.max_micro_batch < 1]
+
+
+def _require_fit(caps: Sequence[DeviceCapacity]) -> None:
+    unfit = _unfit(caps)
+    if unfit:
+        mode, W = caps[0].sharding, caps[0].world_size
+        raise PlanError(f"with sharding {mode} over {W} ranks, {_needs(unfit, mode, W)}")
+
+
+def _group(devices: Sequence[DeviceCapacity], mode: Sharding) -> list[DeviceCapacity]:
+    """The devices that fit one sample when the model is shared over just them."""
+    group = list(devices)
+    while group:
+        fit = [d for d, c in zip(group, _at(group, mode, len(group))) if c.max_micro_batch >= 1]
+        if len(fit) == len(group):
+            return group
+        group = fit
+    raise PlanError(
+        f"no device fits one sample with sharding {mode}, even over all {len(devices)}: "
+        f"{_needs(_at(devices, mode, len(devices)), mode, len(devices))}"
+    )
+
+
+def _best_group(
+    B: int, devices: Sequence[DeviceCapacity], mode: Sharding, *, baseline: bool
+) -> Plan:
+    group = _group(devices, mode)
+    by_speed = sorted(group, key=lambda d: d.time_of((1,)))  # stable: ties keep device order
+    tried: dict[int, Plan] = {}  # size of the group -> its plan
+    for size in range(len(by_speed), 0, -1):
+        kept = {d.device_id for d in by_speed[:size]}
+        caps = _at([d for d in group if d.device_id in kept], mode, size)
+        plan = None if _unfit(caps) else _plan_group(B, caps, mode, baseline=baseline)
+        if plan is not None:
+            tried[size] = plan
+    if not tried:
+        raise PlanError(_infeasible_message(B, _at(group, mode, len(group))))
+    best = min(tried.values(), key=lambda p: p.predicted_step_time_s)  # first: the largest
+    return _with_notes(_with_left_out(best, devices, by_speed, tried))
+
+
+def _with_left_out(
+    plan: Plan,
+    devices: Sequence[DeviceCapacity],
+    by_speed: Sequence[DeviceCapacity],
+    tried: dict[int, Plan],
+) -> Plan:
+    """The plan, naming each device it leaves out and why; inputs at its world size."""
+    mode, W = plan.sharding, plan.world_size
+    in_plan = {r.device_id for r in plan.ranks}
+    rank_of = {d.device_id: i for i, d in enumerate(by_speed)}
+    excluded = []
+    for d in _at(devices, mode, W):
+        if d.device_id in in_plan:
+            continue
+        if d.device_id not in rank_of:
+            reason = f"with sharding {mode} over {W} ranks, {_needs([d], mode, W)}"
+        else:
+            with_it = [p for size, p in tried.items() if size > rank_of[d.device_id]]
+            reason = _slower_reason(plan, with_it)
+        excluded.append(ExcludedDevice(d.device_id, d.name, reason))
+    return replace(plan, excluded=tuple(excluded), inputs=tuple(_at(devices, mode, W)))
+
+
+def _slower_reason(plan: Plan, with_it: Sequence[Plan]) -> str:
+    if not with_it:
+        return "not needed: no plan that includes it is feasible"
+    best = min(with_it, key=lambda p: p.predicted_step_time_s)
+    return (
+        f"the {plan.world_size} other rank(s) finish in {plan.predicted_step_time_s * 1e3:.2f} "
+        f"ms; with it ({best.world_size} ranks) the step takes "
+        f"{best.predicted_step_time_s * 1e3:.2f} ms"
+    )
+
+
+def _with_notes(plan: Plan) -> Plan:
+    if plan.sharding != "full":
+        return plan
+    note = (
+        "full sharding all-gathers every unit in each forward and backward: the predicted "
+        "times leave that communication out"
+    )
+    return replace(plan, notes=(*plan.notes, note))
+
+
+# ---------------------------------------------------------------------------
+# one group: every device takes part
+
+
+def _plan_group(
+    B: int, caps: Sequence[DeviceCapacity], mode: Sharding, *, baseline: bool
+) -> Plan | None:
+    """The fastest plan in which every device of `caps` takes part (None: none exists)."""
+    if len(caps) > B:
+        return None
+    if mode == "optimizer":
+        samples = _optimal_samples(B, caps, at_least=1)
+        return _assemble(B, caps, samples, baseline=baseline, sharding=mode)
+    found = equal_accumulation_shares(B, caps)
+    if found is None:
+        return None
+    k, samples = found
+    ranks = []
+    for i, (d, s) in enumerate(zip(caps, samples)):
+        base, extra = divmod(int(s), k)
+        mbs = (base + 1,) * extra + (base,) * (k - extra)
+        ranks.append(_rank_plan(i, d, mbs, d.time_of(mbs)))
+    return Plan(
+        global_batch_size=B,
+        ranks=tuple(ranks),
+        predicted_step_time_s=max(r.predicted_time_s for r in ranks),
+        ideal_samples_per_s=sum(d.best_samples_per_s(B) for d in caps),
+        baseline=equal_split_baseline(B, caps) if baseline else None,
+        inputs=tuple(caps),
+        sharding=mode,
+    )
+
+
+def equal_accumulation_shares(
+    global_batch_size: int, devices: Sequence[DeviceCapacity]
+) -> tuple[int, np.ndarray] | None:
+    """The same number k of micro-steps on every device, and each device's samples
+    (k <= s_r <= k * max_micro_batch_r, summing to the global batch), minimising the
+    slowest device's step time; None when no k allows it."""
+    B, W = global_batch_size, len(devices)
+    m = np.array([d.max_micro_batch for d in devices], dtype=np.int64)
+    a = np.array([d.fixed_s for d in devices], dtype=np.float64)
+    c = np.array([d.per_sample_s for d in devices], dtype=np.float64)
+    o = np.array([d.step_overhead_s for d in devices], dtype=np.float64)
+    if m.min() < 1:
+        return None
+    best_t, best = math.inf, None
+    for k in range(max(1, _ceil_div(B, int(m.sum()))), B // W + 1):
+        if float(np.max(o + k * (a + c))) >= best_t:
+            break  # k samples each already take longer: larger k only costs more
+        upper = np.minimum(k * m, B)
+        s = min_max_shares(o + k * a, c, np.full(W, k), upper, B)
+        t = float(np.max(o + k * a + c * s))
+        if t < best_t:
+            best_t, best = t, (k, s)
+        if np.all(c > 0) and np.all(s < upper):
+            break  # no memory limit binds: a larger k only adds fixed costs
+    return best
+
+
+def min_max_shares(
+    base: np.ndarray, c: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int
+) -> np.ndarray:
+    """Integers lower <= s <= upper summing to `total` (within their sums) that
+    minimise max(base + c * s), c >= 0."""
+
+    def capacity(T: float) -> np.ndarray:
+        """The most each can take within T (at least its lower bound)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where(c > 0, np.floor((T - base) / np.where(c > 0, c, 1.0)), upper)
+        s = np.clip(s, lower, upper).astype(np.int64)
+        for _ in range(3):  # floating-point rounding: the largest s with base + c*s <= T
+            s = np.where((s > lower) & (base + c * s > T), s - 1, s)
+        return np.where((s < upper) & (base + c * (s + 1) <= T), s + 1, s)
+
+    lo = float(np.max(base + c * lower))
+    hi = lo
+    if capacity(lo).sum() < total:
+        hi = float(np.max(base + c * upper))
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if mid <= lo or mid >= hi:
+                break
+            if capacity(mid).sum() >= total:
+                hi = mid
+            else:
+                lo = mid
+    s = capacity(hi)
+    return _give_back(s, base, c, lower, int(s.sum()) - total)
+
+
+def _give_back(
+    s: np.ndarray, base: np.ndarray, c: np.ndarray, lower: np.ndarray, surplus: int
+) -> np.ndarray:
+    """Remove `surplus` samples, one at a time from the slowest device, while that
+    lowers the slowest time; then from anyone above its lower bound."""
+    s = s.copy()
+    while surplus > 0:
+        t = base + c * s
+        movable = (s > lower) & (c > 0)
+        stuck = np.max(t[~movable], initial=-math.inf)
+        if not movable.any() or np.max(t[movable]) <= stuck:
+            for i in np.argsort(-t, kind="stable"):
+                take = min(int(s[i] - lower[i]), surplus)
+                s[i] -= take
+                surplus -= take
+            break
+        i = int(np.argmax(np.where(movable, t, -math.inf)))
+        s[i] -= 1
+        surplus -= 1
+    return s
+
+
+# ---------------------------------------------------------------------------
+# messages
+
+
+def _needs(caps: Sequence[DeviceCapacity], mode: Sharding, W: int) -> str:
+    """'T4 (gpu3) needs 16.1 GiB for one sample, its budget is 15.0 GiB; ...'"""
+    parts = []
+    for d in caps:
+        text = f"{d.name} ({d.device_id})"
+        if d.memory is not None:
+            need = d.memory.peak_bytes(1, mode, W)
+            text += f" needs {_gib(need)} for one sample, its budget is "
+            text += _gib(d.memory.budget(mode))
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _tightest(caps: Sequence[DeviceCapacity]) -> str:
+    d = min(caps, key=lambda d: d.max_micro_batch)
+    return f"the tightest, {d.name} ({d.device_id}), takes micro-batches up to {d.max_micro_batch}"
+
+
+def _infeasible_message(B: int, caps: Sequence[DeviceCapacity]) -> str:
+    mode, W = caps[0].sharding, len(caps)
+    if B < W:
+        return (
+            f"global_batch_size={B} is smaller than the {W} ranks that share the model "
+            f"(sharding {mode}): every rank needs at least one sample"
+        )
+    room = sum(d.max_micro_batch for d in caps)
+    return (
+        f"no plan for global_batch_size={B} with sharding {mode} over {W} ranks: every "
+        f"rank runs the same number of micro-steps k, at least one sample each (k <= "
+        f"{B // W}), and the ranks hold at most {room} samples per micro-step"
+    )
