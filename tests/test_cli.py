@@ -67,20 +67,30 @@ def test_dry_run_plans_declared_gpus_as_json_without_hardware():
 
 
 @pytest.mark.slow
-def test_a_rank_killed_under_autobatch_run_restarts_and_the_run_finishes(tmp_path):
-    # kill -9 of rank 1 at step 3: its peers' gloo errors (text with '[' and ']') are
-    # printed plainly, the job restarts from the step-2 checkpoint and every batch is exact.
+@pytest.mark.parametrize(
+    "fault, said",
+    [
+        ({"kind": "crash", "rank": 1, "step": 3}, "worker died"),
+        ({"kind": "oom", "rank": 0, "step": 3, "micro_step": "last"}, "micro-batch lowered"),
+    ],
+    ids=["kill-9", "oom-in-the-synced-step"],
+)
+def test_a_drill_under_autobatch_run_restarts_and_the_run_finishes(tmp_path, fault, said):
+    # kill -9 of rank 1 at step 3 (its peers' gloo errors, text with '[' and ']', are
+    # printed plainly), or an OOM in rank 0's synced micro-step: the job restarts from the
+    # step-2 checkpoint, and the ledger shows every global batch exact.
     import yaml
     from daemon_util import tiny_spec
-    from test_launcher import assert_every_global_batch_exact
+    from test_launcher import assert_every_global_batch_exact, assert_restart_resumed_at
 
-    spec = tiny_spec("drill", faults=[{"kind": "crash", "rank": 1, "step": 3}])
+    spec = tiny_spec("drill", faults=[fault])
     spec.update(audit_samples=True, checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 2})
     path = tmp_path / "drill.yaml"
     path.write_text(yaml.safe_dump(spec))
     result = autobatch("run", str(path), "--runs-dir", str(tmp_path), "--json", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "restart 1: " in result.stdout and "worker died" in result.stdout
+    assert "restart 1: " in result.stdout and said in result.stdout
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["steps"] == 6 and summary["restarts"] == 1
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    assert_restart_resumed_at(tmp_path / "ckpt", 2)

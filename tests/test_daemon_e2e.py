@@ -75,6 +75,24 @@ def test_a_failing_job_ends_failed_with_its_reason_and_frees_its_devices(daemon)
     assert transition_time(after, "probing") >= transition_time(rec, "failed")
 
 
+def test_drills_as_daemon_jobs_a_kill_9_and_an_oom_restart_and_every_batch_is_exact(daemon):
+    drills = {
+        "worker died": {"kind": "crash", "rank": 1, "step": 3},
+        "micro-batch lowered": {"kind": "oom", "rank": 0, "step": 3, "micro_step": "last"},
+    }
+    specs = {
+        said: tiny_spec("drill", max_steps=6, faults=[fault], audit_samples=True)
+        for said, fault in drills.items()
+    }
+    jobs = {said: daemon.submit(spec) for said, spec in specs.items()}
+    for said, job in jobs.items():
+        rec = daemon.wait_state(job, "succeeded", timeout_s=240)
+        assert rec["restarts"] == 1, rec["transitions"]
+        reasons = [t["reason"] for t in rec["transitions"] if t["to_state"] == "restarting"]
+        assert said in reasons[0], reasons
+        assert_every_global_batch_exact(specs[said], pathlib.Path(rec["spec"]["checkpoint"]["dir"]))
+
+
 def test_jobs_on_the_same_devices_run_one_after_the_other_disjoint_ones_together(daemon):
     a = daemon.submit(tiny_spec("a", sims=("big", "mid", "small"), max_steps=6))
     b = daemon.submit(tiny_spec("b", sims=("big", "mid", "small"), max_steps=2))
@@ -137,6 +155,34 @@ def test_prometheus_scrapes_every_dashboard_query_then_cancel_frees_the_devices(
     assert transition_time(done, "probing") >= transition_time(daemon.job(long), "cancelled")
     assert daemon.job(long)["transitions"][-1]["reason"] == "cancelled by request while running"
     assert f'job_id="{long}"' not in daemon.http.get("/metrics").text  # its ranks were dropped
+
+
+def _rank_processes(state: pathlib.Path) -> list[int]:
+    """The job ranks' worker processes (process title ray::DeviceWorker...) of the head."""
+    head = json.loads((state / "ray-head.json").read_text())["pid"]
+    found = []
+    for pid in session_processes(head):
+        try:
+            if b"DeviceWorker" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_cancel_stops_a_running_jobs_ranks(daemon):
+    job = daemon.submit(tiny_spec("stopme", sims=("big3", "mid3", "small3"), max_steps=100_000))
+    daemon.wait(job, lambda r: (r["progress"] or {}).get("step", 0) >= 2, "2 steps")
+    assert len(_rank_processes(daemon.state_dir)) >= 3
+    t0 = time.monotonic()
+    r = daemon.http.post(f"/v1/jobs/{job}/cancel", timeout=60)
+    answered = time.monotonic() - t0
+    assert r.json() == {"id": job, "state": "cancelled"}
+    while left := _rank_processes(daemon.state_dir):  # ray.kill ends them asynchronously
+        assert time.monotonic() - t0 < 30, f"ranks still running: {left}"
+        time.sleep(0.05)
+    stopped = time.monotonic() - t0
+    print(f"cancel answered after {answered:.2f} s; every rank stopped after {stopped:.2f} s")
 
 
 def test_every_dashboard_metric_is_one_the_daemon_exports():
@@ -219,7 +265,7 @@ def test_a_job_whose_supervisor_died_resumes_from_its_checkpoint_and_says_so(tmp
         assert 10 <= resumed_at < 300
         ckpt = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
         log = second.http.get(f"/v1/jobs/{job}/logs", params={"tail": 0}).text
-        assert f"resuming from {ckpt}/step_000000" in log  # the runner resumed, not restarted
+        assert f"resuming from {ckpt}/step_{resumed_at:08d}.pt" in log  # resumed, not restarted
         assert list_checkpoints(ckpt)[-1].name == "step_00000300.pt"
     finally:
         second.stop()
