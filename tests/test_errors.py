@@ -48,3 +48,25 @@ def test_error_survives_pickling_with_its_fields(cls):
 def test_error_list_is_not_empty():
     names = {c.__name__ for c in _all_errors()}
     assert {"NoFitError", "InvalidSpec", "SpecError", "TaskError", "LaunchError"} <= names
+
+
+def test_every_error_raised_in_a_ray_actor_reaches_the_driver_as_itself():
+    import ray
+    from ray.exceptions import RayTaskError
+
+    @ray.remote(num_cpus=0)
+    class Raiser:
+        def boom(self, exc: BaseException) -> None:
+            raise exc
+
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
+    try:
+        actor = Raiser.remote()
+        for cls in _all_errors():
+            exc = _instance(cls)
+            with pytest.raises(RayTaskError) as raised:
+                ray.get(actor.boom.remote(exc))
+            assert type(raised.value.cause) is cls, cls  # not UnserializableException
+            assert vars(raised.value.cause) == vars(exc)
+    finally:
+        ray.shutdown()
