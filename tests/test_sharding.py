@@ -29,6 +29,7 @@ from autobatch.errors import PlanError
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.dcp import load_sharded, save_sharded
 from autobatch.step.shard import Sharded, repeated_blocks, unit_bytes
+from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.losses import IGNORE_INDEX
 from autobatch.tasks.tiny_gpt import TinyGPT, TinyGPTConfig, token_loss_sum
 
@@ -408,6 +409,24 @@ def test_full_sharding_refuses_a_plan_with_unequal_micro_step_counts():
     Sharded("optimizer").check_plan([3, 1, 2])
     with pytest.raises(PlanError, match=r"ranks run \[3, 1, 2\].*Sharded\('optimizer'\)"):
         Sharded("full").check_plan([3, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "sharding, want",
+    [
+        ("none", "Replicated"),  # DDP: a replica per rank
+        ("optimizer", "Sharded('optimizer')"),
+        ("full", "Sharded('full')"),
+    ],
+)
+def test_wrapping_for_names_the_wrapping_of_each_sharding(sharding, want):
+    wrapping = wrapping_for(sharding)
+    assert want in repr(wrapping) or type(wrapping).__name__ == want
+
+
+def test_wrapping_for_an_unknown_sharding_names_the_choices():
+    with pytest.raises(ValueError, match=r"sharding='zero2' must be one of 'none', 'optimizer'"):
+        wrapping_for("zero2")
 
 
 def test_unknown_mode_is_rejected():

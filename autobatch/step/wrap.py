@@ -1,9 +1,10 @@
 """How a rank's model is wrapped for data parallelism, and how each micro-step synchronises.
 
 The seam of the optimizer step: the accumulator asks the wrapping for the context
-of each micro-step and for the world its gradients are averaged over. Today there
-is one wrapping, a full replica per rank (torch DDP when a process group of more
-than one rank is up); a sharded one implements the same three methods.
+of each micro-step and for the world its gradients are averaged over. Two
+wrappings implement it: `Replicated`, a full replica per rank (torch DDP when a
+process group of more than one rank is up), and `Sharded` (autobatch.step.shard:
+FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from autobatch.step.shard import SHARD_MODES, Sharded
 
 
 class ModelWrapping(Protocol):
@@ -55,3 +58,16 @@ class Replicated:
 
 
 REPLICATED = Replicated()
+
+
+SHARDINGS: tuple[str, ...] = ("none", *SHARD_MODES)
+
+
+def wrapping_for(sharding: str) -> ModelWrapping:
+    """The wrapping of a sharding mode: "none" (a replica per rank, DDP), "optimizer" or
+    "full" (`Sharded`)."""
+    if sharding == "none":
+        return REPLICATED
+    if sharding not in SHARD_MODES:
+        raise ValueError(f"sharding={sharding!r} must be one of {', '.join(map(repr, SHARDINGS))}")
+    return Sharded(sharding)  # type: ignore[arg-type]
