@@ -98,11 +98,17 @@ def token_case(dtype: torch.dtype) -> Case:
 
 
 def lora_case(model_dir: str, data: str) -> Case:
-    """The Hugging Face causal-LM task (tiny GPT-2) with a LoRA adapter: frozen weights."""
+    """The Hugging Face causal-LM task (tiny GPT-2) with a LoRA adapter (frozen weights) and
+    activation checkpointing (each block's forward runs again in backward)."""
     from autobatch.tasks.causal_lm import causal_lm_task
 
     task = causal_lm_task(
-        model_dir=model_dir, data=data, max_seq_len=40, lora={"r": 4}, dtype="float64"
+        model_dir=model_dir,
+        data=data,
+        max_seq_len=40,
+        lora={"r": 4},
+        dtype="float64",
+        gradient_checkpointing=True,
     )
 
     def build() -> nn.Module:
@@ -446,6 +452,21 @@ def test_unit_bytes_are_the_largest_block_and_the_rest():
     total = sum(p.numel() * 4 for p in model.parameters())
     assert unit_bytes(model) == (block, total - 2 * block)
     assert unit_bytes(mlp(torch.float64)) == (0, (5 * 8 + 8 + 8 + 1) * 8)
+
+
+def test_one_process_checkpoint_replaces_an_older_one_and_leaves_no_temporaries(tmp_path):
+    trainer = Trainer.build(sample_case(torch.float64), "optimizer", [[4]])
+    path = tmp_path / "latest"
+    save_sharded(path, trainer.model, trainer.acc.optimizer, extra={"step": 0})
+    trainer.steps(0, 0, 1)
+    save_sharded(path, trainer.model, trainer.acc.optimizer, extra={"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    fresh = Trainer.build(sample_case(torch.float64), "optimizer", [[4]])
+    assert load_sharded(path, fresh.model, fresh.acc.optimizer) == {"step": 1}
+    assert rel_diff(full_params(fresh.model), full_params(trainer.model)) == 0
+    trainer.steps(0, 1, 1)  # the optimizer state came back too: the next step is the same
+    fresh.steps(0, 1, 1)
+    assert rel_diff(full_params(fresh.model), full_params(trainer.model)) == 0
 
 
 def test_missing_checkpoint_is_named(tmp_path):
