@@ -16,16 +16,23 @@ all-reduce does, and `clip_grad_norm_` on the DTensor gradients returns the glob
                                            every backward
 
 "optimizer" keeps the plan's freedom (ranks run different numbers of micro-steps: each
-rank issues exactly one all-gather and one reduce-scatter per block and step) and saves
-the optimizer state's and the gradients' (N-1)/N between steps. "full" (ZeRO-3) also
-keeps the parameters and the accumulated gradients sharded during the micro-steps, at
-the price of collectives in every micro-step: a rank with more micro-steps would wait
-for peers that never come (a hang, or gloo's timeout), so check the plan with
-`check_plan` first.
+rank issues exactly one all-gather and one reduce-scatter per unit and step); a rank
+holds 1/N of the optimizer state always, and of the parameters and gradients between
+steps. "full" (ZeRO-3) also keeps the parameters and the accumulated gradients sharded
+during the micro-steps, at the price of collectives in every micro-step: a rank with
+more micro-steps would wait for peers that never come (a hang, or gloo's timeout), so
+check the plan with `check_plan` first. A unit is a block of `blocks(model)` (default:
+`repeated_blocks`) or the root, which holds the rest and stays gathered from its forward
+to the end of its backward.
 
 Build the optimizer AFTER `wrap` (on the wrapped model's DTensor parameters). fp16 works
 with the accumulator's own GradScaler: its inf check on DTensor gradients runs as a
 DTensor op, so an inf in one rank's shard skips the step on every rank (tested).
+
+Out of memory: DDP's no_sync micro-steps issue no collective, so the ranks can agree to
+drop a step (`agree_on_oom`). Here a forward may be mid-way through its all-gathers
+("full": any micro-step; "optimizer": the first), leaving the ranks' collectives
+unmatched: treat an OOM as one in the synced backward (restart from the checkpoint).
 """
 
 from __future__ import annotations
