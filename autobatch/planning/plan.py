@@ -400,7 +400,11 @@ class Plan:
 def _gib(n: int | None) -> str:
     if n is None:
         return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"  # a tiny simulated device
 
 
 def _micro_batches_text(micro_batches: Sequence[int]) -> str:

@@ -288,7 +288,10 @@ def equal_split_plan(global_batch_size: int, devices: Sequence[DeviceCapacity]) 
 
 
 def equal_split_baseline(global_batch_size: int, devices: Sequence[DeviceCapacity]) -> Baseline:
-    eq = equal_split_plan(global_batch_size, devices)
+    """The equal split's figures, with each device's limits as given (sharded or not; its
+    shares may differ by a micro-step, which a figure, unlike a full-sharding plan, allows)."""
+    figures = [replace(d, sharding="none", world_size=None) for d in devices]
+    eq = equal_split_plan(global_batch_size, figures)
     return Baseline(
         micro_batch_size=max(r.micro_batch_size for r in eq.ranks),
         accumulation_steps=max(r.accumulation_steps for r in eq.ranks),

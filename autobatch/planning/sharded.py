@@ -8,18 +8,21 @@ world size it includes:
 1. The group: every device that fits one sample when shared over the group's
    size (start from all; drop those that do not fit; repeat: fewer ranks, more
    state each).
-2. Candidate groups: the group, then without its slowest device, and so on
-   (slowest: the longest step for one sample, `time_of((1,))`; for a replica
-   planner, exactly the devices that get no samples at the optimum). Each is
-   planned with every device taking part, at its own W; the fastest wins.
+2. Candidate groups, one per size W: the W fastest devices among those that fit
+   at W (fastest: the shortest step for one sample, `time_of((1,))`; a replica
+   planner leaves out exactly the devices slower than that at its optimum).
+   Each is planned with every device taking part; the fastest plan wins (on a
+   tie, the larger group). A heuristic for the subsets of devices; within a
+   group the plan is exact.
 
 "optimizer" plans like a replica (each rank its own number of micro-steps).
 "full" all-gathers in every forward, so every rank runs the same number k of
 micro-steps: for each k, the shares k <= s_r <= k * m_r that sum to B and
-minimise max_r(o_r + k * a_r + c_r * s_r) (a min-max of linear functions: binary
-search on the step time, then give back the surplus from the slowest ranks);
-k rises from ceil(B / sum m_r) until its lower bound, max_r(o_r + k (a_r + c_r)),
-passes the best step time.
+minimise max_r(o_r + k * a_r + c_r * s_r) (a min-max of linear functions: the
+continuous water level, then whole samples to the ranks that stay fastest). The
+continuous optimum of every k at once (vectorised) bounds each k's step from
+below; the k are solved in the order of their bounds until a bound passes the
+best step found.
 
 `choose_sharding` is the "auto" mode: no sharding when a replica fits every device,
 else the lightest mode that fits every device.
@@ -151,37 +154,34 @@ def _best_group(
 ) -> Plan:
     group = _group(devices, mode)
     by_speed = sorted(group, key=lambda d: d.time_of((1,)))  # stable: ties keep device order
-    tried: dict[int, Plan] = {}  # size of the group -> its plan
+    tried: list[Plan] = []  # largest group first
     for size in range(len(by_speed), 0, -1):
-        kept = {d.device_id for d in by_speed[:size]}
+        fits = [d for d in by_speed if d.sharded(mode, size).max_micro_batch >= 1]
+        if len(fits) < size:
+            continue
+        kept = {d.device_id for d in fits[:size]}
         caps = _at([d for d in group if d.device_id in kept], mode, size)
-        plan = None if _unfit(caps) else _plan_group(B, caps, mode, baseline=baseline)
+        plan = _plan_group(B, caps, mode, baseline=baseline)
         if plan is not None:
-            tried[size] = plan
+            tried.append(plan)
     if not tried:
         raise PlanError(_infeasible_message(B, _at(group, mode, len(group))))
-    best = min(tried.values(), key=lambda p: p.predicted_step_time_s)  # first: the largest
-    return _with_notes(_with_left_out(best, devices, by_speed, tried))
+    best = min(tried, key=lambda p: p.predicted_step_time_s)  # ties: the largest group
+    return _with_notes(_with_left_out(best, devices, tried))
 
 
-def _with_left_out(
-    plan: Plan,
-    devices: Sequence[DeviceCapacity],
-    by_speed: Sequence[DeviceCapacity],
-    tried: dict[int, Plan],
-) -> Plan:
+def _with_left_out(plan: Plan, devices: Sequence[DeviceCapacity], tried: list[Plan]) -> Plan:
     """The plan, naming each device it leaves out and why; inputs at its world size."""
     mode, W = plan.sharding, plan.world_size
     in_plan = {r.device_id for r in plan.ranks}
-    rank_of = {d.device_id: i for i, d in enumerate(by_speed)}
     excluded = []
     for d in _at(devices, mode, W):
         if d.device_id in in_plan:
             continue
-        if d.device_id not in rank_of:
+        if d.max_micro_batch < 1:
             reason = f"with sharding {mode} over {W} ranks, {_needs([d], mode, W)}"
         else:
-            with_it = [p for size, p in tried.items() if size > rank_of[d.device_id]]
+            with_it = [p for p in tried if d.device_id in {r.device_id for r in p.ranks}]
             reason = _slower_reason(plan, with_it)
         excluded.append(ExcludedDevice(d.device_id, d.name, reason))
     return replace(plan, excluded=tuple(excluded), inputs=tuple(_at(devices, mode, W)))
@@ -246,57 +246,101 @@ def equal_accumulation_shares(
 ) -> tuple[int, np.ndarray] | None:
     """The same number k of micro-steps on every device, and each device's samples
     (k <= s_r <= k * max_micro_batch_r, summing to the global batch), minimising the
-    slowest device's step time; None when no k allows it."""
+    slowest device's step time (ties: the fewest micro-steps); None when no k allows it.
+
+    Each k's continuous optimum (all k at once) bounds its whole-sample optimum from
+    below: the k are solved exactly in the order of those bounds, until the next
+    bound is no better than the best step found."""
     B, W = global_batch_size, len(devices)
     m = np.array([d.max_micro_batch for d in devices], dtype=np.int64)
     a = np.array([d.fixed_s for d in devices], dtype=np.float64)
     c = np.array([d.per_sample_s for d in devices], dtype=np.float64)
     o = np.array([d.step_overhead_s for d in devices], dtype=np.float64)
-    if m.min() < 1:
+    if m.min() < 1 or _ceil_div(B, int(m.sum())) > B // W:
         return None
+    ks = np.arange(max(1, _ceil_div(B, int(m.sum()))), B // W + 1)
+    bounds = np.concatenate(
+        [_k_bounds(chunk, o, a, c, m, B) for chunk in np.array_split(ks, _chunks(len(ks), W))]
+    )
     best_t, best = math.inf, None
-    for k in range(max(1, _ceil_div(B, int(m.sum()))), B // W + 1):
-        if float(np.max(o + k * (a + c))) >= best_t:
-            break  # k samples each already take longer: larger k only costs more
-        upper = np.minimum(k * m, B)
-        s = min_max_shares(o + k * a, c, np.full(W, k), upper, B)
+    for i in np.argsort(bounds, kind="stable"):
+        if bounds[i] * (1 - 1e-12) > best_t:
+            break
+        k = int(ks[i])
+        s = min_max_shares(o + k * a, c, np.full(W, k), np.minimum(k * m, B), B)
         t = float(np.max(o + k * a + c * s))
-        if t < best_t:
+        if t < best_t or (t == best_t and k < best[0]):
             best_t, best = t, (k, s)
-        if np.all(c > 0) and np.all(s < upper):
-            break  # no memory limit binds: a larger k only adds fixed costs
     return best
+
+
+def _chunks(n_ks: int, W: int) -> int:
+    """Chunks of k for the bounds: about a million numbers each."""
+    return max(1, n_ks * (2 * W + 1) * W // 2**20)
+
+
+def _k_bounds(
+    ks: np.ndarray, o: np.ndarray, a: np.ndarray, c: np.ndarray, m: np.ndarray, B: int
+) -> np.ndarray:
+    """For each k, the continuous optimum of the step time (a lower bound)."""
+    base = o + ks[:, None] * a
+    lower = np.broadcast_to(ks[:, None], base.shape)
+    return _water_levels(base, c, lower, np.minimum(ks[:, None] * m, B), B)
 
 
 def min_max_shares(
     base: np.ndarray, c: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int
 ) -> np.ndarray:
     """Integers lower <= s <= upper summing to `total` (within their sums) that
-    minimise max(base + c * s), c >= 0."""
+    minimise max(base + c * s), c >= 0.
 
-    def capacity(T: float) -> np.ndarray:
-        """The most each can take within T (at least its lower bound)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.where(c > 0, np.floor((T - base) / np.where(c > 0, c, 1.0)), upper)
-        s = np.clip(s, lower, upper).astype(np.int64)
-        for _ in range(3):  # floating-point rounding: the largest s with base + c*s <= T
-            s = np.where((s > lower) & (base + c * s > T), s - 1, s)
-        return np.where((s < upper) & (base + c * (s + 1) <= T), s + 1, s)
-
-    lo = float(np.max(base + c * lower))
-    hi = lo
-    if capacity(lo).sum() < total:
-        hi = float(np.max(base + c * upper))
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            if mid <= lo or mid >= hi:
-                break
-            if capacity(mid).sum() >= total:
-                hi = mid
-            else:
-                lo = mid
-    s = capacity(hi)
+    The continuous water level first (the time at which the clipped shares sum to
+    `total`), its floor, then one sample at a time to the device whose time stays
+    lowest: every sample so given has a time within the optimum, or the shares
+    would already hold `total`."""
+    level = float(_water_levels(base[None], c, lower[None], upper[None], total)[0])
+    s = _most_within(level, base, c, lower, upper)
+    while s.sum() < total:
+        s[np.argmin(np.where(s < upper, base + c * (s + 1), np.inf))] += 1
     return _give_back(s, base, c, lower, int(s.sum()) - total)
+
+
+def _most_within(
+    T: float, base: np.ndarray, c: np.ndarray, lower: np.ndarray, upper: np.ndarray
+) -> np.ndarray:
+    """The most each device takes within time T (at least its lower bound)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(c > 0, np.floor((T - base) / np.where(c > 0, c, 1.0)), upper)
+    s = np.clip(s, lower, upper).astype(np.int64)
+    for _ in range(3):  # floating-point rounding: the largest s with base + c*s <= T
+        s = np.where((s > lower) & (base + c * s > T), s - 1, s)
+    return np.where((s < upper) & (base + c * (s + 1) <= T), s + 1, s)
+
+
+def _water_levels(
+    base: np.ndarray, c: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int
+) -> np.ndarray:
+    """Per row (one problem each; `c` shared), the least time T at which the continuous
+    shares clip((T - base) / c, lower, upper) sum to `total`, every device taking at
+    least its lower bound (devices with c = 0 take their upper bound at no cost).
+
+    The shares' sum is piecewise linear and rising in T, with breakpoints where a
+    device reaches a bound: find the segment, interpolate."""
+    forced = np.max(base + c * lower, axis=1)
+    points = np.sort(np.concatenate([forced[:, None], base + c * lower, base + c * upper], 1), 1)
+    points = np.maximum(points, forced[:, None])
+    safe_c = np.where(c > 0, c, 1.0)
+    shares = (points[:, :, None] - base[:, None, :]) / safe_c
+    shares = np.clip(shares, lower[:, None], upper[:, None])
+    amounts = np.where(c > 0, shares, upper[:, None]).sum(axis=2)
+    rows = np.arange(len(points))
+    reached = amounts >= total
+    i = np.where(reached.any(axis=1), reached.argmax(axis=1), points.shape[1] - 1)  # rounding
+    t1, v1 = points[rows, i], amounts[rows, i]
+    t0, v0 = points[rows, np.maximum(i - 1, 0)], amounts[rows, np.maximum(i - 1, 0)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.where(v1 > v0, t0 + (total - v0) * (t1 - t0) / (v1 - v0), t1)
+    return np.where(i == 0, forced, np.clip(level, t0, t1))
 
 
 def _give_back(

@@ -469,16 +469,13 @@ def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def default_shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules a sharded job wraps one by one: the root's children, a ModuleList
-    or ModuleDict child counted as its items (a transformer's blocks). The root's own
-    parameters form the root unit."""
-    units: list[nn.Module] = []
-    for child in model.children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            units.extend(child.children())
-        else:
-            units.append(child)
-    return units
+    """The submodules a sharded job wraps one by one (`fully_shard`, then the root): the
+    items of the model's largest ModuleList (a transformer's blocks, at any depth), else
+    the root's children. Parameters outside every unit form the root unit."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return list(model.children())
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 def model_state(
