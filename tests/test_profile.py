@@ -324,3 +324,93 @@ def test_gradient_checkpointing_is_turned_on_where_one_sample_does_not_fit_witho
         task, big, make_optimizer=adamw, headroom_fraction=0, gradient_checkpointing=None
     )
     assert not roomy.gradient_checkpointing
+
+
+# ---------------------------------------------------------------------------
+# the model's state, for sharding
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _real_optimizer_state(task: Task, make_optimizer) -> int:
+    """The optimizer's device tensors after one real step (not the host step counters)."""
+    model = task.build_model()
+    opt = make_optimizer(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    return _bytes(v for s in opt.state.values() for v in s.values() if v.dim() > 0)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        adamw,  # two moments per parameter
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),  # one buffer
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),  # none
+        lambda m: torch.optim.Adagrad(m.parameters()),
+    ],
+    ids=["adamw", "sgd-momentum", "sgd", "adagrad"],
+)
+def test_the_state_counts_parameters_gradients_and_the_optimizers_state(make_optimizer):
+    task = tiny_gpt_task(dataset_size=16)
+    state = profile.meta_model_state(task, make_optimizer)
+    model = task.build_model()
+    assert state.params_bytes == state.grads_bytes == _bytes(model.parameters())
+    assert state.optimizer_bytes == _real_optimizer_state(task, make_optimizer)
+    # the units: the transformer's blocks; the embeddings, final norm and head are the root's
+    assert state.largest_unit_bytes == _bytes(model.blocks[0].parameters())
+    assert state.root_unit_bytes == state.params_bytes - _bytes(model.blocks.parameters())
+
+
+def test_frozen_parameters_have_no_gradients_and_no_optimizer_state():
+    base = mlp_task()
+
+    def build() -> nn.Module:
+        model = base.build_model()
+        model[0].requires_grad_(False)  # e.g. a frozen base under an adapter
+        return model
+
+    task = replace(base, build_model=build)
+    state = profile.meta_model_state(task, adamw)
+    frozen = _bytes(build()[0].parameters())
+    assert state.grads_bytes == state.params_bytes - frozen
+    assert state.optimizer_bytes == 2 * state.grads_bytes
+    assert state.largest_unit_bytes == _bytes(build()[2].parameters())  # no blocks: children
+
+
+def test_an_optimizer_that_cannot_step_on_meta_is_counted_on_the_measured_model():
+    fused = lambda m: torch.optim.AdamW(m.parameters(), fused=True)  # noqa: E731  no meta kernel
+    task = tiny_gpt_task(dataset_size=16)
+    assert profile.meta_model_state(task, fused) is None
+    p = profile_model(task, SimulatedDevice("sim", 8 * MiB), make_optimizer=fused)
+    assert p.state is not None and p.state.optimizer_bytes >= 2 * p.state.params_bytes
+
+
+def test_a_profile_plans_a_sharded_model_over_any_world_size():
+    task, device = tiny_gpt_task(dataset_size=16), SimulatedDevice("sim", 6 * MiB)
+    p = profile_model(task, device, make_optimizer=adamw, backend="gloo")
+    replica = p.capacity("r0")
+    assert (replica.sharding, replica.max_micro_batch) == ("none", p.max_micro_batch)
+    mem = replica.memory
+    assert mem.budget("full") == p.budget_bytes + dict(p.reserve)["ddp_gradient_buckets"]
+    assert mem.peak_bytes(3) == p.peak_bytes(3)  # "none" is the profile's own peak(b)
+    full = p.capacity("r0", sharding="full", world_size=4)
+    assert (full.sharding, full.world_size) == ("full", 4)
+    assert p.max_micro_batch < full.max_micro_batch <= mem.cap
+    assert full.state_bytes() < replica.state_bytes() == p.state.total_bytes
+    plan = make_plan(64, [full, replace(full, device_id="r1")], sharding="full")
+    assert plan.world_size == 2 and len({r.accumulation_steps for r in plan.ranks}) == 1
+
+
+def test_a_profile_written_before_sharding_loads_and_says_what_sharding_needs():
+    p = profile_model(mlp_task(), SimulatedDevice("sim", 8 * MiB), make_optimizer=adamw)
+    data = p.to_dict()
+    del data["state"], data["micro_batch_cap"]
+    old = ModelProfile.from_dict(data)
+    assert old.state is None and old.capacity("r0").memory is None
+    assert old.capacity("r0").max_micro_batch == p.max_micro_batch
+    with pytest.raises(ProbeError, match="no model state .* sharding='full'"):
+        old.capacity("r0", sharding="full", world_size=2)
