@@ -445,33 +445,27 @@ def test_auto_plan_says_why_it_chose_its_mode():
 
 FSDP_PEAKS = r"""
 import json, sys, torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from autobatch.step.shard import Sharded
 from autobatch.tasks.tiny_gpt import TinyGPT, TinyGPTConfig, token_loss_sum
-from autobatch.probe.profile import default_shard_units
 
 cfg = TinyGPTConfig(**json.loads(sys.argv[1]))
 
 def peak(W, mode, b):
     dist.init_process_group("fake", rank=0, world_size=W, store=FakeStore())
-    model = TinyGPT(cfg)
-    for unit in default_shard_units(model):
-        fully_shard(unit, mesh=init_device_mesh("cpu", (W,)), reshard_after_forward=mode == "full")
-    fully_shard(model, mesh=init_device_mesh("cpu", (W,)), reshard_after_forward=mode == "full")
+    wrapping = Sharded(mode)  # the step's own wrapping seam
+    model = wrapping.wrap(TinyGPT(cfg), torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     tracker = FSDPMemTracker(model, opt)
     tracker.track_external(model, opt)
     def step(track):
         for i in range(2):
-            if mode == "optimizer":  # the 'optimizer' recipe: sync and reshard at the last
-                model.set_requires_gradient_sync(i == 1)
-                model.set_reshard_after_backward(i == 1)
-            if track:
-                tracker.reset_mod_stats()
-            x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))
-            token_loss_sum(model, {"input_ids": x, "labels": x}).backward()
+            with wrapping.micro_step(model, last=i == 1):
+                if track:
+                    tracker.reset_mod_stats()
+                x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))
+                token_loss_sum(model, {"input_ids": x, "labels": x}).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     step(False)  # builds the optimizer state
@@ -487,7 +481,7 @@ print(json.dumps([peak(W, mode, b) for W, mode, b in json.loads(sys.argv[2])]))
 @pytest.mark.slow
 def test_formulas_bound_fsdp2s_own_tracked_peak():
     """The profile's predictions for a sharded step, against FSDPMemTracker on a fake
-    process group of W ranks (FSDP2 as the recipes in planning.memory run it)."""
+    process group of W ranks, the model wrapped by the step's `Sharded(mode)`."""
     import torch
 
     from autobatch.probe.devices import cpu_device

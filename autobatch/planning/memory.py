@@ -7,10 +7,11 @@ optimizer step's line. It also counts the model's state, a replica's bytes of
 
     P  parameters         G  gradients (trainable parameters)
     O  optimizer state    S = P + G + O
-    R  the root unit's parameters (those outside every sharded unit)
-    U  the largest unit's parameters (a unit: one `fully_shard`ed submodule)
+    U  the largest block's parameters (a unit: one `fully_shard`ed block)
+    R  the root unit's parameters (those outside every block)
 
-With W ranks, FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps 1/W of each
+With W ranks, FSDP2 (`torch.distributed.fsdp.fully_shard`; here the step's
+`autobatch.step.shard.Sharded`, its blocks `repeated_blocks`) keeps 1/W of each
 parameter, gradient and optimizer state tensor on each rank and all-gathers
 parameters when a unit runs. A rank's peak, from the replica's lines:
 
@@ -43,7 +44,8 @@ frees parameters earlier, so its activation peak is no higher).
 Checked against torch's FSDPMemTracker (FSDP2 on a fake process group, a 16 MiB
 GPT, AdamW foreach, two micro-steps): "optimizer" matched to 0.01 MiB at W = 2, 4,
 8 and b = 1, 4, 16; "full" was 2-24 % above the tracked peak (never below; with
-3 U instead of 4 U it fell below at W = 2, b = 1). The CUDA context, NCCL and
+3 U instead of 4 U it fell below at W = 2, b = 1); tests/test_sharded_plan.py
+repeats this from a measured profile through `Sharded`. The CUDA context, NCCL and
 the allocator's fragmentation stay in the profile's reserve, as for a replica.
 
 Pure values: imports autobatch.errors only.
@@ -109,8 +111,8 @@ class ModelState:
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
-    largest_unit_bytes: int = 0  # U: the largest fully_shard'ed submodule's parameters
-    root_unit_bytes: int = 0  # R: parameters outside every unit (the root's own)
+    largest_unit_bytes: int = 0  # U: the largest fully_shard'ed block's parameters
+    root_unit_bytes: int = 0  # R: parameters outside every block (the root unit)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -50,7 +50,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -77,6 +77,7 @@ from autobatch.probe.peak import (
     peak_lines,
 )
 from autobatch.step.precision import Precision, check_supported
+from autobatch.step.shard import BlocksFn, repeated_blocks, unit_bytes
 from autobatch.tasks.task import Task
 
 MAX_MEASURED_STEPS = 4
@@ -88,7 +89,6 @@ Backend = Literal["nccl", "gloo"]  # the process group's backend, for its reserv
 BACKENDS = ("nccl", "gloo")
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
-ShardUnits = Callable[[nn.Module], Iterable[nn.Module]]  # the submodules FSDP2 wraps one by one
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def profile_model(
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH,
     cache_dir: str | os.PathLike | None = None,
     gradient_checkpointing: bool | None = False,
-    shard_units: ShardUnits | None = None,
+    shard_blocks: BlocksFn = repeated_blocks,
 ) -> ModelProfile:
     """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
 
@@ -243,15 +243,15 @@ def profile_model(
     (`NCCL_RESERVE_BYTES`).
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
-    `shard_units`: the submodules a sharded job wraps one by one (`fully_shard`), for
-    the profile's `state` (default `default_shard_units`).
+    `shard_blocks`: the blocks a sharded job wraps one by one (`Sharded(blocks=)`), for
+    the units in the profile's `state`.
     """
     if gradient_checkpointing is None:
         kwargs = dict(
             make_optimizer=make_optimizer, precision=precision,
             headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
             extra_reserve_bytes=extra_reserve_bytes, backend=backend,
-            max_micro_batch=max_micro_batch, cache_dir=cache_dir, shard_units=shard_units,
+            max_micro_batch=max_micro_batch, cache_dir=cache_dir, shard_blocks=shard_blocks,
         )  # fmt: skip
         try:
             return profile_model(task, device, gradient_checkpointing=False, **kwargs)
@@ -282,7 +282,7 @@ def profile_model(
     measurements = cache.load(cache_dir, key)
     cached = measurements is not None
     runner = None
-    state = meta_model_state(task, make_optimizer, shard_units)
+    state = meta_model_state(task, make_optimizer, shard_blocks)
     if measurements is None:
         runner = StepRunner(
             task,
@@ -294,7 +294,7 @@ def profile_model(
         try:
             measurements = _search(runner, budgeter, max_micro_batch)
             if state is None and runner.steps and any(not m.oom for m in measurements):
-                state = model_state(runner.model, runner.state_bytes(), shard_units)
+                state = model_state(runner.model, runner.state_bytes(), shard_blocks)
         finally:
             runner.close()
     if not cached:
@@ -468,38 +468,25 @@ def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
 # the model's state, for sharding
 
 
-def default_shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules a sharded job wraps one by one (`fully_shard`, then the root): the
-    items of the model's largest ModuleList (a transformer's blocks, at any depth), else
-    the root's children. Parameters outside every unit form the root unit."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return list(model.children())
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
-
-
 def model_state(
-    model: nn.Module, optimizer_bytes: int, shard_units: ShardUnits | None = None
+    model: nn.Module, optimizer_bytes: int, blocks: BlocksFn = repeated_blocks
 ) -> ModelState:
     """Parameter and gradient bytes of `model` (each parameter once), its optimizer's
-    state bytes as given, and the parameters of its sharding units."""
+    state bytes as given, and its sharding units as `Sharded(blocks=blocks)` wraps them
+    (each block, then the root with the rest)."""
     params = {id(p): p for p in model.parameters()}
-    unit_bytes, in_units = [], set()
-    for unit in (shard_units or default_shard_units)(model):
-        mine = {id(p): p for p in unit.parameters() if id(p) not in in_units}
-        in_units |= mine.keys()
-        unit_bytes.append(_nbytes(mine.values()))
+    largest, root = unit_bytes(model, blocks)
     return ModelState(
         params_bytes=_nbytes(params.values()),
         grads_bytes=_nbytes(p for p in params.values() if p.requires_grad),
         optimizer_bytes=optimizer_bytes,
-        largest_unit_bytes=max(unit_bytes, default=0),
-        root_unit_bytes=_nbytes(p for i, p in params.items() if i not in in_units),
+        largest_unit_bytes=largest,
+        root_unit_bytes=root,
     )
 
 
 def meta_model_state(
-    task: Task, make_optimizer: MakeOptimizer, shard_units: ShardUnits | None = None
+    task: Task, make_optimizer: MakeOptimizer, blocks: BlocksFn = repeated_blocks
 ) -> ModelState | None:
     """`model_state` of the task's model built on the `meta` device (no memory), its
     optimizer state counted after one step there; None when the model or its optimizer
@@ -517,7 +504,7 @@ def meta_model_state(
         return None
     tensors = (v for st in optimizer.state.values() for v in st.values())
     on_meta = [v for v in tensors if isinstance(v, torch.Tensor) and v.is_meta]
-    return model_state(model, _nbytes(on_meta), shard_units)
+    return model_state(model, _nbytes(on_meta), blocks)
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
