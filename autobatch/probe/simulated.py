@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autobatch.errors import ProbeError
@@ -112,6 +113,8 @@ class TensorMemory(TorchDispatchMode):
                 self._bytes -= entry[1]
 
     def _add(self, t: torch.Tensor) -> None:
+        if isinstance(t, DTensor):  # a sharded parameter: what this rank holds is its shard
+            t = t._local_tensor
         if t.device.type != self.device_type or t.is_sparse:
             return
         st = t.untyped_storage()

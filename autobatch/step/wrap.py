@@ -10,6 +10,7 @@ FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -34,6 +35,10 @@ class ModelWrapping(Protocol):
         """How many ranks the synchronised gradients are averaged over."""
         ...
 
+    def check_plan(self, micro_steps_per_rank: Sequence[int]) -> None:
+        """Raise PlanError when the ranks' micro-step counts cannot run under this wrapping."""
+        ...
+
 
 class Replicated:
     """A full replica per rank: DDP over the default process group when it has more than
@@ -55,6 +60,9 @@ class Replicated:
 
     def world_size(self, wrapped: nn.Module) -> int:
         return dist.get_world_size() if isinstance(wrapped, DDP) else 1
+
+    def check_plan(self, micro_steps_per_rank: Sequence[int]) -> None:
+        """Any counts: `no_sync` keeps every micro-step but the last one local."""
 
 
 REPLICATED = Replicated()

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from autobatch.errors import AutobatchError, LaunchError
-from autobatch.planning.plan import Plan
+from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import make_plan
+from autobatch.planning.sharded import make_sharded_plan
 
 FailureKind = Literal["task_error", "oom_no_sync", "oom_synced", "lost"]
 Action = Literal["retry_in_place", "restart", "replan", "fail"]
@@ -111,7 +112,7 @@ def decide(
         if not left:
             return Decision("fail", plan, f"every device of the job is gone: {what}", root.kind)
         try:
-            new = make_plan(plan.global_batch_size, left, keep_all=keep_all)
+            new = replan(plan, left, keep_all=keep_all)
         except AutobatchError as exc:
             why = f"cannot re-plan on the devices left ({exc}): {what}"
             return Decision("fail", plan, why, root.kind)
@@ -152,4 +153,11 @@ def lower_micro_batches(plan: Plan, ranks: Sequence[int]) -> Plan:
                 d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4) or 1
             )
         inputs.append(d)
-    return make_plan(plan.global_batch_size, inputs, keep_all=True)
+    return replan(plan, inputs, keep_all=True)
+
+
+def replan(plan: Plan, devices: Sequence[DeviceCapacity], *, keep_all: bool) -> Plan:
+    """A new plan on `devices` for the same global batch, sharded as `plan` was."""
+    if plan.sharding == "none":
+        return make_plan(plan.global_batch_size, devices, keep_all=keep_all)
+    return make_sharded_plan(plan.global_batch_size, devices, plan.sharding, keep_all=keep_all)

@@ -24,7 +24,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from autobatch.errors import LaunchError, NoFitError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import ExcludedDevice, Plan
-from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.planning.planner import equal_split_plan
+from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.cache import default_cache_dir
 from autobatch.probe.devices import DeviceInfo, normalise_speeds
 from autobatch.probe.profile import ModelProfile
@@ -154,8 +155,11 @@ class JobRunner:
         if self.spec.planner == "equal_split":
             plan = equal_split_plan(self.spec.global_batch_size, capacities)
         else:
-            plan = make_plan(
-                self.spec.global_batch_size, capacities, keep_all=self.spec.devices.keep_all
+            plan = make_sharded_plan(
+                self.spec.global_batch_size,
+                capacities,
+                self.spec.sharding,
+                keep_all=self.spec.devices.keep_all,
             )
         checkpointed = sorted({d.info.name for d in fit if d.profile.gradient_checkpointing})
         self.notes += [

@@ -190,6 +190,12 @@ class JobSpec(_Strict):
     # "optimal": autobatch's plan; "equal_split": every device at the smallest device's
     # micro-batch with the same accumulation (today's DDP recipe), for comparisons.
     planner: Literal["optimal", "equal_split"] = "optimal"
+    # How each rank holds the model (torch FSDP2 for the sharded modes): "none", a full
+    # replica (DDP); "optimizer", optimizer state and reduced gradients sharded, ranks may
+    # still run different micro-step counts; "full", parameters too (ZeRO-3), every rank
+    # runs the same number of micro-steps; "auto", none where a replica fits every device,
+    # else the lightest mode that does (the plan's notes say which and why).
+    sharding: Literal["none", "optimizer", "full", "auto"] = "none"
     devices: DevicesSpec = DevicesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     # Where rank 0 writes the trained model (e.g. a LoRA adapter) after the last step,
@@ -211,6 +217,15 @@ class JobSpec(_Strict):
     def _length(self) -> JobSpec:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs (or both: whichever ends first)")
+        return self
+
+    @model_validator(mode="after")
+    def _planner_shards(self) -> JobSpec:
+        if self.planner == "equal_split" and self.sharding != "none":
+            raise ValueError(
+                f"planner equal_split plans replicas only (sharding: none), not sharding "
+                f"{self.sharding}: use planner optimal"
+            )
         return self
 
     @field_validator("task")

@@ -6,8 +6,10 @@ them ahead of time (`autobatch.tasks.loader.StepLoader`, `data_workers` of the
 spec), runs the accumulator's step, and on an out-of-memory in a no_sync
 micro-step (agreed by every rank) asks the failure policy, which lowers that
 device's micro-batch: the same global batch is retried in place, from a loader
-rebuilt for the lowered plan. Rank 0 checkpoints. Restarts and re-plans after a
-lost worker are the runner's.
+rebuilt for the lowered plan. The model is wrapped as the plan's sharding says
+(`autobatch.step.wrap.wrapping_for`: DDP, or FSDP2); rank 0 checkpoints a replica,
+every rank its shards of a sharded model. Restarts and re-plans after a lost worker
+are the runner's.
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult
-from autobatch.step.wrap import REPLICATED
+from autobatch.step.dcp import load_sharded
+from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
-from launcher.job.checkpoint import load_checkpoint, save_checkpoint
+from launcher.job.checkpoint import (
+    checkpoint_sharding,
+    full_model_state,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from launcher.job.context import RankContext, RankOutcome
 from launcher.job.optim import build_optimizer, build_schedule
 from launcher.job.rankstats import RankStats
@@ -127,22 +136,26 @@ class _Rank:
         self.model = task.build_model().to(self.device)
         if self.plan.capacity(ctx.rank).gradient_checkpointing:
             task.checkpoint_activations(self.model)
+        # Wrapped before the optimizer is built: a sharded model's parameters are DTensors.
+        self.wrapping = wrapping_for(self.plan.sharding)
+        self.wrapping.check_plan([r.accumulation_steps for r in self.plan.ranks])
+        wrapped = self.wrapping.wrap(self.model, self.device)
         self.optimizer = build_optimizer(spec.optimizer)(self.model)
         self.sampler = GlobalBatchSampler(
             len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
         )
         self.total = spec.total_steps(self.sampler.steps_per_epoch)
         self.schedule = build_schedule(spec.schedule, self.optimizer, self.total)
-        state = load_checkpoint(ctx.resume_from) if ctx.resume_from else None
-        if state is not None:  # before DDP wraps the model
-            self._resume(state)
+        state = self._resume(ctx.resume_from) if ctx.resume_from else None
         self.acc = Accumulator(
-            REPLICATED.wrap(self.model, self.device),
+            wrapped,
             self.optimizer,
             max_grad_norm=spec.optimizer.max_grad_norm,
             precision=ctx.precision,
-            agree_on_oom=True,
-            wrapping=REPLICATED,
+            # An OOM inside a sharded forward can stop between its all-gathers: the ranks
+            # cannot agree to retry in place; the runner restarts them with a lower plan.
+            agree_on_oom=self.plan.sharding == "none",
+            wrapping=self.wrapping,
         )
         if state is not None and self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])  # fp16: the scale it had
@@ -161,12 +174,26 @@ class _Rank:
         )
         self._data: StepLoader | None = None  # built at the current step on first use
 
-    def _resume(self, state: dict) -> None:
+    def _resume(self, path: str) -> dict:
+        """Load the checkpoint at `path` (a replica's file, or a sharded checkpoint's
+        directory, whatever the world size that saved it); returns its training state."""
+        saved = checkpoint_sharding(path)
+        if saved != ("none" if self.plan.sharding == "none" else "sharded"):
+            raise LaunchError(
+                f"checkpoint {path} holds a {'replica' if saved == 'none' else 'sharded model'};"
+                f" this job runs sharding {self.plan.sharding}: resume with the sharding that "
+                "saved it, or start from no checkpoint"
+            )
+        if saved == "none":
+            state = load_checkpoint(path)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            state = load_sharded(path, self.model, self.optimizer)
         self.sampler.check_resume(state["sampler"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.step = state["sampler"]["step"]
+        return state
 
     def _device_loss(self) -> tuple[LossFn, TensorMemory | None]:
         """The task's loss with its micro-batch moved to the device (one at a time, as the
@@ -264,25 +291,31 @@ class _Rank:
 
     def checkpoint_if_due(self) -> None:
         step = self.sampler.step
-        if self.ctx.rank != 0 or (step % self.spec.checkpoint.interval and step != self.total):
+        if step % self.spec.checkpoint.interval and step != self.total:
             return
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state().to_dict(),
             "plan": self.plan.to_json(),
             "job": self.ctx.job,
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
-        self.last_checkpoint = str(save_checkpoint(self.ctx.checkpoint_dir, step, state))
+        if self.plan.sharding != "none":  # every rank writes its shards
+            path = save_sharded_checkpoint(
+                self.ctx.checkpoint_dir, step, self.model, self.optimizer, state
+            )
+            self.last_checkpoint = str(path)
+        elif self.ctx.rank == 0:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+            self.last_checkpoint = str(save_checkpoint(self.ctx.checkpoint_dir, step, state))
 
     def outcome(self) -> RankOutcome:
         params = output = None
+        full = full_model_state(self.model)  # a collective when sharded: every rank
         if self.ctx.rank == 0:
-            params = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            params = {k: v.detach().cpu().clone() for k, v in full.items()}
             if self.task.save is not None and self.ctx.output_dir:
-                self.task.save(self.model, self.ctx.output_dir)
+                self.task.save(self._plain(full), self.ctx.output_dir)
                 output = self.ctx.output_dir
         return RankOutcome(
             self.ctx.rank,
@@ -293,6 +326,14 @@ class _Rank:
             params,
             output,
         )
+
+    def _plain(self, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The trained model as a plain module (a sharded one rebuilt from its full state)."""
+        if self.plan.sharding == "none":
+            return self.model
+        plain = self.task.build_model()
+        plain.load_state_dict(full)
+        return plain
 
 
 class _Audit:
