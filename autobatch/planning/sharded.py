@@ -171,11 +171,13 @@ def _best_group(
 
 
 def _with_left_out(plan: Plan, devices: Sequence[DeviceCapacity], tried: list[Plan]) -> Plan:
-    """The plan, naming each device it leaves out and why; inputs at its world size."""
+    """The plan, naming each device it leaves out and why; inputs at its world size, and
+    the ideal of every device that fits at it (as a replica plan counts the devices it
+    leaves out for speed)."""
     mode, W = plan.sharding, plan.world_size
     in_plan = {r.device_id for r in plan.ranks}
-    excluded = []
-    for d in _at(devices, mode, W):
+    inputs, excluded = _at(devices, mode, W), []
+    for d in inputs:
         if d.device_id in in_plan:
             continue
         if d.max_micro_batch < 1:
@@ -184,7 +186,8 @@ def _with_left_out(plan: Plan, devices: Sequence[DeviceCapacity], tried: list[Pl
             with_it = [p for p in tried if d.device_id in {r.device_id for r in p.ranks}]
             reason = _slower_reason(plan, with_it)
         excluded.append(ExcludedDevice(d.device_id, d.name, reason))
-    return replace(plan, excluded=tuple(excluded), inputs=tuple(_at(devices, mode, W)))
+    ideal = sum(d.best_samples_per_s(plan.global_batch_size) for d in inputs if d.max_micro_batch)
+    return replace(plan, excluded=tuple(excluded), inputs=tuple(inputs), ideal_samples_per_s=ideal)
 
 
 def _slower_reason(plan: Plan, with_it: Sequence[Plan]) -> str:
