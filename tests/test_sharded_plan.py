@@ -74,10 +74,10 @@ def dev(
     [
         ("none", 4, 160),  # a replica: P + G + O
         ("optimizer", 4, 40 + 40 + 30),  # P and G unsharded during the step, + (P + O) / W
-        ("optimizer", 1, 200),  # one rank: the gathered copy next to its own "shard"
+        ("optimizer", 1, 160),  # one rank: Sharded leaves the model unwrapped, a replica
         ("full", 4, 40 + 4 + 4 * 4),  # S / W + R + 4 U
         ("full", 3, 54 + 4 + 16),  # S / W rounded up
-        ("full", 1, 160 + 20),  # one rank: only the gathering costs
+        ("full", 1, 160),
     ],
 )
 def test_state_per_rank_by_mode_and_world_size(mode, W, state_bytes):

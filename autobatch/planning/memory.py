@@ -35,6 +35,7 @@ full       `fully_shard(reshard_after_forward=True)`, gradients reduce-scattered
            and the reduce-scatter input, plus the next unit's prefetched all-gather.
                micro(b) - S (1 - 1/W) + R + 4 U       opt(b) / W
 
+On one rank `Sharded` leaves the model unwrapped: every mode is a replica there.
 opt(b) / W: the optimizer step's bytes are parameters, gradients, state and the
 optimizer's temporaries per parameter, all sharded. Sharded modes need no DDP
 buckets: that reserve (`MemoryModel.replica_reserve_bytes`) returns to the budget.
@@ -132,7 +133,7 @@ class ModelState:
 def _state_shift(state: ModelState, sharding: Sharding, world_size: int) -> int:
     """How much the micro-steps' peak moves from a replica's (see the module docstring)."""
     W = world_size
-    if sharding == "none":
+    if sharding == "none" or W == 1:  # one rank: `Sharded` leaves the model as it is
         return 0
     if sharding == "optimizer":
         return -state.optimizer_bytes + _ceil_div(state.optimizer_bytes + state.params_bytes, W)
