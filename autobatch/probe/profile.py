@@ -51,7 +51,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -170,6 +170,34 @@ class ModelProfile:
                 "profile_model"
             )
         return capacity.sharded(sharding, world_size)
+
+    def carried_to(
+        self, info: DeviceInfo, *, headroom_fraction: float, time_scale: float
+    ) -> ModelProfile:
+        """This profile on another device of the job, one where a replica does not fit a
+        sample (so nothing could be measured there) but a sharded model may: the memory
+        lines and state are the model's, the budget the device's (its total memory less
+        the headroom and this profile's reserve), the times times `time_scale` (how much
+        slower the device is). Estimated, never verified."""
+        usable = info.total_bytes
+        headroom = int(headroom_fraction * usable)
+        budget = usable - headroom - self.reserve_bytes
+        return replace(
+            self,
+            device_name=info.name,
+            device_uuid=info.uuid,
+            usable_bytes=usable,
+            headroom_bytes=headroom,
+            budget_bytes=budget,
+            max_micro_batch=largest_under(self.peak_lines, budget, self.micro_batch_cap),
+            fixed_s=self.fixed_s * time_scale,
+            per_sample_s=self.per_sample_s * time_scale,
+            step_overhead_s=self.step_overhead_s * time_scale,
+            verified=False,  # the measurements stay: the model's memory, whatever the device
+            measured_steps=0,
+            cached=False,
+            estimated=True,
+        )
 
     def memory_model(self) -> MemoryModel | None:
         """This device's memory for any sharding mode and world size (None without `state`).

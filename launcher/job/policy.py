@@ -149,9 +149,14 @@ def lower_micro_batches(plan: Plan, ranks: Sequence[int]) -> Plan:
                     f"rank {r.rank} ({d.name}) ran out of memory at micro-batch 1: it cannot "
                     "train this model; remove the device or lower the sequence length"
                 )
-            d = replace(
-                d, max_micro_batch=min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4) or 1
+            cap = min(r.micro_batch_size - 1, r.micro_batch_size * 3 // 4) or 1
+            # A sharded plan re-derives limits from the memory model: lower its cap too.
+            memory = d.memory and replace(
+                d.memory,
+                cap=min(d.memory.cap, cap),
+                max_micro_batch=min(d.memory.max_micro_batch, cap),
             )
+            d = replace(d, max_micro_batch=cap, memory=memory)
         inputs.append(d)
     return replan(plan, inputs, keep_all=True)
 

@@ -191,6 +191,8 @@ class JobRunner:
             profiles = {}
             for key, i in by_type.items():
                 profiles[key] = self._profile(self.workers[i], found[i][0], cache)
+            if self.spec.sharding != "none":
+                self._carry_profiles(profiles, {k: found[i][0] for k, i in by_type.items()})
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {cluster.cause(exc)}") from None
         probed = []
@@ -214,6 +216,26 @@ class JobRunner:
             if isinstance(getattr(exc, "cause", None), NoFitError):
                 return str(exc.cause)
             raise
+
+    def _carry_profiles(self, profiles: dict, infos: dict) -> None:
+        """Sharding may fit a model on a device where a replica does not fit one sample
+        (nothing could be measured there): it gets the profile of the fastest device that
+        was measured, carried over to its memory and speed (an estimate, noted)."""
+        measured = [k for k, p in profiles.items() if not isinstance(p, str)]
+        if not measured:
+            return
+        src = max(measured, key=lambda k: infos[k].speed)
+        for key, why in [(k, p) for k, p in profiles.items() if isinstance(p, str)]:
+            info = infos[key]
+            profiles[key] = profiles[src].carried_to(
+                info,
+                headroom_fraction=self.spec.memory_headroom,
+                time_scale=infos[src].speed / info.speed,
+            )
+            self.notes.append(
+                f"{info.name}: a replica does not fit ({why}); its figures are {infos[src].name}'s "
+                "measurements carried over to its memory and speed, for sharding"
+            )
 
     def _resolve_precision(self, infos: list) -> None:
         """precision: auto becomes the precision every device supports, noted in the plan."""
