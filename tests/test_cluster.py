@@ -12,7 +12,7 @@ import os
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from test_launcher import SIMS_3, assert_every_global_batch_exact, job
+from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
 from launcher.job.events import Planned, Progress, RunnerEvent
 from launcher.job.runner import JobRunner
@@ -42,14 +42,17 @@ def three_nodes(tmp_path_factory):
     os.environ.update(saved)
 
 
+@pytest.mark.parametrize("sharding", ["none", "optimizer"])
 def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch(
-    three_nodes, tmp_path
+    three_nodes, tmp_path, sharding
 ):
+    # Sharded: the shards 3 ranks saved (torch.distributed.checkpoint) load on the 2 left,
+    # and the job ends with the parameters of the same job run replicated, uninterrupted.
     cluster, workers = three_nodes
     # slowed to a quarter, so that the node goes while the job trains
     slow = [{**d, "speed": 0.25} for d in SIMS_3]
     devices = {"select": "simulated", "simulated": slow, "keep_all": True}
-    spec = job(tmp_path, name="nodes", max_steps=10, devices=devices)
+    spec = job(tmp_path, name="nodes", max_steps=10, devices=devices, sharding=sharding)
     seen: dict = {"nodes": set(), "removed": False}
 
     def listener(event: RunnerEvent) -> None:
@@ -62,11 +65,19 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
             seen["removed"] = True
             cluster.remove_node(workers[-1])  # a whole node, its raylet and workers
 
-    summary = JobRunner(parse_spec(spec), address=cluster.address, listener=listener).run()
+    try:
+        summary = JobRunner(parse_spec(spec), address=cluster.address, listener=listener).run()
+    finally:
+        workers.append(cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20))
+        cluster.wait_for_nodes()
     assert len(seen["nodes"]) == 3  # one device per node
     assert seen["removed"]
     assert summary.steps == 10 and summary.restarts == 1
     assert summary.replans == {"device_lost": 1}
-    assert summary.plan.world_size == 2
+    assert summary.plan.world_size == 2 and summary.plan.sharding == sharding
     assert sum(r.samples for r in summary.plan.ranks) == 24
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    if sharding != "none":
+        reference = job(tmp_path / "ref", name="ref", max_steps=10, devices=devices)
+        want = JobRunner(parse_spec(reference), address=cluster.address).run().parameters
+        assert_same_parameters(summary.parameters, want)

@@ -9,6 +9,7 @@ restarts from a sharded (torch.distributed.checkpoint) checkpoint.
 from __future__ import annotations
 
 import pytest
+from daemon_util import TINY
 from test_launcher import (
     assert_every_global_batch_exact,
     assert_restart_resumed_at,
@@ -51,3 +52,17 @@ def test_a_killed_rank_of_a_sharded_job_resumes_from_its_shards(replicated, tmp_
     assert_restart_resumed_at(tmp_path / "ckpt", 2)
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
     assert_same_parameters(summary.parameters, replicated)
+
+
+def test_auto_shards_a_model_whose_replica_does_not_fit_the_smallest_device(local_ray, tmp_path):  # noqa: F811
+    two_layers = {**TINY, "n_layers": 2}  # a replica needs ~134 KiB at micro-batch 1
+    spec = job(tmp_path, task_args=two_layers, sharding="auto")
+    summary, _ = run(spec)
+    plan = summary.plan
+    assert plan.sharding in ("optimizer", "full") and plan.world_size == 3
+    assert any("a replica does not fit" in n for n in plan.notes), plan.notes
+    assert summary.steps == 6 and summary.restarts == 0 and summary.oom_events == 0
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    one = {"select": "simulated", "simulated": [{"name": "sim-1", "memory": "4MiB"}]}
+    reference, _ = run(job(tmp_path / "ref", task_args=two_layers, devices=one))
+    assert_same_parameters(summary.parameters, reference.parameters)
