@@ -66,3 +66,18 @@ def test_auto_shards_a_model_whose_replica_does_not_fit_the_smallest_device(loca
     one = {"select": "simulated", "simulated": [{"name": "sim-1", "memory": "4MiB"}]}
     reference, _ = run(job(tmp_path / "ref", task_args=two_layers, devices=one))
     assert_same_parameters(summary.parameters, reference.parameters)
+
+
+@pytest.mark.parametrize("where", ["first", "last"], ids=["no_sync", "synced"])
+def test_an_oom_in_a_sharded_step_restarts_lowered_from_the_shards(replicated, tmp_path, where):
+    # Under sharding an OOM may stop a forward between its all-gathers: the ranks cannot
+    # agree to retry in place (as replicas do), so every OOM restarts from the checkpoint
+    # with that device's micro-batch lowered.
+    fault = {"kind": "oom", "rank": 0, "step": 2, "micro_step": where}
+    spec = job(tmp_path, sharding="optimizer", faults=[fault])
+    summary, _ = run(spec)
+    assert summary.steps == 6 and summary.restarts == 1 and summary.oom_events >= 1
+    assert summary.plan.sharding == "optimizer"
+    assert_restart_resumed_at(tmp_path / "ckpt", 2)
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    assert_same_parameters(summary.parameters, replicated)
