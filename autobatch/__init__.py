@@ -30,6 +30,10 @@ _EXPORTS = {
     "plan_for_group": "autobatch.probe.group",
     "SimulatedDevice": "autobatch.probe.devices",
     "Replicated": "autobatch.step.wrap",
+    "Sharded": "autobatch.step.shard",
+    "wrapping_for": "autobatch.step.wrap",
+    "save_sharded": "autobatch.step.dcp",
+    "load_sharded": "autobatch.step.dcp",
     "SamplerState": "autobatch.planning.sampler",
     "Task": "autobatch.tasks.task",
     "MicroBatchSampler": "autobatch.tasks.loader",
@@ -53,6 +57,7 @@ __all__ = [
     "Replicated",
     "SamplerError",
     "SamplerState",
+    "Sharded",
     "SimulatedDevice",
     "StepBatches",
     "StepLoader",
@@ -61,11 +66,14 @@ __all__ = [
     "TokenBudget",
     "default_num_workers",
     "equal_split_plan",
+    "load_sharded",
     "make_plan",
     "micro_batch_loader",
     "pack_global_batch",
     "plan_for_group",
+    "save_sharded",
     "token_budgets",
+    "wrapping_for",
 ]
 
 
@@ -96,7 +104,9 @@ if TYPE_CHECKING:
     from autobatch.probe.devices import SimulatedDevice
     from autobatch.probe.group import plan_for_group
     from autobatch.step.accumulate import Accumulator, StepResult
-    from autobatch.step.wrap import Replicated
+    from autobatch.step.dcp import load_sharded, save_sharded
+    from autobatch.step.shard import Sharded
+    from autobatch.step.wrap import Replicated, wrapping_for
     from autobatch.tasks.loader import (
         MicroBatchSampler,
         StepBatches,

@@ -1,4 +1,5 @@
-"""The README's library example runs as written, alone and under torchrun, with the same losses."""
+"""The README's library example runs as written, alone and under torchrun (replicated and
+fully sharded), with the same losses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from distributed import free_port
 
 from autobatch.probe.group import SIMULATED_ENV
@@ -19,7 +21,8 @@ def _loss_lines(cmd: list[str]) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.startswith("step ")]
 
 
-def test_example_gives_the_same_losses_on_one_and_three_ranks():
+@pytest.mark.parametrize("sharding", ["none", "full"])
+def test_example_gives_the_same_losses_on_one_and_three_ranks(sharding):
     one = _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
     three = _loss_lines(
         [
@@ -36,6 +39,8 @@ def test_example_gives_the_same_losses_on_one_and_three_ranks():
             str(free_port()),
             "-m",
             "autobatch.tasks.example",
+            "--sharding",
+            sharding,
         ]
     )
     assert len(one) == 3

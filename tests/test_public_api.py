@@ -27,6 +27,7 @@ def test_public_names_are_pinned():
         "Replicated",
         "SamplerError",
         "SamplerState",
+        "Sharded",
         "SimulatedDevice",
         "StepBatches",
         "StepLoader",
@@ -35,11 +36,14 @@ def test_public_names_are_pinned():
         "TokenBudget",
         "default_num_workers",
         "equal_split_plan",
+        "load_sharded",
         "make_plan",
         "micro_batch_loader",
         "pack_global_batch",
         "plan_for_group",
+        "save_sharded",
         "token_budgets",
+        "wrapping_for",
     ]
     for name in autobatch.__all__:
         assert hasattr(autobatch, name)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import gc
 import os
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from autobatch.errors import DeviceSpecError, NoFitError, PlanError, ProbeError
+from autobatch.planning.memory import Sharding
 from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import make_plan
 from autobatch.probe.cache import default_cache_dir
@@ -52,12 +54,15 @@ def plan_for_group(
     keep_all: bool = False,
     cache_dir: str | None = None,
     group: dist.ProcessGroup | None = None,
+    sharding: Sharding | Literal["auto"] = "none",
 ) -> Plan:
     """The plan for this process group (one process without one), the same on every rank.
 
     Call it on every rank, after `init_process_group` and before wrapping the model.
     Where the plan turned gradient checkpointing on for a rank's device
     (`plan.capacity(rank).gradient_checkpointing`), that rank's model needs it too.
+    `sharding` ("none", "optimizer", "full", or "auto": the lightest that fits every
+    rank): wrap the model with `wrapping_for(plan.sharding)`.
     """
     rank, world = _rank_and_world(group)
     device = this_device(rank, world)
@@ -88,7 +93,7 @@ def plan_for_group(
             "a running process group cannot shrink: start it without them"
         )
     capacities = [f for f in found if isinstance(f, DeviceCapacity)]
-    plan = make_plan(global_batch_size, capacities, keep_all=keep_all)
+    plan = make_plan(global_batch_size, capacities, keep_all=keep_all, sharding=sharding)
     if plan.world_size != world:
         left_out = "; ".join(f"{e.device_id} ({e.device_name}): {e.reason}" for e in plan.excluded)
         raise PlanError(

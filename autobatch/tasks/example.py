@@ -3,19 +3,24 @@
     python -m autobatch.tasks.example                              # one process
     AUTOBATCH_SIMULATED_DEVICES="sim-big:24MiB,sim-mid:12MiB:0.5,sim-small:6MiB:0.25" \\
         torchrun --nproc_per_node 3 -m autobatch.tasks.example     # three gloo ranks
+    ... -m autobatch.tasks.example --sharding full                 # FSDP2, ZeRO-3
 
-Whatever the number of ranks, every optimizer step sees the same 24 samples and
-the run's losses are the same (up to float rounding).
+Whatever the number of ranks and the sharding, every optimizer step sees the same
+24 samples and the run's losses are the same (up to float rounding).
 """
 
+import argparse
 import os
 
 import torch
 import torch.distributed as dist
 
-from autobatch import Accumulator, GlobalBatchSampler, Replicated, plan_for_group
+from autobatch import Accumulator, GlobalBatchSampler, plan_for_group, wrapping_for
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--sharding", default="none", choices=["none", "optimizer", "full", "auto"])
+sharding = parser.parse_args().sharding
 rank = int(os.environ.get("RANK", "0"))
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     dist.init_process_group("gloo")
@@ -28,7 +33,7 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 task = tiny_gpt_task(dataset_size=512)
 # Each rank measures its device (AUTOBATCH_SIMULATED_DEVICES declares simulated ones on a
 # CPU-only machine), the ranks gather what they found, every rank gets the same plan.
-plan = plan_for_group(task, 24, make_optimizer=make_optimizer, keep_all=True)
+plan = plan_for_group(task, 24, make_optimizer=make_optimizer, keep_all=True, sharding=sharding)
 if rank == 0:
     print(plan.render_table())
 
@@ -36,10 +41,9 @@ torch.manual_seed(0)
 model = task.build_model()
 if plan.capacity(rank).gradient_checkpointing:
     task.checkpoint_activations(model)
-wrapping = Replicated()  # DDP when the group has several ranks
-acc = Accumulator(
-    wrapping.wrap(model, torch.device("cpu")), make_optimizer(model), max_grad_norm=1.0
-)
+wrapping = wrapping_for(plan.sharding)  # DDP or FSDP2 when the group has several ranks
+wrapped = wrapping.wrap(model, torch.device("cpu"))  # before the optimizer: FSDP2 shards
+acc = Accumulator(wrapped, make_optimizer(model), max_grad_norm=1.0, wrapping=wrapping)
 sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=0)
 
 for step in range(30):
