@@ -4,11 +4,13 @@ For planning ahead (`autobatch plan --dry-run`) from a declared list such as
 "2xA100-80GB,4xT4-16GB". Every figure here is an ESTIMATE and is labelled so
 (`DeviceCapacity.estimated=True`); a real probe replaces it on the hardware.
 
-Memory: the job's training step (2 accumulated micro-steps, then the
-optimizer step, as `profile_model` measures it) runs on FAKE CPU tensors
-under `FakeTensorMode`, with `MemTracker` counting every tensor: the model is
-built on `meta` and materialised with `to_empty` inside fake mode, so nothing
-is allocated. peak(b) is the max of the micro-step line and the optimizer line.
+Memory: the job's training step (a micro-step with the gradients of earlier
+ones alive, then the optimizer step, as `profile_model` measures them) runs on
+FAKE CPU tensors under `FakeTensorMode`, with `TensorMemory` counting every
+live storage: the model is built on `meta` and materialised with `to_empty`
+inside fake mode, so nothing is allocated. peak(b) is the max of the micro-step
+lines and the optimizer line; the trace also counts the model's state, so an
+estimate carries a memory model for sharding (`autobatch.planning.memory`).
 What tensors do not show is added as a stated per-GPU overhead: the CUDA
 context, cuBLAS/cuDNN workspaces and allocator fragmentation
 (`GPU_OVERHEAD_BYTES`), plus what the process group holds when the job has
@@ -22,6 +24,11 @@ Per GPU, each op takes max(FLOPs / achievable FLOP/s, bytes / achievable
 bandwidth) (a roofline) plus a launch cost; the tables below hold vendor peaks
 and the achievable fractions are stated assumptions. The gradient all-reduce
 is not modelled.
+
+Depth: `scale_by_depth` makes a deep model's trace from traces of two shallow
+copies of it (the same layers, fewer of them): per-layer cost = the difference,
+total = base + layers x per-layer. A transformer of 32 layers is traced at 1 and
+2 (`autobatch.probe.whatif`), in seconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import contextlib
 import gc
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autobatch.errors import ProbeError
+from autobatch.errors import AutobatchError, ProbeError
+from autobatch.planning.memory import MemoryModel, ModelState
 from autobatch.planning.plan import DeviceCapacity
 from autobatch.probe.devices import parse_devices
 from autobatch.probe.measure import MakeOptimizer
@@ -46,9 +54,12 @@ from autobatch.probe.profile import (
     Backend,
     check_backend,
     comm_reserve,
+    model_state,
 )
+from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.precision import Precision, check_supported, choose_precision
+from autobatch.step.shard import BlocksFn, repeated_blocks
 from autobatch.tasks.task import Task
 
 TF, GBs, MiB = 1e12, 1e9, 2**20
@@ -120,10 +131,12 @@ class OpCost:
     flops: float
     bytes: float
     dtype: torch.dtype  # of the op's first floating-point input (picks the FLOP/s peak)
+    count: float = 1.0  # times it runs (a depth-scaled trace weighs each traced model's ops)
 
 
 class _OpCosts(TorchDispatchMode):
-    """Records FLOPs and bytes moved of every op (on fake tensors: nothing runs)."""
+    """Records FLOPs and bytes moved of every kernel (on fake tensors: nothing runs); views
+    and `prim` ops (a tensor's device, asked from Python) launch none and are left out."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,7 +148,7 @@ class _OpCosts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view:
+        if func.is_view or func.namespace == "prim":
             return out
         tensors = [t for t in _leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         packet = _FLOP_ALIASES.get(func._overloadpacket, func._overloadpacket)
@@ -183,6 +196,7 @@ class StepTrace:
     micro_ops: tuple[tuple[OpCost, ...], tuple[OpCost, ...]]  # one micro-step, at each size
     optimizer_ops: tuple[OpCost, ...]
     gradient_bytes: int
+    state: ModelState | None = None  # parameters, gradients, optimizer state, sharding units
 
 
 def trace_step(
@@ -191,26 +205,23 @@ def trace_step(
     make_optimizer: MakeOptimizer,
     precision: Precision = "fp32",
     sizes: tuple[int, ...] = (8, 64, 512),
+    shard_blocks: BlocksFn = repeated_blocks,
 ) -> StepTrace:
     """Run the training step on fake CPU tensors at a few micro-batch sizes (increasing).
 
     Fake sizes cost nothing, so they reach far: peak(b) bends upwards at some size
     (the max over the step's moments of linear live bytes), and the chords between
-    these sizes catch it; times come from the smallest and the largest."""
+    these sizes catch it; times come from the smallest and the largest. An optimizer
+    step on zero gradients first builds the optimizer state, as every later step finds
+    it. Each size then runs one micro-step with gradients alive (as every micro-step
+    after the first of a step: the peak) and the optimizer step, their live bytes
+    counted by `TensorMemory`, their ops by `_OpCosts`."""
     if len(sizes) < 2 or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
         raise ProbeError(f"sizes={sizes!r} must be at least two increasing sizes >= 1")
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
-    try:
-        with torch.device("meta"):
-            model = task.build_model()
-    except Exception as exc:
-        raise ProbeError(
-            "estimates build the model on the 'meta' device (no memory); this build_model "
-            f"failed there: {exc}"
-        ) from exc
-    micro_pts, opt_pts, micro_ops = [], [], []
+    model = _meta_model(task)
+    micro_pts, opt_pts, micro_ops = [], [], {}
     # A garbage collection in the middle of the trace frees fake tensors whose release is
     # itself dispatched, and counted: the same step would cost a few ops more or less.
     with _without_gc(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -218,37 +229,64 @@ def trace_step(
         model.train()
         opt = make_optimizer(model)
         step = Accumulator(model, opt, precision=precision, loss_scaling=False)
-        mt = _frozen_aware(MemTracker, model)()
-        mt.track_external(model, opt)
-        for b in (1, *sizes):  # b=1 first, untracked: builds the optimizer state
-            with mt:
-                for _ in range(2):  # the 2nd micro-step runs with gradients alive
-                    mt.reset_mod_stats()  # MemTracker tracks one forward per module at a time
-                    step.micro_step(task.probe_batch(b), task.loss_fn, weight=1 / b)
-            micro_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
-            mt.reset_mod_stats()
-            with mt:
-                step.update()
-            opt_pts.append((b, _total(mt.get_tracker_snapshot("peak"))))
-        for b in (1, sizes[0], sizes[-1]):  # b=1 untraced: gradients exist, as in later steps
-            costs = _OpCosts()
-            mb = task.probe_batch(b)
-            with costs if b != 1 else contextlib.nullcontext():
-                step.micro_step(mb, task.loss_fn, weight=1 / b)
-            micro_ops.append(tuple(costs.ops))
-        costs = _OpCosts()
-        with costs:
-            step.update()
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    micro_pts = micro_pts[1:]
+        _zero_gradients(model)
+        step.update()  # builds the optimizer state, as every later step finds it
+        memory = TensorMemory(model=model, optimizer=opt)
+        for b in sizes:
+            micro, update = _OpCosts(), _OpCosts()
+            _zero_gradients(model)  # a micro-step after the first: gradients alive
+            with memory:
+                mb = task.probe_batch(b)
+                with micro:
+                    step.micro_step(mb, task.loss_fn, weight=1 / b)
+                del mb
+                micro_pts.append((b, memory.peak_bytes))
+                memory.reset_peak()
+                with update:
+                    step.update()
+                opt_pts.append((b, memory.peak_bytes))
+            micro_ops[b] = tuple(micro.ops)
+        state = model_state(model, _optimizer_bytes(opt), shard_blocks)
     chords = [PeakLine.through(p, q) for p, q in zip(micro_pts, micro_pts[1:])]
     return StepTrace(
         sizes=(sizes[0], sizes[-1]),
         peak_lines=(*chords, PeakLine.through(*opt_pts[-2:])),
-        micro_ops=(micro_ops[1], micro_ops[2]),
-        optimizer_ops=tuple(costs.ops),
-        gradient_bytes=grads,
+        micro_ops=(micro_ops[sizes[0]], micro_ops[sizes[-1]]),
+        optimizer_ops=tuple(update.ops),
+        gradient_bytes=state.grads_bytes,
+        state=state,
     )
+
+
+def _meta_model(task: Task) -> torch.nn.Module:
+    try:
+        with torch.device("meta"):
+            return task.build_model()
+    except AutobatchError:
+        raise
+    except Exception as exc:
+        raise ProbeError(
+            "estimates build the model on the 'meta' device (no memory); this build_model "
+            f"failed there: {exc}"
+        ) from exc
+
+
+def _zero_gradients(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer state's bytes on the device (each storage once): step counters (0-dim,
+    kept on the host unless capturable) are not counted, as in `meta_model_state`."""
+    storages = {
+        id(v.untyped_storage()): v.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    }
+    return sum(storages.values())
 
 
 @contextlib.contextmanager
@@ -263,28 +301,62 @@ def _without_gc() -> Iterator[None]:
             gc.enable()
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
+# ---------------------------------------------------------------------------
+# depth
 
 
-def _frozen_aware(tracker: type, model: torch.nn.Module) -> type:
-    """torch's MemTracker hooks the gradient of every parameter, and a frozen one (LoRA's
-    base weights) refuses a hook: the subclass marks those as hooked already."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+def scale_by_depth(
+    shallow: StepTrace, deep: StepTrace, *, depths: tuple[int, int], layers: int
+) -> StepTrace:
+    """The trace of the same model with `layers` identical layers, from its traces at two
+    depths (`depths`: the layers of `shallow` and `deep`).
 
-    class FrozenAware(tracker):
-        def __enter__(self):  # noqa: ANN204
-            hooks = getattr(self, "_param_to_grad_hook_handles", None)
-            for p in frozen if hooks is not None else ():
-                hooks[p] = (_NoHook(), _NoHook())
-            return super().__enter__()
+    Every figure is base + layers x per-layer, the per-layer part being the difference
+    between the two traces over the difference of their depths: the peak lines' fixed and
+    per-sample bytes (a chord is linear in the points it joins, which are taken at the
+    same sizes), the model's state, and the time of each op list (its ops counted with
+    weights 1 - a and a, a = (layers - d1) / (d2 - d1), since a time is a sum over ops).
+    What it leaves out: layers that differ from one another."""
+    d1, d2 = depths
+    if not 1 <= d1 < d2 or layers < 1:
+        raise ProbeError(f"depths={depths!r} must be 1 <= d1 < d2, layers={layers!r} >= 1")
+    same = shallow.sizes == deep.sizes and len(shallow.peak_lines) == len(deep.peak_lines)
+    if not same:
+        raise ProbeError("scale_by_depth needs two traces taken at the same micro-batch sizes")
+    a = (layers - d1) / (d2 - d1)
 
-    return FrozenAware
+    def mix(x: float, y: float) -> float:
+        return x + a * (y - x)
 
+    def ops(x: tuple[OpCost, ...], y: tuple[OpCost, ...]) -> tuple[OpCost, ...]:
+        return tuple(replace(op, count=op.count * (1 - a)) for op in x) + tuple(
+            replace(op, count=op.count * a) for op in y
+        )
 
-def _total(snapshot: dict) -> int:
-    return sum(dev_snap["Total"] for dev_snap in snapshot.values())
+    lines = tuple(
+        PeakLine(mix(p.fixed_bytes, q.fixed_bytes), mix(p.per_sample_bytes, q.per_sample_bytes))
+        for p, q in zip(shallow.peak_lines, deep.peak_lines)
+    )
+    state = None
+    if shallow.state is not None and deep.state is not None:
+        state = ModelState(
+            params_bytes=round(mix(shallow.state.params_bytes, deep.state.params_bytes)),
+            grads_bytes=round(mix(shallow.state.grads_bytes, deep.state.grads_bytes)),
+            optimizer_bytes=round(mix(shallow.state.optimizer_bytes, deep.state.optimizer_bytes)),
+            largest_unit_bytes=deep.state.largest_unit_bytes,  # one layer: the same at any depth
+            root_unit_bytes=deep.state.root_unit_bytes,  # outside the layers: likewise
+        )
+    return StepTrace(
+        sizes=deep.sizes,
+        peak_lines=lines,
+        micro_ops=(
+            ops(shallow.micro_ops[0], deep.micro_ops[0]),
+            ops(shallow.micro_ops[1], deep.micro_ops[1]),
+        ),
+        optimizer_ops=ops(shallow.optimizer_ops, deep.optimizer_ops),
+        gradient_bytes=round(mix(shallow.gradient_bytes, deep.gradient_bytes)),
+        state=state,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -301,7 +373,8 @@ def _ops_time(ops: Sequence[OpCost], gpu: GpuSpec) -> float:
             peak = gpu.fp16_flops
         else:
             peak = gpu.fp32_flops
-        total += max(op.flops / (peak * MATMUL_EFFICIENCY), op.bytes / bw) + KERNEL_LAUNCH_S
+        cost = max(op.flops / (peak * MATMUL_EFFICIENCY), op.bytes / bw) + KERNEL_LAUNCH_S
+        total += op.count * cost
     return total
 
 
@@ -318,10 +391,11 @@ def estimate_capacity(
 ) -> DeviceCapacity:
     """One GPU's estimated capacity for the traced step (max_micro_batch 0: one sample
     does not fit; the planner then says so). `backend`: the process group's, for its
-    reserve, as in `profile_model`."""
+    reserve, as in `profile_model`. With the trace's model state the capacity carries a
+    memory model (`DeviceCapacity.memory`): sharded figures for any world size."""
     check_supported(gpu, precision)
     reserve = comm_reserve(check_backend(backend), trace.gradient_bytes)
-    budget = gpu.memory_bytes * (1 - headroom_fraction) - overhead_bytes
+    budget = math.floor(gpu.memory_bytes * (1 - headroom_fraction)) - overhead_bytes
     budget -= sum(v for _, v in reserve)
     m = largest_under(trace.peak_lines, budget, max_micro_batch)
     b1, b2 = trace.sizes
@@ -332,6 +406,17 @@ def estimate_capacity(
     top = max(m, 2)  # chord of the (convex) peak over [1, m]: never below it there
     p1 = peak_at(trace.peak_lines, 1)
     per_bytes = math.ceil((peak_at(trace.peak_lines, top) - p1) / (top - 1))
+    memory = None
+    if trace.state is not None:
+        memory = MemoryModel(
+            budget_bytes=budget,
+            micro_lines=trace.peak_lines[:-1],
+            optimizer_line=trace.peak_lines[-1],
+            state=trace.state,
+            max_micro_batch=m,
+            cap=max_micro_batch,
+            replica_reserve_bytes=dict(reserve).get("ddp_gradient_buckets", 0),
+        )
     return DeviceCapacity(
         device_id=device_id,
         name=gpu.name,
@@ -343,6 +428,7 @@ def estimate_capacity(
         peak_fixed_bytes=p1 - per_bytes,
         peak_per_sample_bytes=per_bytes,
         estimated=True,
+        memory=memory,
     )
 
 
