@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich import progress as bar
 from rich.console import Console
@@ -29,6 +30,10 @@ from launcher.job.events import (
     Resuming,
     RunnerEvent,
 )
+
+if TYPE_CHECKING:
+    from autobatch.probe.whatif import LMJob, WhatIf
+    from launcher.job.spec import JobSpec
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -142,16 +147,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec)
-    if args.dry_run:
-        from autobatch.planning.planner import make_plan
-        from autobatch.probe.estimate import estimate_capacities
-        from launcher.job.optim import build_optimizer
-        from launcher.job.tasks import load_task
-
+    if args.dry_run or args.what_if:
         if not args.devices:
-            raise AutobatchError(
-                "--dry-run needs --devices, e.g. --devices '2xA100-80GB,4xT4-16GB'"
-            )
+            flag = "--what-if" if args.what_if else "--dry-run"
+            raise AutobatchError(f"{flag} needs --devices, e.g. --devices '2xA100-80GB,4xT4-16GB'")
+        return _what_if(spec, args) if args.what_if else _dry_run(spec, args)
+    if args.devices:
+        raise AutobatchError(
+            "--devices is only for --dry-run and --what-if (planning without hardware)"
+        )
+    from launcher.job.runner import JobRunner
+
+    plan, _ = JobRunner(spec, address=args.address).probe_and_plan()
+    if args.json:
+        print(plan.to_json())
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _dry_run(spec: JobSpec, args: argparse.Namespace) -> int:
+    """One plan from estimates: a causal LM from its config alone (depth-scaled, fast), any
+    other task from a trace of its whole model."""
+    from autobatch.planning.planner import make_plan
+    from autobatch.probe.estimate import estimate_capacities
+    from autobatch.probe.whatif import estimate_lm_capacities
+    from launcher.job.optim import build_optimizer
+    from launcher.job.tasks import load_task
+
+    job = _lm_job(spec)
+    if job is not None:
+        capacities = estimate_lm_capacities(job, args.devices)
+    else:
         capacities = estimate_capacities(
             load_task(spec),
             args.devices,
@@ -159,20 +186,82 @@ def cmd_plan(args: argparse.Namespace) -> int:
             precision=spec.precision,
             headroom_fraction=spec.memory_headroom,
         )
-        plan = make_plan(spec.global_batch_size, capacities, keep_all=spec.devices.keep_all)
-    else:
-        if args.devices:
-            raise AutobatchError("--devices is only for --dry-run (planning without hardware)")
-        from launcher.job.runner import JobRunner
-
-        plan, _ = JobRunner(spec, address=args.address).probe_and_plan()
+    plan = make_plan(
+        spec.global_batch_size, capacities, keep_all=spec.devices.keep_all, sharding=spec.sharding
+    )
     if args.json:
         print(plan.to_json())
-    else:
-        print_plan(plan)
-        if args.dry_run:
-            out.print("[dim]all figures are estimates (no hardware was measured)[/]")
+        return 0
+    print_plan(plan)
+    out.print("[dim]all figures are estimates (no hardware was measured)[/]")
+    if job is not None:
+        out.print(
+            "[dim]every precision, LoRA, checkpointing and sharding combination: --what-if[/]"
+        )
     return 0
+
+
+def _what_if(spec: JobSpec, args: argparse.Namespace) -> int:
+    """Every lever combination of a causal-LM job, on the declared devices."""
+    from autobatch.probe.whatif import what_if
+
+    job = _lm_job(spec)
+    if job is None:
+        raise AutobatchError(
+            f"--what-if needs task causal_lm (a model_dir with a config.json), got "
+            f"task={spec.task!r}; --dry-run plans any task for its own settings"
+        )
+    t0 = time.monotonic()
+    result = what_if(job, args.devices)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    out.print(what_if_table(result))
+    for line in result.summary_lines():
+        out.print(Text(line))
+    out.print(Text(f"estimated in {time.monotonic() - t0:.1f} s", style="dim"))
+    return 0
+
+
+def what_if_table(result: WhatIf) -> Table:
+    """Rows: lever combinations, one section per precision; the spec's and the fastest bold."""
+    rows = result.table_rows()
+    words = {"", "precision", "LoRA", "ckpt", "sharding", "why not"}
+    table = Table(title=f"what if: {result.model}, global batch {result.global_batch_size}")
+    for h in rows[0]:
+        table.add_column(h, justify="left" if h in words else "right", overflow="fold")
+    for row, after in zip(rows, [*rows[1:], None]):
+        last_of_precision = after is None or after["precision"] != row["precision"]
+        style = "bold" if row[""] else None
+        table.add_row(*(Text(v) for v in row.values()), style=style, end_section=last_of_precision)
+    return table
+
+
+def _lm_job(spec: JobSpec) -> LMJob | None:
+    """The what-if's view of a causal-LM job (None for any other task): the model's config,
+    the spec's levers, and its LoRA adapter (a default one when it has none)."""
+    from autobatch.probe.whatif import LMJob
+    from autobatch.tasks.lora import LoraSpec
+    from launcher.job.optim import build_optimizer
+    from launcher.job.tasks import CausalLMArgs
+
+    if spec.task != "causal_lm":
+        return None
+    args = CausalLMArgs.model_validate(spec.task_args)  # the spec validated it already
+    return LMJob(
+        model_dir=args.model_dir,
+        max_seq_len=spec.max_seq_len,
+        global_batch_size=spec.global_batch_size,
+        make_optimizer=build_optimizer(spec.optimizer),
+        lora=args.lora or LoraSpec(),
+        dtype=args.dtype,
+        headroom_fraction=spec.memory_headroom,
+        keep_all=spec.devices.keep_all,
+        own_precision=spec.precision,
+        own_lora=args.lora is not None,
+        own_gradient_checkpointing=args.gradient_checkpointing,
+        own_sharding=spec.sharding,
+    )
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -219,7 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan from estimates, without hardware (needs --devices)",
     )
     plan.add_argument(
-        "--devices", help="declared devices for --dry-run, e.g. '2xA100-80GB,4xT4-16GB'"
+        "--what-if",
+        action="store_true",
+        help="causal_lm jobs: estimate and plan every combination of precision, LoRA, "
+        "gradient checkpointing and sharding from the model's config.json alone (no weights, "
+        "tokenizer or data), without hardware (needs --devices); implies --dry-run",
+    )
+    plan.add_argument(
+        "--devices",
+        help="declared devices for --dry-run/--what-if, e.g. '2xA100-80GB,4xT4-16GB'",
     )
     plan.set_defaults(func=cmd_plan)
 
