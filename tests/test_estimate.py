@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from autobatch.errors import PlanError, ProbeError
+from autobatch.planning.memory import ModelState, PeakLine
 from autobatch.planning.planner import make_plan
 from autobatch.probe.devices import DeviceSpecError, cpu_device, parse_devices
 from autobatch.probe.estimate import (
@@ -17,9 +20,11 @@ from autobatch.probe.estimate import (
     KERNEL_LAUNCH_S,
     MATMUL_EFFICIENCY,
     OpCost,
+    StepTrace,
     _ops_time,
     estimate_capacities,
     estimate_capacity,
+    scale_by_depth,
     trace_step,
 )
 from autobatch.probe.measure import StepRunner
@@ -203,3 +208,76 @@ def test_auto_precision_is_bf16_only_where_every_gpu_has_it():
     with pytest.raises(ProbeError, match="T4"):
         caps(mixed, "bf16")  # a T4 has no bf16: auto must not pick it
     assert caps(mixed, "auto") == caps(mixed, "fp16")
+
+
+# ---------------------------------------------------------------------------
+# the model's state, sharding, and depth
+
+
+def test_the_trace_counts_the_models_state(gpt_trace):
+    model = tiny_gpt_task(dataset_size=8).build_model()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = gpt_trace.state
+    assert state.params_bytes == state.grads_bytes == gpt_trace.gradient_bytes == params
+    assert state.optimizer_bytes == 2 * params  # AdamW's two moments (its step counters aside)
+    assert 0 < state.largest_unit_bytes < params  # one block
+
+
+def test_an_estimate_carries_a_memory_model_for_sharded_plans(gpt_trace):
+    caps = [
+        estimate_capacity(gpt_trace, GPU_SPECS[name], f"g{i}", backend="nccl")
+        for i, name in enumerate(["A100-80GB", "T4-16GB", "T4-16GB"])
+    ]
+    for d in caps:  # the fit and its figures agree: one sample fits iff its peak is in budget
+        assert (d.max_micro_batch >= 1) == (d.memory.peak_bytes(1) <= d.memory.budget("none"))
+    full = make_plan(96, caps, sharding="full")
+    assert full.sharding == "full" and sum(r.samples for r in full.ranks) == 96
+    replica = caps[1].memory.state.per_rank("none", 3)
+    assert max(r.state_bytes for r in full.ranks) < replica  # a third of the state, and a unit
+
+
+def _trace(fixed: float, per_sample: float, params: int, ops: int) -> StepTrace:
+    """A made-up trace: one micro-step line, an optimizer line, `ops` identical matmuls."""
+    op = OpCost(1e9, 1e6, torch.float32)
+    state = ModelState(params, params, 2 * params, largest_unit_bytes=10, root_unit_bytes=5)
+    return StepTrace(
+        sizes=(2, 16),
+        peak_lines=(PeakLine(fixed, per_sample), PeakLine(fixed + 100, 0.0)),
+        micro_ops=((op,) * ops, (op,) * (2 * ops)),
+        optimizer_ops=(op,) * ops,
+        gradient_bytes=params,
+        state=state,
+    )
+
+
+@pytest.mark.parametrize(
+    ("depths", "layers", "expected_fixed", "expected_ops"),
+    [
+        ((1, 2), 1, 1000, 10),  # the shallow trace itself
+        ((1, 2), 2, 1500, 14),  # the deep one itself
+        ((1, 2), 32, 16500, 134),  # base 500 + 32 x 500 per layer; ops 6 + 32 x 4
+        ((2, 4), 6, 2000, 18),  # two periods of two layers each: 1000 + 2 x 500
+    ],
+)
+def test_scale_by_depth_is_base_plus_layers_times_the_per_layer_difference(
+    depths, layers, expected_fixed, expected_ops
+):
+    shallow, deep = _trace(1000, 10, 100, 10), _trace(1500, 14, 140, 14)
+    scaled = scale_by_depth(shallow, deep, depths=depths, layers=layers)
+    assert scaled.peak_lines[0].fixed_bytes == pytest.approx(expected_fixed)
+    a = (layers - depths[0]) / (depths[1] - depths[0])
+    assert scaled.peak_lines[0].per_sample_bytes == pytest.approx(10 + 4 * a)
+    assert scaled.peak_lines[1].fixed_bytes == pytest.approx(expected_fixed + 100)
+    assert scaled.state.params_bytes == round(100 + 40 * a) == scaled.gradient_bytes
+    assert scaled.state.largest_unit_bytes == 10 and scaled.state.root_unit_bytes == 5
+    a100 = GPU_SPECS["A100-80GB"]
+    one_op = _ops_time([OpCost(1e9, 1e6, torch.float32)], a100)
+    assert _ops_time(scaled.optimizer_ops, a100) == pytest.approx(expected_ops * one_op)
+
+
+def test_scale_by_depth_needs_traces_at_the_same_sizes():
+    other = replace(_trace(1500, 14, 140, 14), sizes=(4, 16))
+    with pytest.raises(ProbeError, match="the same micro-batch sizes"):
+        scale_by_depth(_trace(1000, 10, 100, 10), other, depths=(1, 2), layers=32)
+    with pytest.raises(ProbeError, match=r"depths=\(2, 1\) must be 1 <= d1 < d2"):
+        scale_by_depth(_trace(1000, 10, 100, 10), _trace(1, 1, 1, 1), depths=(2, 1), layers=32)
