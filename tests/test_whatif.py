@@ -273,8 +273,20 @@ def test_a_combination_that_does_not_fit_says_where_and_by_how_much(mixed):
             CausalLMError,
             r"max_seq_len=64 exceeds the model's max_position_embeddings=32",
         ),
+        # a model_type this transformers does not know: one line, not transformers' page
+        (
+            lambda p: config_dir(p, {"model_type": "foo"}),
+            CausalLMError,
+            r"config.json has model_type='foo', which transformers .* does not know; causal "
+            r"LMs it knows: llama",
+        ),
+        (
+            lambda p: (p.mkdir(), (p / "config.json").write_text("{"), str(p))[2],
+            CausalLMError,
+            r"config.json is not JSON \(Expecting",
+        ),
     ],
-    ids=["not-a-causal-lm", "no-directory", "no-config", "too-long"],
+    ids=["not-a-causal-lm", "no-directory", "no-config", "too-long", "unknown-type", "not-json"],
 )
 def test_a_model_dir_it_cannot_use_is_named(tmp_path, make, error, message):
     with pytest.raises(error, match=message):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -82,8 +83,9 @@ class LMConfig:
 
 def load_lm_config(model_dir: str, max_seq_len: int) -> LMConfig:
     """The config of `model_dir`, or a CausalLMError naming what is missing or wrong."""
-    path = _check_model_dir(model_dir, max_seq_len)  # the directory, config.json, its length
     transformers = require_hf("transformers")
+    _check_model_type(model_dir, transformers)
+    path = _check_model_dir(model_dir, max_seq_len)  # the directory, config.json, its length
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise CausalLMError(
@@ -100,6 +102,30 @@ def load_lm_config(model_dir: str, max_seq_len: int) -> LMConfig:
                 "from the config needs an integer >= 1"
             )
     return LMConfig(str(path), config, layers, vocab)
+
+
+def _check_model_type(model_dir: str, transformers: Any) -> None:
+    """A one-line CausalLMError when config.json is not JSON or names no model_type this
+    transformers knows (transformers' own message is a page long)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return  # `_check_model_dir` says so
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CausalLMError(f"model_dir={model_dir!r}: config.json is not JSON ({exc})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type in transformers.CONFIG_MAPPING:
+        return
+    auto = require_hf("transformers.models.auto.modeling_auto")
+    names = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    known = [n for n in ("llama", "mistral", "qwen2", "gemma2", "gpt2") if n in names]
+    what = "no model_type" if model_type is None else f"model_type={model_type!r}"
+    raise CausalLMError(
+        f"model_dir={model_dir!r}: config.json has {what}, which transformers "
+        f"{transformers.__version__} does not know; causal LMs it knows: {', '.join(known)}, "
+        f"... ({len(names)} in all)"
+    )
 
 
 @contextlib.contextmanager
