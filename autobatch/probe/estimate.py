@@ -214,14 +214,15 @@ def trace_step(
     these sizes catch it; times come from the smallest and the largest. An optimizer
     step on zero gradients first builds the optimizer state, as every later step finds
     it. Each size then runs one micro-step with gradients alive (as every micro-step
-    after the first of a step: the peak) and the optimizer step, their live bytes
-    counted by `TensorMemory`, their ops by `_OpCosts`."""
+    after the first of a step: the peak); one optimizer step follows (its peak does not
+    depend on b: the micro-batches are gone by then). `TensorMemory` counts their live
+    bytes, `_OpCosts` their ops."""
     if len(sizes) < 2 or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
         raise ProbeError(f"sizes={sizes!r} must be at least two increasing sizes >= 1")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = _meta_model(task)
-    micro_pts, opt_pts, micro_ops = [], [], {}
+    micro_pts, micro_ops, update = [], {}, _OpCosts()
     # A garbage collection in the middle of the trace frees fake tensors whose release is
     # itself dispatched, and counted: the same step would cost a few ops more or less.
     with _without_gc(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -233,24 +234,23 @@ def trace_step(
         step.update()  # builds the optimizer state, as every later step finds it
         memory = TensorMemory(model=model, optimizer=opt)
         for b in sizes:
-            micro, update = _OpCosts(), _OpCosts()
+            micro = _OpCosts() if b in (sizes[0], sizes[-1]) else contextlib.nullcontext()
             _zero_gradients(model)  # a micro-step after the first: gradients alive
             with memory:
                 mb = task.probe_batch(b)
                 with micro:
                     step.micro_step(mb, task.loss_fn, weight=1 / b)
                 del mb
-                micro_pts.append((b, memory.peak_bytes))
-                memory.reset_peak()
-                with update:
-                    step.update()
-                opt_pts.append((b, memory.peak_bytes))
-            micro_ops[b] = tuple(micro.ops)
+            micro_pts.append((b, memory.peak_bytes))
+            micro_ops[b] = tuple(getattr(micro, "ops", ()))
+        with memory, update:
+            step.update()
+        optimizer_peak = memory.peak_bytes
         state = model_state(model, _optimizer_bytes(opt), shard_blocks)
     chords = [PeakLine.through(p, q) for p, q in zip(micro_pts, micro_pts[1:])]
     return StepTrace(
         sizes=(sizes[0], sizes[-1]),
-        peak_lines=(*chords, PeakLine.through(*opt_pts[-2:])),
+        peak_lines=(*chords, PeakLine(optimizer_peak, 0.0)),
         micro_ops=(micro_ops[sizes[0]], micro_ops[sizes[-1]]),
         optimizer_ops=tuple(update.ops),
         gradient_bytes=state.grads_bytes,
@@ -291,7 +291,6 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 @contextlib.contextmanager
 def _without_gc() -> Iterator[None]:
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
