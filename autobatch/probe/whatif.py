@@ -206,6 +206,10 @@ class WhatIf:
                 f"samples/s on {fastest.plan.world_size} of {len(self.devices)} devices"
             )
         lines.append(
+            "samples/s leave communication out: DDP's all-reduce, and FSDP's all-gathers and "
+            "reduce-scatters (every forward and backward with sharding full)"
+        )
+        lines.append(
             "micro-batch columns: the largest micro-batch per device type ('-': one sample "
             "does not fit); needs: a training step's peak at micro-batch 1 on one rank; has: "
             f"the GPU's memory less the headroom, {_gib(GPU_OVERHEAD_BYTES)} for the CUDA "
