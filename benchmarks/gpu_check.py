@@ -1,7 +1,9 @@
-"""Heterogeneous DDP on one NVIDIA GPU: ranks with different memory caps, probed, planned, trained.
+"""Heterogeneous DDP and FSDP2 on one NVIDIA GPU: ranks with different memory caps, probed,
+planned, trained.
 
     OUT=<dir> bash benchmarks/gpu_run.sh      # this and gpu_probe_check.py, see there
     python3 benchmarks/gpu_check.py [--caps-gib 4 2.5 1.5] [--steps 30] [--rounds 2]
+        [--sharding [optimizer] [full]] [--sharded-steps 8]
         [--time-limit S] [--no-write] [--cpu] [--plant-failure RANK]
 
 Runs from a bare checkout with the machine's python (torch and numpy; the
@@ -25,7 +27,15 @@ AdamW(foreach=True), in phases:
    for --rounds 2), with the library's Accumulator under DDP (sync_loss=False, so
    the gradient all-reduce is the only collective of a step; the launcher's
    worker adds one, see bench_hetero). A DDP communication hook counts gradient
-   buckets and `dist.all_reduce` is wrapped to count any other all-reduce.
+   buckets and `dist.all_reduce` is wrapped to count any other all-reduce;
+5. sharded, per mode of --sharding (default both): the same ranks, group and
+   capacities with the model under `Sharded(mode)` (FSDP2, autobatch.step.shard),
+   planned by `make_sharded_plan` (every rank kept); `EXACT_STEPS` fp32 optimizer
+   steps of a plan at a third of each sharded limit, whose parameters are kept for
+   the single-process full-batch reference (the same steps in one process), then
+   --sharded-steps steps in the check's precision, whose peak is measured against
+   the plan's prediction (no DDP buckets: sharded modes hold none) and whose
+   all-gathers and reduce-scatters are counted (`FsdpCollectives`).
 
 The gradient all-reduce goes through host memory: the comm hook copies each
 bucket to the host, all-reduces it there (one all-reduce per bucket, as DDP's
@@ -34,7 +44,11 @@ gloo on CUDA tensors is deprecated in torch and has had gradient-corruption bugs
 in DDP's futures: staged, such a bug cannot show up as a failure of the library.
 DDP's start-up broadcasts are skipped (every rank builds the same seeded weights);
 its one other collective, a broadcast of bucket indices after the first step,
-stays on the GPU, and the set-up phase tries such a broadcast first.
+stays on the GPU, and the set-up phase tries such a broadcast first. FSDP2's
+all-gathers and reduce-scatters cannot be staged: they run through gloo on the
+GPU's tensors (gloo copies them through host memory itself; a reduce-scatter is
+an all-reduce of a copy), and the set-up phase checks one of each against its known
+answer first (`check_gloo_collectives`).
 
 It reports per rank: the cap, the planned micro-batches, the probe's predicted
 peak for that micro-batch (plus DDP's buckets, which the single-process probe
@@ -43,10 +57,16 @@ backwards, buckets and other all-reduces per step; the first step's gradient
 against the single-process full-batch reference as a relative L2 error (next to
 the bf16 reference's own error against fp32), and the fp32 plan against the fp32
 reference (exact up to rounding); samples/s of every run (wall time on rank 0,
-steps after the first `WARMUP`). The three ranks share one GPU without MPS, so
-their kernels take turns: the plan-vs-equal-split ratio measured here counts
-micro-steps and communication, not load balance across devices of different
-speeds (every rank computes at the same speed).
+steps after the first `WARMUP`). Per sharded mode: per rank the planned
+micro-batches, predicted and measured peak, all-gathers and reduce-scatters per step
+(checked: "optimizer" one of each per unit and step, "full" per micro-step), the
+run's samples/s against the DDP plan runs', and the fp32 parameters, and their change
+from the initial weights, against the reference as relative L2 errors (checked: the
+change within `UPDATE_TOLERANCE`, every peak within the prediction + `PEAK_SLACK`).
+The three ranks share one GPU without MPS, so their kernels take turns: the
+plan-vs-equal-split ratio measured here counts micro-steps and communication, not
+load balance across devices of different speeds (every rank computes at the same
+speed).
 
 Failures: the parent and rank 0 print a line per phase as it goes; each rank
 saves what it measured after every phase (a JSON in a work directory, copied
@@ -61,7 +81,7 @@ Results are printed and written to $OUT/gpu_check.md and .json when OUT is set;
 on a GPU, unless --no-write, also to this check's part of the GPU section of
 benchmarks/RESULTS.md, passed or FAILED (a failed run is a result too). `--cpu`
 runs the same code on the CPU with simulated devices of --caps-mib, as a
-functional check (it writes $OUT only). Meant to finish in 4 minutes on one GPU.
+functional check (it writes $OUT only). Meant to finish in 5 minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -94,16 +114,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.planning.plan import Plan
+from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
 from autobatch.planning.sampler import GlobalBatchSampler
+from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice
 from autobatch.probe.measure import to_device
 from autobatch.probe.profile import ModelProfile, profile_model
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
+from autobatch.step.shard import SHARD_MODES, Sharded, repeated_blocks
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
@@ -115,7 +138,12 @@ SEED = 0
 COLLECTIVE_TIMEOUT_S = 90  # gloo: a rank that waits longer for the others fails
 GRACE_S = 30  # after a rank failed, how long the others get to record their own error
 PLANTED_STEP = 2  # --plant-failure: the step of the second run where that rank fails
-TITLE = "gpu_check.py: 3 ranks with different memory caps on one GPU"
+EXACT_STEPS = 3  # sharded: fp32 optimizer steps whose parameters meet the reference's
+UPDATE_TOLERANCE = 1e-4  # sharded: fp32 change of the parameters, relative L2 error
+PEAK_SLACK = 0.05  # sharded: a measured peak may exceed the prediction by this much
+GATHERS = ("all_gather_single", "all_gather_into_tensor")  # FSDP2's, by torch version
+SCATTERS = ("reduce_scatter_single", "reduce_scatter_tensor")
+TITLE = "gpu_check.py: 3 ranks with different memory caps on one GPU, DDP and FSDP2"
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,8 @@ class Settings:
     work_dir: str
     t0: float  # the parent's start (time.time()), for progress lines
     plant_failure: int | None = None
+    sharding: tuple[str, ...] = ()  # FSDP2 modes to run after the DDP runs
+    sharded_steps: int = 8  # per sharded run
 
     @property
     def world(self) -> int:
@@ -445,6 +475,215 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------
+# the sharded case: the same ranks, group and capacities under FSDP2 (`Sharded(mode)`)
+
+
+class FsdpCollectives:
+    """Counts FSDP2's all-gathers and reduce-scatters (under every name torch has given
+    them: FSDP2 calls exactly one per collective; torch's own aliases call each other
+    through the module's globals, which this leaves alone)."""
+
+    def __init__(self) -> None:
+        names = [n for n in (*GATHERS, *SCATTERS) if hasattr(dist, n)]
+        self.calls = {"gather": 0, "scatter": 0}
+        self._originals = {n: getattr(dist, n) for n in names}
+        for name, fn in self._originals.items():
+            setattr(dist, name, self._counting("gather" if name in GATHERS else "scatter", fn))
+
+    def _counting(self, kind: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    def counts(self) -> tuple[int, int]:
+        return self.calls["gather"], self.calls["scatter"]
+
+    def close(self) -> None:
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+
+
+def expected_collectives(mode: str, blocks: int, micro_steps: int) -> tuple[int, int]:
+    """A rank's all-gathers and reduce-scatters per optimizer step, with `blocks` sharded
+    blocks and the root: "optimizer" gathers and reduce-scatters each unit once whatever
+    the micro-step count; "full" gathers every unit in each forward and each block again in
+    each backward (the root stays gathered), and reduce-scatters every unit each time."""
+    units = blocks + 1
+    if mode == "optimizer":
+        return units, units
+    return micro_steps * (units + blocks), micro_steps * units
+
+
+def check_gloo_collectives(device: torch.device) -> None:
+    """FSDP2's all-gather and reduce-scatter through this group on the device's tensors,
+    against the known answers (gloo on CUDA tensors: see the module docstring)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gather = getattr(dist, next(n for n in GATHERS if hasattr(dist, n)))
+    scatter = getattr(dist, next(n for n in SCATTERS if hasattr(dist, n)))
+    gathered = torch.zeros(2 * world, device=device)
+    gather(gathered, torch.full((2,), float(rank + 1), device=device))
+    reduced = torch.zeros(2, device=device)
+    scatter(reduced, torch.arange(2.0 * world, device=device) * (rank + 1))
+    want_gathered = torch.arange(1.0, world + 1).repeat_interleave(2)
+    want_reduced = torch.arange(2.0 * rank, 2 * rank + 2) * (world * (world + 1) // 2)
+    if not (
+        torch.equal(gathered.cpu(), want_gathered) and torch.equal(reduced.cpu(), want_reduced)
+    ):
+        raise CheckFailure(
+            f"gloo on {device.type} tensors: all-gather gave {gathered.tolist()} (want "
+            f"{want_gathered.tolist()}), reduce-scatter {reduced.tolist()} (want "
+            f"{want_reduced.tolist()})"
+        )
+
+
+def sharded_plan(capacities: list[DeviceCapacity], mode: str) -> Plan:
+    """The sharded planner's plan; on every rank, as this check trains on all."""
+    plan = make_sharded_plan(GLOBAL_BATCH, capacities, mode)
+    if plan.world_size < len(capacities):
+        plan = make_sharded_plan(GLOBAL_BATCH, capacities, mode, keep_all=True)
+    return plan
+
+
+def at_a_third(capacities: list[DeviceCapacity], mode: str) -> list[DeviceCapacity]:
+    """The capacities with each device's sharded micro-batch limit cut to a third (at least
+    1; fp32 activations take about twice bf16's memory): the memory models' cap."""
+    out = []
+    for c in capacities:
+        assert c.memory is not None  # the profile counted the model's state
+        limit = max(1, c.sharded(mode, len(capacities)).max_micro_batch // 3)
+        memory = replace(c.memory, max_micro_batch=min(c.memory.max_micro_batch, limit), cap=limit)
+        out.append(replace(c, memory=memory, max_micro_batch=min(c.max_micro_batch, limit)))
+    return out
+
+
+@dataclass
+class ShardedStats:
+    """One sharded run of one rank."""
+
+    samples_per_s: float | None  # None: too few steps to time
+    peak_bytes: int
+    reserved_bytes: int | None
+    gathers_per_step: tuple[int, ...]
+    scatters_per_step: tuple[int, ...]
+    first_loss: float
+    last_loss: float
+
+
+def train_sharded(
+    settings: Settings,
+    rank: int,
+    device: torch.device,
+    plan: Plan,
+    mode: str,
+    *,
+    precision: str,
+    steps: int,
+) -> tuple[ShardedStats, dict[str, torch.Tensor]]:
+    """`steps` optimizer steps of `plan` under `Sharded(mode)` from the seeded initial
+    weights; the stats and the parameters at the end (whole, fp32, on the host)."""
+    task = settings.task()
+    torch.manual_seed(SEED)
+    wrapping = Sharded(mode)  # type: ignore[arg-type]
+    wrapping.check_plan([r.accumulation_steps for r in plan.ranks])
+    model = wrapping.wrap(task.build_model(), device)
+    opt = adamw(model)  # after wrap: on the DTensor parameters
+    acc = Accumulator(model, opt, precision=precision, wrapping=wrapping)
+    sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
+    peak = _Peak(device, model, opt)
+    counter = FsdpCollectives()
+    gathers, scatters, losses = [], [], []
+    t0 = 0.0
+    try:
+        for step in range(steps):
+            if step == WARMUP:
+                _sync(device)
+                t0 = time.perf_counter()
+            batches = [to_device(task.batch(i), device) for i in sampler.micro_batches(plan, rank)]
+            n_items = task.count_items(sampler.global_batch())
+            before = counter.counts()
+            with (
+                peak,
+                _no_oom(f"rank {rank}, {mode} step {step}, {plan.ranks[rank].micro_batches}"),
+            ):
+                result = acc.step(batches, task.loss_fn, global_items=n_items, sync_loss=False)
+            _append_counts(before, counter.counts(), gathers, scatters)
+            losses.append(result.loss)
+            sampler.advance()
+            del batches
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        counter.close()
+    params = {  # a DTensor gathered whole: a collective, on every rank
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
+        for n, p in model.named_parameters()
+    }
+    loss = torch.tensor(losses, dtype=torch.float64)
+    dist.all_reduce(loss)
+    peak_bytes, reserved = peak.result()
+    del model, opt, acc, peak
+    _free(device)
+    timed = steps - WARMUP
+    stats = ShardedStats(
+        samples_per_s=plan.global_batch_size * timed / seconds if timed > 1 else None,
+        peak_bytes=peak_bytes,
+        reserved_bytes=reserved,
+        gathers_per_step=tuple(gathers),
+        scatters_per_step=tuple(scatters),
+        first_loss=float(loss[0]),
+        last_loss=float(loss[-1]),
+    )
+    return stats, params
+
+
+def run_sharded(
+    settings: Settings,
+    rank: int,
+    device: torch.device,
+    capacities: list[DeviceCapacity],
+    mode: str,
+    log: RankLog,
+) -> None:
+    """Plan for `mode`; its parameters after a few fp32 steps (kept for the reference);
+    a run in the check's precision: peak against the plan's prediction, collectives."""
+    entry: dict[str, Any] = log.data.setdefault("sharded", {}).setdefault(mode, {})
+    with log.phase(f"sharded {mode}: plan"):
+        plan = sharded_plan(capacities, mode)
+        plan32 = make_sharded_plan(GLOBAL_BATCH, at_a_third(capacities, mode), mode, keep_all=True)
+        task = settings.task()
+        with torch.device("meta"):  # the units FSDP2 shards, counted without memory
+            blocks = len(repeated_blocks(task.build_model()))
+        entry.update(
+            plan_json=plan.to_json(indent=None),
+            plan32_micro_batches=[list(r.micro_batches) for r in plan32.ranks],
+            blocks=blocks,
+        )
+        log.say(f"sharded {mode}: {plan.summary_lines()[0]}; micro-batches {_micro(plan)}")
+    with log.phase(f"sharded {mode}: parameters"):
+        _, params = train_sharded(
+            settings, rank, device, plan32, mode, precision="fp32", steps=EXACT_STEPS
+        )
+        if rank == 0:
+            torch.save(params, f"{settings.work_dir}/sharded-{mode}.pt")
+        del params
+        log.say(f"sharded {mode}: {EXACT_STEPS} fp32 steps, micro-batches {_micro(plan32)}, kept")
+    with log.phase(f"sharded {mode}: run"):
+        stats, _ = train_sharded(
+            settings, rank, device, plan, mode, precision=settings.precision,
+            steps=settings.sharded_steps,
+        )  # fmt: skip
+        entry["run"] = asdict(stats)
+        speed = "-" if stats.samples_per_s is None else f"{stats.samples_per_s:.1f}"
+        log.say(
+            f"sharded {mode}: {speed} samples/s, loss {stats.first_loss:.3f} -> "
+            f"{stats.last_loss:.3f}; rank 0 peak {_mib(stats.peak_bytes)} (predicted "
+            f"{_mib(plan.ranks[rank].predicted_peak_bytes)})"
+        )
+
+
 def rank_main(rank: int, settings: Settings) -> None:
     """One rank (a spawned process): its phases, each saved as it ends; an error is saved
     with the phase it ended and the process exits 1."""
@@ -463,6 +702,8 @@ def rank_main(rank: int, settings: Settings) -> None:
             )
             if device.type == "cuda":  # DDP rebuilds its buckets with one such broadcast
                 dist.broadcast(torch.zeros(1, device=device), src=0)  # gloo on a CUDA tensor
+            if settings.sharding:
+                check_gloo_collectives(device)
         run_phases(settings, rank, device, info, log)
         log.data["done"] = True
         log.save()
@@ -542,6 +783,8 @@ def run_phases(
                 f"{stats.last_loss:.3f}; rank 0 peak {_mib(stats.peak_bytes)}, reserved "
                 f"{_mib(stats.reserved_bytes)}"
             )
+    for mode in settings.sharding:
+        run_sharded(settings, rank, device, capacities, mode, log)
 
 
 def _reserve(reserve: dict[str, int]) -> str:
@@ -665,6 +908,59 @@ def gradient_errors(settings: Settings, record: gpu_common.Record) -> dict[str, 
     }
 
 
+def reference_params(
+    settings: Settings, steps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Single process, fp32, `steps` AdamW steps each on the whole global batch (in chunks
+    only if that does not fit the GPU); the parameters after them, before them, the chunk."""
+    device = torch.device("cpu" if settings.cpu else "cuda:0")
+    for chunk in (GLOBAL_BATCH, 16, 4):
+        found = None
+        with contextlib.suppress(torch.OutOfMemoryError):  # retry smaller, outside the handler
+            found = _reference_steps(settings, device, chunk, steps)
+        _free(device)
+        if found is not None:
+            return (*found, chunk)
+    raise CheckFailure("the single-process reference does not fit the GPU even in chunks of 4")
+
+
+def _reference_steps(
+    settings: Settings, device: torch.device, chunk: int, steps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    task = settings.task()
+    torch.manual_seed(SEED)
+    model = task.build_model().to(device)
+    start = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    opt = adamw(model)
+    sampler = GlobalBatchSampler(len(task.dataset), GLOBAL_BATCH, seed=SEED)
+    for _ in range(steps):
+        indices = sampler.global_batch()
+        n_items = task.count_items(indices)
+        for at in range(0, len(indices), chunk):
+            batch = to_device(task.batch(indices[at : at + chunk]), device)
+            (task.loss_fn(model, batch) / n_items).backward()
+            del batch
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sampler.advance()
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters()}, start
+
+
+def sharded_errors(settings: Settings, record: gpu_common.Record) -> dict[str, dict[str, float]]:
+    """Per mode: the sharded fp32 parameters against the reference's, and their change from
+    the initial weights against the reference's change (relative L2 errors)."""
+    record.say(f"reference: {EXACT_STEPS} fp32 steps on the whole global batch, one process")
+    ref, start, chunk = reference_params(settings, EXACT_STEPS)
+    record.data["sharded_reference_chunk"] = chunk
+    out = {}
+    for mode in settings.sharding:
+        got = torch.load(f"{settings.work_dir}/sharded-{mode}.pt")
+        moved = {n: got[n] - start[n] for n in got}
+        want = {n: ref[n] - start[n] for n in ref}
+        out[mode] = {"params": rel_error(got, ref), "update": rel_error(moved, want)}
+    return out
+
+
 def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     diff = math.sqrt(sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b))
     norm = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
@@ -757,6 +1053,86 @@ def report_lines(
     return lines
 
 
+def sharded_lines(
+    settings: Settings, reports: list[dict], errors: dict[str, dict[str, float]] | None
+) -> list[str]:
+    """Per sharded mode, once every rank planned it: the table of its run, the run's speed,
+    the parameters against the reference."""
+    lines = []
+    plan_runs = [r["samples_per_s"] for r in _runs(reports[0], "plan")] if reports else []
+    for mode in settings.sharding:
+        entries = [rep.get("sharded", {}).get(mode, {}) for rep in reports]
+        if len(entries) < settings.world or not all("plan_json" in e for e in entries):
+            continue
+        plan = Plan.from_json(entries[0]["plan_json"])
+        lines += [
+            "",
+            f"Sharded({mode!r}), FSDP2 on the same gloo group: {plan.summary_lines()[0]}",
+            "",
+            "| rank | cap | largest micro-batch (sharded) | micro-batches (plan) | accum | "
+            "predicted peak | measured peak | reserved peak | all-gathers / step | "
+            "reduce-scatters / step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rep, entry in zip(reports, entries):
+            me, run = plan.ranks[rep["rank"]], entry.get("run") or {}
+            reserved = None if settings.cpu else run.get("reserved_bytes")
+            lines.append(
+                f"| {me.rank} | {_mib(rep['cap_bytes'])} | {me.max_micro_batch} | "
+                f"{'+'.join(map(str, me.micro_batches))} | {me.accumulation_steps} | "
+                f"{_mib(me.predicted_peak_bytes)} | {_mib(run.get('peak_bytes'))} | "
+                f"{_mib(reserved)} | {_set(run.get('gathers_per_step', []))} | "
+                f"{_set(run.get('scatters_per_step', []))} |"
+            )
+        lines.append("")
+        run = entries[0].get("run")
+        if run is not None:
+            speed = "-" if run["samples_per_s"] is None else f"{run['samples_per_s']:.1f}"
+            versus = ""
+            if run["samples_per_s"] and plan_runs:
+                ratio = run["samples_per_s"] / statistics.median(plan_runs)
+                versus = f" ({ratio:.2f}x the DDP plan runs' median)"
+            lines.append(
+                f"- run ({settings.sharded_steps} steps, {settings.precision}): {speed} "
+                f"samples/s{versus}; loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}"
+            )
+        if errors is not None and mode in errors:
+            e = errors[mode]
+            lines.append(
+                f"- parameters after {EXACT_STEPS} fp32 steps (a plan at a third of each sharded "
+                f"limit, micro-batches {entries[0]['plan32_micro_batches']}) vs the "
+                f"single-process full-batch reference: relative L2 error {e['params']:.2e}; "
+                f"of their change from the initial weights: {e['update']:.2e}"
+            )
+    return lines
+
+
+def sharded_verdict(
+    settings: Settings, reports: list[dict], errors: dict[str, dict[str, float]]
+) -> list[str]:
+    """The sharded checks: FSDP2's collectives per step as the mode issues them, no peak
+    above the plan's prediction (+PEAK_SLACK), the fp32 parameters' change equal to the
+    reference's."""
+    bad = []
+    for mode in settings.sharding:
+        for rep in reports:
+            entry = rep["sharded"][mode]
+            me = Plan.from_json(entry["plan_json"]).ranks[rep["rank"]]
+            run, who = entry["run"], f"rank {rep['rank']} {mode}"
+            want = expected_collectives(mode, entry["blocks"], me.accumulation_steps)
+            got = set(zip(run["gathers_per_step"], run["scatters_per_step"]))
+            if got != {want}:
+                bad.append(f"{who}: (all-gathers, reduce-scatters) per step {got}, not {want}")
+            if run["peak_bytes"] > (1 + PEAK_SLACK) * me.predicted_peak_bytes:
+                bad.append(
+                    f"{who}: measured peak {_mib(run['peak_bytes'])} above the predicted "
+                    f"{_mib(me.predicted_peak_bytes)} (+{PEAK_SLACK:.0%})"
+                )
+        if errors[mode]["update"] > UPDATE_TOLERANCE:
+            bad.append(f"{mode}: fp32 parameters' change, relative error > {UPDATE_TOLERANCE:g}")
+    return bad
+
+
 def verdict(reports: list[dict], errors: dict[str, float]) -> list[str]:
     """The checks that must hold; empty when all do."""
     bad = []
@@ -814,12 +1190,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plant-failure", type=int, metavar="RANK", help="RANK fails in the second run"
     )
+    parser.add_argument(
+        "--sharding",
+        nargs="*",
+        choices=SHARD_MODES,
+        default=list(SHARD_MODES),
+        metavar="MODE",
+        help="FSDP2 modes to run after the DDP runs: optimizer, full (default both; none "
+        "given: neither)",
+    )
+    parser.add_argument("--sharded-steps", type=int, default=8, help="per sharded run")
     args = parser.parse_args(argv)
     args.steps = args.steps or (10 if args.cpu else 30)
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be > {WARMUP + 1}")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.sharded_steps < 1:
+        parser.error("--sharded-steps must be >= 1")
     world = len(args.caps_mib if args.cpu else args.caps_gib)
     if args.plant_failure is not None and not 0 <= args.plant_failure < world:
         parser.error(f"--plant-failure {args.plant_failure}: a rank in 0..{world - 1}")
@@ -860,6 +1248,8 @@ def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, 
         work_dir=tempfile.mkdtemp(prefix="gpu_check-"),
         t0=record.t0,
         plant_failure=args.plant_failure,
+        sharding=tuple(dict.fromkeys(args.sharding)),
+        sharded_steps=args.sharded_steps,
     )
     state["settings"] = settings
     record.data["settings"] = asdict(settings)
@@ -874,6 +1264,8 @@ def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, 
         record.fail(line)
     if not record.failures:
         state["errors"] = gradient_errors(settings, record)
+        if settings.sharding:
+            state["sharded_errors"] = sharded_errors(settings, record)
 
 
 def compose(record: gpu_common.Record, state: dict[str, Any]) -> None:
@@ -890,6 +1282,8 @@ def compose(record: gpu_common.Record, state: dict[str, Any]) -> None:
     elif smi:
         gpu += f" (nvidia-smi: compute mode {smi[0]['compute_mode']}, {smi[0]['memory.total']})"
     lines = report_lines(settings, reports, errors, gpu)
+    sharded = state.get("sharded_errors")
+    lines += sharded_lines(settings, reports, sharded)
     chunks = record.data.get("reference_chunks")
     if chunks and chunks != [GLOBAL_BATCH, GLOBAL_BATCH]:
         lines.append(
@@ -898,6 +1292,9 @@ def compose(record: gpu_common.Record, state: dict[str, Any]) -> None:
         )
     if errors is not None:
         for bad in verdict(reports, errors):
+            record.fail(bad)
+    if sharded is not None:
+        for bad in sharded_verdict(settings, reports, sharded):
             record.fail(bad)
     status = "all passed" if not record.failures else "FAILED (below)"
     lines.append(f"- checks: {status}; total {time.time() - record.t0:.0f} s")

@@ -6,20 +6,22 @@
 # Needs only the machine's python3 with torch (CUDA build) and numpy: not this project's venv
 # nor the installed package (the scripts put the repository on sys.path); nvidia-ml-py is
 # used when present (the NVML inventory). Runs gpu_probe_check.py (limit PROBE_LIMIT_S, 100 s)
-# then gpu_check.py (limit CHECK_LIMIT_S, 240 s): under 6 minutes in all. Each script stops
-# itself 15-20 s before its limit and reports what it measured; `timeout` kills what is left.
+# then gpu_check.py (limit CHECK_LIMIT_S, 330 s: DDP, then FSDP2 'optimizer' and 'full'): under
+# 7 1/2 minutes in all. Each script stops itself 15-20 s before its limit and reports what it
+# measured; `timeout` kills what is left.
 #
 # In $OUT (a new temporary directory when OUT is unset): gpu_run.log (all of the output),
 # gpu_probe_check.md/.json and gpu_check.md/.json (each check's report, FAILED section
 # included, and its measurements). On a GPU the scripts also update benchmarks/RESULTS.md.
 # --cpu: both scripts' functional check on simulated devices (no GPU needed).
-# GPU_CHECK_ARGS: more arguments for gpu_check.py, e.g. "--plant-failure 1".
+# GPU_CHECK_ARGS: more arguments for gpu_check.py, e.g. "--plant-failure 1", "--sharding full"
+# (FSDP2 'full' only), "--sharding" (no FSDP2).
 set -u
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 PROBE_LIMIT_S=${PROBE_LIMIT_S:-100}
-CHECK_LIMIT_S=${CHECK_LIMIT_S:-240}
+CHECK_LIMIT_S=${CHECK_LIMIT_S:-330}
 OUT=${OUT:-$(mktemp -d -t gpu_run.XXXXXX)}
 export OUT
 mkdir -p "$OUT"

@@ -139,3 +139,81 @@ def test_the_probe_check_runs_on_a_simulated_device(tmp_path, monkeypatch):
     text = (tmp_path / "gpu_probe_check.md").read_text()
     assert "2 steps x 2 micro-batches of" in text and "0 OOM" in text
     assert "FAILED" not in text
+
+
+# ---------------------------------------------------------------------------
+# the sharded case (FSDP2)
+
+
+@pytest.mark.parametrize(
+    ("mode", "blocks", "micro_steps", "want"),
+    [
+        ("optimizer", 2, 1, (3, 3)),  # one all-gather, one reduce-scatter per unit and step
+        ("optimizer", 2, 4, (3, 3)),  # ... however many micro-steps
+        ("full", 2, 1, (5, 3)),  # forward: 3 units; backward: 2 blocks (the root stays)
+        ("full", 2, 4, (20, 12)),  # ... in every micro-step
+        ("full", 0, 2, (2, 2)),  # no blocks: the root is the only unit
+    ],
+)
+def test_fsdp_collectives_per_step_by_mode(mode, blocks, micro_steps, want):
+    assert gpu_check.expected_collectives(mode, blocks, micro_steps) == want
+
+
+def _sharded_reports(**override) -> tuple[gpu_check.Settings, list[dict], dict]:
+    """Two ranks' sharded 'optimizer' results as the check records them: all within bounds,
+    except what `override` changes (rank 1's run fields, or the parameter errors)."""
+    from autobatch.planning.plan import DeviceCapacity
+    from autobatch.planning.planner import make_plan
+
+    peaks = {"peak_fixed_bytes": 2**20, "peak_per_sample_bytes": 2**18}
+    caps = [DeviceCapacity(f"rank{r}", "dev", 8, 0.01, 0.001, **peaks) for r in range(2)]
+    plan = make_plan(16, caps, keep_all=True)
+    reports = []
+    for r in range(2):
+        run = {
+            "gathers_per_step": (3, 3),  # 2 blocks and the root, 2 steps
+            "scatters_per_step": (3, 3),
+            "peak_bytes": plan.ranks[r].predicted_peak_bytes,
+        }
+        if r == 1:
+            run.update(override.get("run", {}))
+        entry = {"plan_json": plan.to_json(), "blocks": 2, "run": run}
+        reports.append({"rank": r, "sharded": {"optimizer": entry}})
+    settings = gpu_check.Settings(
+        (1, 1), 10, 1, True, "bf16", 0, "/tmp", 0.0, sharding=("optimizer",)
+    )
+    errors = {"optimizer": {"params": 1e-9, "update": 1e-6, **override.get("errors", {})}}
+    return settings, reports, errors
+
+
+@pytest.mark.parametrize(
+    ("override", "failure"),
+    [
+        ({}, None),  # every figure within bounds: no failure
+        ({"run": {"peak_bytes": 2**30}}, "rank 1 optimizer: measured peak"),  # above prediction
+        ({"run": {"gathers_per_step": (3, 6)}}, "rank 1 optimizer: (all-gathers"),  # extra gathers
+        ({"errors": {"update": 1e-3}}, "optimizer: fp32 parameters' change"),  # not exact
+    ],
+)
+def test_a_sharded_run_fails_the_check_on_collectives_peak_or_parameters(override, failure):
+    settings, reports, errors = _sharded_reports(**override)
+    bad = gpu_check.sharded_verdict(settings, reports, errors)
+    if failure is None:
+        assert bad == []
+    else:
+        assert len(bad) == 1 and bad[0].startswith(failure), bad
+
+
+@pytest.mark.slow
+def test_the_sharded_case_runs_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = ["--cpu", "--steps", "7", "--rounds", "1", "--sharded-steps", "2"]
+    assert gpu_check.main(args) == 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "FAILED" not in text and "checks: all passed" in text
+    for mode in ("optimizer", "full"):
+        assert f"Sharded('{mode}'), FSDP2 on the same gloo group" in text
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    for rank in data["ranks"]:  # every rank ran both modes, FSDP2's collectives as expected
+        assert set(rank["sharded"]) == {"optimizer", "full"}
+        assert len(rank["sharded"]["full"]["run"]["gathers_per_step"]) == 2
