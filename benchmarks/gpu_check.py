@@ -45,10 +45,13 @@ in DDP's futures: staged, such a bug cannot show up as a failure of the library.
 DDP's start-up broadcasts are skipped (every rank builds the same seeded weights);
 its one other collective, a broadcast of bucket indices after the first step,
 stays on the GPU, and the set-up phase tries such a broadcast first. FSDP2's
-all-gathers and reduce-scatters cannot be staged: they run through gloo on the
-GPU's tensors (gloo copies them through host memory itself; a reduce-scatter is
-an all-reduce of a copy), and the set-up phase checks one of each against its known
-answer first (`check_gloo_collectives`).
+all-gathers and reduce-scatters are staged the same way (`stage_fsdp`: FSDP2's
+custom collectives; a reduce-scatter is an all-reduce of a host copy), and the
+parameters are gathered for the reference by hand: torch 2.11's `full_tensor()`
+crashed (segmentation fault) on CUDA tensors under gloo on an H200.
+`--fsdp-collectives direct` runs FSDP2's own collectives through gloo on the
+device's tensors instead, after checking one of each against its known answer
+(`check_gloo_collectives`).
 
 It reports per rank: the cap, the planned micro-batches, the probe's predicted
 peak for that micro-batch (plus DDP's buckets, which the single-process probe
@@ -93,6 +96,7 @@ import gpu_common  # first: the repository on sys.path, the environment guarded
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import functools
 import gc
 import inspect
@@ -114,6 +118,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -159,6 +165,7 @@ class Settings:
     plant_failure: int | None = None
     sharding: tuple[str, ...] = ()  # FSDP2 modes to run after the DDP runs
     sharded_steps: int = 8  # per sharded run
+    staged_fsdp: bool = True  # FSDP2's collectives through host memory (`stage_fsdp`)
 
     @property
     def world(self) -> int:
@@ -506,6 +513,76 @@ class FsdpCollectives:
             setattr(dist, name, fn)
 
 
+class _StagedAllGather(AllGather):
+    """FSDP2's all-gather of a device tensor run by gloo on host copies."""
+
+    def __init__(self, counter: FsdpCollectives) -> None:
+        self.counter = counter
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+        async_op: bool = False,
+    ) -> None:  # fmt: skip
+        self.counter.calls["gather"] += 1
+        parts = [torch.empty_like(input_tensor, device="cpu") for _ in range(group.size())]
+        dist.all_gather(parts, input_tensor.cpu(), group=group)
+        output_tensor.copy_(torch.cat(parts))
+
+
+class _StagedReduceScatter(ReduceScatter):
+    """FSDP2's reduce-scatter as gloo's all-reduce of a host copy, this rank's slice kept."""
+
+    def __init__(self, counter: FsdpCollectives) -> None:
+        self.counter = counter
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+        async_op: bool = False,
+    ) -> None:  # fmt: skip
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            raise CheckFailure(f"staged reduce-scatter: FSDP2 asked for {op}, not SUM or AVG")
+        self.counter.calls["scatter"] += 1
+        whole = input_tensor.cpu()
+        dist.all_reduce(whole, group=group)
+        if op == dist.ReduceOp.AVG:
+            whole /= group.size()
+        n = output_tensor.numel()
+        output_tensor.copy_(
+            whole.view(-1)[group.rank() * n : (group.rank() + 1) * n].view_as(output_tensor)
+        )
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whole, fp32, on the host. A DTensor's row shards (FSDP2's: torch.chunk's
+    sizes) are gathered by gloo on host copies: torch 2.11's `full_tensor()` (a functional
+    collective) crashed with a segmentation fault on CUDA tensors under gloo, on an H200."""
+    if not isinstance(param, DTensor):
+        return param.detach().float().cpu()
+    world, rows = dist.get_world_size(), param.shape[0]
+    chunk = -(-rows // world)
+    local = param.to_local().detach().float().cpu()
+    padded = torch.zeros((chunk, *param.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:rows].contiguous()
+
+
+def stage_fsdp(model: torch.nn.Module, counter: FsdpCollectives) -> None:
+    """Every FSDP2 unit's all-gathers and reduce-scatters through host memory, as the DDP
+    runs' all-reduces (see the module docstring); counted in `counter`."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_all_gather(_StagedAllGather(counter))
+            module.set_custom_reduce_scatter(_StagedReduceScatter(counter))
+
+
 def expected_collectives(mode: str, blocks: int, micro_steps: int) -> tuple[int, int]:
     """A rank's all-gathers and reduce-scatters per optimizer step, with `blocks` sharded
     blocks and the root: "optimizer" gathers and reduce-scatters each unit once whatever
@@ -594,6 +671,8 @@ def train_sharded(
     sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
     peak = _Peak(device, model, opt)
     counter = FsdpCollectives()
+    if settings.staged_fsdp:
+        stage_fsdp(model, counter)
     gathers, scatters, losses = [], [], []
     t0 = 0.0
     try:
@@ -617,10 +696,7 @@ def train_sharded(
         seconds = time.perf_counter() - t0
     finally:
         counter.close()
-    params = {  # a DTensor gathered whole: a collective, on every rank
-        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
-        for n, p in model.named_parameters()
-    }
+    params = {n: _whole(p) for n, p in model.named_parameters()}  # a collective
     loss = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(loss)
     peak_bytes, reserved = peak.result()
@@ -688,6 +764,7 @@ def rank_main(rank: int, settings: Settings) -> None:
     """One rank (a spawned process): its phases, each saved as it ends; an error is saved
     with the phase it ended and the process exits 1."""
     log = RankLog(settings, rank)
+    faulthandler.enable()  # a crash in native code prints each thread's Python stack
     torch.set_num_threads(1)
     try:
         with log.phase("set-up"):
@@ -702,7 +779,7 @@ def rank_main(rank: int, settings: Settings) -> None:
             )
             if device.type == "cuda":  # DDP rebuilds its buckets with one such broadcast
                 dist.broadcast(torch.zeros(1, device=device), src=0)  # gloo on a CUDA tensor
-            if settings.sharding:
+            if settings.sharding and not settings.staged_fsdp:
                 check_gloo_collectives(device)
         run_phases(settings, rank, device, info, log)
         log.data["done"] = True
@@ -1200,6 +1277,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "given: neither)",
     )
     parser.add_argument("--sharded-steps", type=int, default=8, help="per sharded run")
+    parser.add_argument(
+        "--fsdp-collectives",
+        choices=("staged", "direct"),
+        help="FSDP2's all-gathers and reduce-scatters through host memory (default on a GPU) "
+        "or gloo on the device's tensors (default with --cpu)",
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (10 if args.cpu else 30)
     if args.steps <= WARMUP + 1:
@@ -1250,6 +1333,7 @@ def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, 
         plant_failure=args.plant_failure,
         sharding=tuple(dict.fromkeys(args.sharding)),
         sharded_steps=args.sharded_steps,
+        staged_fsdp=(args.fsdp_collectives or ("direct" if args.cpu else "staged")) == "staged",
     )
     state["settings"] = settings
     record.data["settings"] = asdict(settings)

@@ -159,6 +159,39 @@ def test_fsdp_collectives_per_step_by_mode(mode, blocks, micro_steps, want):
     assert gpu_check.expected_collectives(mode, blocks, micro_steps) == want
 
 
+def _sharded_params(rank: int, world_size: int, staged: bool) -> tuple[dict, tuple[int, int]]:
+    from autobatch.step.shard import Sharded
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 33), nn.GELU(), nn.Linear(33, 7), nn.Linear(7, 2))
+    wrapping = Sharded("full", blocks=lambda m: [m[0], m[2]])
+    model = wrapping.wrap(model, torch.device("cpu"))
+    counter = gpu_check.FsdpCollectives()
+    if staged:
+        gpu_check.stage_fsdp(model, counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the update scales with the gradient
+    for step in range(2):
+        x = torch.randn(3 + rank, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    counter.close()
+    whole = {n: gpu_check._whole(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():  # gathered by hand as full_tensor() gathers
+        torch.testing.assert_close(whole[n], p.full_tensor(), rtol=0, atol=0)
+    return whole, counter.counts()
+
+
+@pytest.mark.slow
+def test_fsdp2s_collectives_staged_through_host_memory_train_as_its_own():
+    own = run_ranks(_sharded_params, 3, False)
+    staged = run_ranks(_sharded_params, 3, True)
+    assert own[0][1] == staged[0][1] == (2 * 5, 2 * 3)  # 3 units; 2 blocks regathered
+    for name, want in own[0][0].items():
+        torch.testing.assert_close(staged[0][0][name], want)
+        torch.testing.assert_close(staged[2][0][name], want, rtol=0, atol=0)
+
+
 def _sharded_reports(**override) -> tuple[gpu_check.Settings, list[dict], dict]:
     """Two ranks' sharded 'optimizer' results as the check records them: all within bounds,
     except what `override` changes (rank 1's run fields, or the parameter errors)."""
