@@ -306,23 +306,18 @@ def test_an_unknown_backend_is_refused_naming_the_choices():
 def test_gradient_checkpointing_is_turned_on_where_one_sample_does_not_fit_without_it():
     task = tiny_gpt_task(dataset_size=8, seq_len=256, d_model=32, n_heads=2, n_layers=6)
     big = SimulatedDevice("big", 512 * MiB)
-    plain = profile_model(task, big, make_optimizer=adamw, headroom_fraction=0)
-    checkpointed = profile_model(
-        task, big, make_optimizer=adamw, headroom_fraction=0, gradient_checkpointing=True
-    )
+    small = {"make_optimizer": adamw, "headroom_fraction": 0, "max_micro_batch": 4}
+    plain = profile_model(task, big, **small)
+    checkpointed = profile_model(task, big, **small, gradient_checkpointing=True)
     need_plain, need_checkpointed = plain.peak_bytes(1), checkpointed.peak_bytes(1)
     assert need_checkpointed < 0.8 * need_plain  # six blocks' activations are not kept
     between = SimulatedDevice("between", (need_plain + need_checkpointed) // 2)
     with pytest.raises(NoFitError):
-        profile_model(task, between, make_optimizer=adamw, headroom_fraction=0)
-    auto = profile_model(
-        task, between, make_optimizer=adamw, headroom_fraction=0, gradient_checkpointing=None
-    )
+        profile_model(task, between, **small)
+    auto = profile_model(task, between, **small, gradient_checkpointing=None)
     assert auto.gradient_checkpointing and auto.max_micro_batch >= 1
     assert auto.capacity("d0").gradient_checkpointing
-    roomy = profile_model(
-        task, big, make_optimizer=adamw, headroom_fraction=0, gradient_checkpointing=None
-    )
+    roomy = profile_model(task, big, **small, gradient_checkpointing=None)
     assert not roomy.gradient_checkpointing
 
 
