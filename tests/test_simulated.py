@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -159,3 +162,69 @@ def test_an_attached_pacer_paces_every_optimizer_step_until_detached():
 def test_pacer_rejects_speeds_that_would_need_a_negative_delay(kwargs, message):
     with pytest.raises(ProbeError, match=message):
         Pacer(**kwargs)
+
+
+def test_a_storage_resized_where_no_op_sees_it_is_recounted_after_the_next_op():
+    # FSDP2 gathers parameters into storages it resizes itself (`untyped_storage().resize_`)
+    gathered = torch.empty(1000)
+    gathered.untyped_storage().resize_(0)
+    mem = TensorMemory()
+    with mem:
+        gathered.untyped_storage().resize_(4000)
+        torch.ones(1000, out=gathered)  # the copy-out: an out= op
+        assert mem.live_bytes == 4000
+        gathered.untyped_storage().resize_(0)  # freed after the forward: no op sees it
+        one = torch.zeros(1)
+        assert mem.live_bytes == one.nbytes == 4
+        assert mem.peak_bytes == 4000
+
+
+FSDP2_PEAKS = r"""
+import json, sys, torch, torch.distributed as dist
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from autobatch.probe.simulated import TensorMemory
+from autobatch.step.shard import Sharded
+from autobatch.tasks.tiny_gpt import TinyGPT, TinyGPTConfig, token_loss_sum
+
+cfg = TinyGPTConfig(vocab_size=256, seq_len=32, d_model=64, n_heads=4, n_layers=4)
+W, mode, b = json.loads(sys.argv[1])
+dist.init_process_group("fake", rank=0, world_size=W, store=FakeStore())
+wrapping = Sharded(mode)
+model = wrapping.wrap(TinyGPT(cfg), torch.device("cpu"))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))
+
+def step(each_micro_step=lambda: None):
+    for i in range(2):
+        with wrapping.micro_step(model, last=i == 1):
+            each_micro_step()
+            token_loss_sum(model, {"input_ids": x, "labels": x}).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+step()  # the optimizer's state
+tracker = FSDPMemTracker(model, opt)
+tracker.track_external(model, opt)
+with tracker:
+    step(tracker.reset_mod_stats)
+mem = TensorMemory(model=model, optimizer=opt, extra=[x])
+with mem:
+    step()
+tracked = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+print(json.dumps([tracked, mem.peak_bytes]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [(3, "full", 4), (3, "optimizer", 4), (2, "full", 1)])
+def test_the_peak_of_a_sharded_step_is_fsdp2s_own_trackers(case):
+    """Under FSDP2 (a fake process group of W ranks), the same step's peak as torch's
+    FSDPMemTracker: gathered parameters freed by resizing their storage leave the count."""
+    out = subprocess.run(
+        [sys.executable, "-c", FSDP2_PEAKS, json.dumps(case)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    tracked, counted = json.loads(out.stdout.splitlines()[-1])
+    assert counted == tracked

@@ -86,6 +86,10 @@ class TensorMemory(TorchDispatchMode):
         # here, in the thread that runs the ops, before any new storage is looked up
         # (a dead storage's id may be reused by the next one).
         self._dead: collections.deque[int] = collections.deque()
+        # Storages an op wrote into (out=) or that changed size: FSDP2 allocates and frees
+        # its gathered parameters with `untyped_storage().resize_()`, which no op sees, so
+        # these are re-read after every op.
+        self._watched: set[int] = set()
         self._bytes = 0
         self.peak_bytes = 0
 
@@ -108,11 +112,21 @@ class TensorMemory(TorchDispatchMode):
 
     def _drain(self) -> None:
         while self._dead:
-            entry = self._live.pop(self._dead.popleft(), None)
+            key = self._dead.popleft()
+            self._watched.discard(key)
+            entry = self._live.pop(key, None)
             if entry is not None:
                 self._bytes -= entry[1]
 
-    def _add(self, t: torch.Tensor) -> None:
+    def _reread_watched(self) -> None:
+        for key in self._watched:
+            ref, counted = self._live[key]
+            st = ref()
+            if st is not None and st.nbytes() != counted:
+                self._live[key] = (ref, st.nbytes())
+                self._bytes += st.nbytes() - counted
+
+    def _add(self, t: torch.Tensor, *, watch: bool = False) -> None:
         if isinstance(t, DTensor):  # a sharded parameter: what this rank holds is its shard
             t = t._local_tensor
         if t.device.type != self.device_type or t.is_sparse:
@@ -124,9 +138,12 @@ class TensorMemory(TorchDispatchMode):
         if entry is None:
             self._live[key] = (weakref.ref(st, self._freed(key)), nbytes)
             self._bytes += nbytes
-        elif entry[1] != nbytes:  # resized in place (an out= op)
+        elif entry[1] != nbytes:  # resized in place
             self._live[key] = (entry[0], nbytes)
             self._bytes += nbytes - entry[1]
+            watch = True
+        if watch:
+            self._watched.add(key)
 
     def _freed(self, key: int) -> Callable[[weakref.ref], None]:
         dead = self._dead
@@ -151,21 +168,18 @@ class TensorMemory(TorchDispatchMode):
     def _reset(self) -> None:
         self._live.clear()
         self._dead.clear()
+        self._watched.clear()
         self._bytes = self.peak_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         self._drain()
-        if isinstance(out, torch.Tensor):
-            self._add(out)
-        elif isinstance(out, (tuple, list)):
-            for o in out:
-                if isinstance(o, torch.Tensor):
-                    self._add(o)
-                elif isinstance(o, (tuple, list)):  # e.g. lists of tensors in foreach ops
-                    for x in o:
-                        if isinstance(x, torch.Tensor):
-                            self._add(x)
+        self._reread_watched()
+        for t in _tensors(out):
+            self._add(t)
+        for t in _tensors(kwargs.get("out")):  # also ops that return nothing (FSDP2's copy-out)
+            self._add(t, watch=True)
         if self._bytes > self.peak_bytes:
             self.peak_bytes = self._bytes
         if self.limit_bytes is not None and self._bytes > self.limit_bytes:
@@ -178,6 +192,15 @@ class TensorMemory(TorchDispatchMode):
             f"simulated device out of memory {where}: {live / 2**20:.2f} MiB of tensors live, "
             f"limit {self.limit_bytes / 2**20:.2f} MiB"
         )
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an op's outputs: a tensor, or (nested) tuples and lists of them."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 class Pacer:
