@@ -503,3 +503,17 @@ def test_formulas_bound_fsdp2s_own_tracked_peak():
     for (W, mode, b), tracked in zip(cases, json.loads(out.stdout.splitlines()[-1])):
         predicted = mem.peak_bytes(b, mode, W)
         assert tracked <= predicted <= 1.3 * tracked, (W, mode, b, predicted, tracked)
+
+
+@pytest.mark.parametrize(("mode", "W"), [("none", None), ("optimizer", 2), ("full", 2)])
+def test_a_device_that_cannot_fit_one_sample_says_what_one_needs_and_its_budget(mode, W):
+    from autobatch.planning.planner import _gib
+
+    one_sample = memory(10**6, 8).peak_bytes(1, mode, W or 1)
+    devices = [dev(0, 10**6, act=8), dev(1, one_sample - 1, act=8)]  # d1: a byte short
+    with pytest.raises(PlanError) as failure:
+        make_plan(4, devices, sharding=mode, keep_all=True)
+    budget = devices[1].memory.budget(mode)
+    assert one_sample > budget  # the message's two numbers never contradict it
+    message = str(failure.value)
+    assert f"needs {_gib(one_sample)} for one sample, its budget is {_gib(budget)}" in message

@@ -71,10 +71,21 @@ def _check_inputs(
 
 def _cannot_fit_message(d: DeviceCapacity) -> str:
     msg = f"device {d.device_id!r} ({d.name}) cannot fit even one sample"
-    if d.memory_bytes is not None and d.peak_fixed_bytes is not None:
+    of = f" of its {_gib(d.memory_bytes)}" if d.memory_bytes else ""
+    if d.memory is not None:  # the profile's model: the same budget and peak the probe used
+        budget = d.memory.budget(d.sharding)
+        need = d.memory.peak_bytes(1, d.sharding, d.world_size or 1)
+        if need > budget:
+            msg += f": it needs {_gib(need)} for one sample, its budget is {_gib(budget)}{of}"
+        else:
+            msg += f": micro-batch 1 ran out of memory when measured (predicted {_gib(need)})"
+    elif d.memory_bytes is not None and d.peak_fixed_bytes is not None:
         need = d.predicted_peak_bytes(1)
         msg += f": it has {_gib(d.memory_bytes)} for training, one sample needs {_gib(need)}"
-    return msg + "; remove it from the job or lower the sequence length / precision"
+    return msg + (
+        "; remove it from the job, shard the model (sharding: optimizer or full), turn on "
+        "gradient checkpointing, or lower the sequence length / precision"
+    )
 
 
 class _Fleet:
