@@ -87,8 +87,9 @@ class TensorMemory(TorchDispatchMode):
         # (a dead storage's id may be reused by the next one).
         self._dead: collections.deque[int] = collections.deque()
         # Storages an op wrote into (out=) or that changed size: FSDP2 allocates and frees
-        # its gathered parameters with `untyped_storage().resize_()`, which no op sees, so
-        # these are re-read after every op.
+        # its gathered parameters with `untyped_storage().resize_()`, which no op sees.
+        # A missed free only over-counts, so these are re-read before the count can set a
+        # new peak or cross the limit (re-reading after every op halved sharded steps).
         self._watched: set[int] = set()
         self._bytes = 0
         self.peak_bytes = 0
@@ -97,6 +98,7 @@ class TensorMemory(TorchDispatchMode):
     @property
     def live_bytes(self) -> int:
         self._drain()
+        self._reread_watched()
         return self._bytes
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -104,6 +106,7 @@ class TensorMemory(TorchDispatchMode):
         self._drain()
         for t in tensors:
             self._add(t)
+        self._reread_watched()
         self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def reset_peak(self) -> None:
@@ -175,11 +178,14 @@ class TensorMemory(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self._drain()
-        self._reread_watched()
         for t in _tensors(out):
             self._add(t)
         for t in _tensors(kwargs.get("out")):  # also ops that return nothing (FSDP2's copy-out)
             self._add(t, watch=True)
+        if self._bytes > self.peak_bytes or (
+            self.limit_bytes is not None and self._bytes > self.limit_bytes
+        ):
+            self._reread_watched()
         if self._bytes > self.peak_bytes:
             self.peak_bytes = self._bytes
         if self.limit_bytes is not None and self._bytes > self.limit_bytes:
