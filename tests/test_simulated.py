@@ -228,3 +228,11 @@ def test_the_peak_of_a_sharded_step_is_fsdp2s_own_trackers(case):
     assert out.returncode == 0, out.stderr[-3000:]
     tracked, counted = json.loads(out.stdout.splitlines()[-1])
     assert counted == tracked
+
+
+def test_the_count_can_be_read_after_the_mode_exits_with_resized_storages_watched():
+    gathered = torch.empty(1000)
+    mem = TensorMemory()
+    with mem:
+        torch.ones(1000, out=gathered)
+    assert mem.live_bytes == mem.peak_bytes == 4000  # the count as the mode left it

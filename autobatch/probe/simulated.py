@@ -167,6 +167,7 @@ class TensorMemory(TorchDispatchMode):
         super().__exit__(*exc)
         self._drain()
         self._live.clear()  # drops the weakrefs: no callback fires for them afterwards
+        self._watched.clear()
 
     def _reset(self) -> None:
         self._live.clear()
