@@ -513,14 +513,19 @@ class FsdpCollectives:
             setattr(dist, name, fn)
 
 
-class _StagedAllGather(AllGather):
-    """FSDP2's all-gather of a device tensor run by gloo on host copies."""
+class _Staged:
+    """A collective FSDP2 calls in place of its own, counted in `counter`; buffers are
+    allocated as FSDP2's default allocates them."""
 
     def __init__(self, counter: FsdpCollectives) -> None:
         self.counter = counter
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _StagedAllGather(_Staged, AllGather):
+    """FSDP2's all-gather of a device tensor run by gloo on host copies."""
 
     def __call__(
         self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
@@ -532,14 +537,8 @@ class _StagedAllGather(AllGather):
         output_tensor.copy_(torch.cat(parts))
 
 
-class _StagedReduceScatter(ReduceScatter):
+class _StagedReduceScatter(_Staged, ReduceScatter):
     """FSDP2's reduce-scatter as gloo's all-reduce of a host copy, this rank's slice kept."""
-
-    def __init__(self, counter: FsdpCollectives) -> None:
-        self.counter = counter
-
-    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
