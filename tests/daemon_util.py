@@ -91,7 +91,9 @@ class DaemonProcess:
 
     def __init__(self, state_dir: pathlib.Path, profile_cache: pathlib.Path, *args: str) -> None:
         env = dict(os.environ)
-        env.update(RAY_AUTH_MODE="disabled", AUTOBATCH_PROFILE_CACHE=str(profile_cache))
+        env.update(AUTOBATCH_PROFILE_CACHE=str(profile_cache))
+        # Ray's own default, as a user's shell has it: token authentication for a new head
+        env.pop("RAY_AUTH_MODE", None)
         env.pop("RAY_ADDRESS", None)
         env.pop("AUTOBATCH_TOKEN", None)
         self.env, self.state_dir = env, state_dir

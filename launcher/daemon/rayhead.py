@@ -58,7 +58,7 @@ def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
     """The address of this state directory's head, started (as its own process) if needed."""
     head = running_head(state_dir)
     if head:
-        return head["address"]
+        return _connectable(head)
     stop_head(state_dir)  # a dead head's leftovers, if any
     path = head_file(state_dir)
     path.unlink(missing_ok=True)
@@ -80,6 +80,19 @@ def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
             stop_head(state_dir)
             raise HeadError(f"the Ray head did not start within {START_TIMEOUT_S:.0f} s")
         time.sleep(0.2)
+    return _connectable(head)
+
+
+def _connectable(head: dict) -> str:
+    """The head's address, with this process set to authenticate as the head does: Ray
+    turns token authentication on for a new local cluster unless RAY_AUTH_MODE says
+    otherwise, but a driver that connects to it does not follow by itself."""
+    mode = head.get("auth_mode", "disabled")
+    if os.environ.get("RAY_AUTH_MODE") != mode:
+        os.environ["RAY_AUTH_MODE"] = mode
+        from ray._raylet import Config  # Ray caches its config: re-read, as ray.init does
+
+        Config.initialize("")
     return head["address"]
 
 
@@ -163,7 +176,8 @@ def _host(state_dir: pathlib.Path, num_cpus: int) -> None:
     )
     address = ray.get_runtime_context().gcs_address
     tmp = head_file(state_dir).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "address": address}))
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "disabled")  # ray.init sets it when it chose
+    tmp.write_text(json.dumps({"pid": os.getpid(), "address": address, "auth_mode": auth_mode}))
     tmp.replace(head_file(state_dir))
     print(f"Ray head for {state_dir} at {address}", flush=True)
     while not stop.wait(1.0):

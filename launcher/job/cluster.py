@@ -87,7 +87,9 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         where = address or "a new local Ray"
         raise LaunchError(
             f"cannot connect to the Ray cluster at {where}: {exc}; check that "
-            "it runs (`ray status`) and the address"
+            "it runs (`ray status`) and the address, and that RAY_AUTH_MODE and the token "
+            "(~/.ray/auth_token) are the cluster's (Ray turns token authentication on for a "
+            "local head by default)"
         ) from None
 
 
