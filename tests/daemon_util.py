@@ -20,6 +20,7 @@ from launcher.daemon.api import create_app
 from launcher.daemon.daemon import Daemon
 from launcher.daemon.guards import uvicorn_config
 from launcher.daemon.limits import Limits
+from launcher.daemon.rayhead import stop_head
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,10 @@ class DaemonProcess:
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log,
         )  # fmt: skip
         line = self.proc.stdout.readline().decode()  # "autobatch daemon on http://..."
-        assert "daemon on http://" in line, f"daemon did not start: {line!r}"
+        if "daemon on http://" not in line:  # leave no Ray head behind a failed start
+            self.kill()
+            stop_head(state_dir)
+            raise AssertionError(f"daemon did not start: {line!r}; see {self.log.name}")
         self.url = line.split(" on ")[1].split()[0]
         self.http = httpx.Client(base_url=self.url, timeout=30)
         deadline = time.monotonic() + 30
