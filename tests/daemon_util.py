@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -166,3 +167,21 @@ class DaemonProcess:
 
 def transition_time(rec: dict, to_state: str) -> float:
     return next(t["at"] for t in rec["transitions"] if t["to_state"] == to_state)
+
+
+def lowerable_rank(spec: dict, tmp: pathlib.Path, env: dict | None = None) -> int:
+    """A rank whose planned micro-batch is above 1, from `autobatch plan` on the same profile
+    cache as the run that follows (so the same plan): an OOM drill must hit a rank that can
+    be lowered. A tiny model's time is mostly fixed cost, so a plan may rightly give one
+    rank a single sample, and an OOM there ends the job (nothing left to lower)."""
+    import yaml
+
+    path = tmp / "plan-first.yaml"
+    path.write_text(yaml.safe_dump({**spec, "faults": []}))
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "plan", str(path), "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ranks = json.loads(out.stdout)["ranks"]
+    return max(range(len(ranks)), key=lambda r: max(ranks[r]["micro_batches"]))

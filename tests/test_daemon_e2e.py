@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from daemon_util import ROOT, DaemonProcess, tiny_spec, transition_time
+from daemon_util import ROOT, DaemonProcess, lowerable_rank, tiny_spec, transition_time
 from prometheus_util import prometheus
 from test_launcher import assert_every_global_batch_exact
 
@@ -75,10 +75,13 @@ def test_a_failing_job_ends_failed_with_its_reason_and_frees_its_devices(daemon)
     assert transition_time(after, "probing") >= transition_time(rec, "failed")
 
 
-def test_drills_as_daemon_jobs_a_kill_9_and_an_oom_restart_and_every_batch_is_exact(daemon):
+def test_drills_as_daemon_jobs_a_kill_9_and_an_oom_restart_and_every_batch_is_exact(
+    daemon, tmp_path
+):
+    oom_rank = lowerable_rank(tiny_spec("drill"), tmp_path, daemon.env)  # the daemon's cache
     drills = {
         "worker died": {"kind": "crash", "rank": 1, "step": 3},
-        "micro-batch lowered": {"kind": "oom", "rank": 0, "step": 3, "micro_step": "last"},
+        "micro-batch lowered": {"kind": "oom", "rank": oom_rank, "step": 3, "micro_step": "last"},
     }
     specs = {
         said: tiny_spec("drill", max_steps=6, faults=[fault], audit_samples=True)
