@@ -26,9 +26,11 @@ from launcher.job.events import (
     MetricsAt,
     Planned,
     Progress,
+    Resized,
     Restarting,
     Resuming,
     RunnerEvent,
+    describe_resize,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +89,8 @@ class _Display:
                 out.print(Text.assemble((f"restart {restarts}", "yellow"), f": {decision.reason}"))
                 if decision.replan:
                     print_plan(decision.plan)
+            case Resized() as r:
+                out.print(Text.assemble(("resized", "yellow"), f": {describe_resize(r)}"))
             case Progress(snapshots=snapshots):
                 self._progress(snapshots)
             case Finished(summary=summary):
@@ -101,17 +105,13 @@ class _Display:
             self.task = self.progress.add_task(
                 "train", total=self.total, loss="-", rate="-", batch="-"
             )
-            self.first_step = (time.monotonic(), rank0.optimizer_steps_total)
+            self.first_step = (time.monotonic(), rank0.step)
         t, s = self.first_step
         elapsed = time.monotonic() - t
-        rate = (
-            (rank0.optimizer_steps_total - s) * rank0.global_batch_size / elapsed
-            if elapsed > 0
-            else 0.0
-        )
+        rate = (rank0.step - s) * rank0.global_batch_size / elapsed if elapsed > 0 else 0.0
         self.progress.update(
             self.task,
-            completed=rank0.optimizer_steps_total,
+            completed=rank0.step,
             loss=f"{rank0.train_loss:.4f}" if rank0.train_loss is not None else "-",
             rate=f"{rate:,.0f}",
             batch=f"{rank0.effective_global_batch_size}/{rank0.global_batch_size}",

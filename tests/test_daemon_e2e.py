@@ -272,3 +272,50 @@ def test_a_job_whose_supervisor_died_resumes_from_its_checkpoint_and_says_so(tmp
         assert list_checkpoints(ckpt)[-1].name == "step_00000300.pt"
     finally:
         second.stop()
+
+
+def test_an_elastic_job_shrinks_for_a_queued_job_then_grows_back(daemon, tmp_path):
+    """A long elastic job on three devices gives one up to a short job that needs it, and
+    takes it back when the short job is done: every global batch exact, the step never
+    going back, each resize in its status with the reason and in /metrics."""
+    sims = ("big4", "mid4", "small4")
+    spec = tiny_spec("elastic", sims=sims, max_steps=100_000, audit_samples=True)
+    spec["devices"]["min_count"] = 1
+    long = daemon.submit(spec)
+    daemon.wait(long, lambda r: (r["progress"] or {}).get("step", 0) >= 2, "2 steps")
+    short = daemon.submit(tiny_spec("short", sims=("big4",), max_steps=3))
+    steps, world = [], set()  # (resizes done, world size on /metrics) seen while polling
+
+    def look(r) -> int:
+        steps.append((r["progress"] or {}).get("step", 0))
+        m = re.search(rf'autobatch_job_world_size{{job_id="{long}"}} (\d+)', metrics())
+        world.add((len(r["resizes"] or []), m and int(m.group(1))))
+        return len(r["resizes"] or [])
+
+    def metrics() -> str:
+        return daemon.http.get("/metrics").text
+
+    daemon.wait(long, lambda r: look(r) >= 1, "a shrink", timeout_s=120)
+    done = daemon.wait_state(short, "succeeded", timeout_s=180)
+    daemon.wait(long, lambda r: look(r) >= 2 and (2, 3) in world, "a grow", timeout_s=120)
+    assert (1, 2) in world, world  # measured by the ranks: 2 while shrunk, 3 after
+    rec = daemon.job(long)
+    shrank, grew = rec["resizes"]
+    assert (shrank["reason"], shrank["before"], shrank["devices"]) == ("shrank", [0, 1, 2], [1, 2])
+    assert shrank["why"] == f"shrank for job {short}"
+    assert (grew["reason"], grew["before"], grew["devices"]) == ("grew", [1, 2], [0, 1, 2])
+    assert grew["why"].startswith("grew into freed devices")
+    assert transition_time(done, "probing") >= shrank["at"] - shrank["seconds"]
+    assert grew["at"] >= transition_time(done, "succeeded")
+    assert shrank["step"] < grew["step"] and steps == sorted(steps)  # never back
+    text = metrics()
+    for reason, n in [("shrank", 1), ("grew", 1)]:
+        assert f'autobatch_resizes_total{{job_id="{long}",reason="{reason}"}} {n}' in text
+    status = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "status", long, "--server", daemon.url],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert f"shrank for job {short}" in status.stdout and "grew into" in status.stdout, status
+    daemon.http.post(f"/v1/jobs/{long}/cancel", timeout=60)
+    ledger = pathlib.Path(daemon.job(long)["spec"]["checkpoint"]["dir"])
+    assert_every_global_batch_exact(spec, ledger, done=False)

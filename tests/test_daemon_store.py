@@ -125,19 +125,21 @@ def test_a_restarted_daemon_requeues_active_jobs_and_says_why(tmp_path):
     )
 
 
-def sim(*names: str, count: int = 1) -> Need:
+def sim(*names: str, count: int = 1, min_count: int | None = None, priority: int = 0) -> Need:
     spec = {
-        "name": "j", "global_batch_size": 8, "max_steps": 1,
-        "devices": {"select": "simulated",
+        "name": "j", "global_batch_size": 8, "max_steps": 1, "priority": priority,
+        "devices": {"select": "simulated", "min_count": min_count,
                     "simulated": [{"name": n, "memory": "1MiB", "count": count} for n in names]},
     }  # fmt: skip
     return scheduler.need(parse_spec(spec))
 
 
-def gpus(select: str, count: int | None = None) -> Need:
-    devices = {"select": select} | ({"count": count} if count else {})
+def gpus(
+    select: str, count: int | None = None, min_count: int | None = None, priority: int = 0
+) -> Need:
+    devices = {"select": select, "min_count": min_count} | ({"count": count} if count else {})
     return scheduler.need(parse_spec({"name": "j", "global_batch_size": 8, "max_steps": 1,
-                                      "devices": devices}))  # fmt: skip
+                                      "devices": devices, "priority": priority}))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -163,13 +165,96 @@ def gpus(select: str, count: int | None = None) -> Need:
     ],
 )  # fmt: skip
 def test_gang_scheduling(queue, busy, total_gpus, started):
-    assert [j for j, _ in scheduler.pick(queue, busy, total_gpus)] == started
+    assert [j for j, _ in pick(queue, busy, total_gpus)] == started
+
+
+def pick(queue, busy, total_gpus) -> list:
+    other = scheduler.Running("other", scheduler.Need(), frozenset(busy))
+    moves = scheduler.schedule(queue, [other], total_gpus)
+    assert moves.resizes == []
+    return moves.starts
 
 
 def test_a_started_job_takes_all_its_slots():
-    [(job, slots)] = scheduler.pick([("a", sim("x", "y", count=2))], set(), 0)
+    [(job, slots)] = pick([("a", sim("x", "y", count=2))], set(), 0)
     assert slots == {"sim:x#0", "sim:x#1", "sim:y#0", "sim:y#1"}
     assert (
         scheduler.unsatisfiable(gpus("count", 8), 4)
         == "the job asks for 8 GPU(s) but the cluster has 4"
     )
+
+
+# -- elastic jobs: start on min_count, grow, shrink for the head of the queue -------------
+Running = scheduler.Running
+D3 = ("sim:d#0", "sim:d#1", "sim:d#2")
+
+
+def moves(queue, running, total_gpus=0) -> tuple[list, list]:
+    m = scheduler.schedule(queue, running, total_gpus)
+    return (
+        [(j, sorted(s)) for j, s in m.starts],
+        [(r.job_id, sorted(r.slots), r.reason, r.why) for r in m.resizes],
+    )
+
+
+def test_an_elastic_job_starts_on_the_free_devices_when_min_count_are():
+    fixed = Running("f", sim("d"), frozenset({"sim:d#0"}))
+    assert moves([("e", sim("d", count=3, min_count=2))], [fixed]) == (
+        [("e", ["sim:d#1", "sim:d#2"])], [],
+    )  # fmt: skip
+    assert moves([("e", sim("d", count=3, min_count=3))], [fixed]) == ([], [])
+
+
+def test_a_fixed_job_shrinks_an_elastic_one_to_start():
+    elastic = Running("e", sim("d", count=3, min_count=1), frozenset(D3))
+    assert moves([("f", sim("d"))], [elastic]) == (
+        [], [("e", ["sim:d#1", "sim:d#2"], "shrank", "shrank for job f")],
+    )  # fmt: skip
+    # once the shrink is under way, no second one; the job starts when it is done
+    shrinking = Running("e", elastic.need, frozenset(D3), True, frozenset({"sim:d#0"}))
+    assert moves([("f", sim("d"))], [shrinking]) == ([], [])
+    done = Running("e", elastic.need, frozenset(D3[1:]))
+    assert moves([("f", sim("d"))], [done]) == ([("f", ["sim:d#0"])], [])
+
+
+def test_shrinking_keeps_min_count_and_only_when_the_head_can_then_start():
+    e = Running("e", gpus("count", 4, min_count=3), frozenset(f"gpu#{i}" for i in range(4)))
+    assert moves([("f", gpus("count", 2))], [e], 4) == ([], [])  # 1 spare, 2 needed
+    got = moves([("f", gpus("count", 1))], [e], 4)
+    assert got == ([], [("e", ["gpu#0", "gpu#1", "gpu#2"], "shrank", "shrank for job f")])
+
+
+def test_lowest_priority_shrinks_first_and_a_higher_priority_never():
+    low = Running("low", gpus("count", 2, min_count=1, priority=-1), frozenset({"gpu#0", "gpu#1"}))
+    mid = Running("mid", gpus("count", 2, min_count=1), frozenset({"gpu#2", "gpu#3"}))
+    assert moves([("f", gpus("count", 1))], [mid, low], 4)[1] == [
+        ("low", ["gpu#0"], "shrank", "shrank for job f")
+    ]
+    high = Running("high", gpus("count", 4, min_count=1, priority=5),
+                   frozenset(f"gpu#{i}" for i in range(4)))  # fmt: skip
+    assert moves([("f", gpus("count", 1))], [high], 4) == ([], [])
+
+
+def test_queued_jobs_go_by_priority_then_in_order():
+    queue = [("a", sim("d")), ("b", sim("d", priority=1)), ("c", sim("d", priority=1))]
+    assert moves(queue, [])[0] == [("b", ["sim:d#0"])]
+
+
+def test_an_elastic_job_grows_into_free_devices_no_waiting_job_holds():
+    e = Running("e", sim("d", count=3, min_count=1), frozenset({"sim:d#0"}))
+    assert moves([], [e]) == ([], [("e", list(D3), "grew", "grew into freed devices "
+                                    "(sim:d#1, sim:d#2)")])  # fmt: skip
+    # a job waiting for d#0..2 (held by e down to its minimum) holds d#1, d#2: no growing
+    assert moves([("f", sim("d", count=3))], [e]) == ([], [])
+    # a fixed job that fits starts first; e grows into what is left
+    assert moves([("f", sim("d"))], [Running("e", e.need, frozenset())])[0] == [("f", ["sim:d#0"])]
+
+
+def test_elastic_slots_map_to_the_spec_devices():
+    n = sim("a", "b", count=2, min_count=1)
+    assert n.named == ("sim:a#0", "sim:a#1", "sim:b#0", "sim:b#1")
+    assert n.devices(frozenset({"sim:b#1", "sim:a#1"})) == [1, 3]
+    assert n.slots_of([1, 3], frozenset()) == {"sim:a#1", "sim:b#1"}
+    g = gpus("count", 3, min_count=1)
+    assert g.devices(frozenset({"gpu#5", "gpu#2"})) == [0, 1]
+    assert g.slots_of([0], frozenset({"gpu#5", "gpu#2"})) == {"gpu#2"}

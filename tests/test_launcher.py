@@ -85,10 +85,12 @@ def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
     return steps
 
 
-def assert_every_global_batch_exact(spec: dict, ckpt_dir: pathlib.Path) -> None:
+def assert_every_global_batch_exact(spec: dict, ckpt_dir: pathlib.Path, *, done: bool = True):
+    """Every step of the ledger held exactly its global batch; `done`: every step of the
+    job is there (else: the steps from 0 to the last one taken, for a cancelled job)."""
     sampler = GlobalBatchSampler(TINY["dataset_size"], spec["global_batch_size"], seed=spec["seed"])
     steps = audited_steps(ckpt_dir)
-    assert sorted(steps) == list(range(spec["max_steps"]))
+    assert sorted(steps) == list(range(spec["max_steps"] if done else len(steps)))
     for step, indices in steps.items():
         assert sorted(indices) == sorted(sampler.global_batch(step).tolist()), f"step {step}"
 
@@ -312,3 +314,57 @@ def test_fp16_resume_keeps_the_loss_scale(local_ray, tmp_path):
     second, _ = run(job(tmp_path, precision="fp16", devices=one))
     assert second.steps == 6
     assert torch.load(second.checkpoint, weights_only=False)["scaler"]["scale"] == 1024.0
+
+
+def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
+    STEPS = 40  # noqa: N806
+    """Grown from 1 device to 3, shrunk to 2 at step boundaries: every global batch exact,
+    the step counter never goes back, the same parameters as the job on 1 device throughout."""
+    from launcher.job.events import Resized
+
+    devices = {"select": "simulated", "simulated": SIMS_3, "keep_all": True, "min_count": 1}
+    ref = job(tmp_path / "ref", devices=devices, max_steps=STEPS)
+    alone = JobRunner(parse_spec(ref), devices=[0]).run()
+    assert alone.plan.world_size == 1 and alone.resizes == {}
+
+    spec = job(tmp_path, devices=devices, max_steps=STEPS)
+    events, steps = [], []
+    runner: JobRunner
+
+    def listener(event):  # grow at the first progress report, shrink at the first after
+        events.append(event)
+        if isinstance(event, Progress):
+            steps.append(max(s.step for s in event.snapshots))
+            resized = [e.reason for e in events if isinstance(e, Resized)]
+            asked = events.count("asked")
+            if asked == 0:
+                events.append("asked")
+                runner.request_resize([0, 1, 2], "grew", "grew into freed devices")
+            elif asked == 1 and resized == ["grew"]:
+                events.append("asked")
+                runner.request_resize([0, 2], "shrank", "shrank for job x")
+
+    runner = JobRunner(parse_spec(spec), devices=[0], listener=listener)
+    summary = runner.run()
+    resizes = [e for e in events if isinstance(e, Resized)]
+    assert [(e.reason, e.before, e.devices) for e in resizes] == [
+        ("grew", (0,), (0, 1, 2)),
+        ("shrank", (0, 1, 2), (0, 2)),
+    ]
+    assert summary.resizes == {"grew": 1, "shrank": 1} and summary.restarts == 0
+    assert summary.plan.world_size == 2 and summary.steps == STEPS
+    assert steps == sorted(steps)  # never back
+    ledger = audited_steps(tmp_path / "ckpt")
+    for attempt, e in enumerate(resizes, start=1):  # each attempt began at the resize's step
+        assert_restart_resumed_at_attempt(tmp_path / "ckpt", attempt, e.step)
+    assert len(ledger) == STEPS
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    assert_same_parameters(summary.parameters, alone.parameters)
+
+
+def assert_restart_resumed_at_attempt(ckpt_dir: pathlib.Path, attempt: int, step: int) -> None:
+    firsts = set()
+    for path in ckpt_dir.glob("samples-rank*.jsonl"):
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        firsts |= {min((e["step"] for e in entries if e["attempt"] == attempt), default=None)}
+    assert firsts - {None} == {step}, f"attempt {attempt} began at {firsts}, not {step}"

@@ -40,6 +40,8 @@ DESIGN_METRICS = [
     ("autobatch_optimizer_steps_total", "counter"),
     ("autobatch_oom_events_total", "counter"),
     ("autobatch_replans_total", "counter"),
+    ("autobatch_job_world_size", "gauge"),
+    ("autobatch_resizes_total", "counter"),
     ("autobatch_worker_restarts_total", "counter"),
     ("autobatch_plan_efficiency_ratio", "gauge"),
     ("autobatch_train_loss", "gauge"),
@@ -47,6 +49,10 @@ DESIGN_METRICS = [
     ("autobatch_jobs", "gauge"),
 ]
 RANK_LABELS = {"job_id", "rank", "node", "device", "device_uuid"}
+JOB_FAMILIES = {  # per job, from its rank 0: labels of their own
+    "autobatch_job_world_size": {"job_id"},
+    "autobatch_resizes_total": {"job_id", "reason"},
+}
 # Labels Prometheus (or the Prometheus Operator's relabelling) sets on every series: a
 # target's own label of the same name would be renamed exported_<name> (honor_labels false).
 PROMETHEUS_OWNED = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
@@ -81,6 +87,8 @@ def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
         oom_events_total=1,
         worker_restarts_total=2,
         replans_total={"oom": 1, "device_lost": 3},
+        world_size=4,
+        resizes_total={"grew": 2, "device_lost": 1},
     )
     values.update(kw)
     return RankSnapshot(job=job, rank=rank, **values)
@@ -127,6 +135,8 @@ def test_every_design_metric_is_exposed_with_its_type_help_and_labels(
     for s in fam.samples:
         if name == "autobatch_jobs":
             assert set(s.labels) == {"state"}
+        elif name in JOB_FAMILIES:
+            assert set(s.labels) == JOB_FAMILIES[name]
         else:
             extra = {"reason"} if name == "autobatch_replans_total" else set()
             extra |= {"le"} if s.name.endswith("_bucket") else set()
@@ -211,6 +221,103 @@ def test_drop_job_removes_only_that_jobs_series(sink: PrometheusSink) -> None:
     assert 'state="running"' in text.decode()  # the jobs gauge is the owner's, not dropped
 
 
+# -- elastic jobs: world size, resizes, and the ranks a shrink leaves behind ---------------
+
+
+def samples_of(sink: PrometheusSink) -> dict[str, list]:
+    """Every parsed sample by sample name (counters with their _total)."""
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(sink.render().decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def job_values(sink: PrometheusSink, name: str, job: str) -> dict[str, float]:
+    """A per-job family's values for one job: by reason, or under "" without one."""
+    return {
+        s.labels.get("reason", ""): s.value
+        for s in samples_of(sink).get(name, [])
+        if s.labels["job_id"] == job
+    }
+
+
+def ranks_of(sink: PrometheusSink, job: str) -> set[str]:
+    """The ranks of `job` in any family of the exposition."""
+    return {
+        s.labels["rank"]
+        for samples in samples_of(sink).values()
+        for s in samples
+        if s.labels.get("job_id") == job and "rank" in s.labels
+    }
+
+
+def test_a_shrunk_jobs_lost_ranks_leave_the_exposition() -> None:
+    s = PrometheusSink()
+    for r in range(3):
+        s.push(snap("j", r, world_size=3, resizes_total={"grew": 1}))
+    assert ranks_of(s, "j") == {"0", "1", "2"}
+    assert job_values(s, "autobatch_job_world_size", "j") == {"": 3}
+    resizes = job_values(s, "autobatch_resizes_total", "j")
+    assert resizes == {"grew": 1, "shrank": 0, "device_lost": 0}  # known reasons from 0
+    assert 'autobatch_job_world_size{job_id="j"} 3\n' in s.render().decode()
+    assert 'autobatch_resizes_total{job_id="j",reason="grew"} 1\n' in s.render().decode()
+
+    s.push(snap("j", 0, world_size=2, resizes_total={"grew": 1, "shrank": 1}))
+    text = s.render().decode()
+    assert 'rank="2"' not in text
+    assert ranks_of(s, "j") == {"0", "1"}
+    assert job_values(s, "autobatch_job_world_size", "j") == {"": 2}
+    resizes = job_values(s, "autobatch_resizes_total", "j")
+    assert resizes == {"grew": 1, "shrank": 1, "device_lost": 0}
+    assert sample_set(s.render()) == sample_set(generate_latest(s.registry))
+
+    s.push(snap("j", 1, world_size=2))  # a rank of the new group keeps its series
+    s.push(snap("j", 0, world_size=3, resizes_total={"grew": 2, "shrank": 1}))
+    s.push(snap("j", 2, world_size=3))  # grown back: rank 2 returns
+    assert ranks_of(s, "j") == {"0", "1", "2"}
+    assert job_values(s, "autobatch_job_world_size", "j") == {"": 3}
+
+
+def test_world_size_and_resizes_of_two_jobs_do_not_interfere() -> None:
+    s = PrometheusSink()
+    for r in range(3):
+        s.push(snap("a", r, world_size=3, resizes_total={"grew": 1}))
+        s.push(snap("b", r, world_size=3, resizes_total={}))
+    s.push(snap("a", 0, world_size=1, resizes_total={"grew": 1, "device_lost": 2}))
+    assert ranks_of(s, "a") == {"0"} and ranks_of(s, "b") == {"0", "1", "2"}
+    assert job_values(s, "autobatch_job_world_size", "a") == {"": 1}
+    assert job_values(s, "autobatch_job_world_size", "b") == {"": 3}
+    assert job_values(s, "autobatch_resizes_total", "a")["device_lost"] == 2
+    assert set(job_values(s, "autobatch_resizes_total", "b").values()) == {0}
+    assert sample_set(s.render()) == sample_set(generate_latest(s.registry))
+
+
+def test_job_families_come_from_rank_0_only() -> None:
+    s = PrometheusSink()
+    s.push(snap("j", 1, world_size=2, resizes_total={"shrank": 7}))
+    assert "autobatch_job_world_size" not in samples_of(s)  # no rank 0 yet: no job series
+    s.push(snap("j", 0, world_size=2, resizes_total={"shrank": 1}))
+    assert job_values(s, "autobatch_resizes_total", "j")["shrank"] == 1
+
+
+def test_drop_job_removes_its_world_size_and_resizes() -> None:
+    s = PrometheusSink()
+    for r in range(2):
+        s.push(snap("j", r, world_size=2, resizes_total={"grew": 1}))
+        s.push(snap("k", r, world_size=2))
+    assert s.drop_job("j") == 2
+    fams = samples_of(s)
+    for name in JOB_FAMILIES:
+        assert {x.labels["job_id"] for x in fams[name]} == {"k"}
+    assert b'job_id="j"' not in s.render()
+    # the sink forgot j's world size (2): the same id's rank 0 with 2 ranks is news again
+    for r in (1, 2):
+        s.push(snap("j", r, world_size=3))
+    s.push(snap("j", 0, world_size=2))
+    assert ranks_of(s, "j") == {"0", "1"}
+
+
 def test_job_states_from_a_callable_are_read_at_every_scrape() -> None:
     s = PrometheusSink()
     states = {"running": 1}
@@ -239,11 +346,22 @@ def test_unmeasured_values_are_left_out_not_zero() -> None:
 def test_odd_label_values_are_escaped_and_parse_back() -> None:
     odd = 'GPU "big"\\x\nnext'
     s = PrometheusSink()
-    s.push(snap(job='job "q"', device=odd, replans_total={'reason "r"': 1}))
+    s.push(
+        snap(
+            job='job "q"',
+            device=odd,
+            replans_total={'reason "r"': 1},
+            resizes_total={'lost\n"x"': 1},
+        )
+    )
     fams = families(s.render())
     (sample,) = fams["autobatch_micro_batch_size"].samples
     assert sample.labels["device"] == odd and sample.labels["job_id"] == 'job "q"'
     assert fams["autobatch_replans_total"].samples[0].labels["reason"] == 'reason "r"'
+    (world,) = fams["autobatch_job_world_size"].samples
+    assert world.labels == {"job_id": 'job "q"'}
+    reasons = {x.labels["reason"] for x in fams["autobatch_resizes_total"].samples}
+    assert 'lost\n"x"' in reasons
 
 
 def test_the_collector_has_its_own_registry_not_the_global_one(sink: PrometheusSink) -> None:
@@ -314,7 +432,19 @@ def test_concurrent_pushes_and_scrapes_lose_no_step() -> None:
 def test_snapshot_round_trips_through_json() -> None:
     s = snap(step_durations_s=[0.25, 0.5])
     assert s.step_durations_s == (0.25, 0.5)
-    assert RankSnapshot.from_json(s.to_json()) == s
+    back = RankSnapshot.from_json(s.to_json())
+    assert back == s
+    assert back.world_size == 4 and back.resizes_total == {"grew": 2, "device_lost": 1}
+
+
+def test_snapshot_copies_the_resizes_and_defaults_to_a_job_of_one_rank() -> None:
+    resizes = {"grew": 1}
+    s = snap(resizes_total=resizes)
+    resizes["grew"] = 5  # the caller's mapping, not the snapshot's
+    assert s.resizes_total == {"grew": 1} and type(s.resizes_total) is dict
+    old = {k: v for k, v in snap().to_dict().items() if k not in ("world_size", "resizes_total")}
+    s = RankSnapshot.from_dict(old)  # a snapshot written before elastic jobs
+    assert s.world_size == 1 and s.resizes_total == {}
 
 
 @pytest.mark.parametrize(
@@ -322,6 +452,10 @@ def test_snapshot_round_trips_through_json() -> None:
     [
         ({"job": ""}, "job must be a non-empty"),  # a series needs a job
         ({"rank": -1}, r"rank=-1 must be an integer >= 0"),
+        ({"world_size": 0}, r"world_size=0 must be an integer >= 1"),
+        ({"world_size": -1}, r"world_size=-1 must be an integer >= 1"),
+        ({"world_size": True}, r"world_size=True must be an integer >= 1"),
+        ({"world_size": "2"}, r"world_size='2' must be an integer >= 1"),
         ({"step_durations_s": (0.1, float("nan"))}, "durations must be finite"),
         ({"step_durations_s": (-0.1,)}, "durations must be finite and >= 0"),
     ],
@@ -386,3 +520,57 @@ def test_metrics_module_needs_neither_torch_nor_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- what a launcher rank reports -------------------------------------------------------
+
+
+def _rank_snapshot(rank: int, world_size: int = 1) -> RankSnapshot:
+    """The snapshot launcher.job.rankstats builds for `rank` after one step, on a plan of 3
+    ranks (whatever process group it runs in) and a job resized once."""
+    import torch
+
+    from autobatch.probe.devices import cpu_device
+    from autobatch.step.accumulate import StepResult
+    from launcher.job.context import RankContext
+    from launcher.job.rankstats import RankStats
+    from launcher.job.spec import parse_spec
+
+    devices = [DeviceCapacity(f"d{i}", "cpu", 4, 0.002, 0.001) for i in range(3)]
+    plan = make_plan(12, devices)
+    ctx = RankContext(
+        job="t",
+        spec=parse_spec({"name": "t", "global_batch_size": 12, "max_steps": 1}),
+        precision="fp32",
+        plan_json=plan.to_json(),
+        rank=rank,
+        device=cpu_device(),
+        node="n",
+        checkpoint_dir="/nonexistent",
+        output_dir=None,
+        resume_from=None,
+        attempt=0,
+        resizes={"shrank": 1},
+    )
+    stats = RankStats(ctx, plan, None)
+    result = StepResult(
+        loss=1.0, local_items=4, global_items=12, micro_steps=1, grad_norm=None,
+        micro_step_s=(0.01,), global_samples=12,
+    )  # fmt: skip
+    stats.on_step(result, 0.02, plan, [[0, 1, 2, 3]], None, None, torch.device("cpu"))
+    return stats.snapshot()
+
+
+def test_a_rank_without_a_process_group_reports_a_world_of_one_not_the_plans() -> None:
+    s = _rank_snapshot(0)
+    assert s.world_size == 1  # the plan has 3 ranks: measured, not planned
+    assert s.resizes_total == {"shrank": 1}
+
+
+@pytest.mark.slow
+def test_ranks_of_a_gloo_group_of_two_report_a_world_of_two() -> None:
+    from distributed import run_ranks
+
+    snaps = run_ranks(_rank_snapshot, 2)
+    assert [(s.rank, s.world_size) for s in snaps] == [(0, 2), (1, 2)]  # the plan has 3
+    assert all(s.resizes_total == {"shrank": 1} for s in snaps)

@@ -176,6 +176,8 @@ def snapshots(step: int) -> list[RankSnapshot]:
                     optimizer_steps_total=step,
                     oom_events_total=0,
                     worker_restarts_total=0,
+                    world_size=len(ranks),
+                    resizes_total={"grew": 1} if j else {},  # a resized job, and one never
                 )
             )
     return out
@@ -253,8 +255,11 @@ def problems(target: dict[str, Any], result: list[dict[str, Any]], jobs: set[str
     if target["expr"] == "autobatch_jobs":  # one series per state, Prometheus' job label
         return out
     per_job = collections.Counter(m.get(label) for m in metrics)
-    by_job = re.search(rf"\bby \({label}\b", target["expr"]) is not None
-    want = {j: 1 if by_job else len(JOBS[j]) for j in jobs}
+    by = re.search(rf"\bby \(({label}\b[^)]*)\)", target["expr"])
+    # by (job_id, reason): one series per job and value of the other labels
+    others = [o.strip() for o in by.group(1).split(",")[1:]] if by else []
+    combos = len({tuple(m.get(o) for o in others) for m in metrics})
+    want = {j: combos if by else len(JOBS[j]) for j in jobs}
     if per_job != want:
         out.append(f"{where}: series per {label} {dict(per_job)}, want {want}")
     return out

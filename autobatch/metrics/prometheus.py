@@ -6,6 +6,13 @@ the step-duration histogram from the durations each snapshot carries, and
 exposes them on its own `CollectorRegistry` (`sink.registry`), as text
 (`render()`) or over HTTP (`serve()`).
 
+Elastic jobs (their ranks change during a run): the job's world size and its
+resizes by reason are per-job families (label `job_id` only), from the job's
+latest rank-0 snapshot; every known reason (`snapshot.RESIZE_REASONS`) is
+exposed from 0, so `increase()` sees a job's first resize. When rank 0 reports
+a new world size W, the series of that job's ranks >= W are dropped: a shrunk
+job's lost ranks leave /metrics.
+
 Scrape speed: the daemon holds thousands of ranks, so each series' label text
 is escaped once, at push time, and `render()` writes the exposition directly
 instead of going through `generate_latest` (about 10x slower here). The
@@ -37,7 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.utils import floatToGoString
 
-from autobatch.metrics.snapshot import LABELS, RankSnapshot
+from autobatch.metrics.snapshot import LABELS, RESIZE_REASONS, RankSnapshot
 
 # Step times span a tiny CPU model (ms) to a large fine-tune (minutes).
 DEFAULT_STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -131,13 +138,22 @@ _COUNTERS = (
     ),
 )
 _REPLANS = ("autobatch_replans", "Re-plans of the job seen by this rank, by reason.")
+# Per job, from its rank 0 (label job_id only).
+_WORLD = (
+    "autobatch_job_world_size",
+    "Ranks the job trains on, as its rank 0 measured in its last step.",
+)
+_RESIZES = (
+    "autobatch_resizes",
+    "Resizes of the job (its device set changed during the run), by reason.",
+)
 _STEP = ("autobatch_step_duration_seconds", "Duration of an optimizer step on this rank.")
 _JOBS = ("autobatch_jobs", "Jobs known to the owner of this collector, by state.")
 
 METRIC_NAMES = tuple(
     [n for n, _, _ in _GAUGES]
     + [n + "_total" for n, _, _ in _COUNTERS]
-    + [_REPLANS[0] + "_total", _STEP[0], _JOBS[0]]
+    + [_REPLANS[0] + "_total", _WORLD[0], _RESIZES[0] + "_total", _STEP[0], _JOBS[0]]
 )
 
 
@@ -160,6 +176,9 @@ class _Series:
     text: str  # 'job_id="a",rank="0",...', escaped once
     buckets: tuple[int, ...]  # cumulative counts, one per bound, then +Inf
     duration_sum: float
+    # rank 0 only, else empty: 'job_id="a"', and the job's resizes as (reason, label text, n)
+    job_text: str = ""
+    resizes: tuple[tuple[str, str, int], ...] = ()
 
 
 class PrometheusSink:
@@ -178,6 +197,7 @@ class PrometheusSink:
         self._le = tuple(floatToGoString(b) for b in bounds) + ("+Inf",)
         self._lock = threading.Lock()
         self._series: dict[tuple[str, int], _Series] = {}
+        self._world: dict[str, int] = {}  # job -> the world size its rank 0 last reported
         self._job_states: Mapping[str, int] | Callable[[], Mapping[str, int]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -199,7 +219,24 @@ class PrometheusSink:
             else:  # new rank, or the rank moved to another node/device: a new series
                 buckets, total = tuple(accumulate(counts)), sum(s.step_durations_s)
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(LABELS, values, strict=True))
-            self._series[key] = _Series(s, values, text, buckets, total)
+            job_text, resizes = "", ()
+            if s.rank == 0:  # the job's own series
+                if old is not None and old.job_text:
+                    job_text = old.job_text
+                else:
+                    job_text = f'{LABELS[0]}="{_escape(s.job)}"'
+                if old is not None and old.snapshot.resizes_total == s.resizes_total:
+                    resizes = old.resizes
+                else:
+                    counts_by = {r: 0 for r in RESIZE_REASONS} | dict(s.resizes_total)
+                    resizes = tuple(
+                        (r, f'{job_text},reason="{_escape(r)}"', n) for r, n in counts_by.items()
+                    )
+                if self._world.get(s.job) != s.world_size:  # resized: drop the ranks it lost
+                    self._world[s.job] = s.world_size
+                    for k in [k for k in self._series if k[0] == s.job and k[1] >= s.world_size]:
+                        del self._series[k]
+            self._series[key] = _Series(s, values, text, buckets, total, job_text, resizes)
 
     def set_job_states(self, states: Mapping[str, int] | Callable[[], Mapping[str, int]]) -> None:
         """Counts of jobs by state for `autobatch_jobs{state}`: a mapping, or a
@@ -212,6 +249,7 @@ class PrometheusSink:
             keys = [k for k in self._series if k[0] == job]
             for k in keys:
                 del self._series[k]
+            self._world.pop(job, None)
         return len(keys)
 
     def snapshots(self) -> list[RankSnapshot]:
@@ -251,6 +289,13 @@ class PrometheusSink:
         for s in series:
             for reason, n in s.snapshot.replans_total.items():
                 add(f'{name}{{{s.text},reason="{_escape(reason)}"}} {_num(n)}\n')
+        leaders = [s for s in series if s.job_text]  # each job's rank 0
+        header(_WORLD[0], _WORLD[1], "gauge")
+        out.extend(f"{_WORLD[0]}{{{s.job_text}}} {s.snapshot.world_size}\n" for s in leaders)
+        name = _RESIZES[0] + "_total"
+        header(name, _RESIZES[1], "counter")
+        for s in leaders:
+            out.extend(f"{name}{{{text}}} {_num(n)}\n" for _, text, n in s.resizes)
         name = _STEP[0]
         header(name, _STEP[1], "histogram")
         for s in series:
@@ -284,6 +329,15 @@ class PrometheusSink:
             for reason, n in s.snapshot.replans_total.items():
                 fam.add_metric((*s.values, reason), n)
         yield fam
+        leaders = [s for s in series if s.job_text]  # each job's rank 0
+        world = GaugeMetricFamily(*_WORLD, labels=LABELS[:1])
+        resizes = CounterMetricFamily(*_RESIZES, labels=(LABELS[0], "reason"))
+        for s in leaders:
+            world.add_metric(s.values[:1], s.snapshot.world_size)
+            for reason, _, n in s.resizes:
+                resizes.add_metric((s.values[0], reason), n)
+        yield world
+        yield resizes
         hist = HistogramMetricFamily(*_STEP, labels=LABELS)
         for s in series:
             hist.add_metric(s.values, list(zip(self._le, s.buckets, strict=True)), s.duration_sum)
@@ -299,6 +353,8 @@ class PrometheusSink:
             *(GaugeMetricFamily(n, h) for n, _, h in _GAUGES),
             *(CounterMetricFamily(n, h) for n, _, h in _COUNTERS),
             CounterMetricFamily(*_REPLANS),
+            GaugeMetricFamily(*_WORLD),
+            CounterMetricFamily(*_RESIZES),
             HistogramMetricFamily(*_STEP),
             GaugeMetricFamily(*_JOBS),
         ]

@@ -24,6 +24,9 @@ from autobatch.planning.plan import Plan
 # with honor_labels false a target's own `job` label is renamed `exported_job`.
 LABELS = ("job_id", "rank", "node", "device", "device_uuid")
 
+# Why an elastic job's device set changed during its run (`RankSnapshot.resizes_total`).
+RESIZE_REASONS = ("grew", "shrank", "device_lost")
+
 
 @dataclass(frozen=True)
 class RankSnapshot:
@@ -70,12 +73,22 @@ class RankSnapshot:
     oom_events_total: int = 0
     worker_restarts_total: int = 0
     replans_total: Mapping[str, int] = field(default_factory=dict)
+    # elastic jobs: the ranks of this rank's process group when it took the step (measured),
+    # and the job's resizes so far by reason (RESIZE_REASONS)
+    world_size: int = 1
+    resizes_total: Mapping[str, int] = field(default_factory=dict)
+    # the job's optimizer steps done, from the start of its run (resumes and resizes
+    # included); optimizer_steps_total counts this rank's own since it started
+    step: int = 0
 
     def __post_init__(self) -> None:
         if not self.job:
             raise ValueError("RankSnapshot.job must be a non-empty job name")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"RankSnapshot.rank={self.rank!r} must be an integer >= 0")
+        ws = self.world_size
+        if isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
+            raise ValueError(f"RankSnapshot.world_size={ws!r} must be an integer >= 1")
         durations = tuple(float(d) for d in self.step_durations_s)
         bad = [d for d in durations if not (math.isfinite(d) and d >= 0)]
         if bad:
@@ -84,6 +97,7 @@ class RankSnapshot:
             )
         object.__setattr__(self, "step_durations_s", durations)
         object.__setattr__(self, "replans_total", dict(self.replans_total))
+        object.__setattr__(self, "resizes_total", dict(self.resizes_total))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
     POST /v1/jobs                 a job spec (JSON, or YAML with a yaml content type) -> id
     GET  /v1/jobs                 jobs in queue order, a page at a time (?state=running
                                   &limit=100&cursor=<next_cursor of the previous page>)
-    GET  /v1/jobs/{id}            state, plan, progress, restarts, last error, transitions
+    GET  /v1/jobs/{id}            state, plan, progress, restarts, last error, transitions,
+                                  an elastic job's resizes (reason, devices, step, seconds)
     POST /v1/jobs/{id}/cancel     stop the job's actors, free its devices
     GET  /v1/jobs/{id}/logs       the job log (?tail=N, 0: all; ?follow=true streams until it ends)
     GET  /healthz                 liveness (never needs the token)

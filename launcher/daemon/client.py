@@ -208,6 +208,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for t in rec["transitions"]:
         at = time.strftime("%H:%M:%S", time.localtime(t["at"]))
         print(f"  {at} {t['from_state'] or '-':>10} -> {t['to_state']:<10} {t['reason']}")
+    for r in rec.get("resizes") or []:
+        at = time.strftime("%H:%M:%S", time.localtime(r["at"]))
+        print(
+            f"  {at} resized {r['before']} -> {r['devices']} from step {r['step']} "
+            f"({r['seconds']:.1f} s): {r['why']}"
+        )
     return 0
 
 

@@ -2,7 +2,10 @@
 
     submit -> queued -> (scheduler: all its devices free) -> supervisor actor: JobRunner.run()
         daemon thread per job: poll the supervisor -> events -> store (state, plan,
-        progress, restarts), job log, metrics sink
+        progress, restarts, resizes), job log, metrics sink
+    scheduler: an elastic job grows into freed devices, shrinks for the head of the
+        queue -> supervisor.resize(devices) -> (the runner, at a step boundary) ->
+        Resized event -> the job holds its new devices
 
 Ray is not the daemon's: by default a local head of its own process for the state
 directory (launcher.daemon.rayhead), or the cluster at `address`. Each job's driver
@@ -61,8 +64,17 @@ class JobStateError(StoreError):
 class _Running:
     thread: threading.Thread
     stop: threading.Event
-    slots: frozenset[str]
+    need: scheduler.Need
+    slots: frozenset[str]  # held: what it runs on, and what it grows into
     cancel_reason: str | None = None
+    sup: Any = None  # its supervisor, once launched
+    resizing: bool = False  # a resize asked for, not done yet
+    releasing: frozenset[str] = frozenset()  # slots a shrink under way gives back
+
+    def view(self, job_id: str) -> scheduler.Running:
+        # A job without a supervisor yet cannot be resized: it counts as resizing.
+        busy = self.resizing or self.sup is None
+        return scheduler.Running(job_id, self.need, self.slots, busy, self.releasing)
 
 
 class Daemon:
@@ -293,32 +305,74 @@ class Daemon:
                     self.transition(rec.id, "failed", why, last_error=why)
                     continue
                 queue.append((rec.id, need, spec))
-            busy = {s for r in self.running.values() for s in r.slots}
             specs = self._specs = {job_id: spec for job_id, _, spec in queue}  # the rest left
-            started = scheduler.pick([(i, n) for i, n, _ in queue], busy, self.total_gpus)
-            for job_id, slots in started:
-                free = f"all {len(slots)} device(s) free: {', '.join(sorted(slots))}"
+            needs = {job_id: need for job_id, need, _ in queue}
+            moves = scheduler.schedule(
+                [(i, n) for i, n, _ in queue],
+                [run.view(job_id) for job_id, run in self.running.items()],
+                self.total_gpus,
+            )
+            for job_id, slots in moves.starts:
+                n = needs[job_id]
+                some = "all" if len(slots) == n.wanted(self.total_gpus) else "elastic:"
+                free = f"{some} {len(slots)} device(s) free: {', '.join(sorted(slots))}"
                 self.transition(job_id, "probing", free)
-                self._follow_in_thread(job_id, specs[job_id], slots, None)
-        return [job_id for job_id, _ in started]
+                self._follow_in_thread(job_id, specs[job_id], n, slots, None)
+            for resize in moves.resizes:
+                self._resize(resize)
+        return [job_id for job_id, _ in moves.starts]
+
+    def _resize(self, resize: scheduler.Resize) -> None:
+        """Ask a running elastic job's supervisor to move to `resize.slots`. Slots it grows
+        into are its own at once; slots it gives back are free once it says it resized."""
+        run = self.running[resize.job_id]
+        devices = run.need.devices(resize.slots)
+        before = run.slots
+        if resize.reason == "grew":
+            run.slots = resize.slots
+        else:
+            run.releasing = run.slots - resize.slots
+        run.resizing = True
+        self.log(resize.job_id, f"resizing to devices {devices}: {resize.why}")
+        try:
+            ray.get(run.sup.resize.remote(devices, resize.reason, resize.why), timeout=30)
+        except (RayActorError, GetTimeoutError, ray.exceptions.RayTaskError) as exc:
+            self.log(resize.job_id, f"resize not asked for: {type(exc).__name__}: {exc}")
+            run.slots, run.resizing, run.releasing = before, False, frozenset()
+
+    def resized(self, job_id: str, devices: tuple[int, ...]) -> None:
+        """The job runs on `devices` now (a resize done, or devices lost)."""
+        with self._lock:
+            run = self.running.get(job_id)
+            if run is not None:
+                run.slots = run.need.slots_of(devices, run.slots)
+                run.resizing, run.releasing = False, frozenset()
+        self._wake.set()
 
     def _attach(self, job_id: str, spec: JobSpec, sup: Any) -> None:
         """Follow a job a previous daemon started, on the devices it holds."""
+        need = scheduler.need(spec)
+        devices = ray.get(sup.devices.remote(), timeout=30)  # an elastic job: maybe a subset
         with self._lock:
             busy = {s for r in self.running.values() for s in r.slots}
-            slots = scheduler.allocate(scheduler.need(spec), busy, self.total_gpus)
+            want = need.wanted(self.total_gpus) if devices is None else len(devices)
+            if need.named:
+                slots = need.slots_of(devices or range(want), frozenset())
+            else:
+                free = [f"gpu#{i}" for i in range(self.total_gpus) if f"gpu#{i}" not in busy]
+                slots = frozenset(free[:want])
             self.log(job_id, "daemon restarted: re-attached to the job's supervisor, which "
                      "kept it running")  # fmt: skip
-            self._follow_in_thread(job_id, spec, slots or frozenset(), sup)
+            self._follow_in_thread(job_id, spec, need, slots, sup)
 
     def _follow_in_thread(
-        self, job_id: str, spec: JobSpec, slots: frozenset[str], sup: Any | None
+        self, job_id: str, spec: JobSpec, need: scheduler.Need, slots: frozenset[str], sup: Any
     ) -> None:
         stop = threading.Event()
         thread = threading.Thread(
             target=self._run_job, args=(job_id, spec, stop, sup), name=f"job:{job_id}", daemon=True
         )
-        self.running[job_id] = _Running(thread, stop, slots)
+        self.running[job_id] = _Running(thread, stop, need, slots, sup=sup)
         thread.start()
 
     def _run_job(self, job_id: str, spec: JobSpec, stop: threading.Event, sup: Any) -> None:
@@ -326,7 +380,12 @@ class Daemon:
         outcome: dict[str, Any] | None = None
         try:
             if sup is None:
-                sup = supervisor.launch(job_id, spec, self.metrics_url)
+                with self._lock:
+                    run = self.running[job_id]
+                    devices = run.need.devices(run.slots) if spec.devices.elastic else None
+                sup = supervisor.launch(job_id, spec, self.metrics_url, devices)
+                with self._lock:
+                    run.sup = sup
             outcome = self._follow(job_id, sup, JobWatcher(self, job_id, spec), stop)
         except (RayActorError, GetTimeoutError) as exc:
             outcome = {"state": "lost", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}

@@ -4,6 +4,7 @@ Planned    -> store.plan, state running, the plan table in the job log
 MetricsAt  -> the job log
 Resuming   -> the job log (the transition that re-queued the job said why)
 Restarting -> state restarting (reason), restarts, last_error, the new plan
+Resized    -> store.resizes (each with its reason), the job log; the daemon's slots
 Progress   -> snapshots drained from the job's collector into the daemon's sink
               (job label = job id), store.progress (at most once a second), a log
               line per step; state running again after a restart
@@ -27,9 +28,11 @@ from launcher.job.events import (
     MetricsAt,
     Planned,
     Progress,
+    Resized,
     Restarting,
     Resuming,
     RunnerEvent,
+    describe_resize,
 )
 from launcher.job.spec import JobSpec
 
@@ -44,6 +47,8 @@ class JobHost(Protocol):
     def log(self, job_id: str, line: str) -> None: ...
 
     def transition(self, job_id: str, state: str, reason: str) -> None: ...
+
+    def resized(self, job_id: str, devices: tuple[int, ...]) -> None: ...
 
 
 class JobWatcher:
@@ -78,12 +83,24 @@ class JobWatcher:
                 )
                 self.host.log(self.job_id, f"{reason}; resuming from {resume}")
                 self._state("restarting", reason)
+            case Resized() as r:
+                self._resized(r)
             case Progress(snapshots=snapshots):
                 self._progress(snapshots)
             case Finished(summary=summary):
                 self._drain()
                 progress = {"step": summary.steps, "total_steps": summary.steps, "ranks": []}
                 self.store.update(self.job_id, summary=summary.to_dict(), progress=progress)
+
+    def _resized(self, r: Resized) -> None:
+        entry = {
+            "at": time.time(), "reason": r.reason, "why": r.why, "devices": list(r.devices),
+            "before": list(r.before), "step": r.step, "seconds": round(r.seconds, 3),
+        }  # fmt: skip
+        resizes = self.store.get(self.job_id).resizes or []
+        self.store.update(self.job_id, resizes=[*resizes, entry])
+        self.host.log(self.job_id, f"resized: {describe_resize(r)}")
+        self.host.resized(self.job_id, r.devices)
 
     def _state(self, state: str, reason: str) -> None:
         if self.store.get(self.job_id).state != state:
@@ -96,7 +113,7 @@ class JobWatcher:
             return
         if self.store.get(self.job_id).state == "restarting":
             self._state("running", "training again after the restart")
-        step = rank0.optimizer_steps_total
+        step = rank0.step
         if step != self.last_step:
             self.last_step = step
             loss = f"{rank0.train_loss:.4f}" if rank0.train_loss is not None else "-"
@@ -121,7 +138,7 @@ def _progress(snaps: Sequence[RankSnapshot], spec: JobSpec) -> dict[str, Any]:
     """The job's progress as the API shows it: step, loss, batch, and a line per rank."""
     rank0 = next(s for s in snaps if s.rank == 0)
     return {
-        "step": rank0.optimizer_steps_total,
+        "step": rank0.step,
         "total_steps": spec.max_steps,
         "train_loss": rank0.train_loss,
         "global_batch_size": rank0.global_batch_size,

@@ -6,7 +6,8 @@
 `set_state` is the only way a job changes state: it checks the transition is
 allowed, writes the new state and a transition row (time, from, to, reason) in
 one transaction. Everything else a job carries (plan, progress, restarts, last
-error, summary) is data updated with `update`, never a state change.
+error, summary, an elastic job's resizes) is data updated with `update`, never a
+state change.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT,
     restarts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    summary TEXT
+    summary TEXT,
+    resizes TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -97,6 +99,7 @@ class JobRecord:
     restarts: int
     last_error: str | None
     summary: dict[str, Any] | None
+    resizes: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -107,8 +110,8 @@ def new_job_id(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-_JSON_FIELDS = ("plan", "progress", "summary")
-_UPDATABLE = {"plan", "progress", "restarts", "last_error", "summary"}
+_JSON_FIELDS = ("plan", "progress", "summary", "resizes")
+_UPDATABLE = {"plan", "progress", "restarts", "last_error", "summary", "resizes"}
 
 
 class JobStore:
@@ -123,6 +126,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "resizes" not in columns:  # a state directory from before elastic jobs
+            self._db.execute("ALTER TABLE jobs ADD COLUMN resizes TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -298,12 +304,12 @@ _BRIEF = (
 )  # fmt: skip
 _SELECT = (
     "SELECT id, name, spec, state, created, updated, plan, progress, restarts, last_error, "
-    "summary FROM jobs"
+    "summary, resizes FROM jobs"
 )
 
 
 def _record(row: tuple) -> JobRecord:
-    id_, name, spec, state, created, updated, plan, progress, restarts, err, summary = row
+    id_, name, spec, state, created, updated, plan, progress, restarts, err, summary, resizes = row
     load = lambda v: json.loads(v) if v is not None else None  # noqa: E731
     return JobRecord(
         id_,
@@ -317,4 +323,5 @@ def _record(row: tuple) -> JobRecord:
         restarts,
         err,
         load(summary),
+        load(resizes),
     )

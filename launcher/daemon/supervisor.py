@@ -5,6 +5,8 @@
     daemon: poll(ack) every half second -> events after `ack`, the outcome once the run
             ended, the job's snapshot collector
     daemon restarted: find(job_id) -> the same actor; poll(-1) hands over what it missed
+    daemon: resize(devices, reason, why) -> the runner moves an elastic job at the next
+            step boundary; devices() -> where it runs now (for a daemon re-attaching)
 
 The supervisor keeps the events the daemon has not acknowledged, consecutive
 `Progress` events folded into the latest, so a supervisor whose daemon is gone holds
@@ -31,7 +33,9 @@ from launcher.job.spec import JobSpec
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class JobSupervisor:
-    def __init__(self, spec: JobSpec, metrics_url: str) -> None:
+    def __init__(self, spec: JobSpec, metrics_url: str, devices: list[int] | None = None) -> None:
+        from launcher.job.runner import JobRunner
+
         self.spec, self.metrics_url = spec, metrics_url
         self._events: list[tuple[int, RunnerEvent]] = []
         self._seq = 0
@@ -39,6 +43,10 @@ class JobSupervisor:
         self._collector: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._runner = JobRunner(
+            spec, listener=self._record, stop=self._stop, collector_factory=self._make,
+            devices=devices,
+        )  # fmt: skip
         threading.Thread(target=self._run, name="runner", daemon=True).start()
 
     def poll(self, ack: int) -> tuple[list[tuple[int, RunnerEvent]], dict | None, Any]:
@@ -52,15 +60,19 @@ class JobSupervisor:
     def cancel(self) -> None:
         self._stop.set()
 
+    def resize(self, devices: list[int], reason: str, why: str) -> None:
+        self._runner.request_resize(devices, reason, why)
+
+    def devices(self) -> list[int] | None:
+        """The spec's devices the job runs on (None: not known yet, all of them)."""
+        return list(self._runner.active) if self._runner.active is not None else None
+
     # -- inside ------------------------------------------------------------------
     def _run(self) -> None:
-        from launcher.job.runner import JobCancelled, JobRunner
+        from launcher.job.runner import JobCancelled
 
         try:
-            runner = JobRunner(
-                self.spec, listener=self._record, stop=self._stop, collector_factory=self._make
-            )
-            summary = runner.run()
+            summary = self._runner.run()
             done = {"state": "succeeded", "reason": f"{summary.steps} steps in "
                     f"{summary.seconds:.1f} s"}  # fmt: skip
         except JobCancelled:
@@ -99,13 +111,14 @@ def actor_name(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def launch(job_id: str, spec: JobSpec, metrics_url: str) -> Any:
-    """A new supervisor for the job, on the daemon's node, outliving the daemon."""
+def launch(job_id: str, spec: JobSpec, metrics_url: str, devices: list[int] | None = None) -> Any:
+    """A new supervisor for the job, on the daemon's node, outliving the daemon; `devices`:
+    the spec's devices an elastic job starts on (default all)."""
     from launcher.job.cluster import on_this_node
 
     return JobSupervisor.options(
         name=actor_name(job_id), namespace=NAMESPACE, lifetime="detached", **on_this_node()
-    ).remote(spec, metrics_url)
+    ).remote(spec, metrics_url, devices)
 
 
 def find(job_id: str) -> Any | None:

@@ -110,5 +110,15 @@ def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: str | os.PathLike | None) -> int:
+    """The step a checkpoint was taken at (0 for none)."""
+    if path is None:
+        return 0
+    m = _NAME.fullmatch(pathlib.Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint (step_NNNNNNNN[.pt])")
+    return int(m.group(1))
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)

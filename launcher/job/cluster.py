@@ -48,10 +48,12 @@ class ProbedDevice:
     node_id: str
     profile: ModelProfile | None  # None: not even one sample fits, see no_fit
     no_fit: str | None = None
+    index: int | None = None  # in the spec's devices (default: the bundle's)
 
     @property
     def device_id(self) -> str:
-        return f"b{self.bundle}"
+        """Stable across resizes: the device's place in the spec's device list."""
+        return f"b{self.bundle if self.index is None else self.index}"
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Under `autobatch run` it serves them on its own /metrics. Under the daemon it
 serves nothing: the daemon drains the snapshots in order into its one Prometheus
 target (so the step histogram sees every step), labelled with the job id.
 Either way the runner reads the latest snapshot of every rank for progress.
+
+It also carries the runner's one directive to an elastic job's ranks: stop at the
+next optimizer-step boundary (for a resize); rank 0 asks after every step.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class SnapshotCollector:
         # Bounded: while nobody drains (a daemon restarting), the oldest are dropped.
         self._pending: collections.deque[RankSnapshot] = collections.deque(maxlen=PENDING_MAX)
         self._latest: dict[int, RankSnapshot] = {}
+        self._stop = False
         self._sink = self._server = None
         self._url = url
         if host is not None:
@@ -48,6 +52,18 @@ class SnapshotCollector:
 
     def latest(self) -> list[RankSnapshot]:
         return list(self._latest.values())
+
+    def request_stop(self) -> None:
+        """The ranks stop after the step they are in (a checkpoint, then they return)."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    def begin_attempt(self) -> None:
+        """A new set of ranks starts: no directive, and no snapshot of the old ranks."""
+        self._stop = False
+        self._latest.clear()
 
     def url(self) -> str:
         return self._url

@@ -30,6 +30,7 @@ class RankContext:
     backward_factor: float = 3.0
     restarts: int = 0
     replans: dict[str, int] = field(default_factory=dict)
+    resizes: dict[str, int] = field(default_factory=dict)  # by reason, as the runner counted
     ranks_on_node: int = 1  # ranks of the job on this rank's node (for the data workers)
 
 
@@ -42,3 +43,4 @@ class RankOutcome:
     checkpoint: str | None
     parameters: dict[str, torch.Tensor] | None = None  # rank 0 only, for invariance checks
     output: str | None = None  # rank 0: where the task saved the trained model
+    stopped: bool = False  # stopped at a step boundary for a resize, not at the end

@@ -2,7 +2,10 @@
 
 The runner calls its listener with one of these values, in this order:
 
-    Planned -> MetricsAt -> [Resuming] -> (Progress | Restarting)* -> Finished
+    Planned -> MetricsAt -> [Resuming] -> (Progress | Restarting | Planned Resized)* -> Finished
+
+An elastic job's resize is a new `Planned` (the plan on the new devices), then
+`Resized` once the new ranks finished their first step.
 
 A listener must not raise: the runner does not catch its errors. Text in these
 values (a rank's error message) is data: print it plainly, never as markup.
@@ -32,6 +35,7 @@ class JobSummary:
     checkpoint: str | None
     plan: Plan
     parameters: dict | None = None
+    resizes: dict[str, int] = dataclasses.field(default_factory=dict)
     output: str | None = None  # the trained model, for tasks that save one
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,9 +75,29 @@ class Restarting:
 
 
 @dataclass(frozen=True)
+class Resized:
+    """The job runs on other devices from `step` on, with the same global batch."""
+
+    reason: str  # "grew", "shrank" or "device_lost"
+    why: str  # for the user: "grew into freed devices", "shrank for job X", ...
+    devices: tuple[int, ...]  # the job's devices now (indices into the spec's devices)
+    before: tuple[int, ...]
+    step: int  # the first step on the new devices
+    seconds: float  # from the request to the new ranks' first step done
+
+
+def describe_resize(r: Resized) -> str:
+    """One line for the user: why, which devices, from which step, at what cost."""
+    return (
+        f"{r.why}: devices {list(r.before)} -> {list(r.devices)} from step {r.step} "
+        f"({r.seconds:.1f} s)"
+    )
+
+
+@dataclass(frozen=True)
 class Finished:
     summary: JobSummary
 
 
-RunnerEvent = Union[Planned, MetricsAt, Resuming, Progress, Restarting, Finished]  # noqa: UP007
+RunnerEvent = Union[Planned, MetricsAt, Resuming, Progress, Restarting, Resized, Finished]  # noqa: UP007
 Listener = Callable[[RunnerEvent], None]

@@ -6,6 +6,7 @@
     out of memory in a no_sync micro-step (agreed)     -> retry in place, that device lowered
     out of memory in the synced backward               -> restart from the checkpoint, lowered
     a device whose node is gone                        -> re-plan on the devices left
+                                                          (at least min_count of them)
     anything else (a dead worker, a broken collective) -> restart from the checkpoint
     no restarts left, or nothing left to plan on       -> fail, saying why
 
@@ -91,6 +92,7 @@ def decide(
     plan: Plan,
     lost_devices: Collection[str] = (),
     keep_all: bool = False,
+    min_count: int | None = None,
 ) -> Decision:
     """What to do after `failures` (at least one), `restarts` restarts into the job."""
     if not failures:
@@ -111,6 +113,9 @@ def decide(
         left = [d for d in plan.inputs if d.device_id not in lost]
         if not left:
             return Decision("fail", plan, f"every device of the job is gone: {what}", root.kind)
+        if min_count is not None and len(left) < min_count:
+            why = f"{len(left)} device(s) left, below devices.min_count={min_count}: {what}"
+            return Decision("fail", plan, why, root.kind)
         try:
             new = replan(plan, left, keep_all=keep_all)
         except AutobatchError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.packing import padding_waste
@@ -21,8 +22,11 @@ from launcher.job.context import RankContext
 class RankStats:
     """Counters and the last step's figures of one rank, as metrics snapshots."""
 
-    def __init__(self, ctx: RankContext, plan: Plan, max_len: int | None) -> None:
+    def __init__(
+        self, ctx: RankContext, plan: Plan, max_len: int | None, start_step: int = 0
+    ) -> None:
         self.ctx, self.plan, self.max_len = ctx, plan, max_len
+        self.start_step = start_step  # the job's step this rank began at
         self.steps = 0
         self.samples = 0
         self.tokens = 0
@@ -108,6 +112,9 @@ class RankStats:
             oom_events_total=self.oom_events,
             worker_restarts_total=self.ctx.restarts,
             replans_total=self.replans,
+            world_size=dist.get_world_size() if dist.is_initialized() else 1,  # measured
+            resizes_total=dict(self.ctx.resizes),
+            step=self.start_step + self.steps,
         )
 
 

@@ -6,6 +6,12 @@
 The bracketed part repeats after a failure, from the last checkpoint, as the
 failure policy (`policy.decide`) says: restart, re-plan on the devices left, or
 fail with the reason. The runner tells its listener what happens (`events`).
+
+An elastic job (`devices.min_count`) also repeats it for a resize (`request_resize`,
+from another thread): the ranks stop at the next step boundary with a checkpoint of
+that step, the runner reserves, probes (the profile cache answers for known device
+types) and plans the new devices, and the next attempt resumes at that step: the
+same global batches, in the same order, on other devices.
 Every actor and the placement group are removed on the way out, whatever happens.
 """
 
@@ -15,8 +21,8 @@ import contextlib
 import pathlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -31,7 +37,7 @@ from autobatch.probe.devices import DeviceInfo, normalise_speeds
 from autobatch.probe.profile import ModelProfile
 from autobatch.step.precision import Precision, choose_precision
 from launcher.job import cluster, policy
-from launcher.job.checkpoint import latest_checkpoint
+from launcher.job.checkpoint import checkpoint_step, latest_checkpoint
 from launcher.job.collector import SnapshotCollector
 from launcher.job.context import RankContext, RankOutcome
 from launcher.job.events import (
@@ -41,6 +47,7 @@ from launcher.job.events import (
     MetricsAt,
     Planned,
     Progress,
+    Resized,
     Restarting,
     Resuming,
 )
@@ -54,6 +61,23 @@ class JobCancelled(LaunchError):
 
 
 FAILURE_GRACE_S = 2.0  # how long the other ranks have to report after one fails
+
+
+@dataclass(frozen=True)
+class _ResizeRequest:
+    devices: tuple[int, ...]
+    reason: str  # grew | shrank
+    why: str
+    at: float  # time.monotonic() of the request
+
+
+@dataclass(frozen=True)
+class _Announce:
+    """A resize done, to be announced once the new ranks finished a step."""
+
+    request: _ResizeRequest
+    before: tuple[int, ...]
+    step: int
 
 
 class _AttemptFailed(Exception):
@@ -75,11 +99,13 @@ class JobRunner:
         metrics_host: str = "127.0.0.1",
         stop: threading.Event | None = None,
         collector_factory: Callable[[], object] | None = None,
+        devices: Sequence[int] | None = None,
     ) -> None:
         """`stop`: set it to cancel the job (checked between phases and every 0.5 s while
         training; raises JobCancelled). `collector_factory`: makes the Ray actor the ranks
         push snapshots to, which its caller ends (default: a SnapshotCollector serving its
-        own /metrics, ended with the run)."""
+        own /metrics, ended with the run). `devices`: the spec's devices (indices into its
+        device list) an elastic job starts on; default all of them."""
         self.spec = spec
         self.stop = stop
         self.collector_factory = collector_factory
@@ -95,6 +121,12 @@ class JobRunner:
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
         self.notes: list[str] = []  # choices made on the way, carried into the plan
         self.precision: Precision | None = None  # the spec's, with auto resolved
+        self.active: list[int] | None = list(devices) if devices is not None else None
+        self.all_requests: list[cluster.DeviceRequest] = []  # every device of the spec
+        self.resizes: dict[str, int] = {}  # by reason, for the ranks' metrics
+        self._resize: _ResizeRequest | None = None
+        self._announce: _Announce | None = None
+        self._resize_lock = threading.Lock()
         self._t = time.monotonic()
 
     def _check_stop(self) -> None:
@@ -107,6 +139,24 @@ class JobRunner:
         self._t = now
 
     # -- public entry points ------------------------------------------------
+    def request_resize(self, devices: Sequence[int], reason: str, why: str) -> None:
+        """Move the job to `devices` (indices into the spec's devices) at the next step
+        boundary; thread-safe. `reason`: grew or shrank, `why`: for the user."""
+        if not self.spec.devices.elastic:
+            raise LaunchError(f"job {self.spec.name} is not elastic (devices.min_count unset)")
+        devices = tuple(sorted(set(devices)))
+        check_devices(self.spec, devices, self.all_requests or None)
+        with self._resize_lock:
+            self._resize = _ResizeRequest(devices, reason, why, time.monotonic())
+            collector = self.collector
+        if collector is not None:
+            collector.request_stop.remote()
+
+    def _take_resize(self) -> _ResizeRequest | None:
+        with self._resize_lock:
+            req, self._resize = self._resize, None
+            return req
+
     def probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
         with self._session():
             return self._probe_and_plan()
@@ -131,11 +181,17 @@ class JobRunner:
             self._cleanup()
 
     def _probe_and_plan(self) -> tuple[Plan, list[cluster.ProbedDevice]]:
-        requests = cluster.device_requests(self.spec)
-        if any(r.simulated for r in requests):
-            sims = normalise_speeds([r.simulated for r in requests])
-            requests = [replace(r, simulated=s) for r, s in zip(requests, sims)]
-        self.requests = requests
+        if not self.all_requests:
+            requests = cluster.device_requests(self.spec)
+            if any(r.simulated for r in requests):  # speeds relative to all of the spec's
+                sims = normalise_speeds([r.simulated for r in requests])
+                requests = [replace(r, simulated=s) for r, s in zip(requests, sims)]
+            self.all_requests = requests
+            if self.active is None:
+                self.active = list(range(len(requests)))
+            check_devices(self.spec, self.active, requests)
+        self.notes = []
+        self.requests = requests = [self.all_requests[i] for i in self.active]
         self._check_stop()
         self.pg = cluster.reserve(requests)
         self._phase("reserve")
@@ -179,7 +235,10 @@ class JobRunner:
         }
         try:
             found = cluster.wait_all(
-                [self.workers[i].inventory.remote(r.simulated, i) for i, r in enumerate(requests)],
+                [
+                    self.workers[i].inventory.remote(r.simulated, self.active[i])
+                    for i, r in enumerate(requests)
+                ],
                 cluster.ACTOR_TIMEOUT_S,
                 "device inventory",
             )
@@ -198,10 +257,13 @@ class JobRunner:
         probed = []
         for i, (info, ip, node_id) in enumerate(found):
             profile = profiles[(info.name, info.total_bytes, info.speed)]
+            index = self.active[i]
             if isinstance(profile, str):  # not even one sample fits: left out, saying why
-                probed.append(cluster.ProbedDevice(i, info, ip, node_id, None, no_fit=profile))
+                probed.append(
+                    cluster.ProbedDevice(i, info, ip, node_id, None, no_fit=profile, index=index)
+                )
             else:
-                probed.append(cluster.ProbedDevice(i, info, ip, node_id, profile))
+                probed.append(cluster.ProbedDevice(i, info, ip, node_id, profile, index=index))
         return sorted(
             probed,
             key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
@@ -262,10 +324,18 @@ class JobRunner:
         t0 = time.monotonic()
         while True:
             try:
+                if self._resize is not None:  # asked for before this attempt started
+                    plan, devices = self._resized(ckpt_dir)
+                    resume = _latest(ckpt_dir)
                 outcomes = self._attempt(
                     plan, devices, ckpt_dir, resume, attempt, restarts, replans
                 )
-                break
+                if not outcomes[0].stopped:
+                    break
+                # Stopped at a step boundary for a resize: the next attempt resumes there.
+                self._stop_workers()
+                resume = _latest(ckpt_dir)
+                attempt += 1
             except _AttemptFailed as failed:
                 self._stop_workers()
                 self._check_stop()
@@ -276,10 +346,13 @@ class JobRunner:
                     plan=plan,
                     lost_devices=cluster.lost_devices(devices),
                     keep_all=spec.devices.keep_all,
+                    min_count=spec.devices.min_count,
                 )
                 if decision.action == "fail":
                     raise LaunchError(f"job {spec.name}: {decision.reason}") from None
                 restarts += 1
+                if decision.replan == "device_lost":
+                    self._lost(plan, decision.plan, ckpt_dir)
                 plan = decision.plan
                 if decision.replan:
                     replans[decision.replan] = replans.get(decision.replan, 0) + 1
@@ -296,6 +369,7 @@ class JobRunner:
             restarts=restarts,
             oom_events=sum(o.oom_events for o in outcomes) + replans.get("oom", 0),
             replans=replans,
+            resizes=dict(self.resizes),
             checkpoint=outcomes[0].checkpoint,
             plan=Plan.from_json(outcomes[0].final_plan_json),
             parameters=outcomes[0].parameters,
@@ -303,6 +377,35 @@ class JobRunner:
         )
         self.listener(Finished(summary))
         return summary
+
+    def _resized(self, ckpt_dir: pathlib.Path) -> tuple[Plan, list[cluster.ProbedDevice]]:
+        """Move to the requested devices: a new reservation, probe (from the profile cache
+        for known device types) and plan; announced once the new ranks took a step."""
+        req = self._take_resize()
+        before = tuple(self.active)
+        self._stop_workers()
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+        self.active = list(req.devices)
+        plan, devices = self._probe_and_plan()
+        self.resizes[req.reason] = self.resizes.get(req.reason, 0) + 1
+        self._announce = _Announce(req, before, checkpoint_step(latest_checkpoint(ckpt_dir)))
+        self.listener(Planned(plan, devices))
+        return plan, devices
+
+    def _lost(self, old: Plan, new: Plan, ckpt_dir: pathlib.Path) -> None:
+        """Devices lost with their node: the job goes on without them (announced like a
+        resize, once the ranks left took a step)."""
+        before = tuple(self.active)
+        kept = {int(r.device_id.removeprefix("b")) for r in new.ranks}
+        self.active = [i for i in self.active if i in kept]
+        gone = sorted({r.device_id for r in old.ranks} - {r.device_id for r in new.ranks})
+        req = _ResizeRequest(
+            tuple(self.active), "device_lost", f"lost {', '.join(gone)}", time.monotonic()
+        )
+        self.resizes["device_lost"] = self.resizes.get("device_lost", 0) + 1
+        self._announce = _Announce(req, before, checkpoint_step(latest_checkpoint(ckpt_dir)))
 
     def _attempt(
         self,
@@ -328,6 +431,9 @@ class JobRunner:
         joins = [a.join.remote(master, r, world, backend, 120) for r, a in enumerate(self.actors)]
         self._collect(joins, "process group set-up")
         self._phase("process_group")
+        ray.get(self.collector.begin_attempt.remote())
+        if self._resize is not None:  # asked for while this attempt was starting
+            self.collector.request_stop.remote()
         refs = []
         for rank, (actor, d) in enumerate(zip(self.actors, ranked)):
             ctx = RankContext(
@@ -346,6 +452,7 @@ class JobRunner:
                 backward_factor=d.profile.backward_factor,
                 restarts=restarts,
                 replans=dict(replans),
+                resizes=dict(self.resizes),
                 ranks_on_node=sum(other.node == d.node for other in ranked),
             )
             refs.append(actor.train.remote(ctx, self.collector))
@@ -391,6 +498,13 @@ class JobRunner:
             self._phase("first_step")
         if snaps:
             self.listener(Progress(snaps))
+        if snaps and self._announce is not None:
+            a, self._announce = self._announce, None
+            seconds = time.monotonic() - a.request.at
+            self.listener(
+                Resized(a.request.reason, a.request.why, tuple(self.active), a.before, a.step,
+                        seconds)
+            )  # fmt: skip
 
     # -- clean-up -------------------------------------------------------------
     def _stop_workers(self) -> None:
@@ -414,3 +528,19 @@ class JobRunner:
 def _latest(ckpt_dir: pathlib.Path) -> str | None:
     found = latest_checkpoint(ckpt_dir)
     return str(found) if found else None
+
+
+def check_devices(
+    spec: JobSpec, devices: Sequence[int], requests: Sequence[object] | None = None
+) -> None:
+    """Raise LaunchError unless `devices` are distinct indices of the spec's devices, as
+    many as the job may run on (all of them unless elastic: at least min_count)."""
+    n = len(requests) if requests is not None else None
+    bad = [i for i in devices if i < 0 or (n is not None and i >= n)]
+    if bad or len(set(devices)) != len(devices) or not devices:
+        allowed = f"0..{n - 1}" if n else "indices of the spec's devices"
+        raise LaunchError(f"devices={list(devices)}: give distinct device indices in {allowed}")
+    floor = spec.devices.min_count if spec.devices.elastic else n
+    if floor is not None and len(devices) < floor:
+        what = f"devices.min_count={floor}" if spec.devices.elastic else "the job is not elastic"
+        raise LaunchError(f"devices={list(devices)}: {len(devices)} device(s), {what}")

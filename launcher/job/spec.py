@@ -87,6 +87,10 @@ class DevicesSpec(_Strict):
     simulated: list[SimulatedDeviceSpec] = []
     # Use every selected device, even one the planner would leave out as too slow.
     keep_all: bool = False
+    # Elastic: the job may run on as few as min_count of its devices. The daemon starts it
+    # when that many are free, grows it into devices that free up and shrinks it (never
+    # below min_count) for queued jobs; a lost device shrinks it. None: all of them (gang).
+    min_count: Annotated[int, Field(ge=1, le=4096)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> DevicesSpec:
@@ -107,7 +111,27 @@ class DevicesSpec(_Strict):
             raise ValueError(
                 f"simulated devices are listed but select={self.select!r}; use select: simulated"
             )
+        if self.min_count is not None:
+            self._check_min_count()
         return self
+
+    def _check_min_count(self) -> None:
+        if self.select == "name":
+            raise ValueError(
+                "min_count needs a known device count: select 'name' picks its GPUs by name "
+                "after probing; use select 'count' or 'simulated'"
+            )
+        n = sum(s.count for s in self.simulated) if self.select == "simulated" else self.count
+        if n is not None and self.min_count > n:
+            raise ValueError(
+                f"min_count={self.min_count} is more than the {n} device(s) selected; "
+                f"allowed: 1 to {n}"
+            )
+
+    @property
+    def elastic(self) -> bool:
+        """May run on fewer devices than it selects."""
+        return self.min_count is not None
 
     def simulated_devices(self) -> list[SimulatedDevice]:
         return [d for spec in self.simulated for d in spec.devices()]
@@ -204,6 +228,9 @@ class JobSpec(_Strict):
     seed: int = 0
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 0  # 0: any free port
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
+    # The daemon starts higher priorities first (FIFO within one), and shrinks elastic jobs
+    # of the same or a lower priority, lowest first, to start the head of the queue.
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     faults: list[FaultSpec] = []
     # DataLoader worker processes per rank that collate its micro-batches ahead of the step
     # (prefetch; pinned memory on GPUs); 0 collates on the training thread. None: min(4, the

@@ -91,7 +91,14 @@ class _Faults:
         return loss
 
 
-def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOutcome:
+def train_rank(
+    ctx: RankContext,
+    push: Callable[[RankSnapshot], None],
+    stop_requested: Callable[[], bool] | None = None,
+) -> RankOutcome:
+    """Train from the context's checkpoint to the last step, or (elastic jobs) until rank 0's
+    `stop_requested` says so after a step: then every rank checkpoints that step and returns
+    (the runner resizes the job and resumes there)."""
     rank = _Rank(ctx)
     try:
         while rank.sampler.step < rank.total:
@@ -117,6 +124,10 @@ def train_rank(ctx: RankContext, push: Callable[[RankSnapshot], None]) -> RankOu
             rank.sampler.advance()
             push(rank.record(result, time.perf_counter() - t0, indices, lengths_of))
             rank.checkpoint_if_due()
+            more = rank.sampler.step < rank.total
+            if stop_requested is not None and more and rank.stop_agreed(stop_requested):
+                rank.checkpoint()
+                return rank.outcome(stopped=True)
     finally:
         rank.close_data()
     return rank.outcome()
@@ -160,11 +171,12 @@ class _Rank:
         if state is not None and self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])  # fp16: the scale it had
         self.last_checkpoint = ctx.resume_from
+        self._saved_step = self.sampler.step if ctx.resume_from else -1
         self.loss_fn, self.memory = self._device_loss()
         self.faults = _Faults(ctx)
         self.loss_fn = self.faults.wrap(self.loss_fn, lambda: self.sampler.step, self._n_micro)
         self.max_len = task.max_length() if task.sample_length else None
-        self.stats = RankStats(ctx, self.plan, self.max_len)
+        self.stats = RankStats(ctx, self.plan, self.max_len, start_step=self.sampler.step)
         self.audit = _Audit(ctx) if spec.audit_samples else None
         self._indices: list = []
         self.data_workers = (
@@ -289,10 +301,27 @@ class _Rank:
         stats.on_step(result, seconds, self.plan, indices, lengths_of, self.memory, self.device)
         return stats.snapshot()
 
+    def stop_agreed(self, stop_requested: Callable[[], bool]) -> bool:
+        """Rank 0 asks, every rank learns the answer (a one-number broadcast): the ranks stop
+        at the same step boundary."""
+        flag = stop_requested() if self.ctx.rank == 0 else False
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def checkpoint_if_due(self) -> None:
         step = self.sampler.step
-        if step % self.spec.checkpoint.interval and step != self.total:
+        if step % self.spec.checkpoint.interval == 0 or step == self.total:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """A synchronous checkpoint of the current step (once per step)."""
+        step = self.sampler.step
+        if self._saved_step == step:
             return
+        self._saved_step = step
         state = {
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state().to_dict(),
@@ -309,14 +338,15 @@ class _Rank:
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             self.last_checkpoint = str(save_checkpoint(self.ctx.checkpoint_dir, step, state))
 
-    def outcome(self) -> RankOutcome:
+    def outcome(self, *, stopped: bool = False) -> RankOutcome:
         params = output = None
-        full = full_model_state(self.model)  # a collective when sharded: every rank
-        if self.ctx.rank == 0:
-            params = {k: v.detach().cpu().clone() for k, v in full.items()}
-            if self.task.save is not None and self.ctx.output_dir:
-                self.task.save(self._plain(full), self.ctx.output_dir)
-                output = self.ctx.output_dir
+        if not stopped:  # stopped for a resize: the model is the last attempt's to give
+            full = full_model_state(self.model)  # a collective when sharded: every rank
+            if self.ctx.rank == 0:
+                params = {k: v.detach().cpu().clone() for k, v in full.items()}
+                if self.task.save is not None and self.ctx.output_dir:
+                    self.task.save(self._plain(full), self.ctx.output_dir)
+                    output = self.ctx.output_dir
         return RankOutcome(
             self.ctx.rank,
             self.sampler.step,
@@ -325,6 +355,7 @@ class _Rank:
             self.last_checkpoint,
             params,
             output,
+            stopped=stopped,
         )
 
     def _plain(self, full: dict[str, torch.Tensor]) -> torch.nn.Module:

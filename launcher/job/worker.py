@@ -59,7 +59,11 @@ class DeviceWorker:
     def train(self, ctx: Any, collector: Any) -> Any:
         from launcher.job.train import train_rank
 
-        return train_rank(ctx, lambda snap: collector.push.remote(snap))
+        def stop() -> bool:  # elastic jobs: rank 0 asks after every step
+            return ray.get(collector.stop_requested.remote())
+
+        elastic = ctx.spec.devices.elastic
+        return train_rank(ctx, lambda snap: collector.push.remote(snap), stop if elastic else None)
 
 
 def free_port() -> int:
