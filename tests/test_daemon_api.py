@@ -88,6 +88,17 @@ def test_submit_json_and_yaml_then_list_and_get(api):
         (tiny_spec(colour="red"), 422, "colour: Extra inputs are not permitted"),
         # not a mapping
         ([1, 2], 422, "a job spec is a mapping of fields, got list"),
+        # elastic: more devices than it selects; a priority out of range
+        (
+            tiny_spec(devices=tiny_spec()["devices"] | {"min_count": 4}),
+            422,
+            "devices: min_count=4 is more than the 3 device(s) selected; allowed: 1 to 3",
+        ),
+        (
+            tiny_spec(priority=-5000),
+            422,
+            "priority: Input should be greater than or equal to -1000",
+        ),
         # checkpoints outside the checkpoint root
         (
             tiny_spec(checkpoint={"dir": "../../etc"}),

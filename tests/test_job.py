@@ -85,6 +85,28 @@ def test_shipped_configs_are_valid():
             r"devices.simulated.0.speed: Input should be greater than 0",
         ),
         ({"memory_headroom": 1.5}, r"memory_headroom: Input should be less than 1"),
+        (
+            {"devices": {"select": "count", "count": 2, "min_count": 3}},
+            r"devices: min_count=3 is more than the 2 device\(s\) selected; allowed: 1 to 2",
+        ),
+        (
+            {
+                "devices": {
+                    "select": "simulated",
+                    "min_count": 2,
+                    "simulated": [{"name": "x", "memory": "1GiB"}],
+                }
+            },
+            r"min_count=2 is more than the 1 device\(s\) selected",
+        ),  # fmt: skip
+        ({"devices": {"select": "all", "min_count": 0}}, r"devices.min_count: .*greater than or"),
+        ({"devices": {"select": "all", "min_count": "two"}}, r"devices.min_count: .*integer"),
+        (
+            {"devices": {"select": "name", "name_pattern": "A100", "min_count": 1}},
+            r"min_count needs a known device count: select 'name'",
+        ),
+        ({"priority": 10**6}, r"priority: Input should be less than or equal to 1000"),
+        ({"priority": 1.5}, r"priority: .*integer"),
         ({"faults": [{"kind": "meteor", "rank": 0, "step": 1}]}, r"faults.0.kind"),
     ],
 )

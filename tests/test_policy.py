@@ -98,3 +98,14 @@ def test_classify_by_exception_type(exc, kind):
 def test_decide_needs_a_failure():
     with pytest.raises(ValueError, match="at least one failure"):
         decide([], restarts=0, max_restarts=3, plan=PLAN)
+
+
+def test_a_lost_device_never_shrinks_an_elastic_job_below_min_count():
+    lost = [f(2, "lost")]
+    kept = decide(lost, restarts=0, max_restarts=3, plan=PLAN, lost_devices={"b2"}, min_count=2)
+    assert kept.action == "replan" and len(kept.plan.ranks) == 2
+    under = decide(
+        lost, restarts=0, max_restarts=3, plan=PLAN, lost_devices={"b1", "b2"}, min_count=2
+    )
+    assert under.action == "fail"
+    assert under.reason.startswith("1 device(s) left, below devices.min_count=2")

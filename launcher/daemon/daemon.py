@@ -335,7 +335,7 @@ class Daemon:
         run.resizing = True
         self.log(resize.job_id, f"resizing to devices {devices}: {resize.why}")
         try:
-            ray.get(run.sup.resize.remote(devices, resize.reason, resize.why), timeout=30)
+            ray.get(run.sup.resize.remote(devices, resize.reason, resize.why), timeout=10)
         except (RayActorError, GetTimeoutError, ray.exceptions.RayTaskError) as exc:
             self.log(resize.job_id, f"resize not asked for: {type(exc).__name__}: {exc}")
             run.slots, run.resizing, run.releasing = before, False, frozenset()

@@ -111,7 +111,7 @@ def unsatisfiable(n: Need, total_gpus: int) -> str | None:
     """Why a job can never start on this cluster, or None."""
     if n.all_gpus and total_gpus == 0:
         return "the job asks for GPUs but the cluster has none (`ray status`)"
-    if n.gpus > total_gpus and n.floor(total_gpus) > total_gpus:
+    if n.gpus > total_gpus:
         return f"the job asks for {n.gpus} GPU(s) but the cluster has {total_gpus}"
     return None
 
