@@ -14,7 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
-from launcher.job.events import Planned, Progress, RunnerEvent
+from launcher.job.events import Planned, Progress, Resized, RunnerEvent
 from launcher.job.runner import JobRunner
 from launcher.job.spec import parse_spec
 
@@ -42,20 +42,22 @@ def three_nodes(tmp_path_factory):
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("sharding", ["none", "optimizer"])
+@pytest.mark.parametrize("sharding, min_count", [("none", 2), ("optimizer", None)])
 def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch(
-    three_nodes, tmp_path, sharding
+    three_nodes, tmp_path, sharding, min_count
 ):
     # Sharded: the shards 3 ranks saved (torch.distributed.checkpoint) load on the 2 left,
     # and the job ends with the parameters of the same job run replicated, uninterrupted.
     cluster, workers = three_nodes
     # slowed to a quarter, so that the node goes while the job trains
     slow = [{**d, "speed": 0.25} for d in SIMS_3]
-    devices = {"select": "simulated", "simulated": slow, "keep_all": True}
+    devices = {"select": "simulated", "simulated": slow, "keep_all": True, "min_count": min_count}
     spec = job(tmp_path, name="nodes", max_steps=10, devices=devices, sharding=sharding)
     seen: dict = {"nodes": set(), "removed": False}
 
     def listener(event: RunnerEvent) -> None:
+        if isinstance(event, Resized):
+            seen["resized"] = event
         if isinstance(event, Planned):
             seen["nodes"] = {d.node_id for d in event.devices}
         if not isinstance(event, Progress):
@@ -74,6 +76,10 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
     assert seen["removed"]
     assert summary.steps == 10 and summary.restarts == 1
     assert summary.replans == {"device_lost": 1}
+    # the re-plan is a resize too (elastic with min_count 2, or not): the job shrank to 2
+    assert summary.resizes == {"device_lost": 1}
+    lost = seen["resized"]
+    assert (lost.reason, lost.before, len(lost.devices)) == ("device_lost", (0, 1, 2), 2)
     assert summary.plan.world_size == 2 and summary.plan.sharding == sharding
     assert sum(r.samples for r in summary.plan.ranks) == 24
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")

@@ -121,6 +121,8 @@ class JobRunner:
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
         self.notes: list[str] = []  # choices made on the way, carried into the plan
         self.precision: Precision | None = None  # the spec's, with auto resolved
+        self.precision_note: str | None = None
+        self.profiles: dict[tuple, ModelProfile | str] = {}  # by device type, this run's
         self.active: list[int] | None = list(devices) if devices is not None else None
         self.all_requests: list[cluster.DeviceRequest] = []  # every device of the spec
         self.resizes: dict[str, int] = {}  # by reason, for the ranks' metrics
@@ -249,7 +251,9 @@ class JobRunner:
             cache = default_cache_dir()
             profiles = {}
             for key, i in by_type.items():
-                profiles[key] = self._profile(self.workers[i], found[i][0], cache)
+                if key not in self.profiles:  # measured (or cached) once per run
+                    self.profiles[key] = self._profile(self.workers[i], found[i][0], cache)
+                profiles[key] = self.profiles[key]
             if self.spec.sharding != "none":
                 self._carry_profiles(profiles, {k: found[i][0] for k, i in by_type.items()})
         except RayTaskError as exc:
@@ -300,12 +304,15 @@ class JobRunner:
             )
 
     def _resolve_precision(self, infos: list) -> None:
-        """precision: auto becomes the precision every device supports, noted in the plan."""
-        if self.spec.precision != "auto":
-            self.precision = self.spec.precision
-            return
-        self.precision, why = choose_precision(infos)
-        self.notes.append(f"precision {self.precision} (auto): {why}")
+        """precision: auto becomes the precision every device supports, noted in the plan;
+        chosen once: a resized job keeps it (its training run must not change)."""
+        if self.precision is None:
+            self.precision, self.precision_note = self.spec.precision, None
+            if self.spec.precision == "auto":
+                self.precision, why = choose_precision(infos)
+                self.precision_note = f"precision {self.precision} (auto): {why}"
+        if self.precision_note:
+            self.notes.append(self.precision_note)
 
     def _train(self, plan: Plan, devices: list[cluster.ProbedDevice]) -> JobSummary:
         spec = self.spec
