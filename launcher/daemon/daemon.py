@@ -352,7 +352,10 @@ class Daemon:
     def _attach(self, job_id: str, spec: JobSpec, sup: Any) -> None:
         """Follow a job a previous daemon started, on the devices it holds."""
         need = scheduler.need(spec)
-        devices = ray.get(sup.devices.remote(), timeout=30)  # an elastic job: maybe a subset
+        try:  # an elastic job may hold a subset of its devices
+            devices = ray.get(sup.devices.remote(), timeout=30)
+        except (AttributeError, RayActorError, GetTimeoutError):
+            devices = None  # a supervisor of a daemon from before elastic jobs: all of them
         with self._lock:
             busy = {s for r in self.running.values() for s in r.slots}
             want = need.wanted(self.total_gpus) if devices is None else len(devices)
