@@ -409,7 +409,7 @@ class JobRunner:
         self.active = [i for i in self.active if i in kept]
         gone = sorted({r.device_id for r in old.ranks} - {r.device_id for r in new.ranks})
         req = _ResizeRequest(
-            tuple(self.active), "device_lost", f"lost {', '.join(gone)}", time.monotonic()
+            tuple(self.active), "device_lost", f"device lost ({', '.join(gone)})", time.monotonic()
         )
         self.resizes["device_lost"] = self.resizes.get("device_lost", 0) + 1
         self._announce = _Announce(req, before, checkpoint_step(latest_checkpoint(ckpt_dir)))
