@@ -7,10 +7,12 @@ node. The cluster is started and shut down by this module, apart from other test
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import ray
+from daemon_util import DaemonProcess
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
@@ -87,3 +89,17 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
         reference = job(tmp_path / "ref", name="ref", max_steps=10, devices=devices)
         want = JobRunner(parse_spec(reference), address=cluster.address).run().parameters
         assert_same_parameters(summary.parameters, want)
+
+
+def test_autobatch_serve_starts_its_own_head_beside_a_cluster_started_here(three_nodes, tmp_path):
+    """`ray start` (here: ray.cluster_utils) records its cluster for a bare ray.init() to
+    join; the daemon's head must be a new Ray of its own all the same (it was not: the
+    head joined the other cluster and failed, and the daemon never started)."""
+    cluster, _ = three_nodes
+    daemon = DaemonProcess(tmp_path / "state", tmp_path / "profiles")
+    try:
+        head = json.loads((tmp_path / "state" / "ray-head.json").read_text())
+        assert head["address"] != cluster.address
+        assert daemon.http.get("/healthz").status_code == 200
+    finally:
+        daemon.stop()

@@ -317,5 +317,6 @@ def test_an_elastic_job_shrinks_for_a_queued_job_then_grows_back(daemon, tmp_pat
     )  # fmt: skip
     assert f"shrank for job {short}" in status.stdout and "grew into" in status.stdout, status
     daemon.http.post(f"/v1/jobs/{long}/cancel", timeout=60)
-    ledger = pathlib.Path(daemon.job(long)["spec"]["checkpoint"]["dir"])
-    assert_every_global_batch_exact(spec, ledger, done=False)
+    rec = daemon.job(long)  # the steps it reported were done; a later one may be cut short
+    ledger = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
+    assert_every_global_batch_exact(spec, ledger, through=rec["progress"]["step"])

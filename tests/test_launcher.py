@@ -85,12 +85,16 @@ def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
     return steps
 
 
-def assert_every_global_batch_exact(spec: dict, ckpt_dir: pathlib.Path, *, done: bool = True):
-    """Every step of the ledger held exactly its global batch; `done`: every step of the
-    job is there (else: the steps from 0 to the last one taken, for a cancelled job)."""
+def assert_every_global_batch_exact(
+    spec: dict, ckpt_dir: pathlib.Path, *, through: int | None = None
+) -> None:
+    """Every step of the job held exactly its global batch (the ledger); `through`: only
+    the steps before it (a cancelled job's, whose last step may have been cut short)."""
     sampler = GlobalBatchSampler(TINY["dataset_size"], spec["global_batch_size"], seed=spec["seed"])
     steps = audited_steps(ckpt_dir)
-    assert sorted(steps) == list(range(spec["max_steps"] if done else len(steps)))
+    if through is not None:
+        steps = {step: indices for step, indices in steps.items() if step < through}
+    assert sorted(steps) == list(range(spec["max_steps"] if through is None else through))
     for step, indices in steps.items():
         assert sorted(indices) == sorted(sampler.global_batch(step).tolist()), f"step {step}"
 

@@ -168,6 +168,7 @@ def _host(state_dir: pathlib.Path, num_cpus: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     ray.init(
+        address="local",  # a new instance, even where another (`ray start`) runs here
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,

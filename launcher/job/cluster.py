@@ -78,6 +78,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
             return False
         ray.init(
+            address="local",  # a new instance, even where another (`ray start`) runs here
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,

@@ -114,9 +114,13 @@ class JobRunner:
         self.listener: Listener = listener or (lambda event: None)
         self.metrics_host = metrics_host
         self.started_ray = False
-        self.pg = None
+        self.pg = None  # a gang job's placement group (all its devices)
+        self.pgs: dict = {}  # an elastic job's: one per device, by device index
+        self.bundles: dict = {}  # device index -> (placement group, bundle)
+        self.probed: dict[int, tuple] = {}  # device index -> (DeviceInfo, node ip, node id)
         self.actors: list = []  # the ranks' workers, in rank order
-        self.workers: dict = {}  # bundle -> a probed worker not yet given a rank
+        self.workers: dict = {}  # device index -> a worker not (yet) given a rank
+        self._ranked: list[int] = []  # the device index of each rank of this attempt
         self.collector = None
         self.phase_s: dict[str, float] = {}  # seconds per start-up phase, for benchmarks
         self.notes: list[str] = []  # choices made on the way, carried into the plan
@@ -193,12 +197,12 @@ class JobRunner:
                 self.active = list(range(len(requests)))
             check_devices(self.spec, self.active, requests)
         self.notes = []
-        self.requests = requests = [self.all_requests[i] for i in self.active]
+        self.requests = [self.all_requests[i] for i in self.active]
         self._check_stop()
-        self.pg = cluster.reserve(requests)
+        self._reserve()
         self._phase("reserve")
         self._check_stop()
-        devices = self._probe(requests)
+        devices = self._probe()
         self._phase("probe")
         self._check_stop()
         fit = [d for d in devices if d.profile is not None]
@@ -228,46 +232,68 @@ class JobRunner:
         self._phase("plan")
         return plan, devices
 
-    def _probe(self, requests: list[cluster.DeviceRequest]) -> list[cluster.ProbedDevice]:
-        """Start one worker per bundle; inventory every device, then measure one device of
-        each type (one at a time, so timings are not disturbed); the others share it."""
-        self.workers = {
-            i: DeviceWorker.options(**cluster.in_bundle(self.pg, i, r)).remote()
-            for i, r in enumerate(requests)
-        }
+    def _reserve(self) -> None:
+        """A gang job: one placement group for all its devices (all or nothing). An elastic
+        job: one per device, so that a resize keeps the devices that stay (and their
+        actors) and gives back those that go."""
+        if not self.spec.devices.elastic:
+            self.pg = cluster.reserve(self.requests)
+            self.bundles = {i: (self.pg, b) for b, i in enumerate(self.active)}
+            return
+        self._release([i for i in self.pgs if i not in self.active])
+        for i in self.active:
+            if i not in self.pgs:
+                self.pgs[i] = cluster.reserve([self.all_requests[i]])
+        self.bundles = {i: (self.pgs[i], 0) for i in self.active}
+
+    def _release(self, gone: Sequence[int]) -> None:
+        """An elastic job's devices that left: their actors, reservations, inventory."""
+        for i in gone:
+            if i in self.workers:
+                ray.kill(self.workers.pop(i), no_restart=True)
+            if i in self.pgs:
+                ray.util.remove_placement_group(self.pgs.pop(i))
+            self.probed.pop(i, None)
+
+    def _probe(self) -> list[cluster.ProbedDevice]:
+        """Start a worker on each new device and take its inventory; measure one device of
+        each type not measured yet in this run (one at a time, so timings are not
+        disturbed); the others share its profile."""
+        new = [i for i in self.active if i not in self.probed]
+        for i in new:
+            self.workers[i] = self._new_worker(i)
         try:
             found = cluster.wait_all(
-                [
-                    self.workers[i].inventory.remote(r.simulated, self.active[i])
-                    for i, r in enumerate(requests)
-                ],
+                [self.workers[i].inventory.remote(self.all_requests[i].simulated, i) for i in new],
                 cluster.ACTOR_TIMEOUT_S,
                 "device inventory",
             )
-            self._resolve_precision([info for info, _, _ in found])
+            self.probed.update(zip(new, found))
+            infos = {i: self.probed[i][0] for i in self.active}
+            self._resolve_precision(list(infos.values()))
             by_type: dict[tuple, int] = {}
-            for i, (info, _, _) in enumerate(found):
+            for i, info in infos.items():
                 by_type.setdefault((info.name, info.total_bytes, info.speed), i)
             cache = default_cache_dir()
             profiles = {}
             for key, i in by_type.items():
                 if key not in self.profiles:  # measured (or cached) once per run
-                    self.profiles[key] = self._profile(self.workers[i], found[i][0], cache)
+                    self.profiles[key] = self._profile(self.workers[i], infos[i], cache)
                 profiles[key] = self.profiles[key]
             if self.spec.sharding != "none":
-                self._carry_profiles(profiles, {k: found[i][0] for k, i in by_type.items()})
+                self._carry_profiles(profiles, {k: infos[i] for k, i in by_type.items()})
         except RayTaskError as exc:
             raise LaunchError(f"probe failed: {cluster.cause(exc)}") from None
         probed = []
-        for i, (info, ip, node_id) in enumerate(found):
+        for b, i in enumerate(self.active):
+            info, ip, node_id = self.probed[i]
             profile = profiles[(info.name, info.total_bytes, info.speed)]
-            index = self.active[i]
             if isinstance(profile, str):  # not even one sample fits: left out, saying why
                 probed.append(
-                    cluster.ProbedDevice(i, info, ip, node_id, None, no_fit=profile, index=index)
+                    cluster.ProbedDevice(b, info, ip, node_id, None, no_fit=profile, index=i)
                 )
             else:
-                probed.append(cluster.ProbedDevice(i, info, ip, node_id, profile, index=index))
+                probed.append(cluster.ProbedDevice(b, info, ip, node_id, profile, index=i))
         return sorted(
             probed,
             key=lambda d: (d.node, d.node_id, d.info.index, d.bundle),
@@ -339,8 +365,10 @@ class JobRunner:
                 )
                 if not outcomes[0].stopped:
                     break
-                # Stopped at a step boundary for a resize: the next attempt resumes there.
-                self._stop_workers()
+                # Stopped at a step boundary for a resize: the next attempt resumes there,
+                # the devices that stay keep their actors (the ranks left their group).
+                self.workers.update(zip(self._ranked, self.actors))
+                self.actors = []
                 resume = _latest(ckpt_dir)
                 attempt += 1
             except _AttemptFailed as failed:
@@ -390,10 +418,7 @@ class JobRunner:
         for known device types) and plan; announced once the new ranks took a step."""
         req = self._take_resize()
         before = tuple(self.active)
-        self._stop_workers()
-        if self.pg is not None:
-            ray.util.remove_placement_group(self.pg)
-            self.pg = None
+        self._release([i for i in before if i not in req.devices])
         self.active = list(req.devices)
         plan, devices = self._probe_and_plan()
         self.resizes[req.reason] = self.resizes.get(req.reason, 0) + 1
@@ -407,6 +432,7 @@ class JobRunner:
         before = tuple(self.active)
         kept = {int(r.device_id.removeprefix("b")) for r in new.ranks}
         self.active = [i for i in self.active if i in kept]
+        self._release([i for i in before if i not in kept])
         gone = sorted({r.device_id for r in old.ranks} - {r.device_id for r in new.ranks})
         req = _ResizeRequest(
             tuple(self.active), "device_lost", f"device lost ({', '.join(gone)})", time.monotonic()
@@ -426,9 +452,10 @@ class JobRunner:
     ) -> list[RankOutcome]:
         by_id = {d.device_id: d for d in devices}
         ranked = [by_id[r.device_id] for r in plan.ranks]
-        self.actors = [self._worker(d.bundle) for d in ranked]
-        for bundle in list(self.workers):  # probed devices the plan left out
-            ray.kill(self.workers.pop(bundle))
+        self._ranked = [d.index for d in ranked]
+        self.actors = [self._worker(i) for i in self._ranked]
+        for i in list(self.workers):  # probed devices the plan left out
+            ray.kill(self.workers.pop(i))
         addresses = self._collect([a.address.remote() for a in self.actors], "training actors")
         self._phase("start_workers")
         ip, port, _ = addresses[0]
@@ -465,13 +492,17 @@ class JobRunner:
             refs.append(actor.train.remote(ctx, self.collector))
         return self._wait(refs)
 
-    def _worker(self, bundle: int):  # noqa: ANN202
-        """The bundle's probe worker on the first attempt; a fresh one after a failure."""
-        if bundle in self.workers:
-            return self.workers.pop(bundle)
-        return DeviceWorker.options(
-            **cluster.in_bundle(self.pg, bundle, self.requests[bundle])
-        ).remote()
+    def _worker(self, index: int):  # noqa: ANN202
+        """The device's worker from the probe (or the attempt before a resize); a fresh one
+        after a failure."""
+        if index in self.workers:
+            return self.workers.pop(index)
+        return self._new_worker(index)
+
+    def _new_worker(self, index: int):  # noqa: ANN202
+        pg, bundle = self.bundles[index]
+        request = self.all_requests[index]
+        return DeviceWorker.options(**cluster.in_bundle(pg, bundle, request)).remote()
 
     def _collect(self, refs: list, what: str) -> list:
         try:
@@ -525,9 +556,10 @@ class JobRunner:
             if self.collector is not None and self.collector_factory is None:
                 ray.kill(self.collector)  # a factory's collector is its owner's to end
             self.collector = None
-            if self.pg is not None:
-                ray.util.remove_placement_group(self.pg)
-                self.pg = None
+            for pg in [self.pg, *self.pgs.values()]:
+                if pg is not None:
+                    ray.util.remove_placement_group(pg)
+            self.pg, self.pgs = None, {}
             if self.started_ray:
                 ray.shutdown()
 

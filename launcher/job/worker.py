@@ -48,6 +48,8 @@ class DeviceWorker:
         import torch.distributed as dist
 
         if world > 1:
+            if dist.is_initialized():  # an elastic job's rank from before a resize
+                dist.destroy_process_group()
             dist.init_process_group(
                 backend,
                 init_method=master,
@@ -63,7 +65,12 @@ class DeviceWorker:
             return ray.get(collector.stop_requested.remote())
 
         elastic = ctx.spec.devices.elastic
-        return train_rank(ctx, lambda snap: collector.push.remote(snap), stop if elastic else None)
+        outcome = train_rank(
+            ctx, lambda snap: collector.push.remote(snap), stop if elastic else None
+        )
+        if outcome.stopped and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a resize: the next group is another
+        return outcome
 
 
 def free_port() -> int:
