@@ -321,7 +321,7 @@ def test_fp16_resume_keeps_the_loss_scale(local_ray, tmp_path):
 
 
 def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
-    STEPS = 40  # noqa: N806
+    STEPS = 60  # noqa: N806
     """Grown from 1 device to 3, shrunk to 2 at step boundaries: every global batch exact,
     the step counter never goes back, the same parameters as the job on 1 device throughout."""
     from launcher.job.events import Resized
@@ -336,18 +336,15 @@ def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
     events, steps = [], []
     runner: JobRunner
 
-    def listener(event):  # grow at the first progress report, shrink at the first after
+    def listener(event):  # grow at the first progress report, shrink once grown
         events.append(event)
         if isinstance(event, Progress):
             steps.append(max(s.step for s in event.snapshots))
-            resized = [e.reason for e in events if isinstance(e, Resized)]
-            asked = events.count("asked")
-            if asked == 0:
+            if "asked" not in events:
                 events.append("asked")
                 runner.request_resize([0, 1, 2], "grew", "grew into freed devices")
-            elif asked == 1 and resized == ["grew"]:
-                events.append("asked")
-                runner.request_resize([0, 2], "shrank", "shrank for job x")
+        if isinstance(event, Resized) and event.reason == "grew":
+            runner.request_resize([0, 2], "shrank", "shrank for job x")
 
     runner = JobRunner(parse_spec(spec), devices=[0], listener=listener)
     summary = runner.run()
