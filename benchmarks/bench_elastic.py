@@ -51,7 +51,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autobatch.planning.sampler import GlobalBatchSampler  # noqa: E402
+from ledger import exact_global_batches  # noqa: E402
+
 from launcher.job.checkpoint import load_checkpoint  # noqa: E402
 
 SIMS = [
@@ -164,29 +165,6 @@ def summarise(run: dict) -> dict:
     }
 
 
-def ledger_exact(run: dict) -> bool:
-    """Every global batch of the long job exact (audit ledger, the last try of each step)."""
-    import json
-
-    ckpt = pathlib.Path(run["records"]["long"]["spec"]["checkpoint"]["dir"])
-    steps: dict[int, dict[int, list[int]]] = {}
-    for path in ckpt.glob("samples-rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            e = json.loads(line)
-            tried = steps.setdefault(e["step"], {})
-            key = (e["attempt"], path.name)
-            tried[key] = [i for mb in e["micro_batches"] for i in mb]
-    sampler = GlobalBatchSampler(MODEL["dataset_size"], GLOBAL_BATCH, seed=run["spec"]["seed"])
-    if sorted(steps) != list(range(run["spec"]["max_steps"])):
-        return False
-    for step, tries in steps.items():
-        last = max(a for a, _ in tries)
-        got = sorted(i for (a, _), idx in tries.items() if a == last for i in idx)
-        if got != sorted(sampler.global_batch(step).tolist()):
-            return False
-    return True
-
-
 def final_parameters(run: dict) -> dict[str, torch.Tensor]:
     ckpt = pathlib.Path(run["records"]["long"]["spec"]["checkpoint"]["dir"])
     return load_checkpoint(ckpt / f"step_{run['spec']['max_steps']:08d}.pt")["model"]
@@ -218,7 +196,11 @@ def main() -> None:
         gang, elastic = runs["gang"]["summary"], runs["elastic"]["summary"]
         ref, got = final_parameters(runs["gang"]), final_parameters(runs["elastic"])
         rel = max(((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
-        exact = ledger_exact(runs["elastic"])
+        long = runs["elastic"]
+        ckpt = long["records"]["long"]["spec"]["checkpoint"]["dir"]
+        exact = exact_global_batches(
+            ckpt, MODEL["dataset_size"], GLOBAL_BATCH, long["spec"]["seed"], args.long_steps
+        )
         slowest = max((t for _, t in elastic["resizes"]), default=0.0)
         ratio = gang["wait"] / elastic["wait"] if elastic["wait"] > 0 else float("inf")
         print(

@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import pathlib
 import sys
 import tempfile
 import time
@@ -72,11 +70,11 @@ import hetero_sim  # benchmarks/hetero_sim.py, next to this script
 import ray
 import torch
 from hetero_sim import ForeignLoad, calibrate, worker_setup
+from ledger import exact_global_batches  # benchmarks/ledger.py
 
 from autobatch.errors import LaunchError, NoFitError, PlanError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import Plan
-from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.devices import SimulatedDevice, parse_memory
 from autobatch.probe.profile import ModelProfile
@@ -289,23 +287,6 @@ def steady_samples_per_s(snapshots: list[RankSnapshot], skip: int) -> float:
     return GLOBAL_BATCH * (last - first) / (stamps[last] - stamps[first])
 
 
-def exact_global_batches(spec: dict) -> bool:
-    """Every step's indices, over the ranks, are the sampler's global batch (last attempt)."""
-    steps: dict[int, list[int]] = {}
-    for path in pathlib.Path(spec["checkpoint"]["dir"]).glob("samples-rank*.jsonl"):
-        last: dict[int, dict] = {}
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["attempt"] >= last.get(entry["step"], {"attempt": -1})["attempt"]:
-                last[entry["step"]] = entry
-        for step, entry in last.items():
-            steps.setdefault(step, []).extend(i for mb in entry["micro_batches"] for i in mb)
-    sampler = GlobalBatchSampler(MODEL["dataset_size"], GLOBAL_BATCH, seed=spec["seed"])
-    return sorted(steps) == list(range(spec["max_steps"])) and all(
-        sorted(indices) == sorted(sampler.global_batch(k).tolist()) for k, indices in steps.items()
-    )
-
-
 def train(tmp: str, spec: dict, skip: int, quiet_s: float) -> Run:
     """One job; every snapshot kept (a collector the runner does not own, drained after)."""
     ForeignLoad().wait_quiet(quiet_s)
@@ -323,7 +304,13 @@ def train(tmp: str, spec: dict, skip: int, quiet_s: float) -> Run:
         snapshots=tuple(snapshots),
         samples_per_s=steady_samples_per_s(snapshots, skip),
         foreign_load=load.share(),
-        exact_batches=exact_global_batches(spec),
+        exact_batches=exact_global_batches(
+            spec["checkpoint"]["dir"],
+            MODEL["dataset_size"],
+            GLOBAL_BATCH,
+            spec["seed"],
+            spec["max_steps"],
+        ),
     )
 
 

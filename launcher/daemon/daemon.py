@@ -358,12 +358,9 @@ class Daemon:
             devices = None  # a supervisor of a daemon from before elastic jobs: all of them
         with self._lock:
             busy = {s for r in self.running.values() for s in r.slots}
-            want = need.wanted(self.total_gpus) if devices is None else len(devices)
-            if need.named:
-                slots = need.slots_of(devices or range(want), frozenset())
-            else:
-                free = [f"gpu#{i}" for i in range(self.total_gpus) if f"gpu#{i}" not in busy]
-                slots = frozenset(free[:want])
+            devices = devices or range(need.wanted(self.total_gpus))
+            free = frozenset(scheduler.free_slots(need, busy, self.total_gpus))
+            slots = need.slots_of(devices, free)  # GPUs: as many of the free ones
             self.log(job_id, "daemon restarted: re-attached to the job's supervisor, which "
                      "kept it running")  # fmt: skip
             self._follow_in_thread(job_id, spec, need, slots, sup)

@@ -118,7 +118,7 @@ def unsatisfiable(n: Need, total_gpus: int) -> str | None:
 
 def allocate(n: Need, busy: set[str], total_gpus: int) -> frozenset[str] | None:
     """The slots the job would take now, or None when too few are free."""
-    free = _free_for(n, busy, total_gpus)
+    free = free_slots(n, busy, total_gpus)
     if len(free) >= n.wanted(total_gpus):
         return frozenset(free[: n.wanted(total_gpus)])
     if n.min_count is not None and len(free) >= n.min_count:
@@ -153,14 +153,14 @@ def schedule(
             moves.resizes.extend(_shrinks_for(job_id, n, running, busy | held, total_gpus))
         if strict_order:
             break
-        free = _free_for(n, busy | held, total_gpus)
+        free = free_slots(n, busy | held, total_gpus)
         held |= set(free[: n.wanted(total_gpus)])
     shrunk = {r.job_id for r in moves.resizes}
     for r in sorted(running, key=lambda r: -r.need.priority):
         if r.need.min_count is None or r.resizing or r.job_id in shrunk:
             continue
         room = r.need.wanted(total_gpus) - len(r.slots)
-        extra = _free_for(r.need, busy | held, total_gpus)[:room]
+        extra = free_slots(r.need, busy | held, total_gpus)[:room]
         if extra:
             busy |= set(extra)
             why = f"grew into freed devices ({', '.join(sorted(extra))})"
@@ -174,7 +174,7 @@ def _shrinks_for(
     """Shrinks of running elastic jobs that let `head` start, or none when they cannot."""
     usable = (lambda s: s in n.named) if n.named else (lambda s: s.startswith("gpu#"))
     coming = {s for r in running for s in r.releasing if usable(s)}
-    lacking = n.floor(total_gpus) - len(_free_for(n, taken, total_gpus)) - len(coming)
+    lacking = n.floor(total_gpus) - len(free_slots(n, taken, total_gpus)) - len(coming)
     if lacking <= 0:
         return []  # resizes under way free enough
     shrinks = []
@@ -195,7 +195,7 @@ def _shrinks_for(
     return []
 
 
-def _free_for(n: Need, taken: set[str], total_gpus: int) -> list[str]:
+def free_slots(n: Need, taken: set[str], total_gpus: int) -> list[str]:
     """The job's slots not taken, in order."""
     if n.named:
         return [s for s in n.named if s not in taken]

@@ -421,8 +421,7 @@ class JobRunner:
         self._release([i for i in before if i not in req.devices])
         self.active = list(req.devices)
         plan, devices = self._probe_and_plan()
-        self.resizes[req.reason] = self.resizes.get(req.reason, 0) + 1
-        self._announce = _Announce(req, before, checkpoint_step(latest_checkpoint(ckpt_dir)))
+        self._count_resize(req, before, ckpt_dir)
         self.listener(Planned(plan, devices))
         return plan, devices
 
@@ -437,7 +436,14 @@ class JobRunner:
         req = _ResizeRequest(
             tuple(self.active), "device_lost", f"device lost ({', '.join(gone)})", time.monotonic()
         )
-        self.resizes["device_lost"] = self.resizes.get("device_lost", 0) + 1
+        self._count_resize(req, before, ckpt_dir)
+
+    def _count_resize(
+        self, req: _ResizeRequest, before: tuple[int, ...], ckpt_dir: pathlib.Path
+    ) -> None:
+        """A resize for the ranks' metrics, announced once the new ranks took a step (from
+        the checkpoint the next attempt resumes at)."""
+        self.resizes[req.reason] = self.resizes.get(req.reason, 0) + 1
         self._announce = _Announce(req, before, checkpoint_step(latest_checkpoint(ckpt_dir)))
 
     def _attempt(
