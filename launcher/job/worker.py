@@ -48,8 +48,6 @@ class DeviceWorker:
         import torch.distributed as dist
 
         if world > 1:
-            if dist.is_initialized():  # an elastic job's rank from before a resize
-                dist.destroy_process_group()
             dist.init_process_group(
                 backend,
                 init_method=master,
