@@ -25,7 +25,7 @@ it splits the gap to the ideal into what the planner predicted from the measured
 profiles (the cost of splitting one step over three devices) and what the runs
 added on top of the prediction.
 
-Measuring on 2 shared cores (see DESIGN.md): every worker runs one thread at
+Measuring on 2 shared cores (see docs/measuring.md): every worker runs one thread at
 the default niceness (Ray's workers otherwise run at nice 15 and lose the CPU to
 anything else). A simulated device's time is MODELLED: the script first times
 the demo model's work in this process (forward+backward per micro-batch size,

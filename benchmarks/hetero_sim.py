@@ -149,7 +149,7 @@ def worker_setup(ref: Reference | None) -> Callable[[], None]:
     stretching the measured one by 1/speed: on these shared cores the same
     micro-step's real time varies by +-40% with the neighbours' load, and the
     product's Pacer multiplies that by 1/speed (x10 on the T4), which would measure
-    the machine, not the plan (DESIGN.md: sleep for the difference between the
+    the machine, not the plan (docs/measuring.md: sleep for the difference between the
     modelled and the measured duration). The real work still runs; the optimizer
     step, the all-reduce, data loading and metrics are paid as they come."""
 

@@ -1,5 +1,5 @@
 """The Hugging Face causal-LM task: data checks, masking, the summed token loss, and the
-full-batch token-mean gradient on ragged real gloo ranks (DESIGN.md, invariant 3).
+full-batch token-mean gradient on ragged real gloo ranks (invariant 3 of docs/design.md).
 
 Everything runs on a tiny random model written locally (2 layers, d_model 32): nothing
 is downloaded.

@@ -1,4 +1,4 @@
-"""Metrics: every DESIGN.md metric exposed, valid exposition, exact histograms, HTTP scrape."""
+"""Metrics: all of docs/metrics.md exposed, valid exposition, exact histograms, HTTP scrape."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from autobatch.metrics.snapshot import JsonlSink, MetricsSink, RankSnapshot, pla
 from autobatch.planning.plan import DeviceCapacity
 from autobatch.planning.planner import make_plan
 
-# DESIGN.md, section "Metrics", name by name, with the type Prometheus should see.
+# docs/metrics.md, name by name, with the type Prometheus should see.
 DESIGN_METRICS = [
     ("autobatch_device_memory_total_bytes", "gauge"),
     ("autobatch_device_memory_used_bytes", "gauge"),
