@@ -24,7 +24,7 @@ from k8s_util import K8S, KUSTOMIZATION, ROOT, find, json_patch, kubectl_kustomi
 MANIFESTS = ["raycluster.yaml", "daemon.yaml", "monitoring.yaml"]
 K8S_VERSION = "1.31.0"  # validate against this Kubernetes release's schemas (shipped offline)
 CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"}
-TOKEN_SECRET = ("autobatch-token", "token")  # created by hand (README), never applied from k8s/
+TOKEN_SECRET = ("autobatch-token", "token")  # created by hand (docs), never applied from k8s/
 GKE_COMPONENT = "components/gke"
 # NVIDIA GPU Feature Discovery's nvidia.com/gpu.product -> GKE's cloud.google.com/gke-accelerator
 GFD_TO_GKE = {"NVIDIA-A100-SXM4-80GB": "nvidia-a100-80gb", "Tesla-T4": "nvidia-tesla-t4"}
@@ -216,9 +216,9 @@ def test_the_token_secret_is_created_by_hand_and_referenced_by_name():
     (endpoint,) = one("ServiceMonitor")["spec"]["endpoints"]
     creds = endpoint["authorization"]["credentials"]
     assert (creds["name"], creds["key"]) == (name, key)
-    # the README's command creates exactly this Secret and key
-    readme = (ROOT / "README.md").read_text()
-    assert re.search(rf"kubectl create secret generic {name} --from-literal={key}=", readme)
+    # the deployment guide's command creates exactly this Secret and key
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert re.search(rf"kubectl create secret generic {name} --from-literal={key}=", guide)
 
 
 def test_daemon_binds_all_interfaces_and_uses_the_pvc():
@@ -330,10 +330,10 @@ def test_checkpoint_volume_is_read_write_many_with_an_explicit_storage_class():
     placeholder = pvc["spec"]["storageClassName"]  # never the cluster's (RWO) default
     assert placeholder == "set-me-rwx-storage-class"
     # a valid name (lower-case DNS subdomain), so the API server accepts it and the claim's
-    # events name it; the README tells what happens when it is left as is
+    # events name it; the deployment guide tells what happens when it is left as is
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", placeholder)
-    readme = (ROOT / "README.md").read_text()
-    assert placeholder in readme and "Pending" in readme
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert placeholder in guide and "Pending" in guide
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for t in [g["template"] for g in worker_groups()]
