@@ -66,7 +66,7 @@ from autobatch.errors import LaunchError
 from autobatch.planning.plan import Plan
 from autobatch.probe.estimate import GPU_SPECS
 from launcher.job.events import Planned, Progress, RunnerEvent
-from launcher.job.runner import JobRunner
+from launcher.job.controller import JobController
 from launcher.job.spec import parse_spec
 
 MIX = ("A100-80GB", "L4-24GB", "T4-16GB")
@@ -158,7 +158,7 @@ def run_job(tmp: str, name: str, sims: list[dict], planner: str, kind: str) -> M
         }
     )
     rec, load = _Recorder(skip), ForeignLoad()
-    JobRunner(spec, runs_root=tmp, listener=rec).run()
+    JobController(spec, runs_root=tmp, listener=rec).run()
     assert rec.plan is not None
     per_rank = [rec.per_rank(r) for r in range(rec.plan.world_size)]
     return Measured(

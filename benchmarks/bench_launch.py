@@ -31,7 +31,7 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
 from launcher.job.events import Progress, RunnerEvent
-from launcher.job.runner import JobRunner
+from launcher.job.controller import JobController
 from launcher.job.spec import parse_spec
 from launcher.job.tasks import load_task
 
@@ -59,7 +59,7 @@ def startup(tmp: str, cache: str) -> dict[str, float]:
         {"name": "sim-b", "memory": "24MiB", "speed": 0.5},
         {"name": "sim-c", "memory": "12MiB", "speed": 0.25},
     ]
-    runner = JobRunner(parse_spec(spec(tmp, sims, 2, "startup")))
+    runner = JobController(parse_spec(spec(tmp, sims, 2, "startup")))
     t0 = time.monotonic()
     runner.run()
     phases = dict(runner.phase_s)
@@ -77,7 +77,7 @@ def launcher_step_s(tmp: str) -> float:
                 stamps.setdefault(s.optimizer_steps_total, s.timestamp_s)
 
     sims = [{"name": "sim-one", "memory": "512MiB"}]
-    JobRunner(parse_spec(spec(tmp, sims, STEPS, "steady")), listener=listener).run()
+    JobController(parse_spec(spec(tmp, sims, STEPS, "steady")), listener=listener).run()
     steps = sorted(k for k in stamps if k >= 10)
     return (stamps[steps[-1]] - stamps[steps[0]]) / (steps[-1] - steps[0])
 

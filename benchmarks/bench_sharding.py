@@ -20,7 +20,7 @@ grow with the layers, a sharding unit (one block) stays the same size.
    at n layers does not plan at more). Probing runs at the machine's speed here (what
    fits does not depend on speed), and skips a device when a larger one did not fit one
    sample (the runner probes it, to the same end).
-2. Each mode's largest model trains in that mode through the launcher (JobRunner on a
+2. Each mode's largest model trains in that mode through the launcher (JobController on a
    local Ray, `--steps` steps). If the job fails (the simulated device runs out of
    memory where the plan said it fits: the runner gives up at micro-batch 1), smaller
    sizes are bisected, at most --retries more jobs, from a size known to train. Per rank:
@@ -80,7 +80,7 @@ from autobatch.probe.devices import SimulatedDevice, parse_memory
 from autobatch.probe.profile import ModelProfile
 from launcher.job.collector import SnapshotCollector
 from launcher.job.events import JobSummary
-from launcher.job.runner import JobRunner
+from launcher.job.controller import JobController
 from launcher.job.spec import parse_spec
 from launcher.job.tasks import load_task
 from launcher.job.worker import probe
@@ -293,7 +293,7 @@ def train(tmp: str, spec: dict, skip: int, quiet_s: float) -> Run:
     load = ForeignLoad()
     collector = SnapshotCollector.remote(None)  # no server: it keeps snapshots for drain
     try:
-        runner = JobRunner(parse_spec(spec), runs_root=tmp, collector_factory=lambda: collector)
+        runner = JobController(parse_spec(spec), runs_root=tmp, collector_factory=lambda: collector)
         summary = runner.run()
         snapshots = ray.get(collector.drain.remote())
     finally:

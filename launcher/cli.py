@@ -132,12 +132,14 @@ class _Display:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.job.runner import JobRunner
+    from launcher.job.controller import JobController
     from launcher.job.spec import load_spec
 
     spec = load_spec(args.spec)
     display = _Display(spec.max_steps)
-    summary = JobRunner(spec, address=args.address, runs_root=args.runs_dir, listener=display).run()
+    summary = JobController(
+        spec, address=args.address, runs_root=args.runs_dir, listener=display
+    ).run()
     if args.json:
         out.print_json(json.dumps(summary.to_dict()))
     return 0
@@ -156,9 +158,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise AutobatchError(
             "--devices is only for --dry-run and --what-if (planning without hardware)"
         )
-    from launcher.job.runner import JobRunner
+    from launcher.job.controller import JobController
 
-    plan, _ = JobRunner(spec, address=args.address).probe_and_plan()
+    plan, _ = JobController(spec, address=args.address).probe_and_plan()
     if args.json:
         print(plan.to_json())
     else:

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
 from launcher.job.events import Planned, Progress, Resized, RunnerEvent
-from launcher.job.runner import JobRunner
+from launcher.job.controller import JobController
 from launcher.job.spec import parse_spec
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
             cluster.remove_node(workers[-1])  # a whole node, its raylet and workers
 
     try:
-        summary = JobRunner(parse_spec(spec), address=cluster.address, listener=listener).run()
+        summary = JobController(parse_spec(spec), address=cluster.address, listener=listener).run()
     finally:
         workers.append(cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20))
         cluster.wait_for_nodes()
@@ -87,7 +87,7 @@ def test_a_lost_node_is_replanned_on_the_devices_left_with_the_same_global_batch
     assert_every_global_batch_exact(spec, tmp_path / "ckpt")
     if sharding != "none":
         reference = job(tmp_path / "ref", name="ref", max_steps=10, devices=devices)
-        want = JobRunner(parse_spec(reference), address=cluster.address).run().parameters
+        want = JobController(parse_spec(reference), address=cluster.address).run().parameters
         assert_same_parameters(summary.parameters, want)
 
 

@@ -18,8 +18,8 @@ from daemon_util import TINY
 from autobatch.errors import LaunchError
 from autobatch.planning.sampler import GlobalBatchSampler
 from launcher.job.checkpoint import list_checkpoints
-from launcher.job.events import MetricsAt, Progress, Restarting, Resuming
-from launcher.job.runner import JobRunner
+from launcher.job.events import MetricsAt, Progress, Restarting, Resuming, StateChanged
+from launcher.job.controller import JobController
 from launcher.job.spec import parse_spec
 
 # Memory sizes give micro-batch limits of about 12, 6 and 3: a global batch of 24
@@ -62,7 +62,7 @@ def local_ray(tmp_path_factory):
 
 def run(spec: dict) -> tuple:
     events = []
-    summary = JobRunner(parse_spec(spec), listener=events.append).run()
+    summary = JobController(parse_spec(spec), listener=events.append).run()
     return summary, events
 
 
@@ -125,12 +125,14 @@ def baseline(local_ray, tmp_path_factory):
 
     def listener(event):
         seen.setdefault("events", []).append(type(event).__name__)
+        if isinstance(event, StateChanged):
+            seen.setdefault("states", []).append(event.state)
         if isinstance(event, MetricsAt):
             seen["url"] = event.url
         if isinstance(event, Progress) and "text" not in seen:
             seen["text"] = urllib.request.urlopen(seen["url"], timeout=30).read().decode()
 
-    summary = JobRunner(parse_spec(spec), listener=listener).run()
+    summary = JobController(parse_spec(spec), listener=listener).run()
     return spec, tmp / "ckpt", summary, seen
 
 
@@ -141,7 +143,11 @@ def test_three_heterogeneous_simulated_devices_train_with_an_exact_global_batch(
     assert plan.world_size == 3
     assert len({r.micro_batch_size for r in plan.ranks}) > 1  # heterogeneous
     assert_every_global_batch_exact(spec, ckpt)
-    assert seen["events"][:2] == ["Planned", "MetricsAt"] and seen["events"][-1] == "Finished"
+    runner_events = [e for e in seen["events"] if e != "StateChanged"]
+    assert runner_events[:2] == ["Planned", "MetricsAt"] and runner_events[-1] == "Finished"
+    assert seen["states"] == [
+        "reserving", "probing", "planning", "starting", "training", "succeeded"
+    ]  # fmt: skip
     assert list_checkpoints(ckpt)[-1].name == "step_00000006.pt"
 
 
@@ -164,7 +170,7 @@ def test_effective_global_batch_is_measured_and_a_short_step_is_refused(local_ra
     # on every rank (no optimizer update) and the job fails saying so.
     spec = job(tmp_path, faults=[{"kind": "short_batch", "rank": 0, "step": 3}])
     seen: list = []
-    runner = JobRunner(parse_spec(spec), listener=seen.append)
+    runner = JobController(parse_spec(spec), listener=seen.append)
     with pytest.raises(LaunchError, match=r"step 3: the ranks processed 23 samples, not the "):
         runner.run()
     snaps = [s for e in seen if isinstance(e, Progress) for s in e.snapshots]
@@ -288,7 +294,7 @@ def test_causal_lm_lora_job_packs_by_length_keeps_every_batch_and_saves_the_adap
         if isinstance(event, Progress):
             snapshots.extend(event.snapshots)
 
-    summary = JobRunner(parse_spec(spec), listener=listener).run()
+    summary = JobController(parse_spec(spec), listener=listener).run()
     assert summary.steps == 4 and summary.restarts == 0
     assert "precision fp32 (auto): sim-big is not a GPU: fp32" in summary.plan.notes
     # Every step's global batch is exactly the sampler's 16 sequences, split by length.
@@ -328,13 +334,13 @@ def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
 
     devices = {"select": "simulated", "simulated": SIMS_3, "keep_all": True, "min_count": 1}
     ref = job(tmp_path / "ref", devices=devices, max_steps=STEPS)
-    alone = JobRunner(parse_spec(ref), devices=[0]).run()
+    alone = JobController(parse_spec(ref), devices=[0]).run()
     assert alone.plan.world_size == 1 and alone.resizes == {}
 
     spec = job(tmp_path, devices=devices, max_steps=STEPS, checkpoint={"interval": 7,
                "dir": str(tmp_path / "ckpt")})  # fmt: skip
     events, steps = [], []
-    runner: JobRunner
+    runner: JobController
 
     def listener(event):  # grow at the first progress report, shrink once grown
         events.append(event)
@@ -346,7 +352,7 @@ def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
         if isinstance(event, Resized) and event.reason == "grew":
             runner.request_resize([0, 2], "shrank", "shrank for job x")
 
-    runner = JobRunner(parse_spec(spec), devices=[0], listener=listener)
+    runner = JobController(parse_spec(spec), devices=[0], listener=listener)
     summary = runner.run()
     resizes = [e for e in events if isinstance(e, Resized)]
     assert [(e.reason, e.before, e.devices) for e in resizes] == [

@@ -43,8 +43,8 @@ from typing import Any
 
 import yaml
 
-from autobatch.errors import AutobatchError
 from launcher.daemon.limits import Limits
+from launcher.errors import BodyError
 
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when it is there
 _CORE = "tag:yaml.org,2002:"
@@ -52,17 +52,6 @@ _TAGS = {None, "!"} | {_CORE + t for t in ("str", "int", "float", "bool", "null"
 _INT64 = 1 << 63
 # A JSON string (escapes included), a bracket, or any other run of scalar characters.
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|[^\s\[\]{}",:]+')
-
-
-class BodyError(AutobatchError, ValueError):
-    """A request body the API refuses; `loc` is the path to the problem, `status` the answer."""
-
-    def __init__(self, message: str, loc: tuple[str, ...] = ("body",), status: int = 422) -> None:
-        super().__init__(message)
-        self.loc, self.status = list(loc), status
-
-    def __reduce__(self) -> tuple:  # from a parser process back to the daemon, whole
-        return (type(self), (str(self), tuple(self.loc), self.status))
 
 
 class BodyParser:

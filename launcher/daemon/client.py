@@ -19,13 +19,9 @@ from typing import Any
 
 import httpx
 
-from autobatch.errors import AutobatchError
+from launcher.errors import ClientError
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
-
-
-class ClientError(AutobatchError):
-    """A request to the daemon failed; the message says why in one line."""
 
 
 class DaemonClient:

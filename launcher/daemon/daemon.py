@@ -1,6 +1,6 @@
 """The launcher daemon: a queue of jobs in SQLite, each driven by a supervisor that outlives it.
 
-    submit -> queued -> (scheduler: all its devices free) -> supervisor actor: JobRunner.run()
+    submit -> queued -> (scheduler: all its devices free) -> supervisor actor: JobController.run()
         daemon thread per job: poll the supervisor -> events -> store (state, plan,
         progress, restarts, resizes), job log, metrics sink
     scheduler: an elastic job grows into freed devices, shrinks for the head of the
@@ -39,25 +39,11 @@ from autobatch.errors import format_validation_error
 from autobatch.metrics.prometheus import PrometheusSink
 from launcher.daemon import rayhead, scheduler, supervisor
 from launcher.daemon.jobwatch import JobWatcher
-from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, StoreError, new_job_id
+from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, new_job_id
+from launcher.errors import InvalidSpec, JobStateError
 from launcher.job.checkpoint import latest_checkpoint
-from launcher.job.spec import JobSpec, SpecError, parse_spec
+from launcher.job.spec import JobSpec, parse_spec
 from launcher.job.tasks import BUILTIN, daemon_refuses
-
-
-class InvalidSpec(SpecError):
-    """A submitted spec is invalid; `errors` holds one {loc, msg} per problem."""
-
-    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
-        super().__init__(message, errors)
-        self.errors = errors
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class JobStateError(StoreError):
-    """The request does not fit the job's state (e.g. cancelling a finished job)."""
 
 
 @dataclasses.dataclass

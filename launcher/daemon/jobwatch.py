@@ -1,14 +1,17 @@
-"""What the daemon does with one job's runner events: record, log, export.
+"""What the daemon does with one job's controller events: record, log, export.
 
-Planned    -> store.plan, state running, the plan table in the job log
-MetricsAt  -> the job log
-Resuming   -> the job log (the transition that re-queued the job said why)
-Restarting -> state restarting (reason), restarts, last_error, the new plan
-Resized    -> store.resizes (each with its reason), the job log; the daemon's slots
-Progress   -> snapshots drained from the job's collector into the daemon's sink
-              (job label = job id), store.progress (at most once a second), a log
-              line per step; state running again after a restart
-Finished   -> a last drain, the summary
+StateChanged -> the daemon's state for it (`launcher.job.states.DAEMON_STATE`, one to
+                one), with the controller's reason; the terminal states are the job's
+                outcome's to record (the daemon concludes the job from it)
+Planned      -> store.plan, the plan table in the job log
+MetricsAt    -> the job log
+Resuming     -> the job log (the transition that re-queued the job said why)
+Restarting   -> restarts, last_error, the new plan, the job log
+Resized      -> store.resizes (each with its reason), the job log; the daemon's slots
+Progress     -> snapshots drained from the job's collector into the daemon's sink
+                (job label = job id), store.progress (at most once a second), a log
+                line per step
+Finished     -> a last drain, the summary
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from launcher.job.events import (
     Restarting,
     Resuming,
     RunnerEvent,
+    StateChanged,
     describe_resize,
 )
 from launcher.job.spec import JobSpec
+from launcher.job.states import DAEMON_STATE
+
+_OUTCOMES = ("succeeded", "failed", "cancelled")
 
 
 class JobHost(Protocol):
@@ -61,14 +68,11 @@ class JobWatcher:
 
     def __call__(self, event: RunnerEvent) -> None:
         match event:
+            case StateChanged(state=state, reason=reason) if state not in _OUTCOMES:
+                self._state(DAEMON_STATE[state], reason)
             case Planned(plan=plan):
                 self.store.update(self.job_id, plan=plan.to_dict())
                 self.host.log(self.job_id, "plan:\n" + plan.render_table())
-                self._state(
-                    "running",
-                    f"plan of {plan.world_size} rank(s), predicted "
-                    f"{plan.predicted_samples_per_s:,.1f} samples/s",
-                )
             case MetricsAt(url=url):
                 self.host.log(self.job_id, f"ranks report metrics to {url or 'the daemon'}")
             case Resuming(checkpoint=checkpoint):
@@ -82,7 +86,6 @@ class JobWatcher:
                     plan=decision.plan.to_dict(),
                 )
                 self.host.log(self.job_id, f"{reason}; resuming from {resume}")
-                self._state("restarting", reason)
             case Resized() as r:
                 self._resized(r)
             case Progress(snapshots=snapshots):
@@ -111,8 +114,6 @@ class JobWatcher:
         rank0 = next((s for s in snaps if s.rank == 0), None)
         if rank0 is None:
             return
-        if self.store.get(self.job_id).state == "restarting":
-            self._state("running", "training again after the restart")
         step = rank0.step
         if step != self.last_step:
             self.last_step = step

@@ -28,15 +28,11 @@ import sys
 import threading
 import time
 
-from autobatch.errors import AutobatchError
+from launcher.errors import HeadError
 
 HEAD_FILE = "ray-head.json"
 NAMESPACE = "autobatch"
 START_TIMEOUT_S = 90.0
-
-
-class HeadError(AutobatchError):
-    """The daemon's Ray head cannot be started or reached."""
 
 
 def head_file(state_dir: pathlib.Path) -> pathlib.Path:

@@ -22,14 +22,10 @@ import socket
 import sys
 import time
 
-from autobatch.errors import AutobatchError
 from launcher.daemon.limits import Limits
+from launcher.errors import ServeError
 
 DEFAULT_PORT = 8470
-
-
-class ServeError(AutobatchError):
-    """The daemon cannot start with these settings."""
 
 
 def is_loopback(host: str) -> bool:

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from autobatch.errors import AutobatchError
+from launcher.errors import StoreError, TransitionError, UnknownJob
 
 STATES = ("queued", "probing", "running", "restarting", "succeeded", "failed", "cancelled")
 ACTIVE = ("probing", "running", "restarting")
@@ -63,19 +63,6 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
-
-
-class StoreError(AutobatchError):
-    """A job record operation is impossible (unknown id, transition not allowed)."""
-
-
-class UnknownJob(StoreError, KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-class TransitionError(StoreError):
-    pass
 
 
 @dataclass(frozen=True)

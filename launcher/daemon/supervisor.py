@@ -1,7 +1,7 @@
 """One job's driver, as a detached Ray actor: the job lives as long as it does, not the daemon.
 
     daemon: launch(job_id, spec) -> JobSupervisor "job-<id>" (detached, on the head)
-              thread: JobRunner(spec).run()  -> events (numbered), outcome
+              thread: JobController(spec).run()  -> events (numbered), outcome
     daemon: poll(ack) every half second -> events after `ack`, the outcome once the run
             ended, the job's snapshot collector
     daemon restarted: find(job_id) -> the same actor; poll(-1) hands over what it missed
@@ -34,7 +34,7 @@ from launcher.job.spec import JobSpec
 @ray.remote(num_cpus=0, max_concurrency=4)
 class JobSupervisor:
     def __init__(self, spec: JobSpec, metrics_url: str, devices: list[int] | None = None) -> None:
-        from launcher.job.runner import JobRunner
+        from launcher.job.controller import JobController
 
         self.spec, self.metrics_url = spec, metrics_url
         self._events: list[tuple[int, RunnerEvent]] = []
@@ -43,7 +43,7 @@ class JobSupervisor:
         self._collector: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._runner = JobRunner(
+        self._runner = JobController(
             spec, listener=self._record, stop=self._stop, collector_factory=self._make,
             devices=devices,
         )  # fmt: skip
@@ -69,7 +69,7 @@ class JobSupervisor:
 
     # -- inside ------------------------------------------------------------------
     def _run(self) -> None:
-        from launcher.job.runner import JobCancelled
+        from launcher.errors import JobCancelled
 
         try:
             summary = self._runner.run()

@@ -4,6 +4,10 @@ The runner calls its listener with one of these values, in this order:
 
     Planned -> MetricsAt -> [Resuming] -> (Progress | Restarting | Planned Resized)* -> Finished
 
+with a `StateChanged` before each state the controller enters (launcher.job.states:
+connecting, reserving, probing, planning, starting, training, resizing, restarting,
+succeeded, failed, cancelled), naming the state, the reason and the state it left.
+
 An elastic job's resize is a new `Planned` (the plan on the new devices), then
 `Resized` once the new ranks finished their first step.
 
@@ -44,6 +48,44 @@ class JobSummary:
         out.pop("parameters", None)
         out["plan"] = self.plan.to_dict()
         return out
+
+    @classmethod
+    def of(
+        cls,
+        job: str,
+        outcomes: Sequence[Any],
+        *,
+        seconds: float,
+        global_batch_size: int,
+        restarts: int,
+        replans: dict[str, int],
+        resizes: dict[str, int],
+    ) -> JobSummary:
+        """The summary of a run from its ranks' outcomes (launcher.job.context.RankOutcome,
+        rank 0's first): OOM events are the ranks' in-place retries plus the restarts for
+        one."""
+        first = outcomes[0]
+        return cls(
+            job=job,
+            steps=first.steps_done,
+            seconds=seconds,
+            samples_per_s=first.steps_done * global_batch_size / seconds if seconds else 0.0,
+            restarts=restarts,
+            oom_events=sum(o.oom_events for o in outcomes) + replans.get("oom", 0),
+            replans=dict(replans),
+            resizes=dict(resizes),
+            checkpoint=first.checkpoint,
+            plan=Plan.from_json(first.final_plan_json),
+            parameters=first.parameters,
+            output=first.output,
+        )
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: str  # the state entered, as `launcher.job.states.state_name` names it
+    reason: str  # for the user
+    previous: str  # the state left
 
 
 @dataclass(frozen=True)
@@ -99,5 +141,7 @@ class Finished:
     summary: JobSummary
 
 
-RunnerEvent = Union[Planned, MetricsAt, Resuming, Progress, Restarting, Resized, Finished]  # noqa: UP007
+RunnerEvent = Union[  # noqa: UP007
+    StateChanged, Planned, MetricsAt, Resuming, Progress, Restarting, Resized, Finished
+]
 Listener = Callable[[RunnerEvent], None]

@@ -19,9 +19,10 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from autobatch.errors import AutobatchError, format_validation_error
+from autobatch.errors import format_validation_error
 from autobatch.tasks.lora import LoraSpec
 from autobatch.tasks.task import Task
+from launcher.errors import TaskError
 
 ENTRYPOINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -37,10 +38,6 @@ class TaskRequest(Protocol):
     def max_seq_len(self) -> int | None: ...
     @property
     def seed(self) -> int: ...
-
-
-class TaskError(AutobatchError, ValueError):
-    """A job's task cannot be found, its arguments are invalid, or it did not build."""
 
 
 class _Args(BaseModel):

@@ -1,0 +1,155 @@
+"""What a job's devices can do: inventory, precision, one profile per device type, and the
+plan made from them.
+
+Each device's actor takes its inventory; one device of each type not seen yet in this
+run is measured (one at a time, so timings are not disturbed; the profile cache answers
+for types measured before), the others share its profile. Under sharding, a device a
+replica does not fit gets the fastest measured device's profile carried over to its
+memory and speed (an estimate, noted in the plan). `precision: auto` is chosen once
+per run: a resized job keeps it, its training run must not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from ray.exceptions import RayTaskError
+
+from autobatch.errors import LaunchError, NoFitError
+from autobatch.planning.plan import ExcludedDevice, Plan
+from autobatch.planning.planner import equal_split_plan, make_plan
+from autobatch.probe.cache import default_cache_dir
+from autobatch.probe.devices import DeviceInfo
+from autobatch.probe.profile import ModelProfile
+from autobatch.step.precision import Precision, choose_precision
+from launcher.job import cluster
+from launcher.job.placement import Placement
+from launcher.job.spec import JobSpec
+
+PROFILE_TIMEOUT_S = 600.0
+
+Waiter = Callable[[list, float, str], list]
+"""(refs, timeout_s, what) -> their values: the controller's wait, which hears a cancel."""
+
+
+class Prober:
+    def __init__(self, spec: JobSpec, placement: Placement, wait: Waiter) -> None:
+        self.spec, self.placement, self.wait = spec, placement, wait
+        self.found: dict[int, tuple] = {}  # device index -> (DeviceInfo, node ip, node id)
+        self.profiles: dict[tuple, ModelProfile | str] = {}  # by device type, this run's
+        self.precision: Precision | None = None  # the spec's, with auto resolved
+        self.precision_note: str | None = None
+        self.notes: list[str] = []  # choices made on the way, carried into the plan
+
+    def forget(self, gone: Sequence[int]) -> None:
+        for i in gone:
+            self.found.pop(i, None)
+
+    def probe(self, devices: Sequence[int]) -> list[cluster.ProbedDevice]:
+        """The devices' inventory and profiles, sorted by node (the ranks' order)."""
+        self.notes = []
+        new = [i for i in devices if i not in self.found]
+        self.placement.start_workers(new)
+        requests = self.placement.requests
+        try:
+            workers = [self.placement.worker(i) for i in new]
+            refs = [w.inventory.remote(requests[i].simulated, i) for w, i in zip(workers, new)]
+            found = self.wait(refs, cluster.ACTOR_TIMEOUT_S, "device inventory")
+            self.found.update(zip(new, found))
+            infos = {i: self.found[i][0] for i in devices}
+            self._resolve_precision(list(infos.values()))
+            profiles = self._profiles(infos)
+        except RayTaskError as exc:
+            raise LaunchError(f"probe failed: {cluster.cause(exc)}") from None
+        probed = []
+        for b, i in enumerate(devices):
+            info, ip, node_id = self.found[i]
+            profile = profiles[_type_of(info)]
+            no_fit = profile if isinstance(profile, str) else None  # left out, saying why
+            probed.append(
+                cluster.ProbedDevice(
+                    b, info, ip, node_id, None if no_fit else profile, no_fit=no_fit, index=i
+                )
+            )
+        return sorted(probed, key=lambda d: (d.node, d.node_id, d.info.index, d.bundle))
+
+    def _profiles(self, infos: dict[int, DeviceInfo]) -> dict[tuple, ModelProfile | str]:
+        by_type: dict[tuple, int] = {}
+        for i, info in infos.items():
+            by_type.setdefault(_type_of(info), i)
+        cache = default_cache_dir()
+        profiles = {}
+        for key, i in by_type.items():
+            if key not in self.profiles:  # measured (or cached) once per run
+                self.profiles[key] = self._profile(self.placement.worker(i), infos[i], cache)
+            profiles[key] = self.profiles[key]
+        if self.spec.sharding != "none":
+            self._carry_profiles(profiles, {k: infos[i] for k, i in by_type.items()})
+        return profiles
+
+    def _profile(self, worker: Any, info: DeviceInfo, cache: str) -> ModelProfile | str:
+        """The device's profile, or why not even one sample fits on it."""
+        ref = worker.profile.remote(self.spec, self.precision, info, cache)
+        try:
+            return self.wait([ref], PROFILE_TIMEOUT_S, f"profile of {info.name}")[0]
+        except RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), NoFitError):
+                return str(exc.cause)
+            raise
+
+    def _carry_profiles(self, profiles: dict, infos: dict) -> None:
+        """Sharding may fit a model on a device where a replica does not fit one sample
+        (nothing could be measured there): it gets the profile of the fastest device that
+        was measured, carried over to its memory and speed (an estimate, noted)."""
+        measured = [k for k, p in profiles.items() if not isinstance(p, str)]
+        if not measured:
+            return
+        src = max(measured, key=lambda k: infos[k].speed)
+        for key, why in [(k, p) for k, p in profiles.items() if isinstance(p, str)]:
+            info = infos[key]
+            profiles[key] = profiles[src].carried_to(
+                info,
+                headroom_fraction=self.spec.memory_headroom,
+                time_scale=infos[src].speed / info.speed,
+            )
+            self.notes.append(
+                f"{info.name}: a replica does not fit ({why}); its figures are {infos[src].name}'s "
+                "measurements carried over to its memory and speed, for sharding"
+            )
+
+    def _resolve_precision(self, infos: list[DeviceInfo]) -> None:
+        if self.precision is None:
+            self.precision, self.precision_note = self.spec.precision, None
+            if self.spec.precision == "auto":
+                self.precision, why = choose_precision(infos)
+                self.precision_note = f"precision {self.precision} (auto): {why}"
+        if self.precision_note:
+            self.notes.append(self.precision_note)
+
+
+def plan_job(spec: JobSpec, probed: Sequence[cluster.ProbedDevice], notes: Sequence[str]) -> Plan:
+    """The plan on the probed devices (those that fit), for the spec's global batch."""
+    fit = [d for d in probed if d.profile is not None]
+    unfit = [ExcludedDevice(d.device_id, d.info.name, d.no_fit) for d in probed if d.no_fit]
+    if not fit or (unfit and spec.devices.keep_all):
+        why = "no device can" if not fit else "devices.keep_all is set, but not every device can"
+        reasons = "; ".join(f"{e.device_id}: {e.reason}" for e in unfit)
+        raise LaunchError(f"{why} train this job: {reasons}")
+    capacities = [d.profile.capacity(d.device_id, d.info.name) for d in fit]
+    if spec.planner == "equal_split":
+        plan = equal_split_plan(spec.global_batch_size, capacities)
+    else:
+        plan = make_plan(
+            spec.global_batch_size, capacities, sharding=spec.sharding,
+            keep_all=spec.devices.keep_all,
+        )  # fmt: skip
+    checkpointed = sorted({d.info.name for d in fit if d.profile.gradient_checkpointing})
+    why = "micro-batch 1 does not fit without it"
+    notes = [*notes, *(f"gradient checkpointing on {n}: {why}" for n in checkpointed)]
+    return replace(plan, excluded=(*plan.excluded, *unfit), notes=(*plan.notes, *notes))
+
+
+def _type_of(info: DeviceInfo) -> tuple:
+    return (info.name, info.total_bytes, info.speed)
