@@ -32,18 +32,16 @@ import traceback
 from typing import Any
 
 import ray
-from pydantic import ValidationError
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from autobatch.errors import format_validation_error
 from autobatch.metrics.prometheus import PrometheusSink
 from launcher.daemon import rayhead, scheduler, supervisor
+from launcher.daemon.admission import Admission
 from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, new_job_id
-from launcher.errors import InvalidSpec, JobStateError
+from launcher.errors import JobStateError
 from launcher.job.checkpoint import latest_checkpoint
 from launcher.job.spec import JobSpec, parse_spec
-from launcher.job.tasks import BUILTIN, daemon_refuses
 
 
 @dataclasses.dataclass
@@ -89,6 +87,11 @@ class Daemon:
         self.address, self.num_cpus, self.task_modules = address, num_cpus, task_modules
         # Directories a task may read from (a model, a data file); default: where it started.
         self.data_roots = tuple(pathlib.Path(r).resolve() for r in data_roots or (".",))
+        self.admission = Admission(
+            checkpoint_root=self.checkpoint_root,
+            data_roots=self.data_roots,
+            task_modules=task_modules,
+        )
         self.metrics_url, self.run_jobs, self.poll_s = metrics_url, run_jobs, poll_s
         self.running: dict[str, _Running] = {}
         self._specs: dict[str, JobSpec] = {}  # parsed specs of queued jobs, by id
@@ -161,32 +164,15 @@ class Daemon:
 
     # -- requests ----------------------------------------------------------------
     def validate(self, data: Any) -> JobSpec:
-        """The spec as the daemon will run it: checkpoints under the checkpoint root."""
-        if not isinstance(data, dict):
-            msg = f"a job spec is a mapping of fields, got {type(data).__name__}"
-            raise InvalidSpec(msg, [{"loc": [], "msg": msg}])
-        try:
-            spec = JobSpec.model_validate(data)
-        except ValidationError as exc:
-            errors = [
-                {"loc": [str(p) for p in e["loc"]], "msg": e["msg"].removeprefix("Value error, ")}
-                for e in exc.errors()
-            ]
-            raise InvalidSpec(f"invalid job spec: {format_validation_error(exc)}", errors) from None
-        refused = daemon_refuses(spec.task, self.task_modules)
-        if refused:
-            self._invalid(["task"], refused)
-        entry = BUILTIN.get(spec.task)
-        for key in entry.path_args if entry else ():
-            self._readable(["task_args", key], str(spec.task_args[key]))
-        return spec
+        """The spec as the daemon will run it (launcher.daemon.admission)."""
+        return self.admission.validate(data)
 
     def submit(self, data: Any) -> str:
         """Queue a job: `data` is a spec as sent (validated here) or one `validate` returned."""
         spec = data if isinstance(data, JobSpec) else self.validate(data)
         job_id = new_job_id(spec.name)
-        ckpt = self._confined(["checkpoint", "dir"], spec.checkpoint.dir, job_id)
-        output = self._confined(["output_dir"], spec.output_dir, f"{job_id}-final")
+        ckpt = self.admission.confined(["checkpoint", "dir"], spec.checkpoint.dir, job_id)
+        output = self.admission.confined(["output_dir"], spec.output_dir, f"{job_id}-final")
         effective = spec.model_dump(mode="json")
         effective["checkpoint"]["dir"] = str(ckpt)
         effective["output_dir"] = str(output)
@@ -237,34 +223,6 @@ class Daemon:
         if parsed is None:
             parsed = self._specs[job_id] = parse_spec(spec)
         return parsed
-
-    def _invalid(self, loc: list[str], msg: str) -> None:
-        raise InvalidSpec(f"invalid job spec: {'.'.join(loc)}: {msg}", [{"loc": loc, "msg": msg}])
-
-    def _readable(self, loc: list[str], path: str) -> None:
-        """A path a task reads: inside a data root (symlinks resolved), or refused."""
-        resolved = pathlib.Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.data_roots):
-            roots = ", ".join(str(r) for r in self.data_roots)
-            self._invalid(
-                loc,
-                f"{path!r} is outside the data roots this daemon reads from ({roots}); put it "
-                "there, or start the daemon with --data-root DIR",
-            )
-
-    def _confined(self, loc: list[str], path: str | None, default: str) -> pathlib.Path:
-        """A directory the job writes to: inside the checkpoint root, or refused."""
-        if not path:
-            return self.checkpoint_root / default
-        p = pathlib.Path(path)
-        resolved = (p if p.is_absolute() else self.checkpoint_root / p).resolve()
-        if not resolved.is_relative_to(self.checkpoint_root) or resolved == self.checkpoint_root:
-            self._invalid(
-                loc,
-                f"{path!r} is outside the checkpoint root {self.checkpoint_root}; "
-                "give a relative path inside it",
-            )
-        return resolved
 
     # -- scheduling --------------------------------------------------------------
     def _schedule_loop(self) -> None:
