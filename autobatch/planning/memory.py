@@ -49,28 +49,23 @@ GPT, AdamW foreach, two micro-steps): "optimizer" matched to 0.01 MiB at W = 2, 
 repeats this from a measured profile through `Sharded`. The CUDA context, NCCL and
 the allocator's fragmentation stay in the profile's reserve, as for a replica.
 
-Pure values: imports autobatch.errors only.
+Each lever is one term (`Term`): what its setting does to a replica's lines on one
+rank. Sharding's three terms are `SHARDING_TERMS`, one function per mode.
+
+Pure values: imports autobatch.errors and autobatch.levers only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from autobatch.errors import PlanError
+from autobatch.levers import SHARDINGS as SHARDINGS  # the planner's modules read them here too
+from autobatch.levers import Sharding, check_sharding
 
-Sharding = Literal["none", "optimizer", "full"]
-SHARDINGS: tuple[Sharding, ...] = ("none", "optimizer", "full")  # lightest first
 FULL_GATHERED_UNITS = 4  # the unit at work (parameters, gradients, reduce-scatter) + the next
-
-
-def check_sharding(value: str) -> Sharding:
-    """`value` if it names a sharding mode, else a PlanError naming the choices."""
-    if value not in SHARDINGS:
-        allowed = ", ".join(repr(s) for s in SHARDINGS)
-        raise PlanError(f"sharding={value!r} must be one of {allowed}")
-    return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -127,18 +122,66 @@ class ModelState:
 
     def per_rank(self, sharding: Sharding, world_size: int) -> int:
         """Bytes of state a rank holds during its micro-steps (the peak's non-activation part)."""
-        return self.total_bytes + _state_shift(self, sharding, world_size)
+        return self.total_bytes + sharding_term(self, sharding, world_size).micro_bytes
 
 
-def _state_shift(state: ModelState, sharding: Sharding, world_size: int) -> int:
-    """How much the micro-steps' peak moves from a replica's (see the module docstring)."""
+# ---------------------------------------------------------------------------
+# the levers' terms
+
+
+@dataclass(frozen=True)
+class Term:
+    """What one lever's setting does to a rank's peak, relative to a replica's."""
+
+    micro_bytes: int = 0  # every micro-step's line moves by this (state held meanwhile)
+    optimizer_divisor: int = 1  # the optimizer step's line is divided by this (state sharded)
+    frees_replica_reserve: bool = False  # no DDP buckets: their reserve returns to the budget
+
+    @property
+    def changes_nothing(self) -> bool:
+        """The replica's lines and budget stand (and so its measured largest micro-batch)."""
+        return self == Term()
+
+
+def _replica(state: ModelState, world_size: int) -> Term:
+    """ "none": DDP, a replica on every rank, and DDP's gradient buckets in the reserve."""
+    return Term()
+
+
+def _optimizer_sharded(state: ModelState, world_size: int) -> Term:
+    """ "optimizer": P gathered next to the rank's P/W, G whole, O/W; the optimizer step on
+    shards."""
     W = world_size
-    if sharding == "none" or W == 1:  # one rank: `Sharded` leaves the model as it is
-        return 0
-    if sharding == "optimizer":
-        return -state.optimizer_bytes + _ceil_div(state.optimizer_bytes + state.params_bytes, W)
+    if W == 1:  # one rank: `Sharded` leaves the model as it is
+        return Term(frees_replica_reserve=True)
+    opt, params = state.optimizer_bytes, state.params_bytes
+    return Term(-opt + _ceil_div(opt + params, W), W, frees_replica_reserve=True)
+
+
+def _fully_sharded(state: ModelState, world_size: int) -> Term:
+    """ "full": S/W, plus the root unit and the units gathered at once."""
+    W = world_size
+    if W == 1:
+        return Term(frees_replica_reserve=True)
+    S = state.total_bytes
     gathered = state.root_unit_bytes + FULL_GATHERED_UNITS * state.largest_unit_bytes
-    return -state.total_bytes + _ceil_div(state.total_bytes, W) + gathered
+    return Term(-S + _ceil_div(S, W) + gathered, W, frees_replica_reserve=True)
+
+
+SHARDING_TERMS: dict[Sharding, Callable[[ModelState, int], Term]] = {
+    "none": _replica,
+    "optimizer": _optimizer_sharded,
+    "full": _fully_sharded,
+}
+
+
+def sharding_term(state: ModelState, sharding: Sharding, world_size: int) -> Term:
+    """The sharding lever's term for `sharding` over `world_size` ranks."""
+    return SHARDING_TERMS[check_sharding(sharding)](state, check_world_size(world_size))
+
+
+# ---------------------------------------------------------------------------
+# one device's memory
 
 
 @dataclass(frozen=True)
@@ -175,19 +218,25 @@ class MemoryModel:
         if self.cap < self.max_micro_batch:
             raise PlanError(f"MemoryModel cap={self.cap} is below max_micro_batch")
 
-    def budget(self, sharding: Sharding) -> int:
+    def term(self, sharding: Sharding = "none", world_size: int = 1) -> Term:
+        """What the levers' settings do to the replica's lines (today one lever: sharding)."""
+        return sharding_term(self.state, sharding, world_size)
+
+    def budget(self, sharding: Sharding, world_size: int = 1) -> int:
         """The largest allowed peak: sharded modes have no DDP buckets to reserve."""
-        return self.budget_bytes + (0 if sharding == "none" else self.replica_reserve_bytes)
+        freed = self.term(sharding, world_size).frees_replica_reserve
+        return self.budget_bytes + (self.replica_reserve_bytes if freed else 0)
 
     def lines(self, sharding: Sharding = "none", world_size: int = 1) -> tuple[PeakLine, ...]:
         """peak(b) for one rank = the max of these lines."""
-        check_world_size(world_size)
-        if sharding == "none":
+        term = self.term(sharding, world_size)
+        if term.changes_nothing:
             return (*self.micro_lines, self.optimizer_line)
-        shift = _state_shift(self.state, check_sharding(sharding), world_size)
-        micro = tuple(PeakLine(x.fixed_bytes + shift, x.per_sample_bytes) for x in self.micro_lines)
-        opt = self.optimizer_line
-        return (*micro, PeakLine(opt.fixed_bytes / world_size, opt.per_sample_bytes / world_size))
+        micro = tuple(
+            PeakLine(x.fixed_bytes + term.micro_bytes, x.per_sample_bytes) for x in self.micro_lines
+        )
+        opt, n = self.optimizer_line, term.optimizer_divisor
+        return (*micro, PeakLine(opt.fixed_bytes / n, opt.per_sample_bytes / n))
 
     def peak_bytes(self, b: int, sharding: Sharding = "none", world_size: int = 1) -> int:
         """Predicted peak of one rank's training step at micro-batch b."""
@@ -196,10 +245,10 @@ class MemoryModel:
     def fit(self, sharding: Sharding = "none", world_size: int = 1) -> MemoryFit:
         """The largest micro-batch that fits one rank, and the peak line over [1, it]."""
         lines = self.lines(sharding, world_size)
-        if sharding == "none":
-            m = self.max_micro_batch
+        if self.term(sharding, world_size).changes_nothing:
+            m = self.max_micro_batch  # measured
         else:
-            m = largest_under(lines, self.budget(sharding), self.cap)
+            m = largest_under(lines, self.budget(sharding, world_size), self.cap)
         top = max(m, 2)  # the chord over [1, top]; a flat line when only b = 1 fits
         per = 0 if m == 1 else math.ceil((peak_at(lines, top) - peak_at(lines, 1)) / (top - 1))
         return MemoryFit(
