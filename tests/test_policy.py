@@ -8,7 +8,13 @@ import torch
 from autobatch.errors import LaunchError, PlanError
 from autobatch.planning.plan import DeviceCapacity
 from autobatch.planning.planner import make_plan
-from launcher.job.policy import RankFailure, classify, decide, lower_micro_batches
+from launcher.job.policy import (
+    RankFailure,
+    classify,
+    decide,
+    lower_micro_batches,
+    retry_in_place,
+)
 
 # Three devices of different memory; every one gets a share of the 24 samples.
 PLAN = make_plan(
@@ -77,6 +83,19 @@ def test_lowering_keeps_the_global_batch_and_cuts_to_three_quarters():
     assert lowered.capacity(0).max_micro_batch == PLAN.ranks[0].micro_batch_size * 3 // 4
     with pytest.raises(LaunchError, match="micro-batch 1"):
         lower_micro_batches(make_plan(2, [DeviceCapacity("b0", "t", 1, 0.01, 0.001, 0.0)]), [0])
+
+
+def test_retry_in_place_lowers_the_ranks_that_ran_out_as_decide_does():
+    failures = [f(0, "oom_no_sync"), f(2, "oom_no_sync")]
+    decided = decide(failures, restarts=0, max_restarts=0, plan=PLAN)
+    assert retry_in_place(PLAN, [2, 0], step=7) == decided.plan
+    assert sum(r.samples for r in decided.plan.ranks) == 24
+
+
+def test_retry_in_place_at_micro_batch_one_raises_the_reason():
+    one = make_plan(4, [DeviceCapacity("b0", "tiny", 1, 0.01, 0.001, 0.0)])
+    with pytest.raises(LaunchError, match=r"micro-batch 1: .*: rank 0: out of memory at step 7$"):
+        retry_in_place(one, [0], step=7)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The failure policy: what a job does when ranks fail. Pure: values in, a decision out.
 
     decide(failures seen on the ranks, restarts so far, plan, devices lost) -> Decision
+    retry_in_place(plan, ranks out of memory in a no_sync micro-step, step) -> Plan
 
     a rank's task raised a bad-input error or a bug    -> fail (a restart would repeat it)
     out of memory in a no_sync micro-step (agreed)     -> retry in place, that device lowered
@@ -25,7 +26,6 @@ from typing import Literal
 from autobatch.errors import AutobatchError, LaunchError
 from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import make_plan
-from autobatch.planning.sharded import make_sharded_plan
 
 FailureKind = Literal["task_error", "oom_no_sync", "oom_synced", "lost"]
 Action = Literal["retry_in_place", "restart", "replan", "fail"]
@@ -128,6 +128,17 @@ def decide(
     return Decision("restart", plan, what, root.kind)
 
 
+def retry_in_place(plan: Plan, oom_ranks: Sequence[int], step: int) -> Plan:
+    """The plan to retry the same global batch on, after `oom_ranks` ran out of memory in a
+    no_sync micro-step (every rank agreed to drop the step): their micro-batches lowered.
+    A LaunchError saying why when a rank cannot go lower (decide() fails the job so)."""
+    what = "; ".join(f"rank {r}: out of memory at step {step}" for r in sorted(oom_ranks))
+    try:
+        return lower_micro_batches(plan, sorted(oom_ranks))
+    except LaunchError as exc:
+        raise LaunchError(f"{exc}: {what}") from exc
+
+
 def _lowered(
     action: Action, plan: Plan, ranks: list[int], what: str, cause: FailureKind
 ) -> Decision:
@@ -168,6 +179,4 @@ def lower_micro_batches(plan: Plan, ranks: Sequence[int]) -> Plan:
 
 def replan(plan: Plan, devices: Sequence[DeviceCapacity], *, keep_all: bool) -> Plan:
     """A new plan on `devices` for the same global batch, sharded as `plan` was."""
-    if plan.sharding == "none":
-        return make_plan(plan.global_batch_size, devices, keep_all=keep_all)
-    return make_sharded_plan(plan.global_batch_size, devices, plan.sharding, keep_all=keep_all)
+    return make_plan(plan.global_batch_size, devices, keep_all=keep_all, sharding=plan.sharding)
