@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autobatch.errors import PlanError
+from autobatch.planning.equal_steps import equal_accumulation_shares, min_max_shares
 from autobatch.planning.memory import (
     MemoryModel,
     ModelState,
@@ -24,11 +25,7 @@ from autobatch.planning.memory import (
 )
 from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import make_plan
-from autobatch.planning.sharded import (
-    choose_sharding,
-    equal_accumulation_shares,
-    min_max_shares,
-)
+from autobatch.planning.sharded import choose_sharding
 
 # A replica: P = 40, G = 40, O = 80 (S = 160) bytes; root unit 4, largest unit 4.
 STATE = ModelState(
@@ -507,7 +504,7 @@ def test_formulas_bound_fsdp2s_own_tracked_peak():
 
 @pytest.mark.parametrize(("mode", "W"), [("none", None), ("optimizer", 2), ("full", 2)])
 def test_a_device_that_cannot_fit_one_sample_says_what_one_needs_and_its_budget(mode, W):
-    from autobatch.planning.planner import _gib
+    from autobatch.planning.plan import _gib
 
     one_sample = memory(10**6, 8).peak_bytes(1, mode, W or 1)
     devices = [dev(0, 10**6, act=8), dev(1, one_sample - 1, act=8)]  # d1: a byte short
