@@ -30,6 +30,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from autobatch.step.atomic import replace_directory
+
 EXTRA_FILE = "extra.json"
 
 
@@ -52,7 +54,7 @@ def save_sharded(
     dcp.save(_state(model, optimizer), checkpoint_id=tmp)
     if lead:
         _write_json(tmp / EXTRA_FILE, extra or {})
-        _replace(tmp, final)
+        replace_directory(tmp, final)
     _barrier()  # nobody reads the checkpoint before it is in place
     return final
 
@@ -88,30 +90,11 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return {"model": model_state, "optimizer": optim_state}
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Renames `tmp` to `final`; an older `final` is moved aside first and then removed."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(value, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rank() -> int:

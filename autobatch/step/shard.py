@@ -33,24 +33,30 @@ Out of memory: DDP's no_sync micro-steps issue no collective, so the ranks can a
 drop a step (`agree_on_oom`). Here a forward may be mid-way through its all-gathers
 ("full": any micro-step; "optimizer": the first), leaving the ranks' collectives
 unmatched: treat an OOM as one in the synced backward (restart from the checkpoint).
+
+A checkpoint is a directory of DCP shards that every rank writes (`autobatch.step.dcp`),
+loadable on any number of ranks; the whole model is gathered to rank 0 for export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from autobatch.errors import PlanError
-
-ShardMode = Literal["optimizer", "full"]
-SHARD_MODES: tuple[str, ...] = get_args(ShardMode)
+from autobatch.levers import SHARD_MODES as SHARD_MODES  # benchmarks read them here too
+from autobatch.levers import ShardMode, check_shard_mode
+from autobatch.step.dcp import load_sharded, save_sharded
 
 BlocksFn = Callable[[nn.Module], Iterable[nn.Module]]
 """model -> the submodules sharded as their own units (gathered one at a time)."""
@@ -96,11 +102,16 @@ class Sharded:
     >>> acc = Accumulator(model, AdamW(model.parameters()), wrapping=wrapping)
     """
 
+    retries_oom_in_place = False  # a forward may stop between its all-gathers
+    checkpoint_suffix = ""  # a directory of shards
+
     def __init__(self, mode: ShardMode = "optimizer", *, blocks: BlocksFn = repeated_blocks):
-        if mode not in SHARD_MODES:
-            raise ValueError(f"mode={mode!r} must be one of {', '.join(map(repr, SHARD_MODES))}")
-        self.mode = mode
+        self.mode = check_shard_mode(mode)
         self.blocks = blocks
+
+    @property
+    def sharding(self) -> ShardMode:
+        return self.mode
 
     def __repr__(self) -> str:
         return f"Sharded({self.mode!r})"
@@ -148,3 +159,42 @@ class Sharded:
 
     def world_size(self, wrapped: nn.Module) -> int:
         return dist.get_world_size() if isinstance(wrapped, FSDPModule) else 1
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+    ) -> Path:
+        """Collective: every rank writes its shards; rank 0 `extra` (small JSON)."""
+        return save_sharded(path, model, optimizer, extra=extra)
+
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """Collective, on any number of ranks (DCP reshards)."""
+        return load_sharded(path, model, optimizer)
+
+    def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        return Path(path).is_dir()
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective when the model is sharded: the whole state on rank 0, on the CPU."""
+        if not isinstance(model, FSDPModule):
+            return model.state_dict()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+
+    def plain_model(
+        self,
+        model: nn.Module,
+        full_state: dict[str, torch.Tensor],
+        build: Callable[[], nn.Module],
+    ) -> nn.Module:
+        """A fresh module with the full state (a sharded module's class is FSDP's)."""
+        if not isinstance(model, FSDPModule):
+            return model
+        plain = build()
+        plain.load_state_dict(full_state)
+        return plain

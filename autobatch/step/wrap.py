@@ -1,7 +1,10 @@
-"""How a rank's model is wrapped for data parallelism, and how each micro-step synchronises.
+"""How a rank's model is wrapped for data parallelism: the seam of every memory lever.
 
-The seam of the optimizer step: the accumulator asks the wrapping for the context
-of each micro-step and for the world its gradients are averaged over. Two
+A wrapping says how each micro-step synchronises (the accumulator asks it for the
+context of each micro-step and for the world its gradients are averaged over), and
+owns everything that depends on how the ranks hold the model: which plans can run,
+whether an out-of-memory can be retried in place, the checkpoint's format (save,
+load), and the whole model (its full state, the plain module for export). Two
 wrappings implement it: `Replicated`, a full replica per rank (torch DDP when a
 process group of more than one rank is up), and `Sharded` (autobatch.step.shard:
 FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
@@ -10,18 +13,28 @@ FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Protocol
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from autobatch.step.shard import SHARD_MODES, Sharded
+from autobatch.levers import check_sharding
+from autobatch.step.atomic import write_atomically
+from autobatch.step.shard import Sharded
 
 
 class ModelWrapping(Protocol):
+    """The accumulator calls `micro_step` and `world_size`; a launcher calls the rest."""
+
+    sharding: str  # the lever's name (autobatch.levers): "none", "optimizer", "full"
+    retries_oom_in_place: bool  # ranks can agree to drop a step after a no_sync OOM
+    checkpoint_suffix: str  # of a checkpoint's name: ".pt" (one file) or "" (a directory)
+
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """The model as the rank trains it."""
         ...
@@ -39,6 +52,43 @@ class ModelWrapping(Protocol):
         """Raise PlanError when the ranks' micro-step counts cannot run under this wrapping."""
         ...
 
+    def save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+    ) -> Path:
+        """Every rank calls it: the model's and optimizer's state and `extra` (the rest of
+        the training state) as one checkpoint at `path`, written atomically."""
+        ...
+
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """Every rank calls it: the checkpoint at `path` into the model and optimizer;
+        returns its `extra`."""
+        ...
+
+    def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        """Whether the checkpoint at `path` is in this wrapping's format."""
+        ...
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every rank calls it: the whole state dict under the plain module's names (on rank
+        0 at least; a collective when sharded)."""
+        ...
+
+    def plain_model(
+        self,
+        model: nn.Module,
+        full_state: dict[str, torch.Tensor],
+        build: Callable[[], nn.Module],
+    ) -> nn.Module:
+        """The trained model as a plain module (for export), from `full_state(model)`;
+        `build` makes a fresh one when the trained one is sharded."""
+        ...
+
 
 class Replicated:
     """A full replica per rank: DDP over the default process group when it has more than
@@ -46,7 +96,18 @@ class Replicated:
 
     The forward must run inside `no_sync` too: a forward outside it arms DDP's
     all-reduce, and ranks with different micro-step counts would then issue different
-    numbers of collectives and hang."""
+    numbers of collectives and hang.
+
+    A checkpoint is one torch file written atomically by rank 0 (every rank holds the
+    same replica): the `extra` training state, plus "model" and "optimizer" state dicts.
+    """
+
+    sharding = "none"
+    retries_oom_in_place = True  # no_sync micro-steps issue no collective
+    checkpoint_suffix = ".pt"
+
+    def __repr__(self) -> str:
+        return "Replicated()"
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -64,18 +125,61 @@ class Replicated:
     def check_plan(self, micro_steps_per_rank: Sequence[int]) -> None:
         """Any counts: `no_sync` keeps every micro-step but the last one local."""
 
+    def save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+    ) -> Path:
+        """Rank 0 writes the file; the other ranks return its path at once."""
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            state = {**extra, "model": _module(model).state_dict()}
+            if optimizer is not None:
+                state["optimizer"] = optimizer.state_dict()
+            write_atomically(path, lambda f: torch.save(state, f))
+        return Path(path)
+
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        state = read_replica(path)
+        _module(model).load_state_dict(state.pop("model"))
+        saved_optimizer = state.pop("optimizer", None)
+        if optimizer is not None and saved_optimizer is not None:
+            optimizer.load_state_dict(saved_optimizer)
+        return state
+
+    def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        return Path(path).is_file()
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _module(model).state_dict()
+
+    def plain_model(
+        self,
+        model: nn.Module,
+        full_state: dict[str, torch.Tensor],
+        build: Callable[[], nn.Module],
+    ) -> nn.Module:
+        return _module(model)
+
 
 REPLICATED = Replicated()
 
 
-SHARDINGS: tuple[str, ...] = ("none", *SHARD_MODES)
+def read_replica(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole state of a replica's checkpoint file, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _module(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
 
 
 def wrapping_for(sharding: str) -> ModelWrapping:
     """The wrapping of a sharding mode: "none" (a replica per rank, DDP), "optimizer" or
     "full" (`Sharded`)."""
-    if sharding == "none":
+    if check_sharding(sharding) == "none":
         return REPLICATED
-    if sharding not in SHARD_MODES:
-        raise ValueError(f"sharding={sharding!r} must be one of {', '.join(map(repr, SHARDINGS))}")
     return Sharded(sharding)  # type: ignore[arg-type]

@@ -7,9 +7,9 @@ spec), runs the accumulator's step, and on an out-of-memory in a no_sync
 micro-step (agreed by every rank) asks the failure policy, which lowers that
 device's micro-batch: the same global batch is retried in place, from a loader
 rebuilt for the lowered plan. The model is wrapped as the plan's sharding says
-(`autobatch.step.wrap.wrapping_for`: DDP, or FSDP2); rank 0 checkpoints a replica,
-every rank its shards of a sharded model. Restarts and re-plans after a lost worker
-are the runner's.
+(`autobatch.step.wrap.wrapping_for`: DDP, or FSDP2), and the wrapping saves, loads
+and gathers it (a replica's file, or a sharded model's shards). Restarts and
+re-plans after a lost worker are the runner's.
 """
 
 from __future__ import annotations
@@ -32,17 +32,10 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult
-from autobatch.step.dcp import load_sharded
 from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
-from launcher.job.checkpoint import (
-    checkpoint_sharding,
-    full_model_state,
-    load_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from launcher.job.checkpoint import restore_checkpoint, save_checkpoint
 from launcher.job.context import RankContext, RankOutcome
 from launcher.job.optim import build_optimizer, build_schedule
 from launcher.job.rankstats import RankStats
@@ -117,7 +110,7 @@ def train_rank(
                 )
             if result.oom:
                 oom_ranks = _ranks_that(result.oom_here)
-                rank.replan(_retry_plan(rank.plan, oom_ranks, rank.sampler.step))
+                rank.replan(policy.retry_in_place(rank.plan, oom_ranks, rank.sampler.step))
                 rank.stats.on_oom(result.oom_here, rank.plan)
                 continue  # the same global batch, on the lowered plan
             rank.schedule.step()
@@ -165,7 +158,7 @@ class _Rank:
             precision=ctx.precision,
             # An OOM inside a sharded forward can stop between its all-gathers: the ranks
             # cannot agree to retry in place; the runner restarts them with a lower plan.
-            agree_on_oom=self.plan.sharding == "none",
+            agree_on_oom=self.wrapping.retries_oom_in_place,
             wrapping=self.wrapping,
         )
         if state is not None and self.acc.scaler is not None and state.get("scaler"):
@@ -189,19 +182,7 @@ class _Rank:
     def _resume(self, path: str) -> dict:
         """Load the checkpoint at `path` (a replica's file, or a sharded checkpoint's
         directory, whatever the world size that saved it); returns its training state."""
-        saved = checkpoint_sharding(path)
-        if saved != ("none" if self.plan.sharding == "none" else "sharded"):
-            raise LaunchError(
-                f"checkpoint {path} holds a {'replica' if saved == 'none' else 'sharded model'};"
-                f" this job runs sharding {self.plan.sharding}: resume with the sharding that "
-                "saved it, or start from no checkpoint"
-            )
-        if saved == "none":
-            state = load_checkpoint(path)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            state = load_sharded(path, self.model, self.optimizer)
+        state = restore_checkpoint(path, self.wrapping, self.model, self.optimizer)
         self.sampler.check_resume(state["sampler"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.step = state["sampler"]["step"]
@@ -329,23 +310,20 @@ class _Rank:
             "job": self.ctx.job,
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
-        if self.plan.sharding != "none":  # every rank writes its shards
-            path = save_sharded_checkpoint(
-                self.ctx.checkpoint_dir, step, self.model, self.optimizer, state
-            )
-            self.last_checkpoint = str(path)
-        elif self.ctx.rank == 0:
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-            self.last_checkpoint = str(save_checkpoint(self.ctx.checkpoint_dir, step, state))
+        path = save_checkpoint(
+            self.ctx.checkpoint_dir, step, self.wrapping, self.model, self.optimizer, state
+        )
+        self.last_checkpoint = str(path)
 
     def outcome(self, *, stopped: bool = False) -> RankOutcome:
         params = output = None
         if not stopped:  # stopped for a resize: the model is the last attempt's to give
-            full = full_model_state(self.model)  # a collective when sharded: every rank
+            full = self.wrapping.full_state(self.model)  # a collective when sharded
             if self.ctx.rank == 0:
                 params = {k: v.detach().cpu().clone() for k, v in full.items()}
                 if self.task.save is not None and self.ctx.output_dir:
-                    self.task.save(self._plain(full), self.ctx.output_dir)
+                    plain = self.wrapping.plain_model(self.model, full, self.task.build_model)
+                    self.task.save(plain, self.ctx.output_dir)
                     output = self.ctx.output_dir
         return RankOutcome(
             self.ctx.rank,
@@ -357,14 +335,6 @@ class _Rank:
             output,
             stopped=stopped,
         )
-
-    def _plain(self, full: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """The trained model as a plain module (a sharded one rebuilt from its full state)."""
-        if self.plan.sharding == "none":
-            return self.model
-        plain = self.task.build_model()
-        plain.load_state_dict(full)
-        return plain
 
 
 class _Audit:
@@ -400,16 +370,3 @@ def _ranks_that(flag: bool) -> list[int]:
     flags[dist.get_rank()] = int(flag)
     dist.all_reduce(flags)
     return [r for r in range(world) if flags[r]]
-
-
-def _retry_plan(plan: Plan, oom_ranks: list[int], step: int) -> Plan:
-    """The plan to retry the same global batch on, after `oom_ranks` ran out of memory in a
-    no_sync micro-step (every rank agreed to drop the step); the policy decides."""
-    failures = [
-        policy.RankFailure(r, "oom_no_sync", f"rank {r}: out of memory at step {step}")
-        for r in oom_ranks
-    ]
-    decision = policy.decide(failures, restarts=0, max_restarts=0, plan=plan)
-    if decision.action != "retry_in_place":
-        raise LaunchError(decision.reason)
-    return decision.plan
