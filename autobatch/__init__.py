@@ -21,7 +21,12 @@ _EXPORTS = {
     "TokenBudget": "autobatch.planning.packing",
     "pack_global_batch": "autobatch.planning.packing",
     "token_budgets": "autobatch.planning.packing",
-    "DeviceCapacity": "autobatch.planning.plan",
+    "DeviceCapacity": "autobatch.planning.capacity",
+    "MemoryModel": "autobatch.planning.memory",
+    "ModelState": "autobatch.planning.memory",
+    "PeakLine": "autobatch.planning.memory",
+    "SHARDINGS": "autobatch.levers",
+    "Sharding": "autobatch.levers",
     "Plan": "autobatch.planning.plan",
     "RankPlan": "autobatch.planning.plan",
     "equal_split_plan": "autobatch.planning.planner",
@@ -49,15 +54,20 @@ __all__ = [
     "DeviceCapacity",
     "GlobalBatchSampler",
     "LaunchError",
+    "MemoryModel",
     "MicroBatchSampler",
+    "ModelState",
+    "PeakLine",
     "Plan",
     "PlanError",
     "ProbeError",
     "RankPlan",
     "Replicated",
+    "SHARDINGS",
     "SamplerError",
     "SamplerState",
     "Sharded",
+    "Sharding",
     "SimulatedDevice",
     "StepBatches",
     "StepLoader",
@@ -97,8 +107,11 @@ if TYPE_CHECKING:
         ProbeError,
         SamplerError,
     )
+    from autobatch.levers import SHARDINGS, Sharding
+    from autobatch.planning.capacity import DeviceCapacity
+    from autobatch.planning.memory import MemoryModel, ModelState, PeakLine
     from autobatch.planning.packing import TokenBudget, pack_global_batch, token_budgets
-    from autobatch.planning.plan import DeviceCapacity, Plan, RankPlan
+    from autobatch.planning.plan import Plan, RankPlan
     from autobatch.planning.planner import equal_split_plan, make_plan
     from autobatch.planning.sampler import GlobalBatchSampler, SamplerState
     from autobatch.probe.devices import SimulatedDevice

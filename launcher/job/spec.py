@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from autobatch.errors import AutobatchError, format_validation_error
+from autobatch.levers import ShardingChoice
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
 from launcher.job.tasks import check_builtin_args, check_task_name
 
@@ -219,7 +220,7 @@ class JobSpec(_Strict):
     # still run different micro-step counts; "full", parameters too (ZeRO-3), every rank
     # runs the same number of micro-steps; "auto", none where a replica fits every device,
     # else the lightest mode that does (the plan's notes say which and why).
-    sharding: Literal["none", "optimizer", "full", "auto"] = "none"
+    sharding: ShardingChoice = "none"  # the names of autobatch.levers
     devices: DevicesSpec = DevicesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     # Where rank 0 writes the trained model (e.g. a LoRA adapter) after the last step,
