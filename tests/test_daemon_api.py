@@ -24,10 +24,11 @@ import yaml
 from daemon_util import ROOT, DaemonProcess, api_in_thread, tiny_spec
 
 from launcher.cli import main
-from launcher.daemon.client import ClientError, DaemonClient
+from launcher.daemon.client import DaemonClient
 from launcher.daemon.daemon import Daemon
 from launcher.daemon.limits import Limits
-from launcher.daemon.serve import ServeError, check_bind
+from launcher.daemon.serve import check_bind
+from launcher.errors import ClientError, ServeError
 
 TOKEN = "s3cret-token"
 

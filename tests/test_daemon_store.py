@@ -9,7 +9,8 @@ import pytest
 from launcher.daemon import scheduler
 from launcher.daemon.daemon import Daemon
 from launcher.daemon.scheduler import Need
-from launcher.daemon.store import JobStore, TransitionError, UnknownJob
+from launcher.daemon.store import JobStore
+from launcher.errors import TransitionError, UnknownJob
 from launcher.job.spec import parse_spec
 
 

@@ -6,8 +6,9 @@ import pathlib
 
 import pytest
 
-from launcher.job.spec import JobSpec, SpecError, load_spec, parse_spec
-from launcher.job.tasks import TaskError, load_task
+from launcher.errors import SpecError, TaskError
+from launcher.job.spec import JobSpec, load_spec, parse_spec
+from launcher.job.tasks import load_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = {"name": "j", "global_batch_size": 8, "max_steps": 2}

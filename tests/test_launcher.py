@@ -18,8 +18,8 @@ from daemon_util import TINY
 from autobatch.errors import LaunchError
 from autobatch.planning.sampler import GlobalBatchSampler
 from launcher.job.checkpoint import list_checkpoints
-from launcher.job.events import MetricsAt, Progress, Restarting, Resuming, StateChanged
 from launcher.job.controller import JobController
+from launcher.job.events import MetricsAt, Progress, Restarting, Resuming, StateChanged
 from launcher.job.spec import parse_spec
 
 # Memory sizes give micro-batch limits of about 12, 6 and 3: a global batch of 24
@@ -378,3 +378,35 @@ def attempt_spans(ckpt_dir: pathlib.Path) -> dict[int, tuple[int, int]]:
         for e in map(json.loads, path.read_text().splitlines()):
             steps[e["attempt"]].append(e["step"])
     return {a: (min(s), max(s)) for a, s in steps.items()}
+
+
+def test_a_cancel_while_probing_abandons_the_probe(local_ray, tmp_path):
+    # At speed 0.0001 the probe's paced steps would take many minutes: the run ends (within
+    # the join's bound) only if the controller hears the cancel while the profile runs.
+    import threading
+
+    from launcher.errors import JobCancelled
+
+    crawl = [{"name": "sim-crawl", "memory": "300KiB", "speed": 0.0001}]
+    spec = job(tmp_path, devices={"select": "simulated", "simulated": crawl})
+    stop, probing, states, ended = threading.Event(), threading.Event(), [], []
+
+    def listener(event):
+        if isinstance(event, StateChanged):
+            states.append(event.state)
+            if event.state == "probing":
+                probing.set()
+
+    def run():
+        try:
+            JobController(parse_spec(spec), listener=listener, stop=stop).run()
+        except JobCancelled as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert probing.wait(120)
+    stop.set()
+    thread.join(120)
+    assert not thread.is_alive() and ended, "the probe did not hear the cancel"
+    assert states[-2:] == ["probing", "cancelled"]

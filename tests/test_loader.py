@@ -31,8 +31,9 @@ from autobatch.tasks.loader import (
     micro_batch_loader,
 )
 from autobatch.tasks.task import Task
+from launcher.errors import SpecError
 from launcher.job.context import RankContext
-from launcher.job.spec import SpecError, parse_spec
+from launcher.job.spec import parse_spec
 from launcher.job.train import _Rank, train_rank
 
 N = 50  # dataset size: 2 global batches of 24 per epoch, 2 samples dropped

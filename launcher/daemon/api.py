@@ -37,11 +37,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel
 
-from launcher.daemon.body import BodyError, BodyParser
-from launcher.daemon.daemon import Daemon, InvalidSpec, JobStateError
+from launcher.daemon.body import BodyParser
+from launcher.daemon.daemon import Daemon
 from launcher.daemon.guards import BearerAuth, BodyCap
 from launcher.daemon.limits import Limits
-from launcher.daemon.store import STATES, TERMINAL, UnknownJob
+from launcher.daemon.store import STATES, TERMINAL
+from launcher.errors import BodyError, InvalidSpec, JobStateError, UnknownJob
 from launcher.job.spec import JobSpec
 
 State = Literal["queued", "probing", "running", "restarting", "succeeded", "failed", "cancelled"]
