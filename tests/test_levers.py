@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 from typing import get_args
 
 import pytest
@@ -109,3 +111,17 @@ def test_a_term_for_an_unknown_mode_or_world_size_is_refused():
         sharding_term(STATE, "zero2", 2)  # type: ignore[arg-type]
     with pytest.raises(PlanError, match="world_size=0 must be an integer >= 1"):
         sharding_term(STATE, "full", 0)
+
+
+def test_the_example_of_docs_levers_md_prints_what_the_page_shows():
+    # The page's last Python block plans a sharded job from public names; the block after
+    # it is its output, word for word.
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "levers.md").read_text()
+    start = page.rindex("```python\n") + len("```python\n")
+    code_end = page.index("```\n", start)
+    shown_start = page.index("```\n", code_end + 4) + 4
+    shown = page[shown_start : page.index("```\n", shown_start)]
+    printed = subprocess.run(
+        [sys.executable, "-c", page[start:code_end]], capture_output=True, text=True, check=True
+    )
+    assert printed.stdout == shown
