@@ -1,4 +1,4 @@
-"""Every error autobatch raises on purpose.
+"""Every error the library raises on purpose (the launcher's are in `launcher.errors`).
 
     AutobatchError
     ├── PlanError(ValueError)      the planner got an input it cannot satisfy
@@ -6,10 +6,14 @@
     ├── ProbeError                 a device or model could not be measured
     │   ├── DeviceSpecError(ValueError)  a device list or memory size does not parse
     │   └── NoFitError             not even one sample fits the device
+    ├── CausalLMError(ValueError)  the causal-LM task's model, data or settings are unusable
+    ├── LoraError(ValueError)      LoRA settings with an unknown key or a bad value
     └── LaunchError                the launcher could not start or keep a job
 
 Messages name the field, the value and what is allowed, so a user can fix the
-input without reading code.
+input without reading code. A third-party error becomes one of these where it
+crosses into the library, with the cause kept (`raise ... from exc`) when it
+tells the user more than the message does.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class NoFitError(ProbeError):
 
 def _no_fit(message: str, measured_steps: int) -> NoFitError:
     return NoFitError(message, measured_steps=measured_steps)
+
+
+class CausalLMError(AutobatchError, ValueError):
+    """The causal-LM task's model directory, data file or settings are unusable."""
+
+
+class LoraError(AutobatchError, ValueError):
+    """LoRA settings that are not a mapping of known keys with allowed values."""
 
 
 class LaunchError(AutobatchError):

@@ -6,11 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from autobatch.errors import AutobatchError, format_validation_error
-
-
-class LoraError(AutobatchError, ValueError):
-    """LoRA settings that are not a mapping of known keys with allowed values."""
+from autobatch.errors import LoraError, format_validation_error
 
 
 class LoraSpec(BaseModel):
