@@ -12,9 +12,10 @@ from torch.nn import functional as F
 
 from autobatch.errors import NoFitError, ProbeError
 from autobatch.planning.planner import make_plan
-from autobatch.probe import profile
+from autobatch.probe import budget
 from autobatch.probe.devices import SimulatedDevice, cpu_device
 from autobatch.probe.measure import StepRunner
+from autobatch.probe.model_state import meta_model_state
 from autobatch.probe.peak import PeakLine, largest_under
 from autobatch.probe.profile import (
     MAX_MEASURED_STEPS,
@@ -281,7 +282,7 @@ def test_bf16_on_a_device_without_it_and_an_invisible_gpu_are_refused():
     ],
 )
 def test_the_process_group_reserves_what_its_backend_holds(kwargs, reserved, monkeypatch):
-    monkeypatch.setattr(profile, "NCCL_RESERVE_BYTES", 2 * MiB)  # 256 MiB: more than "sim"
+    monkeypatch.setattr(budget, "NCCL_RESERVE_BYTES", 2 * MiB)  # 256 MiB: more than "sim"
     task, device = mlp_task(), SimulatedDevice("sim", 16 * MiB)
     alone = profile_model(task, device, make_optimizer=adamw)
     ddp = profile_model(task, device, make_optimizer=adamw, **kwargs)
@@ -351,7 +352,7 @@ def _real_optimizer_state(task: Task, make_optimizer) -> int:
 )
 def test_the_state_counts_parameters_gradients_and_the_optimizers_state(make_optimizer):
     task = tiny_gpt_task(dataset_size=16)
-    state = profile.meta_model_state(task, make_optimizer)
+    state = meta_model_state(task, make_optimizer)
     model = task.build_model()
     assert state.params_bytes == state.grads_bytes == _bytes(model.parameters())
     assert state.optimizer_bytes == _real_optimizer_state(task, make_optimizer)
@@ -369,7 +370,7 @@ def test_frozen_parameters_have_no_gradients_and_no_optimizer_state():
         return model
 
     task = replace(base, build_model=build)
-    state = profile.meta_model_state(task, adamw)
+    state = meta_model_state(task, adamw)
     frozen = _bytes(build()[0].parameters())
     assert state.grads_bytes == state.params_bytes - frozen
     assert state.optimizer_bytes == 2 * state.grads_bytes
@@ -379,7 +380,7 @@ def test_frozen_parameters_have_no_gradients_and_no_optimizer_state():
 def test_an_optimizer_that_cannot_step_on_meta_is_counted_on_the_measured_model():
     fused = lambda m: torch.optim.AdamW(m.parameters(), fused=True)  # noqa: E731  no meta kernel
     task = tiny_gpt_task(dataset_size=16)
-    assert profile.meta_model_state(task, fused) is None
+    assert meta_model_state(task, fused) is None
     p = profile_model(task, SimulatedDevice("sim", 8 * MiB), make_optimizer=fused)
     assert p.state is not None and p.state.optimizer_bytes >= 2 * p.state.params_bytes
 

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from autobatch.errors import DeviceSpecError, NoFitError, PlanError, ProbeError
-from autobatch.planning.memory import Sharding
-from autobatch.planning.plan import DeviceCapacity, Plan
+from autobatch.levers import Sharding
+from autobatch.planning.capacity import DeviceCapacity
+from autobatch.planning.plan import Plan
 from autobatch.planning.planner import make_plan
 from autobatch.probe.cache import default_cache_dir
 from autobatch.probe.devices import (

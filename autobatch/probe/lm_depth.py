@@ -38,16 +38,12 @@ from typing import Any
 
 import torch
 
-from autobatch.probe.estimate import StepTrace, scale_by_depth, trace_step
+from autobatch.errors import CausalLMError
 from autobatch.probe.measure import MakeOptimizer
+from autobatch.probe.trace import StepTrace, scale_by_depth, trace_step
 from autobatch.step.precision import Precision
-from autobatch.tasks.causal_lm import (
-    CausalLMError,
-    _check_model_dir,
-    load_model,
-    require_hf,
-    token_loss_sum,
-)
+from autobatch.tasks.hf_model import check_model_dir, load_model, require_hf
+from autobatch.tasks.lm_data import token_loss_sum
 from autobatch.tasks.lora import LoraSpec
 from autobatch.tasks.losses import IGNORE_INDEX
 from autobatch.tasks.task import Task
@@ -85,7 +81,7 @@ def load_lm_config(model_dir: str, max_seq_len: int) -> LMConfig:
     """The config of `model_dir`, or a CausalLMError naming what is missing or wrong."""
     transformers = require_hf("transformers")
     _check_model_type(model_dir, transformers)
-    path = _check_model_dir(model_dir, max_seq_len)  # the directory, config.json, its length
+    path = check_model_dir(model_dir, max_seq_len)  # the directory, config.json, its length
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise CausalLMError(
@@ -109,7 +105,7 @@ def _check_model_type(model_dir: str, transformers: Any) -> None:
     transformers knows (transformers' own message is a page long)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        return  # `_check_model_dir` says so
+        return  # `check_model_dir` says so
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -22,229 +22,63 @@ optimizer step's line.
 4. If a size did not fit (out of memory, or over budget), refit with what it showed
    or bisect if it showed nothing. The answer is always a size that was measured.
 
-budget = usable - headroom - reserve. *usable* is what torch may hold: on CUDA the
-free memory after this process's context plus torch's own reserved memory, capped
-by `set_per_process_memory_fraction`; a simulated device's declared memory; a
-CPU's available RAM. The *reserve* is what the measurement cannot see: what the
-process group takes, by its `backend` (DDP's gradient buckets for either; NCCL's
-buffers for "nccl" only: a gloo group, e.g. several ranks on one GPU, holds its
-buffers in host memory), the allocator's fragmentation (reserved minus allocated
-at the peak, measured), and `extra_reserve_bytes`. The CUDA context is already
-outside the free memory.
+The budget each size must fit is the device's usable memory less the headroom and
+what the probe cannot see (`autobatch.probe.budget`). Profiles are cached on disk by
+what changes them (model, sample shape, precision, optimizer, device type, torch
+version); a cache hit re-derives the largest micro-batch for the current budget
+without running a step.
 
-Profiles are cached on disk by what changes them (model, sample shape, precision,
-optimizer, device type, torch version); a cache hit re-derives the largest
-micro-batch for the current budget without running a step.
-
-The profile also counts the model's state (`ModelState`): parameter and gradient
-bytes from the model, optimizer state from a step of the optimizer on the model
-built on the `meta` device (no memory; from the measured model if that fails),
-and the sharding units' parameters. With it, `capacity(sharding=, world_size=)`
-predicts what fits when the model is sharded over W ranks (`autobatch.planning.memory`).
+The profile also counts the model's state (`autobatch.probe.model_state`), so that
+`ModelProfile.capacity(sharding=, world_size=)` predicts what fits when the model is
+sharded over W ranks (`autobatch.planning.memory`). The profile itself, a value, is
+`autobatch.probe.model_profile.ModelProfile`; its names are importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import statistics
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
-
-import torch
-from torch import nn
 
 from autobatch.errors import NoFitError, ProbeError
-from autobatch.planning.memory import MemoryModel, ModelState, Sharding
-from autobatch.planning.plan import DeviceCapacity
+from autobatch.planning.memory import ModelState
 from autobatch.probe import cache
-from autobatch.probe.cache import PROFILE_FORMAT_VERSION
+from autobatch.probe.budget import (
+    NCCL_RESERVE_BYTES,
+    Backend,
+    Budget,
+    check_backend,
+    comm_reserve,
+    usable_bytes,
+)
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice
-from autobatch.probe.measure import (
-    MakeOptimizer,
-    StepMeasurement,
-    StepRunner,
-)
-from autobatch.probe.peak import (
-    PeakLine,
-    largest_under,
-    micro_lines,
-    optimizer_line,
-    peak_at,
-    peak_lines,
-)
+from autobatch.probe.measure import MakeOptimizer, StepMeasurement, StepRunner
+from autobatch.probe.model_profile import DEFAULT_MAX_MICRO_BATCH, MAX_EXTRAPOLATION, ModelProfile
+from autobatch.probe.model_state import meta_model_state, model_state
+from autobatch.probe.peak import largest_under, peak_at, peak_lines
 from autobatch.step.precision import Precision, check_supported
-from autobatch.step.shard import BlocksFn, repeated_blocks, unit_bytes
+from autobatch.step.shard import BlocksFn, repeated_blocks
 from autobatch.tasks.task import Task
 
+__all__ = [  # the profile's value, budget and state, importable from here as before
+    "CACHE_TOLERANCE",
+    "DEFAULT_MAX_MICRO_BATCH",
+    "MAX_EXTRAPOLATION",
+    "MAX_MEASURED_STEPS",
+    "NCCL_RESERVE_BYTES",
+    "Backend",
+    "ModelProfile",
+    "check_backend",
+    "comm_reserve",
+    "meta_model_state",
+    "model_state",
+    "profile_model",
+    "usable_bytes",
+]
+
 MAX_MEASURED_STEPS = 4
-DEFAULT_MAX_MICRO_BATCH = 4096
-# NCCL communicator buffers per process: NCCL_BUFFSIZE (4 MiB) x channels x peers, plus
-# its device-side structures; a few hundred MiB on typical nodes. A stated allowance.
-NCCL_RESERVE_BYTES = 256 * 2**20
-Backend = Literal["nccl", "gloo"]  # the process group's backend, for its reserve
-BACKENDS = ("nccl", "gloo")
-MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 CACHE_TOLERANCE = 0.10  # on a cache hit, predict above the largest measured size only past this
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """What one device can do for one job; `capacity()` is the planner's view of it."""
-
-    device_name: str
-    device_uuid: str
-    precision: str
-    usable_bytes: int  # what torch may hold on the device for this job
-    headroom_bytes: int
-    reserve: tuple[tuple[str, int], ...]  # (what, bytes) the measurement cannot see
-    budget_bytes: int  # usable - headroom - reserve: the largest allowed measured peak
-    peak_lines: tuple[PeakLine, ...]  # peak(b) = the max of these (torch-allocated bytes)
-    fixed_s: float  # time per micro-step: fixed_s + per_sample_s * b
-    per_sample_s: float
-    step_overhead_s: float  # optimizer step, once per optimizer step
-    backward_factor: float  # (forward + backward) / forward, for `Pacer.wrap_loss_fn`
-    max_micro_batch: int
-    verified: bool  # max_micro_batch ran a whole step within budget
-    measurements: tuple[StepMeasurement, ...]
-    measured_steps: int  # steps this call ran (0 on a cache hit)
-    cached: bool
-    simulated: bool
-    estimated: bool = False
-    cache_key: str = ""
-    gradient_checkpointing: bool = False  # measured with activation checkpointing on
-    state: ModelState | None = None  # parameters, gradients, optimizer state, sharding units
-    micro_batch_cap: int = DEFAULT_MAX_MICRO_BATCH  # the caller's max_micro_batch
-
-    @property
-    def reserve_bytes(self) -> int:
-        return sum(v for _, v in self.reserve)
-
-    def peak_bytes(self, b: int) -> int:
-        """Predicted peak of a training step at micro-batch b (torch-allocated bytes)."""
-        return peak_at(self.peak_lines, b)
-
-    def measurement_at(self, b: int) -> StepMeasurement | None:
-        return next((m for m in self.measurements if m.micro_batch == b and not m.oom), None)
-
-    def capacity(
-        self,
-        device_id: str,
-        name: str | None = None,
-        *,
-        sharding: Sharding = "none",
-        world_size: int | None = None,
-    ) -> DeviceCapacity:
-        """The planner's input. Its peak line is the chord of peak(b) over [1, max]: since
-        peak(b) is a max of lines (convex), the chord is never below it there.
-
-        `sharding` over `world_size` ranks: the figures for a sharded model (predicted,
-        needs `state`); the capacity carries its `memory_model()` either way, so the
-        planner can re-derive them for the world size it includes."""
-        m = self.max_micro_batch
-        per = 0 if m == 1 else math.ceil((self.peak_bytes(m) - self.peak_bytes(1)) / (m - 1))
-        capacity = DeviceCapacity(
-            device_id=device_id,
-            name=name or self.device_name,
-            max_micro_batch=m,
-            fixed_s=self.fixed_s,
-            per_sample_s=self.per_sample_s,
-            step_overhead_s=self.step_overhead_s,
-            memory_bytes=self.usable_bytes,
-            peak_fixed_bytes=self.peak_bytes(1) - per,
-            peak_per_sample_bytes=per,
-            simulated=self.simulated,
-            estimated=self.estimated,
-            gradient_checkpointing=self.gradient_checkpointing,
-            memory=self.memory_model(),
-        )
-        if sharding == "none":
-            return capacity
-        if capacity.memory is None:
-            raise ProbeError(
-                f"{self.device_name}: this profile has no model state (parameters, gradients, "
-                f"optimizer state) to plan sharding={sharding!r}; profile it again with "
-                "profile_model"
-            )
-        return capacity.sharded(sharding, world_size)
-
-    def carried_to(
-        self, info: DeviceInfo, *, headroom_fraction: float, time_scale: float
-    ) -> ModelProfile:
-        """This profile on another device of the job, one where a replica does not fit a
-        sample (so nothing could be measured there) but a sharded model may: the memory
-        lines and state are the model's, the budget the device's (its total memory less
-        the headroom and this profile's reserve), the times times `time_scale` (how much
-        slower the device is). Estimated, never verified."""
-        usable = info.total_bytes
-        headroom = int(headroom_fraction * usable)
-        budget = usable - headroom - self.reserve_bytes
-        return replace(
-            self,
-            device_name=info.name,
-            device_uuid=info.uuid,
-            usable_bytes=usable,
-            headroom_bytes=headroom,
-            budget_bytes=budget,
-            max_micro_batch=largest_under(self.peak_lines, budget, self.micro_batch_cap),
-            fixed_s=self.fixed_s * time_scale,
-            per_sample_s=self.per_sample_s * time_scale,
-            step_overhead_s=self.step_overhead_s * time_scale,
-            verified=False,  # the measurements stay: the model's memory, whatever the device
-            measured_steps=0,
-            cached=False,
-            estimated=True,
-        )
-
-    def memory_model(self) -> MemoryModel | None:
-        """This device's memory for any sharding mode and world size (None without `state`).
-        Sharded predictions reach at most MAX_EXTRAPOLATION x the largest measured size."""
-        if self.state is None:
-            return None
-        ok = [m for m in self.measurements if not m.oom]
-        reach = min(self.micro_batch_cap, MAX_EXTRAPOLATION * max(m.micro_batch for m in ok))
-        return MemoryModel(
-            budget_bytes=self.budget_bytes,
-            micro_lines=micro_lines(ok),
-            optimizer_line=optimizer_line(ok),
-            state=self.state,
-            max_micro_batch=self.max_micro_batch,
-            cap=max(self.max_micro_batch, reach),
-            replica_reserve_bytes=dict(self.reserve).get("ddp_gradient_buckets", 0),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "format_version": PROFILE_FORMAT_VERSION}
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
-        data = dict(data)
-        version = data.pop("format_version", None)
-        if version != PROFILE_FORMAT_VERSION:
-            raise ProbeError(
-                f"profile format_version={version!r} is not supported "
-                f"(expected {PROFILE_FORMAT_VERSION})"
-            )
-        data["reserve"] = tuple((k, int(v)) for k, v in data["reserve"])
-        data["peak_lines"] = tuple(PeakLine(**line) for line in data["peak_lines"])
-        data["measurements"] = tuple(StepMeasurement(**m) for m in data["measurements"])
-        if data.get("state") is not None:  # profiles written before sharding have none
-            data["state"] = ModelState(**data["state"])
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelProfile:
-        return cls.from_dict(json.loads(text))
-
-
-# ---------------------------------------------------------------------------
-# profiling
 
 
 def profile_model(
@@ -305,7 +139,7 @@ def profile_model(
     static += comm_reserve(check_backend(backend), grad_bytes)
     usable = usable_bytes(info)
     headroom = int(headroom_fraction * usable) + headroom_bytes
-    budgeter = _Budget(usable - headroom - sum(v for _, v in static))
+    budgeter = Budget(usable - headroom - sum(v for _, v in static))
 
     measurements = cache.load(cache_dir, key)
     cached = measurements is not None
@@ -355,38 +189,7 @@ def profile_model(
     )
 
 
-def check_backend(backend: str | None) -> Backend | None:
-    """`backend` if it is a process group's backend (None: one process), else a ProbeError."""
-    if backend is not None and backend not in BACKENDS:
-        raise ProbeError(f"backend={backend!r} must be one of {BACKENDS} or None (one process)")
-    return backend
-
-
-def comm_reserve(backend: Backend | None, gradient_bytes: int) -> list[tuple[str, int]]:
-    """What a process group on `backend` holds on the device that a probe cannot see."""
-    if backend is None:
-        return []
-    reserve = [("ddp_gradient_buckets", gradient_bytes)]
-    if backend == "nccl":
-        reserve.append(("nccl_buffers", NCCL_RESERVE_BYTES))
-    return reserve
-
-
-class _Budget:
-    """The budget after the fragmentation measured so far (CUDA; zero elsewhere)."""
-
-    def __init__(self, before_fragmentation: int) -> None:
-        self.base = before_fragmentation
-
-    @staticmethod
-    def fragmentation(measurements: list[StepMeasurement] | tuple) -> int:
-        return max((m.fragmentation_bytes for m in measurements), default=0)
-
-    def of(self, measurements: list[StepMeasurement] | tuple) -> int:
-        return self.base - self.fragmentation(measurements)
-
-
-def _search(runner: StepRunner, budgeter: _Budget, cap: int) -> list[StepMeasurement]:
+def _search(runner: StepRunner, budgeter: Budget, cap: int) -> list[StepMeasurement]:
     """The measured steps (see the module docstring); the answer is the largest that fitted."""
     done: list[StepMeasurement] = []
     good, bad = 0, cap + 1  # largest size that fitted, smallest that did not
@@ -421,7 +224,7 @@ def _search(runner: StepRunner, budgeter: _Budget, cap: int) -> list[StepMeasure
 
 def _conclude(
     measurements: list[StepMeasurement],
-    budgeter: _Budget,
+    budgeter: Budget,
     cap: int,
     *,
     fresh: bool,
@@ -450,7 +253,7 @@ def _conclude(
     times += [(m.low_micro_batch, m.low_step_s) for m in later if m.low_micro_batch]
     fixed_s, per_sample_s = _time_line(times)
     unpaced = [m.micro_step_s * info.speed / m.forward_s for m in ok if m.forward_s > 0]
-    frag = _Budget.fragmentation(measurements)
+    frag = Budget.fragmentation(measurements)
     return ModelProfile(
         device_name=info.name,
         device_uuid=info.uuid,
@@ -490,68 +293,6 @@ def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
     if a < 0:
         return 0.0, sum(t for _, t in points) / sum(bs)
     return a, c
-
-
-# ---------------------------------------------------------------------------
-# the model's state, for sharding
-
-
-def model_state(
-    model: nn.Module, optimizer_bytes: int, blocks: BlocksFn = repeated_blocks
-) -> ModelState:
-    """Parameter and gradient bytes of `model` (each parameter once), its optimizer's
-    state bytes as given, and its sharding units as `Sharded(blocks=blocks)` wraps them
-    (each block, then the root with the rest)."""
-    params = {id(p): p for p in model.parameters()}
-    largest, root = unit_bytes(model, blocks)
-    return ModelState(
-        params_bytes=_nbytes(params.values()),
-        grads_bytes=_nbytes(p for p in params.values() if p.requires_grad),
-        optimizer_bytes=optimizer_bytes,
-        largest_unit_bytes=largest,
-        root_unit_bytes=root,
-    )
-
-
-def meta_model_state(
-    task: Task, make_optimizer: MakeOptimizer, blocks: BlocksFn = repeated_blocks
-) -> ModelState | None:
-    """`model_state` of the task's model built on the `meta` device (no memory), its
-    optimizer state counted after one step there; None when the model or its optimizer
-    cannot run on `meta` (e.g. fused kernels). Step counters the optimizer keeps on the
-    host (Adam's, unless capturable) are not device memory and are not counted."""
-    try:
-        with torch.device("meta"):
-            model = task.build_model()
-        optimizer = make_optimizer(model)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
-    except Exception:  # any failure here only means: count it on the measured model instead
-        return None
-    tensors = (v for st in optimizer.state.values() for v in st.values())
-    on_meta = [v for v in tensors if isinstance(v, torch.Tensor) and v.is_meta]
-    return model_state(model, _nbytes(on_meta), blocks)
-
-
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def usable_bytes(info: DeviceInfo) -> int:
-    """Bytes torch may hold on the device for this job (see the module docstring)."""
-    if info.simulated:
-        return info.total_bytes
-    if info.is_cuda:
-        dev = torch.device(info.torch_device)
-        free, total = torch.cuda.mem_get_info(dev)  # creates the context: this process trains
-        usable = free + torch.cuda.memory_reserved(dev)
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        if fraction is not None:
-            usable = min(usable, int(fraction(dev) * total))
-        return usable
-    return info.free_bytes
 
 
 def _size(n: float) -> str:

@@ -21,31 +21,25 @@ scaled); fp16 reuses bf16's trace (the same ops on tensors of the same sizes) an
 sharding needs no trace (the memory model moves the state). The weights' dtype
 is the job's in every row.
 
-Imports autobatch only (transformers and peft lazily); never the launcher.
+The answer's values (`Levers`, `LMJob`, `Outcome`, `WhatIf` and its table) are in
+`autobatch.probe.outcomes`. Imports autobatch only (transformers and peft lazily).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
 
 import torch
 
 from autobatch.errors import PlanError
-from autobatch.planning.memory import SHARDINGS, Sharding
-from autobatch.planning.plan import DeviceCapacity, Plan, _gib
+from autobatch.levers import SHARDINGS
+from autobatch.planning.capacity import DeviceCapacity
 from autobatch.planning.planner import make_plan
 from autobatch.planning.sharded import choose_sharding
 from autobatch.probe.devices import parse_devices
-from autobatch.probe.estimate import (
-    GPU_OVERHEAD_BYTES,
-    GPU_SPECS,
-    GpuSpec,
-    StepTrace,
-    estimate_capacity,
-)
+from autobatch.probe.estimate import GPU_SPECS, GpuSpec, StepTrace, estimate_capacity
 from autobatch.probe.lm_depth import (
     LMConfig,
     load_lm_config,
@@ -53,186 +47,24 @@ from autobatch.probe.lm_depth import (
     trace_lm,
     with_half_precision,
 )
-from autobatch.probe.measure import MakeOptimizer
+from autobatch.probe.outcomes import DeviceFit, Levers, LMJob, Outcome, WhatIf, size_text
 from autobatch.step.precision import Precision, check_supported, choose_precision
-from autobatch.tasks.lora import LoraSpec
+
+__all__ = [  # the what-if's values, importable from here as before
+    "DeviceFit",
+    "LMJob",
+    "Levers",
+    "Outcome",
+    "WhatIf",
+    "capacities",
+    "declared_gpus",
+    "estimate_lm_capacities",
+    "outcome",
+    "what_if",
+]
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Key = tuple[Precision, bool, bool]  # (precision, LoRA, checkpointing): one trace each
-
-
-@dataclass(frozen=True)
-class Levers:
-    """One combination of what a job can change to fit its devices."""
-
-    precision: Precision
-    lora: bool
-    gradient_checkpointing: bool
-    sharding: Sharding
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def text(self) -> str:
-        lora = "LoRA" if self.lora else "no LoRA"
-        ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
-        return f"{self.precision}, {lora}, {ckpt}, sharding {self.sharding}"
-
-
-@dataclass(frozen=True)
-class LMJob:
-    """What of a job the what-if needs, as plain values (the launcher reads them from a spec).
-
-    `lora` is the adapter the LoRA rows train; `own_*` the job's own levers ("auto"
-    resolved as the launcher resolves it: `choose_precision`, `choose_sharding`)."""
-
-    model_dir: str
-    max_seq_len: int
-    global_batch_size: int
-    make_optimizer: MakeOptimizer
-    lora: LoraSpec = LoraSpec()
-    dtype: str = "float32"
-    headroom_fraction: float = 0.05
-    keep_all: bool = False
-    own_precision: Precision | Literal["auto"] = "fp32"
-    own_lora: bool = False
-    own_gradient_checkpointing: bool = False
-    own_sharding: Sharding | Literal["auto"] = "none"
-
-
-@dataclass(frozen=True)
-class DeviceFit:
-    """One device type under one combination, at the world size it was planned for."""
-
-    name: str
-    count: int
-    max_micro_batch: int
-    needs_bytes: int  # the peak of a training step at micro-batch 1, on one rank
-    has_bytes: int  # its budget: what that peak must stay within
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One combination of levers: its plan, or why there is none."""
-
-    levers: Levers
-    devices: tuple[DeviceFit, ...]
-    plan: Plan | None
-    problem: str | None = None
-
-    @property
-    def fits(self) -> bool:
-        return self.plan is not None
-
-    @property
-    def samples_per_s(self) -> float | None:
-        return self.plan.predicted_samples_per_s if self.plan else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.levers.to_dict(),
-            "fits": self.fits,
-            "devices": [d.to_dict() for d in self.devices],
-            "world_size": self.plan.world_size if self.plan else None,
-            "step_time_s": self.plan.predicted_step_time_s if self.plan else None,
-            "samples_per_s": self.samples_per_s,
-            "problem": self.problem,
-        }
-
-
-@dataclass(frozen=True)
-class WhatIf:
-    """Every combination of levers for one model, job and device list."""
-
-    model: str
-    devices: tuple[str, ...]  # one GPU name per device
-    global_batch_size: int
-    max_seq_len: int
-    outcomes: tuple[Outcome, ...]
-    own: Levers | None  # the job's own combination (None: not in the table)
-    notes: tuple[str, ...] = ()
-
-    def fastest(self) -> Outcome | None:
-        """The combination with the most samples/s among those that fit (None: none fits)."""
-        fits = [o for o in self.outcomes if o.fits]
-        return max(fits, key=lambda o: o.samples_per_s or 0.0) if fits else None
-
-    def own_outcome(self) -> Outcome | None:
-        return next((o for o in self.outcomes if o.levers == self.own), None)
-
-    def device_types(self) -> list[tuple[str, int]]:
-        names = list(dict.fromkeys(self.devices))
-        return [(n, self.devices.count(n)) for n in names]
-
-    def table_rows(self) -> list[dict[str, str]]:
-        """One row of display strings per combination (for the text and rich tables)."""
-        fastest = self.fastest()
-        rows = []
-        for o in self.outcomes:
-            marks = [
-                m
-                for m, is_it in (("spec", o is self.own_outcome()), ("fastest", o is fastest))
-                if is_it
-            ]
-            row = {
-                "": ", ".join(marks),
-                "precision": o.levers.precision,
-                "LoRA": "yes" if o.levers.lora else "no",
-                "ckpt": "yes" if o.levers.gradient_checkpointing else "no",
-                "sharding": o.levers.sharding,
-            }
-            for d in o.devices:
-                row[f"{d.name} x{d.count}"] = str(d.max_micro_batch) if d.max_micro_batch else "-"
-            row["ranks"] = f"{o.plan.world_size}/{len(self.devices)}" if o.plan else "-"
-            row["samples/s"] = f"{o.samples_per_s:,.2f}" if o.plan else "-"
-            row["why not"] = o.problem or ""
-            rows.append(row)
-        return rows
-
-    def summary_lines(self) -> list[str]:
-        lines = []
-        own, fastest = self.own_outcome(), self.fastest()
-        if own is not None:
-            result = f"{own.samples_per_s:,.2f} samples/s" if own.fits else own.problem
-            lines.append(f"spec ({own.levers.text()}): {result}")
-        if fastest is None:
-            lines.append("no combination fits every device: add or change devices")
-        else:
-            lines.append(
-                f"fastest that fits ({fastest.levers.text()}): {fastest.samples_per_s:,.2f} "
-                f"samples/s on {fastest.plan.world_size} of {len(self.devices)} devices"
-            )
-        lines.append(
-            "samples/s leave communication out: DDP's all-reduce, and FSDP's all-gathers and "
-            "reduce-scatters (every forward and backward with sharding full)"
-        )
-        lines.append(
-            "micro-batch columns: the largest micro-batch per device type ('-': one sample "
-            "does not fit); needs: a training step's peak at micro-batch 1 on one rank; has: "
-            f"the GPU's memory less the headroom, {_gib(GPU_OVERHEAD_BYTES)} for the CUDA "
-            "context and workspaces, and the process group's buffers"
-        )
-        return lines + list(self.notes)
-
-    def to_dict(self) -> dict[str, Any]:
-        fastest = self.fastest()
-        return {
-            "model": self.model,
-            "devices": list(self.devices),
-            "global_batch_size": self.global_batch_size,
-            "max_seq_len": self.max_seq_len,
-            "own": self.own.to_dict() if self.own else None,
-            "fastest": fastest.levers.to_dict() if fastest else None,
-            "rows": [
-                {**o.to_dict(), "own": o.levers == self.own, "fastest": o is fastest}
-                for o in self.outcomes
-            ],
-            "notes": list(self.notes),
-            "estimated": True,
-        }
 
 
 # ---------------------------------------------------------------------------
@@ -365,7 +197,7 @@ def _fits(caps: Sequence[DeviceCapacity]) -> tuple[DeviceFit, ...]:
 
 def _needs(d: DeviceCapacity) -> str:
     need = d.memory.peak_bytes(1, d.sharding, d.world_size or 1)
-    return f"needs {_gib(need)}, has {_gib(d.memory.budget(d.sharding))}"
+    return f"needs {size_text(need)}, has {size_text(d.memory.budget(d.sharding))}"
 
 
 def _one_of_each_name(caps: Sequence[DeviceCapacity]) -> list[DeviceCapacity]:

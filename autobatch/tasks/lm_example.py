@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from autobatch.tasks.causal_lm import CausalLMError, require_hf
+from autobatch.errors import CausalLMError
+from autobatch.tasks.hf_model import require_hf
 
 SPECIAL_TOKEN = "<|endoftext|>"  # eos, bos and pad of the tiny tokenizer
 

@@ -10,7 +10,7 @@ collate them, ahead of time:
   sampler's current step: exactly `GlobalBatchSampler.micro_batches(plan, rank)`,
   or for variable-length data exactly this rank's part of `pack_global_batch`.
   The global batch and its order are the sampler's, so the data stay
-  split-invariant (DESIGN.md invariant 2) and resumable (start from the
+  split-invariant (invariant 2 of docs/design.md) and resumable (start from the
   checkpointed step). Each index list carries its step, its place in the step
   and the step's micro-batch count, so the stream describes itself: a plain
   DataLoader with this batch sampler works as well.

@@ -1,7 +1,7 @@
 """Loss functions shared by the built-in tasks: each returns the SUM over its items.
 
 The accumulator weights a micro-batch's summed loss by world_size / N_global
-(DESIGN.md, invariant 3); a mean here would over-weight small micro-batches.
+(invariant 3 of docs/design.md); a mean here would over-weight small micro-batches.
 """
 
 from __future__ import annotations
