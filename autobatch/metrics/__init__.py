@@ -1,7 +1,9 @@
 """Metrics: what each rank reports after a step, and where it goes.
 
     snapshot    RankSnapshot (a frozen value), the MetricsSink interface, JsonlSink
-    prometheus  PrometheusSink and its /metrics server (the names of DESIGN.md)
+    families    the metric families: name, snapshot field, HELP (docs/metrics.md)
+    prometheus  PrometheusSink: the latest snapshot per rank, as Prometheus text
+    server      MetricsServer: GET /metrics over HTTP for a sink
 
-Imports prometheus_client and autobatch.planning.plan; never torch, Ray or the launcher.
+May import: autobatch.planning.plan; never: torch, ray, launcher.
 """

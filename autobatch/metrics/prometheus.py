@@ -1,4 +1,4 @@
-"""Snapshots as Prometheus metrics: the families of DESIGN.md ("Metrics"), one sink, /metrics.
+"""Snapshots as Prometheus metrics: the families of docs/metrics.md, one sink, /metrics.
 
 `PrometheusSink` keeps the latest snapshot of every (job, rank), labelled
 `job_id`, `rank`, `node`, `device`, `device_uuid` (`snapshot.LABELS`), accumulates
@@ -19,20 +19,20 @@ instead of going through `generate_latest` (about 10x slower here). The
 `Collector` interface (`collect()`) yields the same families from the same
 table, for registries that merge several collectors; a test checks that both
 paths expose the same samples.
+
+The families themselves (names, snapshot fields, HELP) are `autobatch.metrics.families`;
+the HTTP server behind `serve()` is `autobatch.metrics.server`.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 from operator import attrgetter
-from typing import Any
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -41,120 +41,25 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.utils import floatToGoString
 
+from autobatch.metrics.families import (
+    COUNTERS,
+    GAUGES,
+    JOBS,
+    METRIC_NAMES,
+    REPLANS,
+    RESIZES,
+    STEP,
+    WORLD,
+)
+from autobatch.metrics.server import MetricsServer
 from autobatch.metrics.snapshot import LABELS, RESIZE_REASONS, RankSnapshot
+
+__all__ = ["DEFAULT_STEP_BUCKETS_S", "METRIC_NAMES", "MetricsServer", "PrometheusSink"]
 
 # Step times span a tiny CPU model (ms) to a large fine-tune (minutes).
 DEFAULT_STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-# ---------------------------------------------------------------------------
-# The families. (exposed name, snapshot field, HELP); counters without "_total",
-# which prometheus_client appends.
-
-_GAUGES = (
-    (
-        "autobatch_device_memory_total_bytes",
-        "device_memory_total_bytes",
-        "Total memory of the device, from NVML.",
-    ),
-    (
-        "autobatch_device_memory_used_bytes",
-        "device_memory_used_bytes",
-        "Used memory of the device (all processes), from NVML.",
-    ),
-    (
-        "autobatch_torch_memory_allocated_bytes",
-        "torch_memory_allocated_bytes",
-        "Memory allocated by torch tensors on this rank at the end of the last step.",
-    ),
-    (
-        "autobatch_torch_memory_reserved_bytes",
-        "torch_memory_reserved_bytes",
-        "Memory reserved by the torch caching allocator on this rank at the end of the last step.",
-    ),
-    (
-        "autobatch_torch_memory_peak_bytes",
-        "torch_memory_peak_bytes",
-        "Peak memory allocated by torch on this rank during the last step.",
-    ),
-    (
-        "autobatch_plan_predicted_peak_bytes",
-        "plan_predicted_peak_bytes",
-        "Peak memory the plan predicted for this rank's micro-batch.",
-    ),
-    (
-        "autobatch_micro_batch_size",
-        "micro_batch_size",
-        "Largest micro-batch of this rank in the last optimizer step, in samples.",
-    ),
-    (
-        "autobatch_accumulation_steps",
-        "accumulation_steps",
-        "Micro-steps of this rank in the last optimizer step.",
-    ),
-    (
-        "autobatch_rank_samples_per_step",
-        "rank_samples_per_step",
-        "Samples this rank processed in the last optimizer step.",
-    ),
-    (
-        "autobatch_global_batch_size",
-        "global_batch_size",
-        "Configured global batch size, in samples per optimizer step.",
-    ),
-    (
-        "autobatch_effective_global_batch_size",
-        "effective_global_batch_size",
-        "Global batch measured over all ranks in the last optimizer step, in samples.",
-    ),
-    (
-        "autobatch_sync_wait_seconds",
-        "sync_wait_s",
-        "Time this rank spent in the synchronised backward of the last step.",
-    ),
-    (
-        "autobatch_plan_efficiency_ratio",
-        "plan_efficiency_ratio",
-        "Predicted throughput of the plan over the ideal (each device alone at its best).",
-    ),
-    ("autobatch_train_loss", "train_loss", "Training loss of the last optimizer step."),
-    (
-        "autobatch_padding_waste_ratio",
-        "padding_waste_ratio",
-        "Padded tokens over all tokens of this rank's micro-batches in the last step.",
-    ),
-)
-_COUNTERS = (
-    ("autobatch_samples_processed", "samples_processed_total", "Samples processed by this rank."),
-    ("autobatch_tokens_processed", "tokens_processed_total", "Tokens processed by this rank."),
-    ("autobatch_optimizer_steps", "optimizer_steps_total", "Optimizer steps taken by this rank."),
-    ("autobatch_oom_events", "oom_events_total", "Out-of-memory errors caught on this rank."),
-    (
-        "autobatch_worker_restarts",
-        "worker_restarts_total",
-        "Restarts of the training worker of this rank.",
-    ),
-)
-_REPLANS = ("autobatch_replans", "Re-plans of the job seen by this rank, by reason.")
-# Per job, from its rank 0 (label job_id only).
-_WORLD = (
-    "autobatch_job_world_size",
-    "Ranks the job trains on, as its rank 0 measured in its last step.",
-)
-_RESIZES = (
-    "autobatch_resizes",
-    "Resizes of the job (its device set changed during the run), by reason.",
-)
-_STEP = ("autobatch_step_duration_seconds", "Duration of an optimizer step on this rank.")
-_JOBS = ("autobatch_jobs", "Jobs known to the owner of this collector, by state.")
-
-METRIC_NAMES = tuple(
-    [n for n, _, _ in _GAUGES]
-    + [n + "_total" for n, _, _ in _COUNTERS]
-    + [_REPLANS[0] + "_total", _WORLD[0], _RESIZES[0] + "_total", _STEP[0], _JOBS[0]]
-)
 
 
 def _escape(value: str) -> str:
@@ -272,77 +177,77 @@ class PrometheusSink:
         def header(name: str, help_: str, typ: str) -> None:
             add(f"# HELP {name} {help_}\n# TYPE {name} {typ}\n")
 
-        for name, attr, help_ in _GAUGES:
+        for name, attr, help_ in GAUGES:
             header(name, help_, "gauge")
             get = attrgetter(attr)
             for s in series:
                 v = get(s.snapshot)
                 if v is not None:
                     add(f"{name}{{{s.text}}} {_num(v)}\n")
-        for base, attr, help_ in _COUNTERS:
+        for base, attr, help_ in COUNTERS:
             name = base + "_total"
             header(name, help_, "counter")
             get = attrgetter(attr)
             out.extend(f"{name}{{{s.text}}} {_num(get(s.snapshot))}\n" for s in series)
-        name = _REPLANS[0] + "_total"
-        header(name, _REPLANS[1], "counter")
+        name = REPLANS[0] + "_total"
+        header(name, REPLANS[1], "counter")
         for s in series:
             for reason, n in s.snapshot.replans_total.items():
                 add(f'{name}{{{s.text},reason="{_escape(reason)}"}} {_num(n)}\n')
         leaders = [s for s in series if s.job_text]  # each job's rank 0
-        header(_WORLD[0], _WORLD[1], "gauge")
-        out.extend(f"{_WORLD[0]}{{{s.job_text}}} {s.snapshot.world_size}\n" for s in leaders)
-        name = _RESIZES[0] + "_total"
-        header(name, _RESIZES[1], "counter")
+        header(WORLD[0], WORLD[1], "gauge")
+        out.extend(f"{WORLD[0]}{{{s.job_text}}} {s.snapshot.world_size}\n" for s in leaders)
+        name = RESIZES[0] + "_total"
+        header(name, RESIZES[1], "counter")
         for s in leaders:
             out.extend(f"{name}{{{text}}} {_num(n)}\n" for _, text, n in s.resizes)
-        name = _STEP[0]
-        header(name, _STEP[1], "histogram")
+        name = STEP[0]
+        header(name, STEP[1], "histogram")
         for s in series:
             pairs = zip(self._le, s.buckets, strict=True)
             out.extend(f'{name}_bucket{{{s.text},le="{le}"}} {n}\n' for le, n in pairs)
             add(f"{name}_count{{{s.text}}} {s.buckets[-1]}\n")
             add(f"{name}_sum{{{s.text}}} {_num(s.duration_sum)}\n")
-        header(_JOBS[0], _JOBS[1], "gauge")
+        header(JOBS[0], JOBS[1], "gauge")
         for state, n in states.items():
-            add(f'{_JOBS[0]}{{state="{_escape(state)}"}} {_num(n)}\n')
+            add(f'{JOBS[0]}{{state="{_escape(state)}"}} {_num(n)}\n')
         return "".join(out).encode()
 
     # -- Collector interface ---------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         series, states = self._state()
-        for name, attr, help_ in _GAUGES:
+        for name, attr, help_ in GAUGES:
             fam = GaugeMetricFamily(name, help_, labels=LABELS)
             get = attrgetter(attr)
             for s in series:
                 if (v := get(s.snapshot)) is not None:
                     fam.add_metric(s.values, v)
             yield fam
-        for name, attr, help_ in _COUNTERS:
+        for name, attr, help_ in COUNTERS:
             fam = CounterMetricFamily(name, help_, labels=LABELS)
             get = attrgetter(attr)
             for s in series:
                 fam.add_metric(s.values, get(s.snapshot))
             yield fam
-        fam = CounterMetricFamily(*_REPLANS, labels=(*LABELS, "reason"))
+        fam = CounterMetricFamily(*REPLANS, labels=(*LABELS, "reason"))
         for s in series:
             for reason, n in s.snapshot.replans_total.items():
                 fam.add_metric((*s.values, reason), n)
         yield fam
         leaders = [s for s in series if s.job_text]  # each job's rank 0
-        world = GaugeMetricFamily(*_WORLD, labels=LABELS[:1])
-        resizes = CounterMetricFamily(*_RESIZES, labels=(LABELS[0], "reason"))
+        world = GaugeMetricFamily(*WORLD, labels=LABELS[:1])
+        resizes = CounterMetricFamily(*RESIZES, labels=(LABELS[0], "reason"))
         for s in leaders:
             world.add_metric(s.values[:1], s.snapshot.world_size)
             for reason, _, n in s.resizes:
                 resizes.add_metric((s.values[0], reason), n)
         yield world
         yield resizes
-        hist = HistogramMetricFamily(*_STEP, labels=LABELS)
+        hist = HistogramMetricFamily(*STEP, labels=LABELS)
         for s in series:
             hist.add_metric(s.values, list(zip(self._le, s.buckets, strict=True)), s.duration_sum)
         yield hist
-        jobs = GaugeMetricFamily(*_JOBS, labels=("state",))
+        jobs = GaugeMetricFamily(*JOBS, labels=("state",))
         for state, n in states.items():
             jobs.add_metric((state,), n)
         yield jobs
@@ -350,13 +255,13 @@ class PrometheusSink:
     def describe(self) -> list[Metric]:
         """Names only (no samples), so the registry can detect clashes cheaply."""
         return [
-            *(GaugeMetricFamily(n, h) for n, _, h in _GAUGES),
-            *(CounterMetricFamily(n, h) for n, _, h in _COUNTERS),
-            CounterMetricFamily(*_REPLANS),
-            GaugeMetricFamily(*_WORLD),
-            CounterMetricFamily(*_RESIZES),
-            HistogramMetricFamily(*_STEP),
-            GaugeMetricFamily(*_JOBS),
+            *(GaugeMetricFamily(n, h) for n, _, h in GAUGES),
+            *(CounterMetricFamily(n, h) for n, _, h in COUNTERS),
+            CounterMetricFamily(*REPLANS),
+            GaugeMetricFamily(*WORLD),
+            CounterMetricFamily(*RESIZES),
+            HistogramMetricFamily(*STEP),
+            GaugeMetricFamily(*JOBS),
         ]
 
     # -- HTTP ------------------------------------------------------------------------
@@ -364,49 +269,3 @@ class PrometheusSink:
         """Serve GET /metrics in a background thread; port 0 picks a free port."""
         server = MetricsServer(self, host, port)
         return server, server.port
-
-
-class MetricsServer:
-    """A tiny threaded HTTP server for /metrics; `close()` stops it and frees the port."""
-
-    def __init__(self, sink: PrometheusSink, host: str, port: int) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    self.send_error(404, "try /metrics")
-                    return
-                body = sink.render()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
-                if "gzip" in self.headers.get("Accept-Encoding", ""):
-                    body = gzip.compress(body, compresslevel=1)
-                    self.send_header("Content-Encoding", "gzip")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
-                pass
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self.host, self.port = host, int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=f"autobatch-metrics:{self.port}", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
