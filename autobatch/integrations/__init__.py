@@ -3,5 +3,5 @@
     accelerate   AccelerateWrapping: the step's wrapping seam, as Hugging Face Accelerate
                  prepares the model (extra: accelerate)
 
-May import autobatch.step; never Ray or the launcher.
+May import: autobatch.errors, autobatch.levers, autobatch.step; never: ray, launcher.
 """

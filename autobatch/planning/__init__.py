@@ -15,5 +15,5 @@
 
 Imports point one way: planner -> sharded -> solver, equal_steps -> plan -> capacity -> memory.
 
-Imports numpy and autobatch.errors only (no torch, no Ray, never the launcher).
+May import: autobatch.errors, autobatch.levers; never: torch, ray, launcher.
 """

@@ -10,5 +10,5 @@
     atomic      atomic writes of a file or a directory (both wrappings' checkpoints)
     precision   fp32 / bf16 / fp16, autocast, and the choice for a mix of devices
 
-Imports torch and autobatch.errors only; never Ray or the launcher.
+May import: autobatch.errors, autobatch.levers; never: ray, launcher.
 """
