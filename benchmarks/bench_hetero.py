@@ -65,8 +65,8 @@ from hetero_sim import ForeignLoad, calibrate, worker_setup
 from autobatch.errors import LaunchError
 from autobatch.planning.plan import Plan
 from autobatch.probe.estimate import GPU_SPECS
-from launcher.job.events import Planned, Progress, RunnerEvent
 from launcher.job.controller import JobController
+from launcher.job.events import Planned, Progress, RunnerEvent
 from launcher.job.spec import parse_spec
 
 MIX = ("A100-80GB", "L4-24GB", "T4-16GB")

@@ -79,8 +79,8 @@ from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.devices import SimulatedDevice, parse_memory
 from autobatch.probe.profile import ModelProfile
 from launcher.job.collector import SnapshotCollector
-from launcher.job.events import JobSummary
 from launcher.job.controller import JobController
+from launcher.job.events import JobSummary
 from launcher.job.spec import parse_spec
 from launcher.job.tasks import load_task
 from launcher.job.worker import probe

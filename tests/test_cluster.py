@@ -16,8 +16,8 @@ from daemon_util import DaemonProcess
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
-from launcher.job.events import Planned, Progress, Resized, RunnerEvent
 from launcher.job.controller import JobController
+from launcher.job.events import Planned, Progress, Resized, RunnerEvent
 from launcher.job.spec import parse_spec
 
 pytestmark = pytest.mark.slow
