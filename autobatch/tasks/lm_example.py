@@ -1,4 +1,4 @@
-"""A tiny random causal LM and example data: for tests and the README walkthrough.
+"""A tiny random causal LM and example data, for tests and the walkthrough in docs/jobs.md.
 
     python -m autobatch.tasks.lm_example OUT_DIR [--arch gpt2|llama] [--samples 2000]
 
