@@ -123,15 +123,7 @@ def profile_model(
         return profile_model(task, device, gradient_checkpointing=True, **kwargs)
     info = device.info() if isinstance(device, SimulatedDevice) else device
     check_supported(info, precision)
-    if not 0 <= headroom_fraction < 1:
-        raise ProbeError(f"headroom_fraction={headroom_fraction!r} must be in [0, 1)")
-    checks = (("headroom_bytes", headroom_bytes), ("extra_reserve_bytes", extra_reserve_bytes))
-    for name, value in checks:
-        if value < 0:
-            raise ProbeError(f"{name}={value!r} must be >= 0")
-    if max_micro_batch < 1:
-        raise ProbeError(f"max_micro_batch={max_micro_batch!r} must be >= 1")
-
+    _check_settings(headroom_fraction, headroom_bytes, extra_reserve_bytes, max_micro_batch)
     key_fields, grad_bytes = cache.key_fields(task, info, make_optimizer, precision)
     key_fields["gradient_checkpointing"] = gradient_checkpointing
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -143,8 +135,8 @@ def profile_model(
 
     measurements = cache.load(cache_dir, key)
     cached = measurements is not None
-    runner = None
     state = meta_model_state(task, make_optimizer, shard_blocks)
+    steps = 0
     if measurements is None:
         runner = StepRunner(
             task,
@@ -153,15 +145,9 @@ def profile_model(
             precision=precision,
             gradient_checkpointing=gradient_checkpointing,
         )
-        try:
-            measurements = _search(runner, budgeter, max_micro_batch)
-            if state is None and runner.steps and any(not m.oom for m in measurements):
-                state = model_state(runner.model, runner.state_bytes(), shard_blocks)
-        finally:
-            runner.close()
-    if not cached:
+        measurements, state = _measure(runner, budgeter, max_micro_batch, state, shard_blocks)
+        steps = runner.steps
         cache.store(cache_dir, key, key_fields, measurements)
-    steps = runner.steps if runner else 0
     ok = [m for m in measurements if not m.oom]
     if not ok or not any(m.peak_bytes <= budgeter.of(measurements) for m in ok):
         need = _size(ok[0].peak_bytes) if ok else "more than the device has"
@@ -187,6 +173,37 @@ def profile_model(
         gradient_checkpointing=gradient_checkpointing,
         state=state,
     )
+
+
+def _check_settings(
+    headroom_fraction: float, headroom_bytes: int, extra_reserve_bytes: int, max_micro_batch: int
+) -> None:
+    if not 0 <= headroom_fraction < 1:
+        raise ProbeError(f"headroom_fraction={headroom_fraction!r} must be in [0, 1)")
+    checks = (("headroom_bytes", headroom_bytes), ("extra_reserve_bytes", extra_reserve_bytes))
+    for name, value in checks:
+        if value < 0:
+            raise ProbeError(f"{name}={value!r} must be >= 0")
+    if max_micro_batch < 1:
+        raise ProbeError(f"max_micro_batch={max_micro_batch!r} must be >= 1")
+
+
+def _measure(
+    runner: StepRunner,
+    budgeter: Budget,
+    cap: int,
+    state: ModelState | None,
+    blocks: BlocksFn,
+) -> tuple[list[StepMeasurement], ModelState | None]:
+    """The measured steps, and the model's state (counted on the measured model when the
+    `meta` count failed); the runner is closed afterwards."""
+    try:
+        measurements = _search(runner, budgeter, cap)
+        if state is None and runner.steps and any(not m.oom for m in measurements):
+            state = model_state(runner.model, runner.state_bytes(), blocks)
+    finally:
+        runner.close()
+    return measurements, state
 
 
 def _search(runner: StepRunner, budgeter: Budget, cap: int) -> list[StepMeasurement]:
