@@ -3,6 +3,8 @@
 The library is usable in any DDP script and never imports Ray or the launcher.
 Names are imported on first use, so that light modules (metrics, plan) load
 without torch.
+
+May import: autobatch.errors; never: torch, ray, launcher.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The daemon: a queue of jobs in SQLite, each run by launcher.job's JobRunner.
+"""The daemon: a queue of jobs in SQLite, each run by launcher.job's JobController.
 
     daemon     Daemon: scheduling loop, job threads, state transitions (one place)
     store      SQLite job records and transitions;  scheduler  which queued jobs start
@@ -7,5 +7,5 @@
     limits     every bound a request has;  guards  connection, token and body guards
     body       bounded JSON/YAML parsing in worker processes
 
-May import launcher.job and autobatch.
+May import: autobatch, launcher.errors, launcher.job.
 """

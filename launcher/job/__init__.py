@@ -10,7 +10,12 @@
     collector   the actor the ranks push snapshots to
     policy      the failure policy: failures -> decision (pure)
     events      what the runner tells its listener
-    runner      JobRunner: the phases, the attempts, clean-up
+    states      the controller's states as data (Reserving ... Resizing, Restarting, Failed)
+    controller  JobController: the state machine, one place that enters a state
+    placement   reservations (placement groups, bundles) and actors
+    probing     inventory, precision, profiles per device type, the plan
+    ranks       one attempt's ranks: start them, wait for them, group their failures
+    resizes     an elastic job's resize requests and their announcement
 
-May import autobatch (the library) and Ray; never launcher.daemon.
+May import: autobatch, launcher.errors; never: launcher.daemon.
 """
