@@ -187,6 +187,23 @@ def test_bodies_over_1_mib_answer_413(api):
     assert r.status_code == 413
 
 
+@pytest.mark.parametrize("size", [(1 << 20) + 1, 8 << 20])
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(daemon, size):
+    # Python's urllib writes the whole body, then reads: a server that answers and closes
+    # without reading the rest resets the connection, and the client never sees the 413.
+    import urllib.error
+    import urllib.request
+
+    with api_in_thread(daemon) as url:
+        request = urllib.request.Request(
+            f"{url}/v1/jobs", data=b"x" * size, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert "over 1048576 bytes" in json.loads(refused.value.read())["detail"]
+
+
 def test_a_spec_the_daemon_would_store_over_the_limit_answers_413(daemon):
     # 2,400 simulated devices: a valid spec of 170 KB that is 280 KB as stored (defaults added)
     sims = [{"name": f"sim-{i:04d}-{'x' * 50}", "memory": "1MiB"} for i in range(2400)]

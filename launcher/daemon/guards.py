@@ -14,6 +14,7 @@ serve` and the tests alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import socket
 from typing import Any
@@ -127,6 +128,7 @@ class BodyCap:
             return
         limits = self.limits
         if declared is not None and int(declared) > limits.max_body:  # h11 checked the digits
+            await _drain(receive, limits, int(declared))
             await _refuse(scope, receive, send, 413, _too_big(limits))
             return
         held = [0]  # what this request holds of `buffered`
@@ -134,6 +136,8 @@ class BodyCap:
             try:
                 body = await asyncio.wait_for(self._read(receive, held), limits.body_timeout_s)
             except _Refused as exc:
+                if exc.args[0] == 413:
+                    await _drain(receive, limits)
                 await _refuse(scope, receive, send, *exc.args)
                 return
             except asyncio.TimeoutError:
@@ -188,6 +192,27 @@ class BodyCap:
 
 class _Refused(Exception):
     """(status, detail[, retry_after]) to answer instead of reading on."""
+
+
+async def _drain(receive: Any, limits: Limits, declared: int | None = None) -> None:
+    """Read and drop the rest of a refused body, at most `max_drain` bytes and
+    `body_timeout_s`: the server may only close a connection it read to the end without
+    resetting it, and a client that sends its whole body first (Python's urllib) would
+    then see the reset, not the answer. A body declared beyond the bound is not read."""
+    if declared is not None and declared > limits.max_drain:
+        return
+
+    async def drain() -> None:
+        left, more = limits.max_drain, True
+        while more and left > 0:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            left -= len(message.get("body", b""))
+            more = message.get("more_body", False)
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), limits.body_timeout_s)
 
 
 def _too_big(limits: Limits) -> str:

@@ -1,7 +1,7 @@
 """What one request may cost the daemon: every bound the API enforces, in one value.
 
     transport   max_connections, header_timeout_s    (launcher.daemon.guards: the protocol)
-    body        max_body, body_timeout_s, max_buffered (launcher.daemon.guards: BodyCap)
+    body        max_body, max_drain, body_timeout_s, max_buffered (guards: BodyCap)
     parsing     max_depth, max_nodes, parse_workers   (launcher.daemon.body)
     storage     max_spec_bytes                        (launcher.daemon.api: POST /v1/jobs)
     listing     default_page, max_page                (launcher.daemon.api: GET /v1/jobs)
@@ -25,6 +25,10 @@ class Limits:
     header_timeout_s: float = 10.0
     # a request body over this many bytes answers 413 (with or without Content-Length)
     max_body: int = 1 << 20
+    # a body over max_body is read and dropped up to this many bytes before the 413, so a
+    # client that sends its whole body before reading (Python's urllib) gets the answer,
+    # not a connection reset; beyond it the connection is closed unread
+    max_drain: int = 16 << 20
     # the whole body must arrive within this long of the first read: else 408 (slow clients)
     body_timeout_s: float = 10.0
     # bytes of request bodies held at once (read so far, or waiting to be parsed); a body
