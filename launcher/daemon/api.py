@@ -144,7 +144,9 @@ def create_app(daemon: Daemon, *, token: str | None = None, limits: Limits | Non
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "running": len(daemon.running)}
+        waiting = daemon.link.waiting_for
+        return {"status": "waiting" if waiting else "ok", "running": len(daemon.running),
+                "waiting_for": waiting}  # fmt: skip
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

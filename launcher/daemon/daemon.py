@@ -1,30 +1,21 @@
 """The launcher daemon: a queue of jobs in SQLite, each driven by a supervisor that outlives it.
 
-    submit -> queued -> (scheduler: all its devices free) -> supervisor actor: JobController.run()
-        daemon thread per job: poll the supervisor -> events -> store (state, plan,
-        progress, restarts, resizes), job log, metrics sink
-    scheduler: an elastic job grows into freed devices, shrinks for the head of the
-        queue -> supervisor.resize(devices) -> (the runner, at a step boundary) ->
-        Resized event -> the job holds its new devices
+    submit -> queued -> (scheduler: its devices free) -> supervisor actor: JobController.run()
+        a thread per job: poll the supervisor -> events -> store, job log, metrics sink
+    scheduler: elastic jobs grow into freed devices and shrink for the head of the queue
 
-Ray is not the daemon's: by default a local head of its own process for the state
-directory (launcher.daemon.rayhead), or the cluster at `address`. Each job's driver
-is a detached actor (launcher.daemon.supervisor), so a daemon that stops (SIGTERM,
-an upgrade) or dies (SIGKILL) costs its jobs nothing: they go on training, and the
-next start re-attaches to them by job id and hands over what they said meanwhile.
-Every job's ranks push snapshots to a small collector actor, which the daemon drains
-into its `PrometheusSink`, labelled with the job id.
-
-Never losing a job: every transition is in SQLite before anything acts on it. A job
-whose supervisor died (its node or the head stopped) goes back to the queue with the
-reason, and resumes from its last checkpoint. `autobatch serve --shutdown` stops the
-daemon and its head, and with them every job; they resume at the next start.
+Ray is not the daemon's process: by default a head of its own per state directory
+(`rayhead`), or the cluster at `address`, kept by `raylink` (a lost head is replaced,
+a lost cluster waited for; the API answers meanwhile). Each job's driver is a detached
+actor (`supervisor`), so a daemon that stops or dies costs its jobs nothing: the next
+start re-attaches to them by job id. Every transition is in SQLite before anything acts
+on it; a job whose supervisor died goes back to the queue, saying why, and resumes from
+its last checkpoint. The ranks' snapshots are drained into one `PrometheusSink`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import threading
 import time
@@ -35,9 +26,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from autobatch.metrics.prometheus import PrometheusSink
-from launcher.daemon import rayhead, scheduler, supervisor
+from launcher.daemon import scheduler, supervisor
 from launcher.daemon.admission import Admission
 from launcher.daemon.jobwatch import JobWatcher
+from launcher.daemon.raylink import RayLink
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, new_job_id
 from launcher.errors import JobStateError
 from launcher.job.checkpoint import latest_checkpoint
@@ -100,6 +92,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stopping = False
         self._loop: threading.Thread | None = None
+        self.link = RayLink(self.state_dir, address, num_cpus)
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
@@ -108,18 +101,7 @@ class Daemon:
         if not self.run_jobs:
             self.recover()
             return
-        from launcher.job import cluster
-
-        address = (
-            self.address
-            or os.environ.get("RAY_ADDRESS")
-            or rayhead.ensure_head(self.state_dir, self.num_cpus)
-        )
-        cluster.connect(address)
-        # Ray builds its serialisation context (importing pydantic.v1) on first use; doing
-        # that in two threads at once (a job thread, the API importing FastAPI) raced into
-        # KeyError: 'pydantic.v1'. Build it here, before any job thread exists.
-        ray.get(ray.put(None))
+        self.link.connect()
         self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
         self.recover()
         self._loop = threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)
@@ -228,11 +210,33 @@ class Daemon:
     def _schedule_loop(self) -> None:
         while not self._stopping:
             try:
+                if not self.link.healthy():
+                    self._ray_lost()
                 self.schedule()
             except Exception:  # noqa: BLE001 - the loop must survive; the reason is logged
                 traceback.print_exc()
             self._wake.wait(self.poll_s)
             self._wake.clear()
+
+    def _ray_lost(self, wait_s: float = 120.0) -> None:
+        """The Ray head is gone with every job's supervisor: the jobs go back to the queue
+        (their followers see it within seconds), then the daemon connects again."""
+        self.link.waiting_for = "the jobs of the lost Ray head to go back to the queue"
+        with self._lock:
+            threads = [r.thread for r in self.running.values()]
+        deadline = time.monotonic() + wait_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:  # a follower still waiting: stop following, re-queue it here
+            left = dict(self.running)
+            for run in left.values():
+                run.stop.set()
+        for job_id, run in left.items():
+            run.thread.join(5)
+            rec = self.store.get(job_id)
+            if rec.state in ACTIVE:
+                self.requeue(rec, "the Ray head was lost")
+        self.link.reconnect(lambda: self._stopping, self._wake)
 
     def schedule(self) -> list[str]:
         """Start every queued job whose devices are all free; fail the ones that never fit."""
@@ -339,7 +343,8 @@ class Daemon:
         finally:
             if outcome is not None:  # None: the daemon stops; the job runs on
                 self._conclude(job_id, outcome)
-                supervisor.reap(sup)
+                if self.link.healthy():  # else it died with the head (and ray.kill would wait)
+                    supervisor.reap(sup)
                 self.sink.drop_job(job_id)
             with self._lock:
                 self.running.pop(job_id, None)
@@ -378,7 +383,8 @@ class Daemon:
                     self.transition(job_id, "cancelled", reason)
                 case "lost" if not self._stopping:
                     rec = self.store.get(job_id)
-                    why = f"the job's supervisor died ({outcome['error']}): {self._resume(rec)}"
+                    died = "the Ray head was lost" if self.link.waiting_for else "died"
+                    why = f"the job's supervisor {died} ({outcome['error']}): {self._resume(rec)}"
                     self.transition(job_id, "queued", why, last_error=why)
                 case "lost":
                     pass  # the daemon stops: the next start finds out what became of it

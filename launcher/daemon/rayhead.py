@@ -45,7 +45,7 @@ def running_head(state_dir: pathlib.Path) -> dict | None:
         head = json.loads(head_file(state_dir).read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(head.get("pid", -1)) or not _answers(head.get("address", "")):
+    if not _alive(head.get("pid", -1)) or not answers(head.get("address", "")):
         return None
     return head
 
@@ -147,7 +147,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _answers(address: str, timeout_s: float = 2.0) -> bool:
+def answers(address: str, timeout_s: float = 2.0) -> bool:
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
