@@ -13,6 +13,7 @@
     │   ├── TransitionError                 a state change the job's states do not allow
     │   └── JobStateError                   a request that does not fit the job's state
     ├── ClientError                         a request to the daemon failed (the CLI's)
+    │   └── DaemonUnreachable               no daemon answered at that address
     ├── HeadError                           the daemon's Ray head cannot start or answer
     └── ServeError                          the daemon cannot start with these settings
 
@@ -31,6 +32,7 @@ __all__ = [
     "AutobatchError",
     "BodyError",
     "ClientError",
+    "DaemonUnreachable",
     "HeadError",
     "InvalidSpec",
     "JobCancelled",
@@ -98,6 +100,10 @@ class JobStateError(StoreError):
 
 class ClientError(AutobatchError):
     """A request to the daemon failed; the message says why in one line."""
+
+
+class DaemonUnreachable(ClientError):
+    """No daemon answered at the client's address (not started, or restarting)."""
 
 
 class HeadError(AutobatchError):

@@ -320,3 +320,85 @@ def test_an_elastic_job_shrinks_for_a_queued_job_then_grows_back(daemon, tmp_pat
     rec = daemon.job(long)  # the steps it reported were done; a later one may be cut short
     ledger = pathlib.Path(rec["spec"]["checkpoint"]["dir"])
     assert_every_global_batch_exact(spec, ledger, through=rec["progress"]["step"])
+
+
+def test_a_lost_ray_head_is_replaced_and_the_job_resumes_while_the_api_answers(tmp_path, profiles):
+    """kill -9 of the daemon's Ray head (its whole session) mid-job: the daemon stays up and
+    answers, says what it waits for, starts a new head, and the job resumes from its
+    checkpoint and succeeds with every global batch exact."""
+    import os
+
+    state = tmp_path / "state"
+    spec = tiny_spec("headless", max_steps=120, checkpoint={"interval": 10}, audit_samples=True)
+    d = DaemonProcess(state, profiles)
+    try:
+        job = d.submit(spec)
+        d.wait(job, lambda r: _step(r) >= 12, "12 steps")
+        head = json.loads((state / "ray-head.json").read_text())
+        os.killpg(head["pid"], signal.SIGKILL)  # the head and everything it started
+        waited_for, deadline = set(), time.monotonic() + 240
+        while (rec := d.job(job))["state"] != "succeeded":
+            assert rec["state"] != "failed", rec["last_error"]
+            assert time.monotonic() < deadline, rec["transitions"]
+            health = d.http.get("/healthz")
+            assert health.status_code == 200 and d.proc.poll() is None
+            waited_for.add(health.json()["waiting_for"])
+            time.sleep(0.2)
+        assert any(waited_for - {None}), "/healthz never said what the daemon waited for"
+        assert json.loads((state / "ray-head.json").read_text())["pid"] != head["pid"]
+        assert rec["restarts"] == 1 and rec["last_error"] is None  # the re-queue, counted
+        reasons = [t["reason"] for t in rec["transitions"]]
+        lost = [r for r in reasons if "Ray head" in r and "lost" in r]
+        assert lost and all("resuming from checkpoint" in r for r in lost), reasons
+        assert_every_global_batch_exact(spec, pathlib.Path(rec["spec"]["checkpoint"]["dir"]))
+    finally:
+        d.stop()
+
+
+def test_logs_follow_reconnects_to_a_restarted_daemon_and_repeats_no_line(tmp_path, profiles):
+    """`autobatch logs -f` outlives a SIGKILLed daemon: it reconnects to the next one on the
+    same address and goes on after the last line it printed, to the job's end."""
+    from distributed import free_port
+
+    state, port = tmp_path / "state", str(free_port())
+    spec = tiny_spec("followed", max_steps=200, checkpoint={"interval": 50})
+    first = DaemonProcess(state, profiles, "--port", port)
+    follower = None
+    try:
+        job = first.submit(spec)
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "logs", job, "-f", "--server", first.url],
+            cwd=ROOT, env=first.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        first.wait(job, lambda r: _step(r) >= 4, "4 steps")
+    finally:
+        first.kill()
+    second = DaemonProcess(state, profiles, "--port", port)
+    try:
+        assert second.url == first.url
+        out, err = follower.communicate(timeout=600)
+        assert follower.returncode == 0, err[-2000:]
+        assert "reconnecting" in err
+        lines = out.splitlines()
+        assert "step 200/200" in out and len(lines) == len(set(lines)), out[-2000:]
+        assert any(line.split(" ", 1)[1].startswith("succeeded:") for line in lines)
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+        second.stop()
+
+
+def test_a_cancel_while_probing_answers_the_final_state(daemon):
+    """A job whose probe would take many minutes (a 0.0001-speed device) is cancelled while
+    probing: the answer is the final state, within the daemon's 30 s wait for it."""
+    crawl = [{"name": "sim-crawl", "memory": "64MiB", "speed": 0.0001}]
+    spec = tiny_spec("crawl", devices={"select": "simulated", "simulated": crawl})
+    job = daemon.submit(spec)
+    logs = f"/v1/jobs/{job}/logs"
+    daemon.wait(job, lambda r: "phase probing" in daemon.http.get(logs).text, "the probe")
+    t0 = time.monotonic()
+    r = daemon.http.post(f"/v1/jobs/{job}/cancel")
+    seconds = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["state"] == "cancelled", (r.text, seconds)
+    rec = daemon.job(job)
+    assert [t["to_state"] for t in rec["transitions"]][-2:] == ["probing", "cancelled"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from launcher.errors import ClientError
+from launcher.errors import ClientError, DaemonUnreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 
@@ -37,7 +37,7 @@ class DaemonClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ClientError(
+            raise DaemonUnreachable(
                 f"cannot reach the autobatch daemon at {self.server}: {exc}; start it with "
                 "`autobatch serve` or point --server / AUTOBATCH_SERVER at it"
             ) from None
@@ -83,18 +83,45 @@ class DaemonClient:
     def logs(self, job_id: str, tail: int = 200) -> str:
         return self._request("GET", f"/v1/jobs/{job_id}/logs", params={"tail": tail}).text
 
-    def follow(self, job_id: str, tail: int = 200) -> Iterator[str]:
+    def follow(self, job_id: str, tail: int = 200, *, retry_s: float = 300.0) -> Iterator[str]:
+        """The job log's lines as they are written, until the job ends. A daemon that
+        restarts meanwhile (the stream breaks, or ends before the job did) is reconnected
+        to for up to `retry_s`, and the log goes on after the last line handed out."""
+        last: str | None = None  # the last line handed out: where a reconnect picks up
+        lost_at: float | None = None
+        while True:
+            try:
+                for line in self._follow_once(job_id, tail if last is None else 0, last):
+                    last, lost_at = line, None
+                    yield line
+                if self.job(job_id)["state"] in ("succeeded", "failed", "cancelled"):
+                    return
+            except (httpx.TransportError, DaemonUnreachable) as exc:
+                lost_at = lost_at or time.monotonic()
+                if time.monotonic() - lost_at > retry_s:
+                    raise ClientError(
+                        f"lost the log stream from {self.server} and could not reconnect "
+                        f"within {retry_s:.0f} s: {exc}"
+                    ) from None
+                print(f"(the daemon at {self.server} went away: reconnecting)", file=sys.stderr)
+            time.sleep(1.0)
+
+    def _follow_once(self, job_id: str, tail: int, after: str | None) -> Iterator[str]:
+        """One streamed request; with `after`, the lines up to and including that one are
+        skipped (the whole log is asked for: `tail` 0)."""
         params = {"tail": tail, "follow": "true"}
-        try:
-            with self._http.stream(
-                "GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None
-            ) as response:
-                if response.is_error:
-                    response.read()
-                    _check(response)
-                yield from response.iter_text()
-        except httpx.TransportError as exc:
-            raise ClientError(f"lost the log stream from {self.server}: {exc}") from None
+        skipping = after is not None
+        with self._http.stream(
+            "GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None
+        ) as response:
+            if response.is_error:
+                response.read()
+                _check(response)
+            for line in response.iter_lines():
+                if skipping:
+                    skipping = line + "\n" != after
+                    continue
+                yield line + "\n"
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
