@@ -10,10 +10,12 @@
     equal_steps  the fastest split when every rank runs the same number of micro-steps
     sharded      plans for a sharded model at the world size they include;
                  choose_sharding ("auto")
+    rebalance    the plan made again from the ranks' measured compute (propose)
     sampler      GlobalBatchSampler: the same global batches on any device mix
     packing      length-aware micro-batches for variable-length sequences
 
-Imports point one way: planner -> sharded -> solver, equal_steps -> plan -> capacity -> memory.
+Imports point one way: rebalance -> planner -> sharded -> solver, equal_steps -> plan ->
+capacity -> memory.
 
 May import: autobatch.errors, autobatch.levers; never: torch, ray, launcher.
 """
