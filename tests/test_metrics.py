@@ -35,6 +35,8 @@ DESIGN_METRICS = [
     ("autobatch_effective_global_batch_size", "gauge"),
     ("autobatch_step_duration_seconds", "histogram"),
     ("autobatch_sync_wait_seconds", "gauge"),
+    ("autobatch_rank_compute_seconds", "gauge"),
+    ("autobatch_plan_predicted_compute_seconds", "gauge"),
     ("autobatch_samples_processed_total", "counter"),
     ("autobatch_tokens_processed_total", "counter"),
     ("autobatch_optimizer_steps_total", "counter"),
@@ -42,6 +44,7 @@ DESIGN_METRICS = [
     ("autobatch_replans_total", "counter"),
     ("autobatch_job_world_size", "gauge"),
     ("autobatch_resizes_total", "counter"),
+    ("autobatch_rebalances_total", "counter"),
     ("autobatch_worker_restarts_total", "counter"),
     ("autobatch_plan_efficiency_ratio", "gauge"),
     ("autobatch_train_loss", "gauge"),
@@ -52,6 +55,7 @@ RANK_LABELS = {"job_id", "rank", "node", "device", "device_uuid"}
 JOB_FAMILIES = {  # per job, from its rank 0: labels of their own
     "autobatch_job_world_size": {"job_id"},
     "autobatch_resizes_total": {"job_id", "reason"},
+    "autobatch_rebalances_total": {"job_id"},
 }
 # Labels Prometheus (or the Prometheus Operator's relabelling) sets on every series: a
 # target's own label of the same name would be renamed exported_<name> (honor_labels false).
@@ -78,6 +82,8 @@ def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
         plan_efficiency_ratio=0.9,
         step_duration_s=0.5,
         sync_wait_s=0.05,
+        rank_compute_s=0.4,
+        plan_predicted_compute_s=0.375,
         train_loss=2.5,
         padding_waste_ratio=0.125,
         step_durations_s=(0.5,),
@@ -89,6 +95,7 @@ def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
         replans_total={"oom": 1, "device_lost": 3},
         world_size=4,
         resizes_total={"grew": 2, "device_lost": 1},
+        rebalances_total=2,
     )
     values.update(kw)
     return RankSnapshot(job=job, rank=rank, **values)
@@ -168,6 +175,8 @@ def test_values_of_one_rank_are_exported_as_pushed(sink: PrometheusSink) -> None
     assert value("autobatch_train_loss", node="node-b") == 2.5
     assert value("autobatch_replans_total", reason="device_lost") == 3
     assert value("autobatch_worker_restarts_total") == 2
+    assert value("autobatch_rank_compute_seconds") == 0.4
+    assert value("autobatch_plan_predicted_compute_seconds") == 0.375
 
 
 # (buckets, durations of each push, expected cumulative count per le, the last is +Inf)

@@ -2,8 +2,8 @@
 
 Each gauge and counter is (exposed name, `RankSnapshot` field, HELP); counters are
 named without "_total", which prometheus_client appends (`METRIC_NAMES` has the
-names as scraped). The per-rank families are labelled `snapshot.LABELS`; WORLD and
-RESIZES are per job (label `job_id` only, from the job's rank 0); JOBS counts the
+names as scraped). The per-rank families are labelled `snapshot.LABELS`; WORLD,
+RESIZES and REBALANCES are per job (label `job_id` only, from the job's rank 0); JOBS counts the
 jobs known to the collector's owner by state. `autobatch.metrics.prometheus`
 exposes them.
 """
@@ -72,6 +72,17 @@ GAUGES = (
         "Time this rank spent in the synchronised backward of the last step.",
     ),
     (
+        "autobatch_rank_compute_seconds",
+        "rank_compute_s",
+        "Compute of this rank's micro-steps in the last step (forward and backward, not the "
+        "wait at the all-reduce), measured.",
+    ),
+    (
+        "autobatch_plan_predicted_compute_seconds",
+        "plan_predicted_compute_s",
+        "Compute the plan predicted for this rank's micro-batches of the last step.",
+    ),
+    (
         "autobatch_plan_efficiency_ratio",
         "plan_efficiency_ratio",
         "Predicted throughput of the plan over the ideal (each device alone at its best).",
@@ -104,11 +115,16 @@ RESIZES = (
     "autobatch_resizes",
     "Resizes of the job (its device set changed during the run), by reason.",
 )
+REBALANCES = (
+    "autobatch_rebalances",
+    "Rebalances of the job: switches to a new split of the global batch from measured compute.",
+)
 STEP = ("autobatch_step_duration_seconds", "Duration of an optimizer step on this rank.")
 JOBS = ("autobatch_jobs", "Jobs known to the owner of this collector, by state.")
 
 METRIC_NAMES = tuple(
     [n for n, _, _ in GAUGES]
     + [n + "_total" for n, _, _ in COUNTERS]
-    + [REPLANS[0] + "_total", WORLD[0], RESIZES[0] + "_total", STEP[0], JOBS[0]]
+    + [REPLANS[0] + "_total", WORLD[0], RESIZES[0] + "_total", REBALANCES[0] + "_total"]
+    + [STEP[0], JOBS[0]]
 )

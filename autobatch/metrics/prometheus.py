@@ -8,7 +8,7 @@ exposes them on its own `CollectorRegistry` (`sink.registry`), as text
 
 Elastic jobs (their ranks change during a run): the job's world size and its
 resizes by reason are per-job families (label `job_id` only), from the job's
-latest rank-0 snapshot; every known reason (`snapshot.RESIZE_REASONS`) is
+latest rank-0 snapshot, as are its rebalances; every known reason (`snapshot.RESIZE_REASONS`) is
 exposed from 0, so `increase()` sees a job's first resize. When rank 0 reports
 a new world size W, the series of that job's ranks >= W are dropped: a shrunk
 job's lost ranks leave /metrics.
@@ -48,6 +48,7 @@ from autobatch.metrics.families import (
     GAUGES,
     JOBS,
     METRIC_NAMES,
+    REBALANCES,
     REPLANS,
     RESIZES,
     STEP,
@@ -201,6 +202,9 @@ class PrometheusSink:
         header(name, RESIZES[1], "counter")
         for s in leaders:
             out.extend(f"{name}{{{text}}} {_num(n)}\n" for _, text, n in s.resizes)
+        name = REBALANCES[0] + "_total"
+        header(name, REBALANCES[1], "counter")
+        out.extend(f"{name}{{{s.job_text}}} {s.snapshot.rebalances_total}\n" for s in leaders)
         name = STEP[0]
         header(name, STEP[1], "histogram")
         for s in series:
@@ -237,12 +241,15 @@ class PrometheusSink:
         leaders = [s for s in series if s.job_text]  # each job's rank 0
         world = GaugeMetricFamily(*WORLD, labels=LABELS[:1])
         resizes = CounterMetricFamily(*RESIZES, labels=(LABELS[0], "reason"))
+        rebalances = CounterMetricFamily(*REBALANCES, labels=LABELS[:1])
         for s in leaders:
             world.add_metric(s.values[:1], s.snapshot.world_size)
             for reason, _, n in s.resizes:
                 resizes.add_metric((s.values[0], reason), n)
+            rebalances.add_metric(s.values[:1], s.snapshot.rebalances_total)
         yield world
         yield resizes
+        yield rebalances
         hist = HistogramMetricFamily(*STEP, labels=LABELS)
         for s in series:
             hist.add_metric(s.values, list(zip(self._le, s.buckets, strict=True)), s.duration_sum)
@@ -260,6 +267,7 @@ class PrometheusSink:
             CounterMetricFamily(*REPLANS),
             GaugeMetricFamily(*WORLD),
             CounterMetricFamily(*RESIZES),
+            CounterMetricFamily(*REBALANCES),
             HistogramMetricFamily(*STEP),
             GaugeMetricFamily(*JOBS),
         ]

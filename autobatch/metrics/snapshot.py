@@ -27,6 +27,9 @@ LABELS = ("job_id", "rank", "node", "device", "device_uuid")
 # Why an elastic job's device set changed during its run (`RankSnapshot.resizes_total`).
 RESIZE_REASONS = ("grew", "shrank", "device_lost")
 
+# The latest rebalances a rank-0 snapshot carries (`RankSnapshot.rebalances`).
+REPORTED = 8
+
 
 @dataclass(frozen=True)
 class RankSnapshot:
@@ -63,6 +66,10 @@ class RankSnapshot:
     effective_global_batch_size: int | None = None
     step_duration_s: float | None = None
     sync_wait_s: float | None = None
+    # this rank's compute in the last step (its micro-steps' forward and backward, not the
+    # wait at the all-reduce), measured, and as its plan predicted it for those micro-batches
+    rank_compute_s: float | None = None
+    plan_predicted_compute_s: float | None = None
     train_loss: float | None = None
     padding_waste_ratio: float | None = None  # variable-length data: padded / all tokens
     step_durations_s: tuple[float, ...] = ()
@@ -80,6 +87,10 @@ class RankSnapshot:
     # the job's optimizer steps done, from the start of its run (resumes and resizes
     # included); optimizer_steps_total counts this rank's own since it started
     step: int = 0
+    # closed-loop balance: the job's rebalances so far, and (rank 0) the latest REPORTED of
+    # them, each {"step", "before_s", "after_s", "ratios", "micro_batches"}
+    rebalances_total: int = 0
+    rebalances: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.job:
@@ -98,6 +109,7 @@ class RankSnapshot:
         object.__setattr__(self, "step_durations_s", durations)
         object.__setattr__(self, "replans_total", dict(self.replans_total))
         object.__setattr__(self, "resizes_total", dict(self.resizes_total))
+        object.__setattr__(self, "rebalances", tuple(dict(r) for r in self.rebalances))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
