@@ -26,10 +26,12 @@ from launcher.job.events import (
     MetricsAt,
     Planned,
     Progress,
+    Rebalanced,
     Resized,
     Restarting,
     Resuming,
     RunnerEvent,
+    describe_rebalance,
     describe_resize,
 )
 
@@ -91,6 +93,8 @@ class _Display:
                     print_plan(decision.plan)
             case Resized() as r:
                 out.print(Text.assemble(("resized", "yellow"), f": {describe_resize(r)}"))
+            case Rebalanced() as r:
+                out.print(Text(describe_rebalance(r), style="cyan"))
             case Progress(snapshots=snapshots):
                 self._progress(snapshots)
             case Finished(summary=summary):

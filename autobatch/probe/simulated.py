@@ -13,7 +13,8 @@ inside the op that pushes live memory past it, so a simulated device runs out
 of memory where a real one would, and training code recovers the same way.
 
 `Pacer` makes a device `speed` times as fast as the machine (speed <= 1): it
-sleeps `elapsed * (1/speed - 1)` after the work it times. In a training loop,
+sleeps `elapsed * (1/speed - 1)` after the work it times; `slow_down` changes
+its speed while it runs (the `slow` fault of a drill). In a training loop,
 wrap the loss function (`pacer.wrap_loss_fn`: forward time x the measured
 (forward+backward)/forward ratio) and hook the optimizer (`pacer.attach`).
 Neither ever times a collective: DDP's all-reduce runs inside backward, after
@@ -225,10 +226,17 @@ class Pacer:
             )
         if not backward_factor >= 1:
             raise ProbeError(f"backward_factor={backward_factor!r} must be >= 1")
-        self.speed = speed
+        self.speed = self.made_speed = speed
         self.backward_factor = backward_factor
         self.slept_s = 0.0
         self.timed_s = 0.0  # the work it measured (and stretched by `factor`)
+
+    def slow_down(self, factor: float) -> None:
+        """Run at `factor` x the speed it was made with, from now on (0 < factor <= 1): a
+        device that throttles, or is shared, after it was probed."""
+        if not (0 < factor <= 1):
+            raise ProbeError(f"factor={factor!r} must be in (0, 1]: a Pacer can only slow")
+        self.speed = self.made_speed * factor
 
     def _sleep(self, elapsed_s: float, factor: float = 1.0) -> None:
         self.timed_s += elapsed_s * factor

@@ -5,6 +5,8 @@
     cluster     connect, reserve bundles, place actors, wait for them
     worker      the actor in each bundle: inventory, probe, rendezvous, train
     context     what a rank is sent and returns;  train  its training loop
+    rebalancing a rank's measured compute; the switch to a rebalanced plan between steps
+    faults      the faults a spec injects into a rank (drills)
     rankstats   a rank's metrics snapshots
     optim       optimizer and schedule from the spec;  checkpoint  atomic checkpoints
     collector   the actor the ranks push snapshots to

@@ -25,7 +25,7 @@ import ray
 from autobatch.planning.plan import Plan
 from autobatch.probe.devices import normalise_speeds
 from launcher.errors import JobCancelled, LaunchError
-from launcher.job import cluster, policy, ranks
+from launcher.job import cluster, events, policy, ranks
 from launcher.job.checkpoint import checkpoint_step, latest_checkpoint
 from launcher.job.collector import SnapshotCollector
 from launcher.job.context import RankContext
@@ -105,6 +105,7 @@ class JobController:
         self.collector = None
         self.tally = _Tally()
         self.resizes = Resizes()
+        self.rebalanced: set[tuple] = set()  # the rebalances told to the listener
         self._entered = time.monotonic()
         self._t_train: float | None = None
 
@@ -374,10 +375,10 @@ class JobController:
         if not snaps:
             return
         self.phase_s.setdefault("first_step", time.monotonic() - self._entered)
-        self.listener(Progress(snaps))
-        resized = self.resizes.announcement(self.active)
-        if resized is not None:
-            self.listener(resized)
+        rebalanced = events.rebalances_in(snaps, self.rebalanced)
+        for event in (Progress(snaps), *rebalanced, self.resizes.announcement(self.active)):
+            if event is not None:
+                self.listener(event)
 
     # -- clean-up -------------------------------------------------------------
     def _cleanup(self, started_ray: bool) -> None:

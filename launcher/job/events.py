@@ -2,14 +2,17 @@
 
 The runner calls its listener with one of these values, in this order:
 
-    Planned -> MetricsAt -> [Resuming] -> (Progress | Restarting | Planned Resized)* -> Finished
+    Planned -> MetricsAt -> [Resuming]
+        -> (Progress | Rebalanced | Restarting | Planned Resized)* -> Finished
 
 with a `StateChanged` before each state the controller enters (launcher.job.states:
 connecting, reserving, probing, planning, starting, training, resizing, restarting,
 succeeded, failed, cancelled), naming the state, the reason and the state it left.
 
 An elastic job's resize is a new `Planned` (the plan on the new devices), then
-`Resized` once the new ranks finished their first step.
+`Resized` once the new ranks finished their first step. `Rebalanced`: the ranks switched
+to a new split of the global batch from their measured compute (docs/rebalancing.md),
+as their rank 0 reported it after a step.
 
 A listener must not raise: the runner does not catch its errors. Text in these
 values (a rank's error message) is data: print it plainly, never as markup.
@@ -137,11 +140,53 @@ def describe_resize(r: Resized) -> str:
 
 
 @dataclass(frozen=True)
+class Rebalanced:
+    """The ranks train a new split of the same global batch from `step` on."""
+
+    step: int  # the first step on the new split
+    before_s: float  # the old split's step, predicted from the measured compute
+    after_s: float  # the new split's step, predicted the same way
+    ratios: tuple[float, ...]  # per rank: measured / predicted compute over the window
+    micro_batches: tuple[tuple[int, ...], ...]  # per rank, the new split
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def describe_rebalance(r: Rebalanced) -> str:
+    """One line for the user: from which step, the predicted step before and after, the split."""
+    split = ", ".join(f"rank {i}: {sum(mb)} ({len(mb)}x)" for i, mb in enumerate(r.micro_batches))
+    return (
+        f"rebalanced from step {r.step}: predicted step {r.before_s * 1e3:.1f} -> "
+        f"{r.after_s * 1e3:.1f} ms; samples per rank {split}"
+    )
+
+
+def rebalances_in(snaps: Sequence[RankSnapshot], seen: set[tuple]) -> list[Rebalanced]:
+    """The rebalances rank 0's latest snapshot reports that are not in `seen` (added to it)."""
+    rank0 = next((s for s in snaps if s.rank == 0), None)
+    new = []
+    for r in rank0.rebalances if rank0 is not None else ():
+        event = Rebalanced(
+            r["step"],
+            r["before_s"],
+            r["after_s"],
+            tuple(r["ratios"]),
+            tuple(tuple(mb) for mb in r["micro_batches"]),
+        )
+        key = (event.step, event.micro_batches)
+        if key not in seen:
+            seen.add(key)
+            new.append(event)
+    return new
+
+
+@dataclass(frozen=True)
 class Finished:
     summary: JobSummary
 
 
 RunnerEvent = Union[  # noqa: UP007
-    StateChanged, Planned, MetricsAt, Resuming, Progress, Restarting, Resized, Finished
+    StateChanged, Planned, MetricsAt, Resuming, Progress, Rebalanced, Restarting, Resized, Finished
 ]
 Listener = Callable[[RunnerEvent], None]

@@ -1,17 +1,22 @@
 """One rank's counters and its last step's figures, as metrics snapshots.
 
 Everything here is what the rank measured (samples it processed, its step's
-duration and peak memory); the plan's figures ride along for comparison.
+duration, compute and peak memory); the plan's figures ride along for comparison
+(its predicted peak, its predicted compute for the micro-batches the rank ran).
+A rank's compute is its micro-steps' forward and backward without the wait at the
+all-reduce (launcher.job.rebalancing.ComputeClock; a micro-step's wall time where
+the clock saw no gradient).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from autobatch.metrics.snapshot import RankSnapshot
+from autobatch.metrics.snapshot import REPORTED, RankSnapshot
 from autobatch.planning.packing import padding_waste
 from autobatch.planning.plan import Plan
 from autobatch.probe.simulated import TensorMemory
@@ -49,8 +54,10 @@ class RankStats:
         lengths_of: dict[int, int] | None,
         memory: TensorMemory | None,
         device: torch.device,
+        compute: Sequence[float | None] = (),
     ) -> None:
-        """A step (or a refused one: the figures, but no step counted) seen by this rank."""
+        """A step (or a refused one: the figures, but no step counted) seen by this rank;
+        `compute`: its micro-steps' compute as the clock measured it (None: not seen)."""
         self.plan = plan
         sizes = [len(mb) for mb in micro_batches]
         if not result.refused:
@@ -66,21 +73,29 @@ class RankStats:
             allocated = torch.cuda.memory_allocated(device)
             reserved = torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
+        work = _work(micro_batches, lengths_of, self.max_len)
+        wall = result.micro_step_s
+        measured = [w if c is None else c for c, w in zip(compute, wall)] or list(wall)
+        model = plan.capacity(self.ctx.rank).micro_step_time
+        synced = compute[-1] if compute and len(compute) == len(wall) else None
         self.last = {
             "loss": result.loss,
             "seconds": seconds,
             "peak": peak,
             "allocated": allocated,
             "reserved": reserved,
-            "sync_wait": _sync_wait(
-                result, plan, self.ctx.rank, _work(micro_batches, lengths_of, self.max_len)
-            ),
+            "sync_wait": _sync_wait(result, plan, self.ctx.rank, work)
+            if synced is None
+            else max(0.0, wall[-1] - synced),
+            "compute": sum(measured) if wall else None,
+            "predicted_compute": sum(model(w) for w in work) if wall else None,
             "sizes": sizes,
             "global_samples": result.global_samples,
             "padding": None if lengths_of is None else padding_waste(micro_batches, lengths_of),
         }
 
-    def snapshot(self) -> RankSnapshot:
+    def snapshot(self, rebalances: Sequence[dict[str, Any]] = ()) -> RankSnapshot:
+        """The snapshot to push; `rebalances`: the job's so far (rank 0 reports the latest)."""
         me = self.plan.ranks[self.ctx.rank]
         durations, self.durations = tuple(self.durations), []
         return RankSnapshot(
@@ -103,6 +118,8 @@ class RankStats:
             plan_efficiency_ratio=self.plan.efficiency,
             step_duration_s=self.last["seconds"],
             sync_wait_s=self.last["sync_wait"],
+            rank_compute_s=self.last["compute"],
+            plan_predicted_compute_s=self.last["predicted_compute"],
             train_loss=self.last["loss"],
             padding_waste_ratio=self.last["padding"],
             step_durations_s=durations,
@@ -114,6 +131,8 @@ class RankStats:
             replans_total=self.replans,
             world_size=dist.get_world_size() if dist.is_initialized() else 1,  # measured
             resizes_total=dict(self.ctx.resizes),
+            rebalances_total=len(rebalances),
+            rebalances=tuple(rebalances[-REPORTED:]) if self.ctx.rank == 0 else (),
             step=self.start_step + self.steps,
         )
 

@@ -23,6 +23,7 @@ from pydantic import (
 
 from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.levers import ShardingChoice
+from autobatch.planning.rebalance import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
 from launcher.job.tasks import check_builtin_args, check_task_name
 
@@ -145,14 +146,27 @@ class CheckpointSpec(_Strict):
 
 
 class FaultSpec(_Strict):
-    """Fault injection for tests and drills: fires once, on the job's first attempt."""
+    """Fault injection for tests and drills: fires once, on the job's first attempt (`slow`:
+    from its step on, on every attempt; launcher.job.faults)."""
 
     # oom: out of memory in a micro-step; crash: kill -9 of the rank's process;
-    # short_batch: the rank drops a sample of its step (the measured global batch is short)
-    kind: Literal["oom", "crash", "short_batch"]
+    # short_batch: the rank drops a sample of its step (the measured global batch is short);
+    # slow: the rank's device runs at `factor` x its speed from the step on (the probe saw
+    # it at full speed)
+    kind: Literal["oom", "crash", "short_batch", "slow"]
     rank: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     micro_step: Literal["first", "last"] = "first"  # oom: a no_sync micro-step, or the synced one
+    factor: Annotated[float, Field(gt=0, le=1)] | None = None  # slow only
+
+    @model_validator(mode="after")
+    def _factor(self) -> FaultSpec:
+        if (self.kind == "slow") != (self.factor is not None):
+            raise ValueError(
+                f"factor={self.factor!r} with kind {self.kind!r}: kind slow needs factor (its "
+                "speed is multiplied by it, 0 < factor <= 1), the other kinds take none"
+            )
+        return self
 
 
 # task_args is JSON data within these bounds: nesting depth, values (every visit counts, so
@@ -240,6 +254,13 @@ class JobSpec(_Strict):
     # Every rank appends the dataset indices of each completed step to
     # <checkpoint dir>/samples-rank<r>.jsonl: an audit that each global batch was exact.
     audit_samples: bool = False
+    # Closed-loop balance (docs/rebalancing.md): every rebalance_window steps the ranks share
+    # their measured compute and, when a new split of the same global batch predicts a step
+    # shorter by more than rebalance_threshold (relative), switch to it together. "auto": on
+    # where it applies (planner optimal, two ranks or more); "off": the first plan throughout.
+    rebalance: Literal["auto", "off"] = "auto"
+    rebalance_window: Annotated[int, Field(ge=2, le=100_000)] = DEFAULT_WINDOW  # steps
+    rebalance_threshold: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_THRESHOLD
 
     @model_validator(mode="after")
     def _length(self) -> JobSpec:

@@ -8,15 +8,17 @@ micro-step (agreed by every rank) asks the failure policy, which lowers that
 device's micro-batch: the same global batch is retried in place, from a loader
 rebuilt for the lowered plan. The model is wrapped as the plan's sharding says
 (`autobatch.step.wrap.wrapping_for`: DDP, or FSDP2), and the wrapping saves, loads
-and gathers it (a replica's file, or a sharded model's shards). Restarts and
-re-plans after a lost worker are the runner's.
+and gathers it (a replica's file, or a sharded model's shards). Every rebalance
+window the ranks share their measured compute and may switch, together and
+between two steps, to a new split of the same global batch (closed-loop balance,
+`launcher.job.rebalancing`). Restarts and re-plans after a lost worker are the
+runner's. Injected faults are `launcher.job.faults`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -37,51 +39,11 @@ from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
 from launcher.job.checkpoint import restore_checkpoint, save_checkpoint
 from launcher.job.context import RankContext, RankOutcome
+from launcher.job.faults import Faults
 from launcher.job.optim import build_optimizer, build_schedule
 from launcher.job.rankstats import RankStats
+from launcher.job.rebalancing import ComputeClock, Rebalancer, collective_device
 from launcher.job.tasks import load_task
-
-
-class _Faults:
-    """Injected faults of the job spec that concern this rank (first attempt only)."""
-
-    def __init__(self, ctx: RankContext) -> None:
-        self.pending = (
-            [f for f in ctx.spec.faults if f.rank == ctx.rank] if ctx.attempt == 0 else []
-        )
-
-    def before_step(self, step: int) -> None:
-        for f in self.pending:
-            if f.kind == "crash" and f.step == step:
-                os.kill(os.getpid(), 9)  # a real kill -9 of this worker process
-
-    def trim(self, step: int, indices: list) -> list:
-        """`short_batch`: this rank drops the last sample of its step (a planted bug)."""
-        for f in [f for f in self.pending if f.kind == "short_batch" and f.step == step]:
-            self.pending.remove(f)
-            last = list(indices[-1])[:-1]
-            indices = [*indices[:-1], last] if last else indices[:-1]
-        return indices
-
-    def wrap(
-        self, loss_fn: LossFn, step_of: Callable[[], int], n_micro: Callable[[], int]
-    ) -> LossFn:
-        calls = {"step": -1, "i": 0}
-
-        def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-            step = step_of()
-            if calls["step"] != step:
-                calls.update(step=step, i=0)
-            calls["i"] += 1
-            for f in list(self.pending):
-                if f.kind == "oom" and f.step == step:
-                    i = 1 if f.micro_step == "first" else n_micro()
-                    if calls["i"] == i:
-                        self.pending.remove(f)
-                        raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
-            return loss_fn(model, batch)
-
-        return loss
 
 
 def train_rank(
@@ -97,6 +59,7 @@ def train_rank(
         while rank.sampler.step < rank.total:
             rank.faults.before_step(rank.sampler.step)
             t0 = time.perf_counter()
+            rank.rebalance_if_due()  # between two steps, on every rank alike
             indices, batches, lengths_of = rank.share()
             if rank.audit is not None:
                 rank.audit.record(rank.sampler.step, indices)
@@ -123,6 +86,7 @@ def train_rank(
                 return rank.outcome(stopped=True)
     finally:
         rank.close_data()
+        rank.clock.close()
     return rank.outcome()
 
 
@@ -165,9 +129,13 @@ class _Rank:
             self.acc.scaler.load_state_dict(state["scaler"])  # fp16: the scale it had
         self.last_checkpoint = ctx.resume_from
         self._saved_step = self.sampler.step if ctx.resume_from else -1
+        self.faults = Faults(ctx)
         self.loss_fn, self.memory = self._device_loss()
-        self.faults = _Faults(ctx)
-        self.loss_fn = self.faults.wrap(self.loss_fn, lambda: self.sampler.step, self._n_micro)
+        self.clock = ComputeClock(self.model, self.device)  # after wrapping: its parameters
+        self.loss_fn = self.faults.wrap(
+            self.clock.wrap(self.loss_fn), lambda: self.sampler.step, self._n_micro
+        )
+        self.rebalancer = Rebalancer.of(spec, state.get("rebalances", []) if state else ())
         self.max_len = task.max_length() if task.sample_length else None
         self.stats = RankStats(ctx, self.plan, self.max_len, start_step=self.sampler.step)
         self.audit = _Audit(ctx) if spec.audit_samples else None
@@ -196,13 +164,15 @@ class _Rank:
         def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
             return task.loss_fn(model, to_device(batch, device))
 
-        if not self.ctx.device.simulated:
+        simulated = self.ctx.device.simulated
+        if not simulated and not self.faults.slows:
             return loss_fn, None
-        pacer = Pacer(self.ctx.speed, backward_factor=self.ctx.backward_factor)
+        speed = self.ctx.speed if simulated else 1.0  # a real device slowed by a drill
+        pacer = self.faults.pacer = Pacer(speed, backward_factor=self.ctx.backward_factor)
         pacer.attach(self.optimizer)
         limit = self.ctx.device.total_bytes
         memory = TensorMemory(limit, model=self.model, optimizer=self.optimizer)
-        return pacer.wrap_loss_fn(loss_fn), memory
+        return pacer.wrap_loss_fn(loss_fn), memory if simulated else None
 
     def _n_micro(self) -> int:
         return len(self._indices)
@@ -211,7 +181,17 @@ class _Rank:
         """Train on `plan` from the current step: the loader of the old plan is closed (with
         what it prefetched) and a new one starts at the current step on first use."""
         self.plan = plan
+        self.rebalancer.restart_window()
         self.close_data()
+
+    def rebalance_if_due(self) -> None:
+        """Every rebalance window: the ranks' measured compute shared, and the same new plan
+        on every rank when it pays (launcher.job.rebalancing)."""
+        if self.rebalancer.due():
+            step = self.sampler.step
+            plan = self.rebalancer.decide(self.plan, step, collective_device(self.device))
+            if plan is not None:
+                self.replan(plan)
 
     def close_data(self) -> None:
         if self._data is not None:
@@ -264,6 +244,7 @@ class _Rank:
             world = dist.get_world_size() if dist.is_initialized() else 1
             enforce = self.stats.steps >= 2 or world == 1
             memory.limit_bytes = self.ctx.device.total_bytes if enforce else None
+        self.clock.start_step()
         with memory if memory is not None else contextlib.nullcontext():
             return self.acc.step(
                 batches,
@@ -279,8 +260,13 @@ class _Rank:
     ) -> RankSnapshot:
         """The step in this rank's metrics; the snapshot to push."""
         stats = self.stats
-        stats.on_step(result, seconds, self.plan, indices, lengths_of, self.memory, self.device)
-        return stats.snapshot()
+        compute = self.clock.step_compute(len(result.micro_step_s))
+        stats.on_step(
+            result, seconds, self.plan, indices, lengths_of, self.memory, self.device, compute
+        )
+        if not result.refused:
+            self.rebalancer.observe(stats.last["compute"], stats.last["predicted_compute"])
+        return stats.snapshot(self.rebalancer.history)
 
     def stop_agreed(self, stop_requested: Callable[[], bool]) -> bool:
         """Rank 0 asks, every rank learns the answer (a one-number broadcast): the ranks stop
@@ -307,6 +293,7 @@ class _Rank:
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state().to_dict(),
             "plan": self.plan.to_json(),
+            "rebalances": self.rebalancer.history,
             "job": self.ctx.job,
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
