@@ -237,6 +237,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {at} resized {r['before']} -> {r['devices']} from step {r['step']} "
             f"({r['seconds']:.1f} s): {r['why']}"
         )
+    for r in rec.get("rebalances") or []:
+        at = time.strftime("%H:%M:%S", time.localtime(r["at"]))
+        print(
+            f"  {at} rebalanced from step {r['step']}: predicted step "
+            f"{r['before_s'] * 1e3:.1f} -> {r['after_s'] * 1e3:.1f} ms, samples per rank "
+            f"{[sum(mb) for mb in r['micro_batches']]}"
+        )
     return 0
 
 

@@ -8,6 +8,8 @@ MetricsAt    -> the job log
 Resuming     -> the job log (the transition that re-queued the job said why)
 Restarting   -> restarts, last_error, the new plan, the job log
 Resized      -> store.resizes (each with its reason), the job log; the daemon's slots
+Rebalanced   -> store.rebalances (step, predicted step before and after, the new split),
+                the job log
 Progress     -> snapshots drained from the job's collector into the daemon's sink
                 (job label = job id), store.progress (at most once a second), a log
                 line per step
@@ -31,11 +33,13 @@ from launcher.job.events import (
     MetricsAt,
     Planned,
     Progress,
+    Rebalanced,
     Resized,
     Restarting,
     Resuming,
     RunnerEvent,
     StateChanged,
+    describe_rebalance,
     describe_resize,
 )
 from launcher.job.spec import JobSpec
@@ -88,6 +92,11 @@ class JobWatcher:
                 self.host.log(self.job_id, f"{reason}; resuming from {resume}")
             case Resized() as r:
                 self._resized(r)
+            case Rebalanced() as r:
+                rebalances = self.store.get(self.job_id).rebalances or []
+                entry = {"at": time.time(), **r.to_dict()}
+                self.store.update(self.job_id, rebalances=[*rebalances, entry])
+                self.host.log(self.job_id, describe_rebalance(r))
             case Progress(snapshots=snapshots):
                 self._progress(snapshots)
             case Finished(summary=summary):

@@ -6,8 +6,8 @@
 `set_state` is the only way a job changes state: it checks the transition is
 allowed, writes the new state and a transition row (time, from, to, reason) in
 one transaction. Everything else a job carries (plan, progress, restarts, last
-error, summary, an elastic job's resizes) is data updated with `update`, never a
-state change.
+error, summary, an elastic job's resizes, its rebalances) is data updated with `update`,
+never a state change.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     summary TEXT,
-    resizes TEXT
+    resizes TEXT,
+    rebalances TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,6 +88,7 @@ class JobRecord:
     last_error: str | None
     summary: dict[str, Any] | None
     resizes: list[dict[str, Any]] | None = None
+    rebalances: list[dict[str, Any]] | None = None  # new splits of the global batch, in order
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -97,8 +99,8 @@ def new_job_id(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-_JSON_FIELDS = ("plan", "progress", "summary", "resizes")
-_UPDATABLE = {"plan", "progress", "restarts", "last_error", "summary", "resizes"}
+_JSON_FIELDS = ("plan", "progress", "summary", "resizes", "rebalances")
+_UPDATABLE = {"plan", "progress", "restarts", "last_error", "summary", "resizes", "rebalances"}
 
 
 class JobStore:
@@ -114,8 +116,9 @@ class JobStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "resizes" not in columns:  # a state directory from before elastic jobs
-            self._db.execute("ALTER TABLE jobs ADD COLUMN resizes TEXT")
+        for column in ("resizes", "rebalances"):  # a state directory from before them
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -291,12 +294,12 @@ _BRIEF = (
 )  # fmt: skip
 _SELECT = (
     "SELECT id, name, spec, state, created, updated, plan, progress, restarts, last_error, "
-    "summary, resizes FROM jobs"
+    "summary, resizes, rebalances FROM jobs"
 )
 
 
 def _record(row: tuple) -> JobRecord:
-    id_, name, spec, state, created, updated, plan, progress, restarts, err, summary, resizes = row
+    id_, name, spec, state, created, updated, plan, progress, restarts, err, summary, *more = row
     load = lambda v: json.loads(v) if v is not None else None  # noqa: E731
     return JobRecord(
         id_,
@@ -310,5 +313,5 @@ def _record(row: tuple) -> JobRecord:
         restarts,
         err,
         load(summary),
-        load(resizes),
+        *(load(v) for v in more),  # resizes, rebalances
     )
