@@ -169,6 +169,8 @@ def snapshots(step: int) -> list[RankSnapshot]:
                     effective_global_batch_size=16 * len(ranks),
                     step_duration_s=0.2,
                     sync_wait_s=0.01,
+                    rank_compute_s=0.1 + 0.01 * rank,
+                    plan_predicted_compute_s=0.1,
                     train_loss=3.0 - 0.01 * step,
                     step_durations_s=(0.2, 0.3),
                     samples_processed_total=16 * step,

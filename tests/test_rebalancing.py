@@ -110,6 +110,55 @@ def test_every_global_batch_is_exact_and_the_run_is_the_open_loop_run(gloo_runs)
         assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
 
 
+# -- the spec's fields, at the API's edge ---------------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    import httpx
+    from daemon_util import api_in_thread
+
+    from launcher.daemon.daemon import Daemon
+
+    daemon = Daemon(tmp_path / "state", run_jobs=False)
+    daemon.start()
+    try:
+        with api_in_thread(daemon) as url, httpx.Client(base_url=url, timeout=30) as http:
+            yield http
+    finally:
+        daemon.shutdown()
+
+
+SLOW = {"kind": "slow", "rank": 0, "step": 3}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # the switch has two values
+        ({"rebalance": "on"}, "rebalance: Input should be 'auto' or 'off'"),
+        # a gain of 0 would switch on noise; 1 never
+        ({"rebalance_threshold": 0}, "rebalance_threshold: Input should be greater than 0"),
+        ({"rebalance_threshold": 1}, "rebalance_threshold: Input should be less than 1"),
+        # a window is at least two steps
+        ({"rebalance_window": 1}, "rebalance_window: Input should be greater than or equal to 2"),
+        # slow needs its factor, in (0, 1]; the other faults take none
+        ({"faults": [SLOW]}, "faults.0: factor=None with kind 'slow': kind slow needs factor"),
+        ({"faults": [{**SLOW, "factor": 2}]}, "faults.0.factor: Input should be less than or"),
+        (
+            {"faults": [{**SLOW, "kind": "crash", "factor": 0.5}]},
+            "factor=0.5 with kind 'crash': kind slow needs factor",
+        ),
+    ],
+)
+def test_bad_rebalance_fields_answer_422_naming_the_field(api, fields, message):
+    from daemon_util import tiny_spec
+
+    r = api.post("/v1/jobs", json=tiny_spec(**fields))
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
 # -- through the launcher -----------------------------------------------------------------
 
 # Three devices alike (one profile: an equal split), a model whose time grows with the
