@@ -95,7 +95,8 @@ def profile_model(
     cache_dir: str | os.PathLike | None = None,
     gradient_checkpointing: bool | None = False,
     shard_blocks: BlocksFn = repeated_blocks,
-) -> ModelProfile:
+    measure: bool = True,
+) -> ModelProfile | None:
     """Measure `task`'s model on `device` (<= 4 training steps) or reuse a cached profile.
 
     On CUDA this creates the context in the calling process: call it in the
@@ -106,7 +107,8 @@ def profile_model(
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
     `shard_blocks`: the blocks a sharded job wraps one by one (`Sharded(blocks=)`), for
-    the units in the profile's `state`.
+    the units in the profile's `state`. `measure=False`: the cached profile only, None
+    when there is none (a lookup that runs no step, so several may run at once).
     """
     if gradient_checkpointing is None:
         kwargs = dict(
@@ -114,6 +116,7 @@ def profile_model(
             headroom_fraction=headroom_fraction, headroom_bytes=headroom_bytes,
             extra_reserve_bytes=extra_reserve_bytes, backend=backend,
             max_micro_batch=max_micro_batch, cache_dir=cache_dir, shard_blocks=shard_blocks,
+            measure=measure,
         )  # fmt: skip
         try:
             return profile_model(task, device, gradient_checkpointing=False, **kwargs)
@@ -135,6 +138,8 @@ def profile_model(
 
     measurements = cache.load(cache_dir, key)
     cached = measurements is not None
+    if not cached and not measure:
+        return None
     state = meta_model_state(task, make_optimizer, shard_blocks)
     steps = 0
     if measurements is None:

@@ -80,18 +80,31 @@ class Prober:
         for i, info in infos.items():
             by_type.setdefault(_type_of(info), i)
         cache = default_cache_dir()
-        profiles = {}
-        for key, i in by_type.items():
-            if key not in self.profiles:  # measured (or cached) once per run
+        new = {key: i for key, i in by_type.items() if key not in self.profiles}
+        self.profiles.update(self._cached(new, infos, cache))  # looked up side by side
+        for key, i in new.items():
+            if self.profiles.get(key) is None:  # measured one at a time: timings undisturbed
                 self.profiles[key] = self._profile(self.placement.worker(i), infos[i], cache)
-            profiles[key] = self.profiles[key]
+        profiles = {key: self.profiles[key] for key in by_type}
         if self.spec.sharding != "none":
             self._carry_profiles(profiles, {k: infos[i] for k, i in by_type.items()})
         return profiles
 
+    def _cached(self, new: dict[tuple, int], infos: dict, cache: str) -> dict:
+        """The profiles the cache holds for these device types (None where it holds none)."""
+        refs = {
+            key: self.placement.worker(i).profile.remote(
+                self.spec, self.precision, infos[i], cache, measure=False
+            )
+            for key, i in new.items()
+        }
+        return {key: self._answer(ref, infos[new[key]]) for key, ref in refs.items()}
+
     def _profile(self, worker: Any, info: DeviceInfo, cache: str) -> ModelProfile | str:
-        """The device's profile, or why not even one sample fits on it."""
-        ref = worker.profile.remote(self.spec, self.precision, info, cache)
+        return self._answer(worker.profile.remote(self.spec, self.precision, info, cache), info)
+
+    def _answer(self, ref: Any, info: DeviceInfo) -> ModelProfile | str | None:
+        """A profile call's answer, or why not even one sample fits on the device."""
         try:
             return self.wait([ref], PROFILE_TIMEOUT_S, f"profile of {info.name}")[0]
         except RayTaskError as exc:

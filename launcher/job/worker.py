@@ -37,9 +37,15 @@ class DeviceWorker:
         return ray.util.get_node_ip_address(), inventory()
 
     def profile(
-        self, spec: JobSpec, precision: Precision, info: DeviceInfo, cache_dir: str | None
-    ) -> ModelProfile:
-        return probe(spec, precision, info, cache_dir)
+        self,
+        spec: JobSpec,
+        precision: Precision,
+        info: DeviceInfo,
+        cache_dir: str | None,
+        measure: bool = True,
+    ) -> ModelProfile | None:
+        """The device's profile (None: not cached, and `measure` is False)."""
+        return probe(spec, precision, info, cache_dir, measure=measure)
 
     def address(self) -> tuple[str, int, int]:
         return ray.util.get_node_ip_address(), free_port(), os.getpid()
@@ -88,8 +94,13 @@ def resolve_device(device: DeviceInfo | SimulatedDevice | None, index: int) -> D
 
 
 def probe(
-    spec: JobSpec, precision: Precision, device: DeviceInfo, cache_dir: str | None
-) -> ModelProfile:
+    spec: JobSpec,
+    precision: Precision,
+    device: DeviceInfo,
+    cache_dir: str | None,
+    *,
+    measure: bool = True,
+) -> ModelProfile | None:
     task = load_task(spec)
     torch.manual_seed(spec.seed)
     return profile_model(
@@ -101,4 +112,5 @@ def probe(
         backend="nccl" if device.is_cuda else "gloo",  # as the runner picks
         cache_dir=cache_dir,
         gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
+        measure=measure,
     )
