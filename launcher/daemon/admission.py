@@ -1,5 +1,8 @@
 """What the daemon admits: a submitted spec validated, the paths its task reads confined to
-the data roots, the directories it writes confined to the checkpoint root.
+the data roots (symlinks resolved), the directories it writes confined to the checkpoint
+root, and nothing the spec shows can never run (launcher.job.bounds: a global batch
+larger than the dataset, too many steps, a step's input beyond its simulated devices),
+all before anything is queued or reserved.
 
 Every refusal is an `InvalidSpec` naming the field (its `loc`) and what is allowed; the
 API answers it with a 422.
@@ -14,6 +17,7 @@ from pydantic import ValidationError
 
 from autobatch.errors import format_validation_error
 from launcher.errors import InvalidSpec
+from launcher.job.bounds import spec_problems
 from launcher.job.spec import JobSpec
 from launcher.job.tasks import BUILTIN, daemon_refuses
 
@@ -30,7 +34,8 @@ class Admission:
         self.task_modules = task_modules
 
     def validate(self, data: Any) -> JobSpec:
-        """The spec as sent, validated: its fields, its task, the paths its task reads."""
+        """The spec as sent, validated: its fields, its task, the paths its task reads, and
+        what it shows can never run."""
         if not isinstance(data, dict):
             msg = f"a job spec is a mapping of fields, got {type(data).__name__}"
             raise InvalidSpec(msg, [{"loc": [], "msg": msg}])
@@ -48,6 +53,11 @@ class Admission:
         entry = BUILTIN.get(spec.task)
         for key in entry.path_args if entry else ():
             self.readable(["task_args", key], str(spec.task_args[key]))
+        problems = spec_problems(spec)
+        if problems:
+            what = "; ".join(f"{'.'.join(p.loc)}: {p.msg}" for p in problems)
+            errors = [{"loc": list(p.loc), "msg": p.msg} for p in problems]
+            raise InvalidSpec(f"invalid job spec: {what}", errors)
         return spec
 
     def readable(self, loc: list[str], path: str) -> None:

@@ -1,6 +1,7 @@
 """One job on a Ray cluster: spec -> reserve -> probe -> plan -> ranks -> train -> recover.
 
     spec        JobSpec, the user's job as validated once at the edge
+    bounds      what a spec can never run (refused before anything is reserved), a plan's bounds
     tasks       the task registry (built-in tasks, entrypoints)
     cluster     connect, reserve bundles, place actors, wait for them
     worker      the actor in each bundle: inventory, probe, rendezvous, train

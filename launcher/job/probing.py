@@ -25,6 +25,7 @@ from autobatch.probe.devices import DeviceInfo
 from autobatch.probe.profile import ModelProfile
 from autobatch.step.precision import Precision, choose_precision
 from launcher.job import cluster
+from launcher.job.bounds import check_plan
 from launcher.job.placement import Placement
 from launcher.job.spec import JobSpec
 
@@ -161,7 +162,9 @@ def plan_job(spec: JobSpec, probed: Sequence[cluster.ProbedDevice], notes: Seque
     checkpointed = sorted({d.info.name for d in fit if d.profile.gradient_checkpointing})
     why = "micro-batch 1 does not fit without it"
     notes = [*notes, *(f"gradient checkpointing on {n}: {why}" for n in checkpointed)]
-    return replace(plan, excluded=(*plan.excluded, *unfit), notes=(*plan.notes, *notes))
+    plan = replace(plan, excluded=(*plan.excluded, *unfit), notes=(*plan.notes, *notes))
+    check_plan(spec, plan)  # its size, and on simulated devices a step's input
+    return plan
 
 
 def _type_of(info: DeviceInfo) -> tuple:

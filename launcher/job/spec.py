@@ -25,6 +25,7 @@ from autobatch.errors import AutobatchError, format_validation_error
 from autobatch.levers import ShardingChoice
 from autobatch.planning.rebalance import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
+from launcher.job.bounds import MAX_STEPS, check_spec
 from launcher.job.tasks import check_builtin_args, check_task_name
 
 
@@ -216,7 +217,7 @@ class JobSpec(_Strict):
     task: str = "tiny_gpt"  # a built-in task (launcher.job.tasks) or "package.module:function"
     task_args: dict[str, Any] = {}  # JSON data, bounded (check_task_args)
     global_batch_size: Annotated[int, Field(ge=1, le=1 << 24)]
-    max_steps: Annotated[int, Field(ge=1)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     epochs: Annotated[float, Field(gt=0)] | None = None
     epoch_end: Literal["drop", "carry"] = "drop"
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -316,9 +317,10 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(f"a job spec is a mapping of fields, got {type(data).__name__}")
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"invalid job spec: {format_validation_error(exc)}") from None
+    return check_spec(spec)  # what the spec shows can never run (launcher.job.bounds)
 
 
 def load_spec(path: str | pathlib.Path) -> JobSpec:
