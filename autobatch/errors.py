@@ -8,6 +8,8 @@
     │   └── NoFitError             not even one sample fits the device
     ├── CausalLMError(ValueError)  the causal-LM task's model, data or settings are unusable
     ├── LoraError(ValueError)      LoRA settings with an unknown key or a bad value
+    ├── StorageError               a write found no space, no permission, or no reachable
+    │                              file system (the message names the path and what is missing)
     └── LaunchError                the launcher could not start or keep a job
 
 Messages name the field, the value and what is allowed, so a user can fix the
@@ -67,6 +69,19 @@ class CausalLMError(AutobatchError, ValueError):
 
 class LoraError(AutobatchError, ValueError):
     """LoRA settings that are not a mapping of known keys with allowed values."""
+
+
+class StorageError(AutobatchError):
+    """A write failed for want of storage: no space left, no permission, a read-only or an
+    unreachable file system. `path` is where it wrote; the message says what is missing
+    ("no space left on <path>"). A restart would fail the same way."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)  # both in args: it pickles across processes whole
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class LaunchError(AutobatchError):

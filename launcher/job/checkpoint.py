@@ -6,7 +6,9 @@ writes; a sharded model's is a directory, `step_00000100/`, of
 torch.distributed.checkpoint shards that every rank writes (loadable on any number of
 ranks). Either way a reader sees a whole checkpoint or none. This module names them,
 finds the latest, rotates old ones, and refuses to resume a job from a checkpoint in
-another wrapping's format.
+another wrapping's format. A save that fails for want of storage (no space, no
+permission, a read-only or unreachable file system) raises a StorageError naming the
+directory and what is missing, which the failure policy does not retry.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from autobatch.errors import LaunchError
+from autobatch.errors import LaunchError, StorageError
+from autobatch.step.atomic import storage_error
 from autobatch.step.wrap import ModelWrapping, read_replica
 
 _NAME = re.compile(r"step_(\d{8})(\.pt)?")
@@ -39,9 +42,15 @@ def save_checkpoint(
     """The checkpoint of `step` (every rank calls it; `state` is the rest of the training
     state, small JSON); rank 0 then removes all but the newest `keep`."""
     d = pathlib.Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}{wrapping.checkpoint_suffix}"
-    path = wrapping.save(final, model, optimizer, state)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        path = wrapping.save(final, model, optimizer, state)
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        fault = storage_error(d, exc)
+        if fault is None:
+            raise
+        raise StorageError(f"checkpoint of step {step}: {fault}", fault.path) from exc
     if not dist.is_initialized() or dist.get_rank() == 0:
         _rotate(d, keep)
     return path

@@ -4,6 +4,8 @@
     retry_in_place(plan, ranks out of memory in a no_sync micro-step, step) -> Plan
 
     a rank's task raised a bad-input error or a bug    -> fail (a restart would repeat it)
+    a storage fault (no space, no permission, the      -> fail, naming the path and what is
+      file system unreachable or read-only)               missing (a restart would repeat it)
     out of memory in a no_sync micro-step (agreed)     -> retry in place, that device lowered
     out of memory in the synced backward               -> restart from the checkpoint, lowered
     a device whose node is gone                        -> re-plan on the devices left
@@ -13,8 +15,10 @@
 
 An attempt's failures are judged by their root cause: the first failure is often a
 consequence (a peer's collective broke because another rank died), so a task error
-outranks an out-of-memory, which outranks a lost worker. Retries in place do not
-count as restarts: they cost one global batch, not a checkpoint interval.
+outranks a storage fault, which outranks an out-of-memory, which outranks a lost worker
+(`ROOT_ORDER`; benchmarks/gpu_check.py orders a failed run's errors the same way).
+Retries in place do not count as restarts: they cost one global batch, not a checkpoint
+interval.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from autobatch.errors import AutobatchError, LaunchError
+from autobatch.errors import AutobatchError, LaunchError, StorageError
 from autobatch.planning.plan import DeviceCapacity, Plan
 from autobatch.planning.planner import make_plan
+from autobatch.step.atomic import storage_errno
+from launcher.job.bounds import check_plan_size
 
-FailureKind = Literal["task_error", "oom_no_sync", "oom_synced", "lost"]
+FailureKind = Literal["task_error", "storage", "oom_no_sync", "oom_synced", "lost"]
 Action = Literal["retry_in_place", "restart", "replan", "fail"]
 
 # Errors a restart would only repeat: bad input or a bug in the task.
@@ -40,12 +46,14 @@ TASK_ERRORS: tuple[type[BaseException], ...] = (
     ImportError,
     NotImplementedError,
 )
-# The root cause of an attempt's failures: a task error, then out-of-memory, then a lost worker.
-_ROOT_ORDER: dict[FailureKind, int] = {
+# The root cause of an attempt's failures: a task error, a storage fault, an out-of-memory,
+# then a lost worker (what a failure elsewhere causes).
+ROOT_ORDER: dict[FailureKind, int] = {
     "task_error": 0,
-    "oom_synced": 1,
-    "oom_no_sync": 1,
-    "lost": 2,
+    "storage": 1,
+    "oom_synced": 2,
+    "oom_no_sync": 2,
+    "lost": 3,
 }
 
 
@@ -70,18 +78,22 @@ class Decision:
 
 def classify(cause: BaseException | None) -> FailureKind:
     """The kind of a rank's exception (the task's own, not Ray's wrapper). gloo reports a
-    dead peer as a plain RuntimeError: that is a lost worker, not an error in the task."""
+    dead peer as a plain RuntimeError: that is a lost worker, not an error in the task. A
+    storage fault is the StorageError a checkpoint's write raises (or an OSError with a
+    storage errno that escaped without being mapped)."""
     import torch
 
     if isinstance(cause, torch.OutOfMemoryError):
         return "oom_synced"
+    if isinstance(cause, StorageError) or storage_errno(cause):
+        return "storage"
     if isinstance(cause, TASK_ERRORS):
         return "task_error"
     return "lost"
 
 
 def root_cause(failures: Sequence[RankFailure]) -> RankFailure:
-    return min(failures, key=lambda f: (_ROOT_ORDER[f.kind], f.rank))
+    return min(failures, key=lambda f: (ROOT_ORDER[f.kind], f.rank))
 
 
 def decide(
@@ -98,9 +110,11 @@ def decide(
     if not failures:
         raise ValueError("decide() needs at least one failure")
     root = root_cause(failures)
-    what = "; ".join(str(f) for f in sorted(failures, key=lambda f: (_ROOT_ORDER[f.kind], f.rank)))
+    what = "; ".join(str(f) for f in sorted(failures, key=lambda f: (ROOT_ORDER[f.kind], f.rank)))
     if root.kind == "task_error":
         return Decision("fail", plan, f"the task failed: {what}", root.kind)
+    if root.kind == "storage":
+        return Decision("fail", plan, f"storage fault (not retried): {what}", root.kind)
     oom_ranks = sorted({f.rank for f in failures if f.kind == root.kind and f.rank >= 0})
     if root.kind == "oom_no_sync":
         return _lowered("retry_in_place", plan, oom_ranks, what, root.kind)
@@ -178,5 +192,8 @@ def lower_micro_batches(plan: Plan, ranks: Sequence[int]) -> Plan:
 
 
 def replan(plan: Plan, devices: Sequence[DeviceCapacity], *, keep_all: bool) -> Plan:
-    """A new plan on `devices` for the same global batch, sharded as `plan` was."""
-    return make_plan(plan.global_batch_size, devices, keep_all=keep_all, sharding=plan.sharding)
+    """A new plan on `devices` for the same global batch, sharded as `plan` was; a LaunchError
+    when it breaks the bound on a plan's size (launcher.job.bounds)."""
+    new = make_plan(plan.global_batch_size, devices, keep_all=keep_all, sharding=plan.sharding)
+    check_plan_size(new)
+    return new
