@@ -67,22 +67,26 @@ def run(spec: dict) -> tuple:
 
 
 def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
-    """Per step, the indices every rank processed in the last attempt that completed it."""
+    """Per step, the indices every rank processed in its last try: the newest run's (runs on
+    one checkpoint directory share its ledger) highest attempt."""
     entries = collections.defaultdict(list)
     for path in ckpt_dir.glob("samples-rank*.jsonl"):
-        tries = {}  # a rank's last try of each (step, attempt): an OOM retry supersedes
+        tries = {}  # a rank's last line of each (step, run, attempt): an OOM retry supersedes
         for line in path.read_text().splitlines():
             e = json.loads(line)
-            tries[e["step"], e["attempt"]] = e
+            tries[e["step"], _try(e)] = e
         for e in tries.values():
             entries[e["step"]].append(e)
     steps = {}
     for step, es in entries.items():
-        last = max(e["attempt"] for e in es)
-        steps[step] = [
-            i for e in es if e["attempt"] == last for mb in e["micro_batches"] for i in mb
-        ]
+        last = max(_try(e) for e in es)
+        steps[step] = [i for e in es if _try(e) == last for mb in e["micro_batches"] for i in mb]
     return steps
+
+
+def _try(entry: dict) -> tuple[str, int]:
+    """A ledger line's try: its run (ids sort as the runs began) and the attempt within it."""
+    return entry.get("run", ""), entry["attempt"]
 
 
 def assert_every_global_batch_exact(

@@ -1,8 +1,11 @@
-"""What the runner sends each rank (RankContext) and gets back (RankOutcome)."""
+"""What the runner sends each rank (RankContext) and gets back (RankOutcome), and the id of
+a run (`new_run_id`: one per JobController run, with its attempts numbered from 0)."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import torch
 
@@ -25,7 +28,8 @@ class RankContext:
     checkpoint_dir: str
     output_dir: str | None
     resume_from: str | None
-    attempt: int
+    attempt: int  # within the run, from 0
+    run: str = ""  # the run's id (new_run_id): its ledger lines are told from other runs'
     speed: float = 1.0  # simulated devices: relative to this machine (at most 1)
     backward_factor: float = 3.0
     restarts: int = 0
@@ -44,3 +48,9 @@ class RankOutcome:
     parameters: dict[str, torch.Tensor] | None = None  # rank 0 only, for invariance checks
     output: str | None = None  # rank 0: where the task saved the trained model
     stopped: bool = False  # stopped at a step boundary for a resize, not at the end
+
+
+def new_run_id() -> str:
+    """A new run's id: when it began (UTC, to the microsecond, so ids sort as the runs began)
+    and a random suffix, e.g. "20261206T101500.123456Z-9f3a"."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(2)}"

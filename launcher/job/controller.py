@@ -28,7 +28,7 @@ from launcher.errors import JobCancelled, LaunchError
 from launcher.job import cluster, events, policy, ranks
 from launcher.job.checkpoint import checkpoint_step, latest_checkpoint
 from launcher.job.collector import SnapshotCollector
-from launcher.job.context import RankContext
+from launcher.job.context import RankContext, new_run_id
 from launcher.job.events import (
     Finished,
     JobSummary,
@@ -72,6 +72,7 @@ class _Tally:
 
     attempts: int = 0
     restarts: int = 0
+    run: str = field(default_factory=new_run_id)  # this run's id, on its ledger lines
     replans: dict[str, int] = field(default_factory=dict)
 
 
@@ -283,6 +284,7 @@ class JobController:
             output_dir=str(self.spec.output_path(self.runs_root)),
             resume_from=state.resume,
             attempt=attempt,
+            run=self.tally.run,
             speed=d.info.speed,
             backward_factor=d.profile.backward_factor,
             restarts=self.tally.restarts,

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autobatch.errors import LaunchError
+from autobatch.errors import LaunchError, StorageError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult
+from autobatch.step.atomic import storage_error
 from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
@@ -329,23 +330,39 @@ class _Audit:
 
     Written before the step's collectives: a rank killed right after the gradient
     all-reduce (the step then done on every rank) still has its line. A step tried
-    again (in place after an out-of-memory, or in a later attempt) is written again;
-    the last line of a step's last attempt is what the rank processed."""
+    again (in place after an out-of-memory, in a later attempt, or in a later run on
+    the same checkpoint directory) is written again; each line names its run and the
+    attempt within it, and a step's last try (the newest run's highest attempt, the
+    rank's last line of it) is what the rank processed (benchmarks/ledger.py)."""
 
     def __init__(self, ctx: RankContext) -> None:
         d = pathlib.Path(ctx.checkpoint_dir)
-        d.mkdir(parents=True, exist_ok=True)
         self.path = d / f"samples-rank{ctx.rank}.jsonl"
-        self.attempt = ctx.attempt
+        self.run, self.attempt = ctx.run, ctx.attempt
+        self._write(lambda: d.mkdir(parents=True, exist_ok=True))
 
     def record(self, step: int, micro_batches: list) -> None:
         line = {
+            "run": self.run,
             "attempt": self.attempt,
             "step": step,
             "micro_batches": [[int(i) for i in mb] for mb in micro_batches],
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        self._write(lambda: _append_line(self.path, json.dumps(line)))
+
+    def _write(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            fault = storage_error(self.path.parent, exc)
+            if fault is None:
+                raise
+            raise StorageError(f"audit ledger: {fault}", fault.path) from exc
+
+
+def _append_line(path: pathlib.Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def _ranks_that(flag: bool) -> list[int]:
