@@ -135,6 +135,7 @@ from autobatch.step.accumulate import Accumulator
 from autobatch.step.shard import SHARD_MODES, Sharded, repeated_blocks
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
+from launcher.job import policy
 
 GPU_MODEL = {"vocab_size": 8192, "seq_len": 512, "d_model": 512, "n_heads": 8, "n_layers": 6}
 CPU_MODEL = {"seq_len": 64}  # the demo's tiny GPT, for --cpu
@@ -430,6 +431,15 @@ def train(
 
 class CheckFailure(RuntimeError):
     """A rank cannot go on (an out-of-memory): the others would wait in the all-reduce."""
+
+
+def cause_order(exc: BaseException) -> int:
+    """Where a rank's error sorts among a failed run's, as the failure policy judges an
+    attempt's failures (`launcher.job.policy.ROOT_ORDER`): a bug or bad input first, then
+    an out-of-memory (a CheckFailure, planted or not), then what another rank's failure
+    causes (a collective broken by a peer, a signal)."""
+    kind = "oom_synced" if isinstance(exc, CheckFailure) else policy.classify(exc)
+    return policy.ROOT_ORDER[kind]
 
 
 @contextlib.contextmanager
@@ -787,6 +797,7 @@ def rank_main(rank: int, settings: Settings) -> None:
         log.data["error"] = {
             "phase": log.data["current"],
             "at_s": round(time.time() - settings.t0, 1),
+            "cause": cause_order(exc),
             "error": gpu_common.error_line(exc),
             "traceback": traceback.format_exc()[-4000:],
         }
@@ -1226,8 +1237,11 @@ def verdict(reports: list[dict], errors: dict[str, float]) -> list[str]:
 
 
 def rank_failures(settings: Settings, reports: list[dict], codes: list[int | None]) -> list[str]:
-    """One line per rank that did not finish: its error and phase, or how it ended."""
-    out = []  # (when, line): the first error first, it is likely the cause of the others
+    """One line per rank that did not finish: its error and phase, or how it ended; the
+    likely cause first (`cause_order`; the clock only between errors of one order: peers
+    that lost their collective may record theirs in the same tenth of a second)."""
+    out = []  # (cause order, when, rank, line)
+    unknown = policy.ROOT_ORDER["lost"]  # a record without a cause: as a broken collective
     by_rank = {rep["rank"]: rep for rep in reports}
     for r in range(settings.world):
         rep, code = by_rank.get(r), codes[r] if r < len(codes) else None
@@ -1235,17 +1249,18 @@ def rank_failures(settings: Settings, reports: list[dict], codes: list[int | Non
             continue
         if rep is None:
             line = f"rank {r}: exit code {code}, nothing recorded (it died while starting)"
-            out.append((math.inf, line))
+            out.append((math.inf, math.inf, r, line))
         elif rep["error"]:
             e = rep["error"]
-            out.append((e["at_s"], f"rank {r} in {e['phase']} at +{e['at_s']} s: {e['error']}"))
+            line = f"rank {r} in {e['phase']} at +{e['at_s']} s: {e['error']}"
+            out.append((e.get("cause", unknown), e["at_s"], r, line))
         else:
             line = (
                 f"rank {r} in {rep['current']}: exit code {code}, no error of its own recorded "
                 "(killed: a signal, the time limit, or after another rank's failure)"
             )
-            out.append((math.inf, line))
-    return [line for _, line in sorted(out, key=lambda x: x[0])]
+            out.append((math.inf, math.inf, r, line))
+    return [line for *_, line in sorted(out)]
 
 
 def free_port() -> int:

@@ -86,6 +86,25 @@ def test_rank_failures_name_the_first_error_first():
     ]
 
 
+def test_rank_failures_order_by_cause_not_by_clock():
+    # The planted cause and its peers' broken collectives, recorded in the same tenth of a
+    # second (as on a busy machine): the cause is named first, as the failure policy does.
+    settings = gpu_check.Settings((1, 1, 1), 10, 2, True, "bf16", 0, "/tmp", 0.0)
+    gloo = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:11445")
+    planted = gpu_check.CheckFailure("OUT OF MEMORY (rank 1, step 2): planted failure")
+    reports = [
+        {"rank": r, "done": False, "current": "run 2/2", "error": {
+            "phase": "run 2/2", "at_s": 42.1, "error": gpu_common.error_line(exc),
+            "cause": gpu_check.cause_order(exc)}}
+        for r, exc in enumerate([gloo, planted, gloo])
+    ]  # fmt: skip
+    lines = gpu_check.rank_failures(settings, reports, [1, 1, 1])
+    assert [line.split(" in ")[0] for line in lines] == ["rank 1", "rank 0", "rank 2"]
+    # a bug or bad input, then an out-of-memory, then what a peer's failure causes
+    order = [ValueError("bad"), planted, torch.OutOfMemoryError("oom"), gloo, KeyboardInterrupt()]
+    assert [gpu_check.cause_order(e) for e in order] == [0, 2, 2, 3, 3]
+
+
 def _synced_grads(rank: int, world_size: int, staged: bool) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 512), nn.GELU(), nn.Linear(512, 1024), nn.Linear(1024, 2))
