@@ -21,16 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from autobatch.errors import AutobatchError, format_validation_error
+from autobatch.errors import format_validation_error
 from autobatch.levers import ShardingChoice
 from autobatch.planning.rebalance import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
+from launcher.errors import SpecError
 from launcher.job.bounds import MAX_STEPS, check_spec
 from launcher.job.tasks import check_builtin_args, check_task_name
-
-
-class SpecError(AutobatchError, ValueError):
-    """A job spec is invalid: the message names each bad field and what is allowed."""
 
 
 class _Strict(BaseModel):
