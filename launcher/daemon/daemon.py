@@ -124,7 +124,8 @@ class Daemon:
 
     def requeue(self, rec: Any, cause: str) -> None:
         """Back to the queue, saying why and where it will resume."""
-        self.transition(rec.id, "queued", f"{cause}: {self._resume(rec)}")
+        why, restarts = f"{cause}: {self._resume(rec)}", rec.restarts + 1
+        self.transition(rec.id, "queued", why, restarts=restarts)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop following the jobs and disconnect; they keep running on their supervisors
@@ -331,7 +332,8 @@ class Daemon:
                 with self._lock:
                     run = self.running[job_id]
                     devices = run.need.devices(run.slots) if spec.devices.elastic else None
-                sup = supervisor.launch(job_id, spec, self.metrics_url, devices)
+                before = self.store.get(job_id).restarts  # re-queues count as restarts
+                sup = supervisor.launch(job_id, spec, self.metrics_url, devices, before)
                 with self._lock:
                     run.sup = sup
             outcome = self._follow(job_id, sup, JobWatcher(self, job_id, spec), stop)
@@ -377,15 +379,16 @@ class Daemon:
             run = self.running.get(job_id)
             match outcome["state"]:
                 case "succeeded":
-                    self.transition(job_id, "succeeded", outcome["reason"])
+                    self.transition(job_id, "succeeded", outcome["reason"], last_error=None)
                 case "cancelled":
                     reason = run.cancel_reason if run and run.cancel_reason else "cancelled"
                     self.transition(job_id, "cancelled", reason)
                 case "lost" if not self._stopping:
                     rec = self.store.get(job_id)
-                    died = "the Ray head was lost" if self.link.waiting_for else "died"
-                    why = f"the job's supervisor {died} ({outcome['error']}): {self._resume(rec)}"
-                    self.transition(job_id, "queued", why, last_error=why)
+                    gone = "was lost with the Ray head" if self.link.waiting_for else "died"
+                    why = f"the job's supervisor {gone} ({outcome['error']}): {self._resume(rec)}"
+                    restarts = rec.restarts + 1
+                    self.transition(job_id, "queued", why, last_error=why, restarts=restarts)
                 case "lost":
                     pass  # the daemon stops: the next start finds out what became of it
                 case _:

@@ -1,8 +1,9 @@
 """What the daemon does with one job's controller events: record, log, export.
 
-StateChanged -> the daemon's state for it (`launcher.job.states.DAEMON_STATE`, one to
-                one), with the controller's reason; the terminal states are the job's
-                outcome's to record (the daemon concludes the job from it)
+StateChanged -> the job log ("phase probing: ..."), and the daemon's state for it
+                (`launcher.job.states.DAEMON_STATE`, one to one) with the controller's
+                reason; the terminal states are the job's outcome's to record (the daemon
+                concludes the job from it)
 Planned      -> store.plan, the plan table in the job log
 MetricsAt    -> the job log
 Resuming     -> the job log (the transition that re-queued the job said why)
@@ -73,6 +74,7 @@ class JobWatcher:
     def __call__(self, event: RunnerEvent) -> None:
         match event:
             case StateChanged(state=state, reason=reason) if state not in _OUTCOMES:
+                self.host.log(self.job_id, f"phase {state}: {reason}")
                 self._state(DAEMON_STATE[state], reason)
             case Planned(plan=plan):
                 self.store.update(self.job_id, plan=plan.to_dict())

@@ -33,7 +33,13 @@ from launcher.job.spec import JobSpec
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class JobSupervisor:
-    def __init__(self, spec: JobSpec, metrics_url: str, devices: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        metrics_url: str,
+        devices: list[int] | None = None,
+        restarts_before: int = 0,
+    ) -> None:
         from launcher.job.controller import JobController
 
         self.spec, self.metrics_url = spec, metrics_url
@@ -45,7 +51,7 @@ class JobSupervisor:
         self._stop = threading.Event()
         self._runner = JobController(
             spec, listener=self._record, stop=self._stop, collector_factory=self._make,
-            devices=devices,
+            devices=devices, restarts_before=restarts_before,
         )  # fmt: skip
         threading.Thread(target=self._run, name="runner", daemon=True).start()
 
@@ -111,14 +117,21 @@ def actor_name(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def launch(job_id: str, spec: JobSpec, metrics_url: str, devices: list[int] | None = None) -> Any:
+def launch(
+    job_id: str,
+    spec: JobSpec,
+    metrics_url: str,
+    devices: list[int] | None = None,
+    restarts_before: int = 0,
+) -> Any:
     """A new supervisor for the job, on the daemon's node, outliving the daemon; `devices`:
-    the spec's devices an elastic job starts on (default all)."""
+    the spec's devices an elastic job starts on (default all); `restarts_before`: the job's
+    restarts so far (its re-queues included)."""
     from launcher.job.cluster import on_this_node
 
     return JobSupervisor.options(
         name=actor_name(job_id), namespace=NAMESPACE, lifetime="detached", **on_this_node()
-    ).remote(spec, metrics_url, devices)
+    ).remote(spec, metrics_url, devices, restarts_before)
 
 
 def find(job_id: str) -> Any | None:

@@ -1,5 +1,6 @@
-"""What the runner sends each rank (RankContext) and gets back (RankOutcome), and the id of
-a run (`new_run_id`: one per JobController run, with its attempts numbered from 0)."""
+"""What the controller sends each rank (RankContext) and gets back (RankOutcome), what a run
+has been through (RunTally), and the id of a run (`new_run_id`: one per JobController
+run, with its attempts numbered from 0)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def new_run_id() -> str:
     """A new run's id: when it began (UTC, to the microsecond, so ids sort as the runs began)
     and a random suffix, e.g. "20261206T101500.123456Z-9f3a"."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class RunTally:
+    """What the run has been through, for the ranks' metrics and the summary."""
+
+    attempts: int = 0
+    restarts: int = 0  # this run's: what the failure policy counts
+    before: int = 0  # the job's restarts before this run (a daemon's re-queues)
+    run: str = field(default_factory=new_run_id)  # this run's id, on its ledger lines
+    replans: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.before + self.restarts

@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import ray
 
@@ -28,7 +28,7 @@ from launcher.errors import JobCancelled, LaunchError
 from launcher.job import cluster, events, policy, ranks
 from launcher.job.checkpoint import checkpoint_step, latest_checkpoint
 from launcher.job.collector import SnapshotCollector
-from launcher.job.context import RankContext, new_run_id
+from launcher.job.context import RankContext, RunTally
 from launcher.job.events import (
     Finished,
     JobSummary,
@@ -66,16 +66,6 @@ from launcher.job.states import (
 START_UP = ("connecting", "reserving", "probing", "planning", "starting")
 
 
-@dataclass
-class _Tally:
-    """What the run has been through, for the ranks' metrics and the summary."""
-
-    attempts: int = 0
-    restarts: int = 0
-    run: str = field(default_factory=new_run_id)  # this run's id, on its ledger lines
-    replans: dict[str, int] = field(default_factory=dict)
-
-
 class JobController:
     def __init__(
         self,
@@ -88,12 +78,14 @@ class JobController:
         stop: threading.Event | None = None,
         collector_factory: Callable[[], object] | None = None,
         devices: Sequence[int] | None = None,
+        restarts_before: int = 0,
     ) -> None:
         """`stop`: set it to cancel the job (heard within about a second in every state;
         raises JobCancelled). `collector_factory`: makes the Ray actor the ranks push
         snapshots to, which its caller ends (default: a SnapshotCollector serving its own
         /metrics, ended with the run). `devices`: the spec's devices (indices into its
-        device list) an elastic job starts on; default all of them."""
+        device list) an elastic job starts on; default all of them. `restarts_before`: the
+        job's restarts so far (a re-queued job's), counted on in events and metrics."""
         self.spec, self.address, self.runs_root = spec, address, runs_root
         self.listener: Listener = listener or (lambda event: None)
         self.metrics_host, self.stop, self.collector_factory = metrics_host, stop, collector_factory
@@ -104,7 +96,7 @@ class JobController:
         self.placement: Placement | None = None
         self.prober: Prober | None = None
         self.collector = None
-        self.tally = _Tally()
+        self.tally = RunTally(before=restarts_before)
         self.resizes = Resizes()
         self.rebalanced: set[tuple] = set()  # the rebalances told to the listener
         self._entered = time.monotonic()
@@ -113,6 +105,7 @@ class JobController:
     # -- public entry points ------------------------------------------------
     def run(self) -> JobSummary:
         with self._session():
+            self._create_collector()  # its process starts while the devices are probed
             state = self._run_until(TERMINAL)
         if isinstance(state, Failed):
             raise LaunchError(state.reason)
@@ -194,7 +187,7 @@ class JobController:
             case Starting(plan=plan, probed=probed) if isinstance(before, (Planning, Resizing)):
                 self.listener(Planned(plan, probed))
             case Restarting(decision=decision, resume=resume):
-                self.listener(RestartingEvent(decision, self.tally.restarts, resume))
+                self.listener(RestartingEvent(decision, self.tally.total, resume))
             case Succeeded(summary=summary):
                 self.listener(Finished(summary))
         return state
@@ -255,7 +248,7 @@ class JobController:
             return self._decide(failed.failures, state.plan, state.probed)
         return Training(state.plan, state.probed, tuple(refs)), f"{len(refs)} rank(s) started"
 
-    def _start_collector(self, resume: str | None) -> None:
+    def _create_collector(self) -> None:
         if self.collector is not None:
             return
         if self.collector_factory is not None:
@@ -264,6 +257,11 @@ class JobController:
             self.collector = SnapshotCollector.options(**cluster.on_this_node()).remote(
                 self.metrics_host, self.spec.metrics_port or 0
             )
+
+    def _start_collector(self, resume: str | None) -> None:
+        if self._t_train is not None:  # announced by the first attempt
+            return
+        self._create_collector()
         self.listener(MetricsAt(ray.get(self.collector.url.remote())))
         if resume:
             self.listener(Resuming(resume))
@@ -287,7 +285,7 @@ class JobController:
             run=self.tally.run,
             speed=d.info.speed,
             backward_factor=d.profile.backward_factor,
-            restarts=self.tally.restarts,
+            restarts=self.tally.total,
             replans=dict(self.tally.replans),
             resizes=dict(self.resizes.counts),
             ranks_on_node=sum(other.node == d.node for other in ranked),
@@ -306,7 +304,7 @@ class JobController:
             outcomes,
             seconds=time.monotonic() - (self._t_train or time.monotonic()),
             global_batch_size=self.spec.global_batch_size,
-            restarts=self.tally.restarts,
+            restarts=self.tally.total,
             replans=self.tally.replans,
             resizes=self.resizes.counts,
         )
@@ -333,7 +331,7 @@ class JobController:
         if decision.replan:
             self.tally.replans[decision.replan] = self.tally.replans.get(decision.replan, 0) + 1
         resume = _latest(self.ckpt_dir)
-        why = f"restart {self.tally.restarts}: {decision.reason}"
+        why = f"restart {self.tally.total}: {decision.reason}"
         return Restarting(decision, tuple(probed), resume, plan), why
 
     def _resized(self, state: Resizing) -> tuple[JobState, str]:
