@@ -504,7 +504,7 @@ def test_formulas_bound_fsdp2s_own_tracked_peak():
 
 @pytest.mark.parametrize(("mode", "W"), [("none", None), ("optimizer", 2), ("full", 2)])
 def test_a_device_that_cannot_fit_one_sample_says_what_one_needs_and_its_budget(mode, W):
-    from autobatch.planning.plan import _gib
+    from autobatch.planning.plan import size_text
 
     one_sample = memory(10**6, 8).peak_bytes(1, mode, W or 1)
     devices = [dev(0, 10**6, act=8), dev(1, one_sample - 1, act=8)]  # d1: a byte short
@@ -513,4 +513,5 @@ def test_a_device_that_cannot_fit_one_sample_says_what_one_needs_and_its_budget(
     budget = devices[1].memory.budget(mode)
     assert one_sample > budget  # the message's two numbers never contradict it
     message = str(failure.value)
-    assert f"needs {_gib(one_sample)} for one sample, its budget is {_gib(budget)}" in message
+    need, has = size_text(one_sample), size_text(budget)
+    assert f"needs {need} for one sample, its budget is {has}" in message

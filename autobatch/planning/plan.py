@@ -210,7 +210,7 @@ class Plan:
         rows = []
         for r in self.ranks:
             dev = by_id.get(r.device_id)
-            memory = _gib(dev.memory_bytes) if dev and dev.memory_bytes else "-"
+            memory = size_text(dev.memory_bytes) if dev and dev.memory_bytes else "-"
             tag = " (sim)" if dev and dev.simulated else " (est)" if dev and dev.estimated else ""
             row = {
                 "rank": str(r.rank),
@@ -221,8 +221,8 @@ class Plan:
                 "samples/step": str(r.samples),
             }
             if with_state:
-                row["state/rank"] = _gib(r.state_bytes)
-            row["pred. peak"] = _gib(r.predicted_peak_bytes) if r.predicted_peak_bytes else "-"
+                row["state/rank"] = size_text(r.state_bytes)
+            row["pred. peak"] = size_text(r.predicted_peak_bytes) if r.predicted_peak_bytes else "-"
             row["pred. time"] = f"{r.predicted_time_s * 1e3:.1f} ms"
             rows.append(row)
         return rows
@@ -255,7 +255,7 @@ class Plan:
             f"runs {self.ranks[0].accumulation_steps} micro-step(s)",
         }[self.sharding]
         states = {r.state_bytes for r in self.ranks if r.state_bytes is not None}
-        held = f"; state per rank {_gib(max(states))}" if states else ""
+        held = f"; state per rank {size_text(max(states))}" if states else ""
         return f"sharding {self.sharding} over {self.world_size} rank(s): {what}{held}"
 
     def render_table(self) -> str:
@@ -268,7 +268,8 @@ class Plan:
         return "\n".join(out + self.summary_lines())
 
 
-def _gib(n: int | None) -> str:
+def size_text(n: int | None) -> str:
+    """Bytes as the plan's tables write them: GiB, MiB, KiB or B; "-" for unknown."""
     if n is None:
         return "-"
     if n >= 2**30:

@@ -32,7 +32,7 @@ from autobatch.errors import PlanError
 from autobatch.levers import SHARDINGS, Sharding, ShardingChoice, check_sharding
 from autobatch.planning.capacity import DeviceCapacity
 from autobatch.planning.equal_steps import equal_accumulation_shares
-from autobatch.planning.plan import ExcludedDevice, Plan, _gib
+from autobatch.planning.plan import ExcludedDevice, Plan, size_text
 from autobatch.planning.solver import (
     assemble,
     check_inputs,
@@ -248,8 +248,8 @@ def _needs(caps: Sequence[DeviceCapacity], mode: Sharding, W: int) -> str:
         text = f"{d.name} ({d.device_id})"
         if d.memory is not None:
             need = d.memory.peak_bytes(1, mode, W)
-            text += f" needs {_gib(need)} for one sample, its budget is "
-            text += _gib(d.memory.budget(mode))
+            text += f" needs {size_text(need)} for one sample, its budget is "
+            text += size_text(d.memory.budget(mode))
         parts.append(text)
     return "; ".join(parts)
 

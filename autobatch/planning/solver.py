@@ -30,7 +30,7 @@ import numpy as np
 from autobatch.errors import PlanError
 from autobatch.levers import Sharding
 from autobatch.planning.capacity import DeviceCapacity
-from autobatch.planning.plan import Baseline, ExcludedDevice, Plan, RankPlan, _gib
+from autobatch.planning.plan import Baseline, ExcludedDevice, Plan, RankPlan, size_text
 
 
 def split_evenly(samples: int, max_micro_batch: int) -> tuple[int, ...]:
@@ -65,17 +65,19 @@ def check_inputs(
 
 def cannot_fit_message(d: DeviceCapacity) -> str:
     msg = f"device {d.device_id!r} ({d.name}) cannot fit even one sample"
-    of = f" of its {_gib(d.memory_bytes)}" if d.memory_bytes else ""
+    of = f" of its {size_text(d.memory_bytes)}" if d.memory_bytes else ""
     if d.memory is not None:  # the profile's model: the same budget and peak the probe used
         budget = d.memory.budget(d.sharding)
         need = d.memory.peak_bytes(1, d.sharding, d.world_size or 1)
         if need > budget:
-            msg += f": it needs {_gib(need)} for one sample, its budget is {_gib(budget)}{of}"
+            budget_text = size_text(budget)
+            msg += f": it needs {size_text(need)} for one sample, its budget is {budget_text}{of}"
         else:
-            msg += f": micro-batch 1 ran out of memory when measured (predicted {_gib(need)})"
+            msg += f": micro-batch 1 ran out of memory when measured (predicted {size_text(need)})"
     elif d.memory_bytes is not None and d.peak_fixed_bytes is not None:
         need = d.predicted_peak_bytes(1)
-        msg += f": it has {_gib(d.memory_bytes)} for training, one sample needs {_gib(need)}"
+        has = size_text(d.memory_bytes)
+        msg += f": it has {has} for training, one sample needs {size_text(need)}"
     return msg + (
         "; remove it from the job, shard the model (sharding: optimizer or full), turn on "
         "gradient checkpointing, or lower the sequence length / precision"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from autobatch.levers import Sharding
-from autobatch.planning.plan import Plan
+from autobatch.planning.plan import Plan, size_text
 from autobatch.probe.estimate import GPU_OVERHEAD_BYTES
 from autobatch.probe.measure import MakeOptimizer
 from autobatch.step.precision import Precision
@@ -193,14 +193,3 @@ class WhatIf:
             "notes": list(self.notes),
             "estimated": True,
         }
-
-
-def size_text(n: int | None) -> str:
-    """Bytes as the plan's tables write them: GiB, MiB, KiB (a tiny simulated device) or B."""
-    if n is None:
-        return "-"
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
