@@ -155,10 +155,10 @@ class Rebalanced:
 
 def describe_rebalance(r: Rebalanced) -> str:
     """One line for the user: from which step, the predicted step before and after, the split."""
-    split = ", ".join(f"rank {i}: {sum(mb)} ({len(mb)}x)" for i, mb in enumerate(r.micro_batches))
+    split = ", ".join(f"{sum(mb)} ({len(mb)})" for mb in r.micro_batches)
     return (
         f"rebalanced from step {r.step}: predicted step {r.before_s * 1e3:.1f} -> "
-        f"{r.after_s * 1e3:.1f} ms; samples per rank {split}"
+        f"{r.after_s * 1e3:.1f} ms; samples (micro-steps) per rank: {split}"
     )
 
 
