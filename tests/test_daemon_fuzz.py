@@ -32,6 +32,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from launcher.daemon.daemon import Daemon  # noqa: E402
+from launcher.job.bounds import MAX_STEPS  # noqa: E402
 from launcher.job.spec import JobSpec  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -125,7 +126,7 @@ def valid_specs(draw) -> dict:
         "task_args": draw(st.dictionaries(_text, _json, max_size=5)),
     }
     if draw(st.booleans()):
-        spec["max_steps"] = draw(st.integers(1, (1 << 63) - 1))
+        spec["max_steps"] = draw(st.integers(1, MAX_STEPS))  # the schema's bound
     else:
         spec["epochs"] = draw(st.floats(1e-6, 1e6))
     optional = {

@@ -358,6 +358,8 @@ def test_elastic_job_resized_1_3_2_trains_as_on_one_device(local_ray, tmp_path):
 
     runner = JobController(parse_spec(spec), devices=[0], listener=listener)
     summary = runner.run()
+    restarts = [e.decision.reason for e in events if isinstance(e, Restarting)]
+    assert not restarts, restarts
     resizes = [e for e in events if isinstance(e, Resized)]
     assert [(e.reason, e.before, e.devices) for e in resizes] == [
         ("grew", (0,), (0, 1, 2)),
