@@ -70,6 +70,13 @@ CASES = [
     pytest.param([[1.0, 1.0, 1.0]] * 4 + [[0.1, 1.0, 1.0]], False, None, id="one-spike"),
     # a load that held for three steps of five, then went: not sustained over the window
     pytest.param([[1.0, 1.0, 0.4]] * 3 + [[1.0, 1.0, 1.0]] * 2, False, None, id="came-and-went"),
+    # the T4 at half speed, with one step of the window disturbed on another rank (its
+    # core taken by another process): one step in four may disagree, the change is real
+    pytest.param([[1.0, 1.0, 0.5]] * 4 + [[1.0, 0.2, 0.5]], True, 2, id="real-with-one-outlier"),
+    # two steps of five disturbed: not sustained
+    pytest.param(
+        [[1.0, 1.0, 0.5]] * 3 + [[1.0, 0.2, 0.5]] * 2, False, None, id="real-two-outliers"
+    ),
 ]
 
 

@@ -76,7 +76,6 @@ class RankStats:
         work = _work(micro_batches, lengths_of, self.max_len)
         wall = result.micro_step_s
         measured = [w if c is None else c for c, w in zip(compute, wall)] or list(wall)
-        model = plan.capacity(self.ctx.rank).micro_step_time
         synced = compute[-1] if compute and len(compute) == len(wall) else None
         self.last = {
             "loss": result.loss,
@@ -88,7 +87,7 @@ class RankStats:
             if synced is None
             else max(0.0, wall[-1] - synced),
             "compute": sum(measured) if wall else None,
-            "predicted_compute": sum(model(w) for w in work) if wall else None,
+            "predicted_compute": _predicted(plan, self.ctx.rank, work) if wall else None,
             "sizes": sizes,
             "global_samples": result.global_samples,
             "padding": None if lengths_of is None else padding_waste(micro_batches, lengths_of),
@@ -145,6 +144,12 @@ def _work(
     if lengths_of is None or max_len is None:
         return [float(len(mb)) for mb in micro_batches]
     return [len(mb) * max(lengths_of[i] for i in mb) / max_len for mb in micro_batches]
+
+
+def _predicted(plan: Plan, rank: int, work: list[float]) -> float:
+    """The compute the plan's time line predicts for micro-batches of this much work."""
+    model = plan.capacity(rank).micro_step_time
+    return sum(model(w) for w in work)
 
 
 def _sync_wait(result: StepResult, plan: Plan, rank: int, work: list[float]) -> float | None:
