@@ -27,7 +27,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install  # runs every benchmark (~28 min on 2 cores), rewrites benchmarks/RESULTS.md
+bench: install  # runs every benchmark (~50 min on 2 cores), rewrites benchmarks/RESULTS.md
 	$(PY) benchmarks/make_results.py
 
 clean:

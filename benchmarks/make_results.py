@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/make_results.py [--only bench_hetero bench_simulate]
 
-Runs the benchmarks that exist, one after the other (about 28 minutes in all on
+Runs the benchmarks that exist, one after the other (about 50 minutes in all on
 2 cores), and writes RESULTS.md: the date, the machine (`uname -a`, CPU model,
 cores, memory), the Python, torch and Ray versions, the git commit, a summary of
 the headline lines, then per benchmark its command, exit status, wall time and
@@ -42,6 +42,7 @@ BENCHMARKS = (
     ("bench_dataloader.py", (), 300, r"RESULT"),
     ("bench_sharding.py", (), 1200, r"RESULT|goals"),
     ("bench_elastic.py", (), 1500, r"RESULT|goals"),
+    ("bench_rebalance.py", (), 1800, r"RESULT"),
 )
 HEADLINES = {script.removesuffix(".py"): re.compile(pattern) for script, *_, pattern in BENCHMARKS}
 
