@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
+import sys
 
 import pytest
 import ray
@@ -21,6 +22,9 @@ from launcher.job.checkpoint import list_checkpoints
 from launcher.job.controller import JobController
 from launcher.job.events import MetricsAt, Progress, Restarting, Resuming, StateChanged
 from launcher.job.spec import parse_spec
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from ledger import last_tries  # noqa: E402 (benchmarks/ledger.py)
 
 # Memory sizes give micro-batch limits of about 12, 6 and 3: a global batch of 24
 # needs accumulation somewhere. keep_all: the tiny model's fixed costs would
@@ -68,25 +72,8 @@ def run(spec: dict) -> tuple:
 
 def audited_steps(ckpt_dir: pathlib.Path) -> dict[int, list[int]]:
     """Per step, the indices every rank processed in its last try: the newest run's (runs on
-    one checkpoint directory share its ledger) highest attempt."""
-    entries = collections.defaultdict(list)
-    for path in ckpt_dir.glob("samples-rank*.jsonl"):
-        tries = {}  # a rank's last line of each (step, run, attempt): an OOM retry supersedes
-        for line in path.read_text().splitlines():
-            e = json.loads(line)
-            tries[e["step"], _try(e)] = e
-        for e in tries.values():
-            entries[e["step"]].append(e)
-    steps = {}
-    for step, es in entries.items():
-        last = max(_try(e) for e in es)
-        steps[step] = [i for e in es if _try(e) == last for mb in e["micro_batches"] for i in mb]
-    return steps
-
-
-def _try(entry: dict) -> tuple[str, int]:
-    """A ledger line's try: its run (ids sort as the runs began) and the attempt within it."""
-    return entry.get("run", ""), entry["attempt"]
+    one checkpoint directory share its ledger) highest attempt (benchmarks/ledger.py)."""
+    return last_tries(ckpt_dir)
 
 
 def assert_every_global_batch_exact(

@@ -4,8 +4,8 @@ attempt. Runs on one checkpoint directory (a resubmit, a re-queue after the daem
 supervisor died) append to the same files; judged by attempt alone, an exact job read
 as inexact.
 
-Both readers are checked: benchmarks/ledger.py (what benchmarks report) and the tests'
-`assert_every_global_batch_exact` (tests/test_launcher.py).
+One reader serves both: benchmarks/ledger.py (what benchmarks report), which the tests'
+`assert_every_global_batch_exact` (tests/test_launcher.py) reads through.
 """
 
 from __future__ import annotations

@@ -103,7 +103,10 @@ def speed_ratios(
 ) -> tuple[float, ...]:
     """Per rank, the median over the window's steps of measured / predicted compute (see
     `step_ratios`)."""
-    per_step = step_ratios(measured, predicted)
+    return _medians(step_ratios(measured, predicted))
+
+
+def _medians(per_step: Sequence[Sequence[float]]) -> tuple[float, ...]:
     return tuple(statistics.median(column) for column in zip(*per_step))
 
 
@@ -139,7 +142,7 @@ def propose(
     if not (math.isfinite(threshold) and 0 < threshold < 1):
         raise PlanError(f"threshold={threshold!r} must be between 0 and 1 (a relative gain)")
     per_step = step_ratios(measured, predicted)
-    ratios = tuple(statistics.median(column) for column in zip(*per_step))
+    ratios = _medians(per_step)
     capacities = refit(plan, ratios)
     new = make_plan(plan.global_batch_size, capacities, keep_all=True, sharding=plan.sharding)
     devices = [r.device_id for r in plan.ranks]
@@ -149,8 +152,8 @@ def propose(
     notes = (*kept, *(n for n in new.notes if n not in kept), _note(ratios))
     new = replace(new, notes=notes)
     step_gains = tuple(_gain(plan, new, refit(plan, r)) for r in per_step)
-    before = step_time(plan, capacities)
-    return Proposal(ratios, before, new.predicted_step_time_s, new, threshold, step_gains)
+    before, after = step_time(plan, capacities), step_time(new, capacities)
+    return Proposal(ratios, before, after, new, threshold, step_gains)
 
 
 def _gain(old: Plan, new: Plan, capacities: Sequence[DeviceCapacity]) -> float:

@@ -270,5 +270,10 @@ class Accumulator:
         return bool(t.item())
 
     def _collective_device(self) -> torch.device:
-        backend = dist.get_backend()
-        return next(self.model.parameters()).device if backend == "nccl" else torch.device("cpu")
+        return collective_device(next(self.model.parameters()).device)
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a small collective's tensor lives: the rank's GPU under nccl, else the CPU."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return device if nccl else torch.device("cpu")

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from autobatch.errors import format_validation_error
 from launcher.errors import InvalidSpec
-from launcher.job.bounds import spec_problems
+from launcher.job.bounds import check_spec
 from launcher.job.spec import JobSpec
 from launcher.job.tasks import BUILTIN, daemon_refuses
 
@@ -53,12 +53,7 @@ class Admission:
         entry = BUILTIN.get(spec.task)
         for key in entry.path_args if entry else ():
             self.readable(["task_args", key], str(spec.task_args[key]))
-        problems = spec_problems(spec)
-        if problems:
-            what = "; ".join(f"{'.'.join(p.loc)}: {p.msg}" for p in problems)
-            errors = [{"loc": list(p.loc), "msg": p.msg} for p in problems]
-            raise InvalidSpec(f"invalid job spec: {what}", errors)
-        return spec
+        return check_spec(spec)
 
     def readable(self, loc: list[str], path: str) -> None:
         """A path a task reads: inside a data root (symlinks resolved), or refused."""

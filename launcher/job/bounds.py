@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autobatch.errors import LaunchError
-from launcher.errors import SpecError
+from launcher.errors import InvalidSpec
 from launcher.job.tasks import TinyGptArgs
 
 if TYPE_CHECKING:
@@ -93,11 +93,13 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
 
 
 def check_spec(spec: JobSpec) -> JobSpec:
-    """`spec`, or a SpecError naming each problem of `spec_problems`."""
+    """`spec`, or an InvalidSpec (a SpecError) naming each problem of `spec_problems`, with
+    one {loc, msg} per problem for the API's 422."""
     problems = spec_problems(spec)
     if problems:
         what = "; ".join(f"{'.'.join(p.loc)}: {p.msg}" for p in problems)
-        raise SpecError(f"invalid job spec: {what}")
+        errors = [{"loc": list(p.loc), "msg": p.msg} for p in problems]
+        raise InvalidSpec(f"invalid job spec: {what}", errors)
     return spec
 
 

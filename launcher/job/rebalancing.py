@@ -163,9 +163,3 @@ class Rebalancer:
         )
         self.restart_window()
         return got.plan
-
-
-def collective_device(device: torch.device) -> torch.device:
-    """Where a small collective's tensor lives: the GPU under nccl, else the CPU."""
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    return device if nccl else torch.device("cpu")

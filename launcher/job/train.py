@@ -33,7 +33,7 @@ from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
-from autobatch.step.accumulate import Accumulator, LossFn, StepResult
+from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
 from autobatch.step.atomic import storage_error
 from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
@@ -43,7 +43,7 @@ from launcher.job.context import RankContext, RankOutcome
 from launcher.job.faults import Faults
 from launcher.job.optim import build_optimizer, build_schedule
 from launcher.job.rankstats import RankStats
-from launcher.job.rebalancing import ComputeClock, Rebalancer, collective_device
+from launcher.job.rebalancing import ComputeClock, Rebalancer
 from launcher.job.tasks import load_task
 
 
@@ -59,8 +59,8 @@ def train_rank(
     try:
         while rank.sampler.step < rank.total:
             rank.faults.before_step(rank.sampler.step)
-            t0 = time.perf_counter()
             rank.rebalance_if_due()  # between two steps, on every rank alike
+            t0 = time.perf_counter()
             indices, batches, lengths_of = rank.share()
             if rank.audit is not None:
                 rank.audit.record(rank.sampler.step, indices)
@@ -172,8 +172,10 @@ class _Rank:
         pacer = self.faults.pacer = Pacer(speed, backward_factor=self.ctx.backward_factor)
         pacer.attach(self.optimizer)
         limit = self.ctx.device.total_bytes
-        memory = TensorMemory(limit, model=self.model, optimizer=self.optimizer)
-        return pacer.wrap_loss_fn(loss_fn), memory if simulated else None
+        memory = (
+            TensorMemory(limit, model=self.model, optimizer=self.optimizer) if simulated else None
+        )
+        return pacer.wrap_loss_fn(loss_fn), memory
 
     def _n_micro(self) -> int:
         return len(self._indices)
