@@ -259,3 +259,35 @@ def test_elastic_slots_map_to_the_spec_devices():
     g = gpus("count", 3, min_count=1)
     assert g.devices(frozenset({"gpu#5", "gpu#2"})) == [0, 1]
     assert g.slots_of([0], frozenset({"gpu#5", "gpu#2"})) == {"gpu#2"}
+
+
+def test_a_rebalance_reported_again_by_a_resumed_run_is_recorded_once(store):
+    # A re-queued job's new run resumes from a checkpoint that carries its rebalances so
+    # far, and its rank 0 reports them again: the job's record keeps each one once.
+    from daemon_util import tiny_spec
+
+    from autobatch.metrics.prometheus import PrometheusSink
+    from launcher.daemon.jobwatch import JobWatcher
+    from launcher.job.events import Rebalanced
+
+    class Host:
+        sink, metrics_url, lines = PrometheusSink(), "", []
+
+        def __init__(self, store):
+            self.store = store
+
+        def log(self, job_id, line):
+            self.lines.append(line)
+
+    spec = parse_spec(tiny_spec("rb"))
+    store.add("rb-1", "rb", spec.model_dump(mode="json"))
+    first = Rebalanced(16, 0.338, 0.276, (1.5, 1.1, 2.0), ((33, 33, 33), (12, 12), (5,)))
+    later = Rebalanced(60, 0.276, 0.250, (1.2, 1.0, 1.0), ((34, 34, 34), (11, 11), (4,)))
+    run_1 = JobWatcher(Host(store), "rb-1", spec)
+    run_1(first)
+    run_2 = JobWatcher(Host(store), "rb-1", spec)  # the run after the re-queue
+    run_2(first)
+    run_2(later)
+    assert [(r["step"], r["after_s"]) for r in store.get("rb-1").rebalances] == [
+        (16, 0.276), (60, 0.250),
+    ]  # fmt: skip

@@ -95,10 +95,7 @@ class JobWatcher:
             case Resized() as r:
                 self._resized(r)
             case Rebalanced() as r:
-                rebalances = self.store.get(self.job_id).rebalances or []
-                entry = {"at": time.time(), **r.to_dict()}
-                self.store.update(self.job_id, rebalances=[*rebalances, entry])
-                self.host.log(self.job_id, describe_rebalance(r))
+                self._rebalanced(r)
             case Progress(snapshots=snapshots):
                 self._progress(snapshots)
             case Finished(summary=summary):
@@ -115,6 +112,17 @@ class JobWatcher:
         self.store.update(self.job_id, resizes=[*resizes, entry])
         self.host.log(self.job_id, f"resized: {describe_resize(r)}")
         self.host.resized(self.job_id, r.devices)
+
+    def _rebalanced(self, r: Rebalanced) -> None:
+        """A rebalance in the record and the log, once: a re-queued job's new run resumes
+        from a checkpoint that carries the rebalances before it, and reports them again."""
+        rebalances = self.store.get(self.job_id).rebalances or []
+        split = [list(mb) for mb in r.micro_batches]
+        if any(e["step"] == r.step and e["micro_batches"] == split for e in rebalances):
+            return
+        entry = {"at": time.time(), **r.to_dict()}
+        self.store.update(self.job_id, rebalances=[*rebalances, entry])
+        self.host.log(self.job_id, describe_rebalance(r))
 
     def _state(self, state: str, reason: str) -> None:
         if self.store.get(self.job_id).state != state:
