@@ -297,7 +297,10 @@ def main() -> None:
         ray.cloudpickle.register_pickle_by_value(hetero_sim)  # workers lack benchmarks/
         hook = worker_setup(ref)
         ray.init(
-            num_cpus=8, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}
+            address="local",  # a fresh Ray, never one that `ray start` recorded here
+            num_cpus=8,
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": hook},
         )
         try:
             runs: dict[str, list[Measured]] = {k: [] for k in ("plan", "equal", "alone")}

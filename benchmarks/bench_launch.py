@@ -364,7 +364,7 @@ def main() -> None:
             f"start-up ratios ({median}until every rank took its first step): "
             + ratios(warm, floor, ray_train, why)
         )
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             launched = launcher_step_s(tmp)
         finally:

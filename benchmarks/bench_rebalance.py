@@ -372,6 +372,7 @@ def main() -> None:
         os.environ["AUTOBATCH_PROFILE_CACHE"] = os.path.join(tmp, "profiles")
         ray.cloudpickle.register_pickle_by_value(hetero_sim)  # workers lack benchmarks/
         ray.init(
+            address="local",  # a fresh Ray, never one that `ray start` recorded here
             num_cpus=8, include_dashboard=False, log_to_driver=False,
             object_store_memory=200 * 2**20,
             runtime_env={"worker_process_setup_hook": model_pacing(ref)},

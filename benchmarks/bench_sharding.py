@@ -336,6 +336,7 @@ def devices_for(layers: int) -> Iterator[None]:
     )
     ray.cloudpickle.register_pickle_by_value(hetero_sim)  # workers lack benchmarks/
     ray.init(
+        address="local",  # a fresh Ray, never one that `ray start` recorded here
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,

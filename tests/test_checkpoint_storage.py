@@ -17,7 +17,6 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-import ray
 import torch
 import yaml
 from daemon_util import tiny_spec
@@ -251,14 +250,6 @@ def small_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def local_ray(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTOBATCH_PROFILE_CACHE", str(tmp_path / "profiles"))
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150 * 2**20)
-    yield
-    ray.shutdown()
 
 
 def test_a_job_checkpointing_to_a_full_file_system_fails_once_saying_no_space(

@@ -59,7 +59,7 @@ def test_every_error_raised_in_a_ray_actor_reaches_the_driver_as_itself():
         def boom(self, exc: BaseException) -> None:
             raise exc
 
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
     try:
         actor = Raiser.remote()
         for cls in _all_errors():

@@ -58,7 +58,11 @@ def local_ray(tmp_path_factory):
 
     os.environ["AUTOBATCH_PROFILE_CACHE"] = str(tmp_path_factory.mktemp("profiles"))
     ray.init(
-        num_cpus=6, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False
+        address="local",  # a fresh Ray, never one that `ray start` recorded here
+        num_cpus=6,
+        include_dashboard=False,
+        object_store_memory=150 * 2**20,
+        log_to_driver=False,
     )
     yield
     ray.shutdown()

@@ -15,7 +15,6 @@ import pathlib
 import sys
 
 import pytest
-import ray
 import yaml
 from daemon_util import TINY, tiny_spec
 from test_launcher import assert_every_global_batch_exact
@@ -118,14 +117,6 @@ def test_run_ids_are_new_per_run_and_sort_as_the_runs_began():
 
 
 # -- through `autobatch run`: a resubmit to the same checkpoint directory -------------------
-
-
-@pytest.fixture
-def local_ray(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTOBATCH_PROFILE_CACHE", str(tmp_path / "profiles"))
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150 * 2**20)
-    yield
-    ray.shutdown()
 
 
 def test_a_resubmit_to_the_same_checkpoint_directory_is_judged_exact(local_ray, tmp_path, capsys):
