@@ -10,11 +10,14 @@ Ray version, GPU node labels, the image's CUDA) against each other.
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib.metadata
 import json
 import re
 import shutil
+import sys
+import types
 
 import kubernetes_validate
 import pytest
@@ -432,16 +435,90 @@ def test_dockerfile_torch_is_built_for_the_base_images_cuda():
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        ("-py311-cu128", "-py311-gpu"),  # the alias is CUDA 12.1
-        ("whl/cu128", "whl/cu130"),  # a CUDA 13 index
-        ("torch==2.9.1+cu128", "torch>=2.4"),  # unpinned: PyPI's CUDA 13 build
-        ("torch.version.cuda == '12.8'", "torch.version.cuda == '13.0'"),
+        ("-py311-cu126", "-py311-gpu"),  # the alias is CUDA 12.1
+        ("whl/cu126", "whl/cu130"),  # a CUDA 13 index
+        ("torch==2.13.0+cu126", "torch>=2.4"),  # unpinned: PyPI's CUDA 13 build
+        ("torch.version.cuda == '12.6'", "torch.version.cuda == '13.0'"),
     ],
 )
 def test_a_dockerfile_whose_cuda_builds_disagree_is_refused(old, new):
     text = (ROOT / "Dockerfile").read_text()
     assert old in text
     assert cuda_mismatch(text.replace(old, new)) is not None
+
+
+def test_dockerfile_ships_the_torch_the_tests_run():
+    # the Makefile's TORCH_CPU is the torch every test runs on (make install)
+    tested = re.search(r"^TORCH_CPU \?= torch==([\d.]+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert tested, "Makefile: no TORCH_CPU ?= torch==X.Y.Z"
+    shipped = re.findall(r"\btorch==([\d.]+)\+cu\d+", (ROOT / "Dockerfile").read_text())
+    assert shipped == [tested.group(1)], (shipped, tested.group(1))
+
+
+# The build check, as the Dockerfile runs it (RUN python - <<'EOF' ... EOF).
+def build_check() -> str:
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.startswith("# syntax=docker/dockerfile:1\n")  # heredocs: dockerfile 1.4+
+    (body,) = re.findall(r"^RUN python - <<'EOF'\n(.*?)^EOF$", text, flags=re.M | re.S)
+    return body
+
+
+# TORCH_CUDA_ARCH_LIST of PyTorch's wheel builds (pytorch .ci/manywheel/build_cuda.sh)
+CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+CU128_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+def run_build_check(cuda: str, archs: list[str], monkeypatch) -> None:
+    fake = types.SimpleNamespace(
+        __version__=f"2.13.0+cu{cuda.replace('.', '')}",
+        version=types.SimpleNamespace(cuda=cuda),
+        cuda=types.SimpleNamespace(get_arch_list=lambda: list(archs)),
+    )
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    exec(compile(build_check(), "Dockerfile build check", "exec"), {"__name__": "__main__"})
+
+
+def test_the_build_check_names_the_supported_cards():
+    body = build_check()
+    cards = re.search(r"^CARDS = (\{.*\})$", body, flags=re.M)
+    assert cards and set(ast.literal_eval(cards.group(1)).values()) == {
+        "sm_75",
+        "sm_80",
+        "sm_89",
+        "sm_90",
+    }
+    assert "torch.cuda.get_arch_list()" in body
+
+
+@pytest.mark.parametrize(
+    ("cuda", "archs", "error"),
+    [
+        # the wheel the image installs: L4 (8.9) runs its sm_86 kernels
+        ("12.6", CU126_ARCHS, None),
+        # cu128's list would pass the arch check; its CUDA does not
+        ("12.8", CU128_ARCHS, "CUDA 12.8"),
+        # a CPU build has no kernels at all
+        ("12.6", [], r"no kernels for \['T4 \(sm_75\)', 'A100"),
+        # without sm_75 the T4 has nothing (sm_80 kernels do not run on 7.5)
+        ("12.6", ["sm_80", "sm_86", "sm_90"], r"\['T4 \(sm_75\)'\]"),
+        # sm_86 does not run on an A100 (8.0): a cubin runs on minor versions >= its own
+        ("12.6", ["sm_75", "sm_86", "sm_90"], r"\['A100 \(sm_80\)'\]"),
+        # sm_90a runs on the H100 itself; an sm_80 cubin serves the L4
+        ("12.6", ["sm_75", "sm_80", "sm_90a"], None),
+        # PTX for compute_75 is compiled on load for every newer card
+        ("12.6", ["compute_75"], None),
+        # nothing of major 9: the H100 has nothing
+        ("12.6", ["sm_75", "sm_80", "sm_86"], r"\['H100 \(sm_90\)'\]"),
+    ],
+)
+def test_the_build_check_refuses_a_torch_without_kernels_for_a_card(
+    cuda, archs, error, monkeypatch
+):
+    if error is None:
+        run_build_check(cuda, archs, monkeypatch)
+    else:
+        with pytest.raises(AssertionError, match=error):
+            run_build_check(cuda, archs, monkeypatch)
 
 
 def test_images_are_the_same_everywhere():
