@@ -11,9 +11,16 @@ none). `extra` is small JSON (the step, the sampler's and the schedule's state),
 by rank 0 next to the shards. Every rank must see the same directory (a shared file
 system when ranks span nodes).
 
-Atomic: the ranks write into `<directory>.tmp`; rank 0 renames it to `<directory>`
-after every rank's shards and the metadata are written, so `<directory>` is a whole
-checkpoint or absent.
+`directory` is a local path or an object store's URI (`s3://bucket/prefix/step_...`,
+autobatch.step.storage; DCP's own fsspec storage writes and reads it there).
+
+Complete only when whole: rank 0 writes a `COMMITTED` marker last, after every rank's
+shards, DCP's `.metadata` and `extra.json` are written. Locally the ranks also write into
+`<directory>.tmp`, which rank 0 renames to `<directory>` after the marker, so a local
+`<directory>` is whole or absent (one written before the marker existed is whole too: it
+was renamed into place; it has DCP's `.metadata`). An object store has no rename: the
+shards go straight to `<directory>/`, and only the marker says they are all there
+(`is_complete`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from autobatch.step import storage
 from autobatch.step.atomic import replace_directory
 
 EXTRA_FILE = "extra.json"
+COMMIT_FILE = "COMMITTED"  # written last: the checkpoint is whole
 
 
 def save_sharded(
@@ -41,9 +51,16 @@ def save_sharded(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     extra: dict[str, Any] | None = None,
-) -> Path:
+    before_commit: Callable[[], None] | None = None,
+) -> Path | str:
     """Writes the model's (and the optimizer's) state as a DCP checkpoint; collective:
-    every rank of the group calls it. Returns the checkpoint's directory."""
+    every rank of the group calls it. Returns the checkpoint's directory.
+    `before_commit`: called on every rank once its shards are written, before the
+    checkpoint is complete (a fault-injection seam)."""
+    commit_hook = before_commit or (lambda: None)
+    if storage.is_uri(directory):
+        state = _state(model, optimizer)
+        return _save_to_object_store(str(directory), state, extra or {}, commit_hook)
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     lead = _rank() == 0
@@ -52,11 +69,45 @@ def save_sharded(
     _barrier()
     # dcp.save returns on rank 0 only after every rank reported its shards written.
     dcp.save(_state(model, optimizer), checkpoint_id=tmp)
+    commit_hook()
     if lead:
         _write_json(tmp / EXTRA_FILE, extra or {})
+        _write_json(tmp / COMMIT_FILE, {"complete": True})
         replace_directory(tmp, final)
     _barrier()  # nobody reads the checkpoint before it is in place
     return final
+
+
+def _save_to_object_store(
+    uri: str, state: dict[str, Any], extra: dict[str, Any], before_commit: Callable[[], None]
+) -> str:
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    uri = uri.rstrip("/")
+    parent, name = uri.rsplit("/", 1)
+    store = storage.Storage(parent)
+    lead = _rank() == 0
+    if lead:
+        store.remove(f"{name}/{COMMIT_FILE}")  # a whole one of this step is whole no more
+        store.remove(name)  # a crashed save's leftovers
+    _barrier()
+    writer = FsspecWriter(uri, sync_files=False, **store.options)  # a put is durable
+    dcp.save(state, storage_writer=writer)  # returns on rank 0 after every rank's shards
+    before_commit()
+    if lead:
+        store.write_bytes(f"{name}/{EXTRA_FILE}", json.dumps(extra).encode())
+        store.write_bytes(f"{name}/{COMMIT_FILE}", b'{"complete": true}')
+    _barrier()
+    return uri
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    """Whether the sharded checkpoint at `directory` is whole: its marker is there (a local
+    directory also when it has DCP's metadata: renamed into place, before markers)."""
+    if storage.is_uri(directory):
+        return storage.Storage(directory).exists(COMMIT_FILE)
+    path = Path(directory)
+    return (path / COMMIT_FILE).is_file() or (path / ".metadata").is_file()
 
 
 def load_sharded(
@@ -69,18 +120,28 @@ def load_sharded(
 
     Give the optimizer built on the wrapped model's parameters; its state need not exist
     yet (`get_state_dict` creates it, so there is a slot for every saved tensor)."""
-    path = Path(directory)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"directory={str(path)!r} is not a sharded checkpoint")
     state = _state(model, optimizer)  # the target's own shapes and shards, as DCP's template
-    dcp.load(state, checkpoint_id=path)
+    if storage.is_uri(directory):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        store = storage.Storage(directory)
+        if not store.exists(COMMIT_FILE):
+            raise FileNotFoundError(f"directory={directory!r} is not a complete sharded checkpoint")
+        dcp.load(state, storage_reader=FsspecReader(str(directory), **store.options))
+        extra = json.loads(store.read_bytes(EXTRA_FILE))
+    else:
+        path = Path(directory)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"directory={str(path)!r} is not a sharded checkpoint")
+        dcp.load(state, checkpoint_id=path)
+        extra = json.loads((path / EXTRA_FILE).read_text())
     set_state_dict(
         model,
         optimizer if optimizer is not None else [],
         model_state_dict=state["model"],
         optim_state_dict=state.get("optimizer", {}),
     )
-    return json.loads((path / EXTRA_FILE).read_text())
+    return extra
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from autobatch.errors import PlanError
 from autobatch.levers import SHARD_MODES as SHARD_MODES  # benchmarks read them here too
 from autobatch.levers import ShardMode, check_shard_mode
+from autobatch.step import storage
 from autobatch.step.dcp import load_sharded, save_sharded
 
 BlocksFn = Callable[[nn.Module], Iterable[nn.Module]]
@@ -166,9 +167,11 @@ class Sharded:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         extra: dict[str, Any],
-    ) -> Path:
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path | str:
         """Collective: every rank writes its shards; rank 0 `extra` (small JSON)."""
-        return save_sharded(path, model, optimizer, extra=extra)
+        return save_sharded(path, model, optimizer, extra=extra, before_commit=before_commit)
 
     def load(
         self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -177,6 +180,8 @@ class Sharded:
         return load_sharded(path, model, optimizer)
 
     def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        if storage.is_uri(path):
+            return not str(path).endswith(".pt")  # a prefix of shards, not a replica's object
         return Path(path).is_dir()
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autobatch.levers import check_sharding
+from autobatch.step import storage
 from autobatch.step.atomic import write_atomically
 from autobatch.step.shard import Sharded
 
@@ -58,9 +60,13 @@ class ModelWrapping(Protocol):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         extra: dict[str, Any],
-    ) -> Path:
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path | str:
         """Every rank calls it: the model's and optimizer's state and `extra` (the rest of
-        the training state) as one checkpoint at `path`, written atomically."""
+        the training state) as one checkpoint at `path` (a local path, or an object store's
+        URI: then a str), complete only when whole. `before_commit`: called in the middle,
+        before the checkpoint is complete (a fault-injection seam)."""
         ...
 
     def load(
@@ -131,14 +137,25 @@ class Replicated:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         extra: dict[str, Any],
-    ) -> Path:
-        """Rank 0 writes the file; the other ranks return its path at once."""
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path | str:
+        """Rank 0 writes the file (on an object store: one object, put whole); the other
+        ranks return its path at once."""
         if not dist.is_initialized() or dist.get_rank() == 0:
             state = {**extra, "model": _module(model).state_dict()}
             if optimizer is not None:
                 state["optimizer"] = optimizer.state_dict()
-            write_atomically(path, lambda f: torch.save(state, f))
-        return Path(path)
+            if before_commit is not None:
+                before_commit()
+            if storage.is_uri(path):
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                parent, name = str(path).rsplit("/", 1)
+                storage.Storage(parent).write_bytes(name, buffer.getvalue())
+            else:
+                write_atomically(path, lambda f: torch.save(state, f))
+        return str(path) if storage.is_uri(path) else Path(path)
 
     def load(
         self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -151,6 +168,8 @@ class Replicated:
         return state
 
     def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        if storage.is_uri(path):
+            return str(path).endswith(".pt")  # one object, not a prefix of shards
         return Path(path).is_file()
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,7 +188,10 @@ REPLICATED = Replicated()
 
 
 def read_replica(path: str | os.PathLike) -> dict[str, Any]:
-    """The whole state of a replica's checkpoint file, on the CPU."""
+    """The whole state of a replica's checkpoint file (or object), on the CPU."""
+    if storage.is_uri(path):
+        parent, name = str(path).rsplit("/", 1)
+        path = io.BytesIO(storage.Storage(parent).read_bytes(name))
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

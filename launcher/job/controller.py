@@ -15,6 +15,7 @@ out. Every actor and reservation is removed on the way out, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import ray
 
 from autobatch.planning.plan import Plan
 from autobatch.probe.devices import normalise_speeds
+from autobatch.step.storage import STORAGE_ENV, is_uri
 from launcher.errors import JobCancelled, LaunchError
 from launcher.job import cluster, events, policy, ranks
 from launcher.job.checkpoint import checkpoint_step, latest_checkpoint
@@ -215,7 +217,9 @@ class JobController:
             if self.active is None:
                 self.active = list(range(len(requests)))
             check_devices(self.spec, self.active, requests)
-            self.placement = Placement(requests, elastic=self.spec.devices.elastic)
+            self.placement = Placement(
+                requests, elastic=self.spec.devices.elastic, env=self._storage_env()
+            )
             self.prober = Prober(
                 self.spec, self.placement, lambda r, t, w: wait_refs(r, t, w, self._check_stop)
             )
@@ -360,6 +364,9 @@ class JobController:
         lost_state = Resizing(tuple(self.active), "device_lost", why, time.monotonic())
         self.resizes.count(lost_state, before, self._checkpoint_step())
 
+    def _storage_env(self) -> dict[str, str]:
+        return _storage_env_of(self.ckpt_dir, self.spec.output_path(self.runs_root))
+
     def _checkpoint_step(self) -> int:
         return checkpoint_step(latest_checkpoint(self.ckpt_dir))
 
@@ -391,6 +398,15 @@ class JobController:
         self.collector = None
         if started_ray:
             ray.shutdown()
+
+
+def _storage_env_of(ckpt_dir: object, output_dir: object) -> dict[str, str]:
+    """The standard object-store variables of this process's environment (names only from
+    autobatch.step.storage.STORAGE_ENV; values never logged), for ranks that write to an
+    object store: a rank on another node has its own environment."""
+    if not (is_uri(ckpt_dir) or is_uri(output_dir)):
+        return {}
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
 
 
 def _latest(ckpt_dir: object) -> str | None:

@@ -3,6 +3,9 @@
 Each fires on the job's first attempt only, but `slow`: a slow device stays slow.
 
     crash        kill -9 of the rank's process before the step
+    crash_in_save  kill -9 of the rank's process in the middle of the checkpoint taken after
+                 the step's `step` steps are done: its part written, the checkpoint not yet
+                 complete (before a replica's put, or a sharded checkpoint's marker)
     oom          out of memory in a micro-step of the step
     short_batch  the rank drops the last sample of its step (a planted bug)
     slow         the device runs at `factor` x its speed from the step on, while its profile
@@ -39,6 +42,12 @@ class Faults:
                 os.kill(os.getpid(), 9)  # a real kill -9 of this worker process
         if self.pacer is not None and self.slows:
             self.pacer.slow_down(math.prod(f.factor for f in self.slows if f.step <= step))
+
+    def in_save(self, step: int) -> None:
+        """Called in the middle of the checkpoint of `step` (see crash_in_save)."""
+        for f in self.pending:
+            if f.kind == "crash_in_save" and f.step == step:
+                os.kill(os.getpid(), 9)
 
     def trim(self, step: int, indices: list) -> list:
         """`short_batch`: this rank drops the last sample of its step (a planted bug)."""

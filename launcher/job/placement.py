@@ -19,8 +19,17 @@ from launcher.job.worker import DeviceWorker
 
 
 class Placement:
-    def __init__(self, requests: Sequence[cluster.DeviceRequest], *, elastic: bool) -> None:
+    def __init__(
+        self,
+        requests: Sequence[cluster.DeviceRequest],
+        *,
+        elastic: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.requests = list(requests)  # every device of the spec, by index
+        # The environment the ranks need beyond the node's (an object store's endpoint and
+        # credentials, by their standard names); none keeps the pre-started workers.
+        self.env = dict(env or {})
         self.elastic = elastic
         self._groups: dict[int, Any] = {}  # device index -> its placement group
         self._bundles: dict[int, tuple[Any, int]] = {}  # device index -> (group, bundle)
@@ -86,4 +95,7 @@ class Placement:
 
     def _new_worker(self, index: int) -> Any:
         pg, bundle = self._bundles[index]
-        return DeviceWorker.options(**cluster.in_bundle(pg, bundle, self.requests[index])).remote()
+        options = cluster.in_bundle(pg, bundle, self.requests[index])
+        if self.env:
+            options["runtime_env"] = {"env_vars": self.env}
+        return DeviceWorker.options(**options).remote()

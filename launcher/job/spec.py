@@ -25,6 +25,7 @@ from autobatch.errors import format_validation_error
 from autobatch.levers import ShardingChoice
 from autobatch.planning.rebalance import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from autobatch.probe.devices import DeviceSpecError, SimulatedDevice, parse_memory
+from autobatch.step import storage
 from launcher.errors import SpecError
 from launcher.job.bounds import MAX_STEPS, check_spec
 from launcher.job.tasks import check_builtin_args, check_task_name
@@ -138,7 +139,10 @@ class DevicesSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    dir: str | None = None  # default: runs/<job name>/checkpoints
+    # default: runs/<job name>/checkpoints; a local path every node shares, or an object
+    # store's URI, s3://bucket/prefix or gs://bucket/prefix (docs/storage.md), credentials
+    # from the environment only
+    dir: str | None = None
     interval: Annotated[int, Field(ge=1)] = 50
     resume: bool = True
 
@@ -148,10 +152,12 @@ class FaultSpec(_Strict):
     from its step on, on every attempt; launcher.job.faults)."""
 
     # oom: out of memory in a micro-step; crash: kill -9 of the rank's process;
+    # crash_in_save: kill -9 of the rank's process in the middle of the checkpoint of the
+    # step (its shards written, its checkpoint not yet complete);
     # short_batch: the rank drops a sample of its step (the measured global batch is short);
     # slow: the rank's device runs at `factor` x its speed from the step on (the probe saw
     # it at full speed)
-    kind: Literal["oom", "crash", "short_batch", "slow"]
+    kind: Literal["oom", "crash", "crash_in_save", "short_batch", "slow"]
     rank: Annotated[int, Field(ge=0)]
     step: Annotated[int, Field(ge=0)]
     micro_step: Literal["first", "last"] = "first"  # oom: a no_sync micro-step, or the synced one
@@ -292,13 +298,18 @@ class JobSpec(_Strict):
         return self
 
     # -- derived values ----------------------------------------------------
-    def checkpoint_dir(self, root: str | pathlib.Path = "runs") -> pathlib.Path:
+    def checkpoint_dir(self, root: str | pathlib.Path = "runs") -> pathlib.Path | str:
+        """Where the checkpoints go: a local Path, or an object store's URI (a str;
+        autobatch.step.storage)."""
         if self.checkpoint.dir:
-            return pathlib.Path(self.checkpoint.dir)
+            return storage.location(self.checkpoint.dir)
         return pathlib.Path(root) / self.name / "checkpoints"
 
-    def output_path(self, root: str | pathlib.Path = "runs") -> pathlib.Path:
-        return pathlib.Path(self.output_dir or pathlib.Path(root) / self.name / "final")
+    def output_path(self, root: str | pathlib.Path = "runs") -> pathlib.Path | str:
+        """Where the trained model goes: a local Path, or an object store's URI (a str)."""
+        if self.output_dir:
+            return storage.location(self.output_dir)
+        return pathlib.Path(root) / self.name / "final"
 
     def total_steps(self, steps_per_epoch: float) -> int:
         """Optimizer steps the job runs: max_steps, epochs, or the smaller of the two."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,7 @@ from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
+from autobatch.step import storage
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
 from autobatch.step.atomic import storage_error
 from autobatch.step.wrap import wrapping_for
@@ -88,6 +91,8 @@ def train_rank(
     finally:
         rank.close_data()
         rank.clock.close()
+        if rank.audit is not None:  # an object store's segment of the attempt's last steps
+            rank.audit.flush(quiet=sys.exc_info()[0] is not None)
     return rank.outcome()
 
 
@@ -292,6 +297,12 @@ class _Rank:
         if self._saved_step == step:
             return
         self._saved_step = step
+        if self.audit is not None and self.audit.segmented:
+            # Every rank's lines of the steps before this one are stored before the
+            # checkpoint can count as complete (steps after it are redone on resume).
+            self.audit.flush()
+            if dist.is_initialized():
+                dist.barrier()
         state = {
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state().to_dict(),
@@ -301,7 +312,13 @@ class _Rank:
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
         path = save_checkpoint(
-            self.ctx.checkpoint_dir, step, self.wrapping, self.model, self.optimizer, state
+            self.ctx.checkpoint_dir,
+            step,
+            self.wrapping,
+            self.model,
+            self.optimizer,
+            state,
+            before_commit=lambda: self.faults.in_save(step),
         )
         self.last_checkpoint = str(path)
 
@@ -313,7 +330,7 @@ class _Rank:
                 params = {k: v.detach().cpu().clone() for k, v in full.items()}
                 if self.task.save is not None and self.ctx.output_dir:
                     plain = self.wrapping.plain_model(self.model, full, self.task.build_model)
-                    self.task.save(plain, self.ctx.output_dir)
+                    _save_output(self.task.save, plain, self.ctx.output_dir)
                     output = self.ctx.output_dir
         return RankOutcome(
             self.ctx.rank,
@@ -335,22 +352,59 @@ class _Audit:
     again (in place after an out-of-memory, in a later attempt, or in a later run on
     the same checkpoint directory) is written again; each line names its run and the
     attempt within it, and a step's last try (the newest run's highest attempt, the
-    rank's last line of it) is what the rank processed (benchmarks/ledger.py)."""
+    rank's last line of it) is what the rank processed (benchmarks/ledger.py).
+
+    A local checkpoint directory: each line appended to samples-rank<r>.jsonl as the step
+    starts. An object store (no append): the lines are kept and written as segment
+    objects, samples-rank<r>/<run>-a<attempt>-<seq>.jsonl, at every checkpoint (before it
+    can count as complete) and at the end of the attempt; the steps of a killed attempt
+    after its last checkpoint lose their lines, and are redone, with lines, on resume."""
 
     def __init__(self, ctx: RankContext) -> None:
-        d = pathlib.Path(ctx.checkpoint_dir)
+        self.store = storage.Storage(ctx.checkpoint_dir)
+        self.segmented = not self.store.local
+        self.rank, self.run, self.attempt = ctx.rank, ctx.run, ctx.attempt
+        self._pending: list[str] = []
+        self._seq = 0
+        d = pathlib.Path(self.store.root)
         self.path = d / f"samples-rank{ctx.rank}.jsonl"
-        self.run, self.attempt = ctx.run, ctx.attempt
-        self._write(lambda: d.mkdir(parents=True, exist_ok=True))
+        if not self.segmented:
+            self._write(lambda: d.mkdir(parents=True, exist_ok=True))
 
     def record(self, step: int, micro_batches: list) -> None:
-        line = {
-            "run": self.run,
-            "attempt": self.attempt,
-            "step": step,
-            "micro_batches": [[int(i) for i in mb] for mb in micro_batches],
-        }
-        self._write(lambda: _append_line(self.path, json.dumps(line)))
+        line = json.dumps(
+            {
+                "run": self.run,
+                "attempt": self.attempt,
+                "step": step,
+                "micro_batches": [[int(i) for i in mb] for mb in micro_batches],
+            }
+        )
+        if self.segmented:
+            self._pending.append(line)
+        else:
+            self._write(lambda: _append_line(self.path, line))
+
+    def flush(self, *, quiet: bool = False) -> None:
+        """The kept lines as one segment object (an object store; nothing to do locally).
+        `quiet`: an error is already in flight, this one is not raised over it."""
+        if not self._pending:
+            return
+        name = (
+            f"samples-rank{self.rank}/{self.run or 'run'}-a{self.attempt:04d}-{self._seq:06d}.jsonl"
+        )
+        data = ("\n".join(self._pending) + "\n").encode()
+        try:
+            self.store.write_bytes(name, data)
+        except StorageError as exc:
+            if quiet:
+                return
+            raise StorageError(f"audit ledger: {exc}", exc.path) from exc
+        except Exception:
+            if quiet:
+                return
+            raise
+        self._pending, self._seq = [], self._seq + 1
 
     def _write(self, write: Callable[[], None]) -> None:
         try:
@@ -365,6 +419,19 @@ class _Audit:
 def _append_line(path: pathlib.Path, line: str) -> None:
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+def _save_output(
+    save: Callable[[torch.nn.Module, str], None], model: torch.nn.Module, to: str
+) -> None:
+    """The task's trained model or adapter saved to `to`: a local folder, or an object
+    store's URI (saved to a local temporary folder, then uploaded)."""
+    if not storage.is_uri(to):
+        save(model, to)
+        return
+    with tempfile.TemporaryDirectory(prefix="autobatch-output-") as tmp:
+        save(model, tmp)
+        storage.Storage(to).upload(tmp)
 
 
 def _ranks_that(flag: bool) -> list[int]:
