@@ -138,8 +138,11 @@ class _Display:
 def cmd_run(args: argparse.Namespace) -> int:
     from launcher.job.controller import JobController
     from launcher.job.spec import load_spec
+    from launcher.job.storage import check_storage
 
     spec = load_spec(args.spec)
+    # writable, before any device is reserved (one line and exit code 2 when not)
+    check_storage(spec.checkpoint_dir(args.runs_dir), spec.output_path(args.runs_dir))
     display = _Display(spec.max_steps)
     summary = JobController(
         spec, address=args.address, runs_root=args.runs_dir, listener=display

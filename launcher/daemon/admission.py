@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from autobatch.errors import format_validation_error
+from autobatch.step.storage import is_uri
 from launcher.errors import InvalidSpec
 from launcher.job.bounds import check_spec
 from launcher.job.spec import JobSpec
@@ -66,10 +67,14 @@ class Admission:
                 "there, or start the daemon with --data-root DIR",
             )
 
-    def confined(self, loc: list[str], path: str | None, default: str) -> pathlib.Path:
-        """A directory the job writes to: inside the checkpoint root, or refused."""
+    def confined(self, loc: list[str], path: str | None, default: str) -> pathlib.Path | str:
+        """A directory the job writes to: inside the checkpoint root, or refused; an object
+        store's URI (s3://, gs://: checked by launcher.job.bounds) is no local path to
+        confine and is kept as given."""
         if not path:
             return self.checkpoint_root / default
+        if is_uri(path):
+            return path.rstrip("/")
         p = pathlib.Path(path)
         resolved = (p if p.is_absolute() else self.checkpoint_root / p).resolve()
         if not resolved.is_relative_to(self.checkpoint_root) or resolved == self.checkpoint_root:

@@ -32,7 +32,8 @@ from launcher.daemon.jobwatch import JobWatcher
 from launcher.daemon.raylink import RayLink
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, new_job_id
 from launcher.errors import JobStateError
-from launcher.job.checkpoint import latest_checkpoint
+from launcher.job.checkpoint import checkpoint_name, latest_checkpoint
+from launcher.job.storage import check_storage
 from launcher.job.spec import JobSpec, parse_spec
 
 
@@ -156,6 +157,7 @@ class Daemon:
         job_id = new_job_id(spec.name)
         ckpt = self.admission.confined(["checkpoint", "dir"], spec.checkpoint.dir, job_id)
         output = self.admission.confined(["output_dir"], spec.output_dir, f"{job_id}-final")
+        check_storage(ckpt, output)  # writable, before anything is queued or reserved
         effective = spec.model_dump(mode="json")
         effective["checkpoint"]["dir"] = str(ckpt)
         effective["output_dir"] = str(output)
@@ -396,5 +398,9 @@ class Daemon:
 
     @staticmethod
     def _resume(rec: Any) -> str:
-        ckpt = latest_checkpoint(pathlib.Path(rec.spec["checkpoint"]["dir"]))
-        return f"resuming from checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: restarting"
+        ckpt = latest_checkpoint(rec.spec["checkpoint"]["dir"])  # a path or a URI
+        return (
+            f"resuming from checkpoint {checkpoint_name(ckpt)}"
+            if ckpt
+            else "no checkpoint yet: restarting"
+        )

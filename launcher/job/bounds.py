@@ -6,7 +6,9 @@ is reserved, and the bounds a plan must keep, checked when it is made.
                            size: tiny_gpt's dataset_size), more optimizer steps than
                            MAX_STEPS (epochs over a dataset of known size), one global
                            batch's input larger than the memory of all the job's simulated
-                           devices together (where the spec shows a sample's size)
+                           devices together (where the spec shows a sample's size), a
+                           storage URI (checkpoint.dir, output_dir) with credentials in it,
+                           or of a scheme no installed file system reaches
     check_spec(spec)       those problems as one SpecError (`autobatch run` and `plan`)
     check_plan(spec, plan) a plan of at most MAX_PLAN_MICRO_BATCHES micro-batches a step
                            (check_plan_size: the plan a job record stores is bounded), whose
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autobatch.errors import LaunchError
+from autobatch.step.storage import uri_problem
 from launcher.errors import InvalidSpec
 from launcher.job.tasks import TinyGptArgs
 
@@ -89,7 +92,19 @@ def spec_problems(spec: JobSpec) -> list[Problem]:
                 )
             )
     problems += _input_over_memory(spec, facts)
+    problems += _storage_uris(spec)
     return problems
+
+
+def _storage_uris(spec: JobSpec) -> list[Problem]:
+    """A storage URI the job cannot use as given; the message never repeats the value (a
+    secret in it must not reach an error, a log or a job record)."""
+    fields = ((("checkpoint", "dir"), spec.checkpoint.dir), (("output_dir",), spec.output_dir))
+    return [
+        Problem(loc, why)
+        for loc, value in fields
+        if value and (why := uri_problem(value)) is not None
+    ]
 
 
 def check_spec(spec: JobSpec) -> JobSpec:
