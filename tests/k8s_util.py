@@ -1,7 +1,8 @@
 """k8s/kustomization.yaml rendered without kustomize, for the tests of the manifests.
 
 Renders exactly the kustomize features k8s/ uses: `resources` (files), `components` (JSON 6902
-`patches` with a target), `images`, and `configMapGenerator` from files without a name hash.
+`patches` with a target), `images`, `namespace` (every object of k8s/ is namespaced), and
+`configMapGenerator` from files without a name hash.
 Anything else in a kustomization is an error here, so a new feature cannot be silently
 skipped; tests/test_k8s.py compares this rendering with `kubectl kustomize` where kubectl is
 installed.
@@ -21,7 +22,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 KUSTOMIZATION = K8S / "kustomization.yaml"
 
-_KNOWN = {"apiVersion", "kind", "resources", "components", "images", "configMapGenerator"}
+_KNOWN = {
+    "apiVersion",
+    "kind",
+    "namespace",
+    "resources",
+    "components",
+    "images",
+    "configMapGenerator",
+}
+# kinds kustomize's namespace transformer leaves alone; none of them is in k8s/
+_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
 _COMPONENT_KNOWN = {"apiVersion", "kind", "patches"}
 
 
@@ -129,6 +140,10 @@ def render(
                 docs[i] = json_patch(docs[i], ops)
     if spec.get("images"):
         _set_images(docs, spec["images"])
+    if spec.get("namespace"):
+        for d in docs:
+            assert d["kind"] not in _CLUSTER_SCOPED, f"{d['kind']}: not handled here"
+            d["metadata"]["namespace"] = spec["namespace"]
     return docs
 
 

@@ -5,7 +5,8 @@ same as `kubectl kustomize` where kubectl is installed). Core kinds validate aga
 Kubernetes JSON schemas that kubernetes-validate ships (strict: unknown fields fail); the
 RayCluster against an allow-list of ray.io/v1 fields plus its pod templates as core
 PodTemplateSpecs; the cross-references (Secret, Service port, head Service, PVCs, dashboard,
-Ray version, GPU node labels, the image's CUDA) against each other.
+Ray version, GPU node labels, the image's CUDA and torch, the NetworkPolicy's selectors, the
+namespace) against each other.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ import pytest
 import yaml
 from k8s_util import K8S, KUSTOMIZATION, ROOT, find, json_patch, kubectl_kustomize, render
 
-MANIFESTS = ["raycluster.yaml", "daemon.yaml", "monitoring.yaml"]
+MANIFESTS = ["raycluster.yaml", "daemon.yaml", "networkpolicy.yaml", "monitoring.yaml"]
 K8S_VERSION = "1.31.0"  # validate against this Kubernetes release's schemas (shipped offline)
-CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"}
+CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}
 TOKEN_SECRET = ("autobatch-token", "token")  # created by hand (docs), never applied from k8s/
 GKE_COMPONENT = "components/gke"
+OBJECT_STORE_COMPONENT = "components/object-store"
+OBJECT_STORE_SECRET = "autobatch-object-store"  # created by hand (docs), like the token
+# every combination an operator may switch on
+COMPONENT_SETS = pytest.mark.parametrize(
+    "components",
+    [[], [GKE_COMPONENT], [OBJECT_STORE_COMPONENT], [GKE_COMPONENT, OBJECT_STORE_COMPONENT]],
+    ids=["base", "gke", "object-store", "gke+object-store"],
+)
+CHECKPOINT_CLAIM = "autobatch-checkpoints"
 # NVIDIA GPU Feature Discovery's nvidia.com/gpu.product -> GKE's cloud.google.com/gke-accelerator
 GFD_TO_GKE = {"NVIDIA-A100-SXM4-80GB": "nvidia-a100-80gb", "Tesla-T4": "nvidia-tesla-t4"}
 
@@ -111,7 +121,7 @@ def test_manifest_parses(name):
         assert d["metadata"].get("name")
 
 
-@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+@COMPONENT_SETS
 def test_core_kinds_present_and_validate(components):
     docs = [d for d in render(components=components) if d["kind"] in CORE_KINDS]
     assert {d["kind"] for d in docs} == CORE_KINDS
@@ -148,7 +158,7 @@ def test_raycluster_uses_only_ray_io_v1_fields():
         assert all(isinstance(v, str) for v in params.values()), params
 
 
-@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+@COMPONENT_SETS
 def test_raycluster_pod_templates_validate_as_core(components):
     spec = raycluster(render(components=components))["spec"]
     templates = [("head", spec["headGroupSpec"]["template"])]
@@ -221,7 +231,7 @@ def test_the_token_secret_is_created_by_hand_and_referenced_by_name():
     assert (creds["name"], creds["key"]) == (name, key)
     # the deployment guide's command creates exactly this Secret and key
     guide = (ROOT / "docs" / "kubernetes.md").read_text()
-    assert re.search(rf"kubectl create secret generic {name} --from-literal={key}=", guide)
+    assert re.search(rf"kubectl -n \S+ create secret generic {name} --from-literal={key}=", guide)
 
 
 def test_daemon_binds_all_interfaces_and_uses_the_pvc():
@@ -300,7 +310,7 @@ def test_kustomization_applies_every_manifest():
     assert kinds == CORE_KINDS | {"RayCluster", "ServiceMonitor"}
 
 
-@pytest.mark.parametrize("components", [[], [GKE_COMPONENT]], ids=["base", "gke"])
+@COMPONENT_SETS
 def test_the_offline_rendering_is_what_kubectl_kustomize_builds(components, tmp_path):
     root = K8S
     if components:  # a copy of k8s/ with the component switched on, as an operator would
@@ -361,14 +371,269 @@ def test_gke_component_selects_each_group_by_gke_accelerator():
     assert pvc["spec"]["storageClassName"] == "standard-rwx"  # GKE Filestore CSI, RWX
 
 
-def test_gke_component_refuses_reordered_worker_groups():
-    # its `test` ops guard the list indices it patches
-    spec = yaml.safe_load((K8S / GKE_COMPONENT / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("component", [GKE_COMPONENT, OBJECT_STORE_COMPONENT])
+def test_components_refuse_reordered_worker_groups(component):
+    # their `test` ops guard the list indices they patch
+    spec = yaml.safe_load((K8S / component / "kustomization.yaml").read_text())
     (patch,) = [p for p in spec["patches"] if p["target"]["kind"] == "RayCluster"]
     rc = copy.deepcopy(raycluster())
     rc["spec"]["workerGroupSpecs"].reverse()
     with pytest.raises(ValueError, match="test failed"):
         json_patch(rc, yaml.safe_load(patch["patch"]))
+
+
+# ---------------------------------------------------------------------------
+# the deployment resumes: every pod that reads checkpoints mounts them at one path
+
+
+def pod_specs(docs: list[dict] | None = None) -> dict[str, dict]:
+    """Every pod template of the deployment by role: head, each worker group, the daemon."""
+    docs = docs if docs is not None else all_docs()
+    spec = raycluster(docs)["spec"]
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods |= {g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}
+    pods["daemon"] = find(docs, "Deployment", "autobatch-daemon")["spec"]["template"]
+    return pods
+
+
+def checkpoint_mounts(template: dict) -> set[tuple[str, str | None]]:
+    """(mountPath, subPath) of every mount of the checkpoint claim in a pod template."""
+    pod = template["spec"]
+    volumes = {
+        v["name"]
+        for v in pod.get("volumes", [])
+        if v.get("persistentVolumeClaim", {}).get("claimName") == CHECKPOINT_CLAIM
+    }
+    return {
+        (m["mountPath"], m.get("subPath"))
+        for c in pod["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] in volumes
+    }
+
+
+def test_head_workers_and_daemon_mount_the_checkpoints_at_the_same_paths():
+    # The job supervisors run on the head (the daemon's Ray node under Ray Client) and look
+    # there for the checkpoint to resume from, which rank 0 wrote on a worker.
+    mounts = {role: checkpoint_mounts(t) for role, t in pod_specs().items()}
+    assert mounts["daemon"], "the daemon does not mount the checkpoint claim"
+    for role, found in mounts.items():
+        assert found == mounts["daemon"], f"{role}: {found} != the daemon's {mounts['daemon']}"
+    args = daemon_container()["command"]
+    root = args[args.index("--checkpoint-root") + 1]
+    assert root in {path for path, _ in mounts["head"]}, f"the head has no {root}"
+
+
+def test_the_head_does_no_training_work():
+    # A rank's bundle asks for CPUs, so num-cpus "0" keeps every rank off the head; the
+    # actors the daemon pins to the head ask for none, or they could not be placed there.
+    from launcher.daemon.supervisor import JobSupervisor
+    from launcher.job.collector import SnapshotCollector
+
+    head = raycluster()["spec"]["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and head["num-gpus"] == "0", head
+    for group in worker_groups():
+        assert group["rayStartParams"].get("num-cpus") != "0", group["groupName"]
+    for actor in (JobSupervisor, SnapshotCollector):
+        assert actor._default_options.get("num_cpus") == 0, actor
+
+
+def test_every_pod_writing_the_volume_runs_with_the_images_group():
+    # fsGroup 100: the Ray image's user ray (uid 1000) is in group users (100), the group
+    # the Dockerfile's COPY --chown=ray:users gives; where the storage driver applies fsGroup
+    # the volume becomes writable by that group (docs/kubernetes.md: where it does not).
+    assert "--chown=ray:users" in (ROOT / "Dockerfile").read_text()
+    for role, template in pod_specs().items():
+        security = template["spec"].get("securityContext", {})
+        assert security.get("fsGroup") == 100, f"{role}: {security}"
+        assert security.get("fsGroupChangePolicy") == "OnRootMismatch", role
+
+
+def test_the_guides_init_container_fits_the_daemons_pod():
+    # for RWX drivers that ignore fsGroup: it chowns the folders the pods mount to the image's
+    # uid and the fsGroup, and is a valid addition to the daemon's pod as the guide shows it
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", guide, flags=re.S)]
+    (snippet,) = [b for b in blocks if isinstance(b, dict) and "initContainers" in b]
+    deployment = copy.deepcopy(one("Deployment", "autobatch-daemon"))
+    pod = deployment["spec"]["template"]["spec"]
+    pod.update(snippet)
+    validate(deployment)
+    (init,) = snippet["initContainers"]
+    (mount,) = init["volumeMounts"]
+    assert "subPath" not in mount
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == CHECKPOINT_CLAIM
+    script = init["command"][-1]
+    sub_paths = {sub for _, sub in checkpoint_mounts(deployment["spec"]["template"])}
+    for sub in sub_paths:
+        assert f"{mount['mountPath']}/{sub}" in script, sub
+    assert f"chown 1000:{pod['securityContext']['fsGroup']} " in script
+
+
+# ---------------------------------------------------------------------------
+# the NetworkPolicy: Ray Client and the dashboard from the daemon only
+
+RAY_CLIENT, RAY_DASHBOARD = 10001, 8265
+ALL_TCP = set(range(1, 65536))
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        ok = {
+            "In": present and value in e.get("values", []),
+            "NotIn": not present or value not in e.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def ingress_ports(policy: dict, labels: dict[str, str]) -> set[int]:
+    """The TCP ports of the selected pods that a pod with `labels`, in the policy's
+    namespace, may connect to."""
+    allowed: set[int] = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        for peer in peers or []:
+            assert set(peer) == {"podSelector"}, f"not handled here: {peer}"
+        if peers and not any(selects(p["podSelector"], labels) for p in peers):
+            continue
+        for port in rule.get("ports") or [{"port": 1, "endPort": 65535}]:
+            assert port.get("protocol", "TCP") == "TCP" and isinstance(port["port"], int), port
+            allowed |= set(range(port["port"], port.get("endPort", port["port"]) + 1))
+    return allowed
+
+
+def pod_labels(docs: list[dict] | None = None) -> dict[str, dict[str, str]]:
+    return {role: t["metadata"]["labels"] for role, t in pod_specs(docs).items()}
+
+
+@COMPONENT_SETS
+def test_networkpolicy_selects_the_head_only(components):
+    docs = render(components=components)
+    policy = find(docs, "NetworkPolicy", "autobatch-ray-head")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    selector = policy["spec"]["podSelector"]
+    selected = {role for role, labels in pod_labels(docs).items() if selects(selector, labels)}
+    assert selected == {"head"}, selected
+
+
+@COMPONENT_SETS
+def test_ray_client_and_dashboard_are_reachable_from_the_daemon_only(components):
+    # Both bypass the daemon's token. The daemon's labels are read from its Deployment, so a
+    # label renamed on either side fails here instead of cutting the daemon off its cluster.
+    docs = render(components=components)
+    policy = find(docs, "NetworkPolicy", "autobatch-ray-head")
+    labels = pod_labels(docs)
+    assert {RAY_CLIENT, RAY_DASHBOARD} <= ingress_ports(policy, labels["daemon"])
+    for role, role_labels in labels.items():
+        if role != "daemon":
+            reached = ingress_ports(policy, role_labels) & {RAY_CLIENT, RAY_DASHBOARD}
+            assert not reached, f"{role} reaches {reached}"
+    assert not ingress_ports(policy, {"app": "anything-else"})
+    # the daemon reaches Ray through the port the policy opens to it
+    (daemon,) = pod_specs(docs)["daemon"]["spec"]["containers"]
+    assert env_of(daemon)["RAY_ADDRESS"]["value"].endswith(f":{RAY_CLIENT}")
+
+
+@COMPONENT_SETS
+def test_ray_pods_reach_every_other_port_of_the_head(components):
+    # GCS 6379, and the raylet, object manager, agent and worker ports Ray picks at random
+    docs = render(components=components)
+    policy = find(docs, "NetworkPolicy", "autobatch-ray-head")
+    for role, labels in pod_labels(docs).items():
+        if role != "daemon":
+            assert ingress_ports(policy, labels) == ALL_TCP - {RAY_CLIENT, RAY_DASHBOARD}, role
+
+
+# ---------------------------------------------------------------------------
+# the namespace: in the kustomization, on every object, in every command of the guide
+
+
+def namespace() -> str:
+    ns = yaml.safe_load(KUSTOMIZATION.read_text()).get("namespace")
+    assert ns and ns != "default", f"k8s/kustomization.yaml: namespace {ns!r}"
+    return ns
+
+
+@COMPONENT_SETS
+def test_every_object_goes_to_the_kustomizations_namespace(components):
+    ns = namespace()
+    for d in render(components=components):
+        assert d["metadata"].get("namespace") == ns, (d["kind"], d["metadata"]["name"])
+
+
+# kubectl commands on cluster-scoped objects (or local files), which take no namespace
+CLUSTER_SCOPED_COMMANDS = {
+    ("get", "crd"),
+    ("get", "nodes"),
+    ("get", "storageclass"),
+    ("get", "csidriver"),
+    ("create", "namespace"),
+    ("kustomize",),
+}
+
+
+def kubectl_commands(text: str) -> list[list[str]]:
+    """The arguments of every `kubectl` command in a document's code (fenced blocks and
+    inline code, which may wrap lines), each up to the line's end, a pipe or `&`."""
+    fenced = re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, flags=re.M | re.S)
+    rest = re.sub(r"^\s*```[^\n]*\n.*?^\s*```", "", text, flags=re.M | re.S)
+    code = fenced + [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", rest)]
+    return [m.group(1).split() for c in code for m in re.finditer(r"\bkubectl\b([^\n|&]*)", c)]
+
+
+@pytest.mark.parametrize("doc", ["docs/kubernetes.md", "README.md"])
+def test_every_kubectl_command_names_the_namespace(doc):
+    ns = namespace()
+    for args in kubectl_commands((ROOT / doc).read_text()):
+        if tuple(args[:2]) in CLUSTER_SCOPED_COMMANDS or tuple(args[:1]) in CLUSTER_SCOPED_COMMANDS:
+            continue
+        assert args[:1] == ["-n"] and len(args) > 1, f"{doc}: kubectl {' '.join(args)}"
+        # another product's namespace (kube-prometheus-stack's) is a placeholder
+        assert args[1] == ns or args[1].startswith("<"), f"{doc}: kubectl {' '.join(args)}"
+
+
+def test_the_plain_scrape_config_targets_the_kustomizations_namespace():
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", guide, flags=re.S)]
+    (scrape,) = [b for b in blocks if isinstance(b, dict) and "scrape_configs" in b]
+    (job,) = scrape["scrape_configs"]
+    (static,) = job["static_configs"]
+    (target,) = static["targets"]
+    svc = one("Service", "autobatch-daemon")
+    port = svc["spec"]["ports"][0]["port"]
+    assert target == f"{svc['metadata']['name']}.{namespace()}.svc:{port}"
+
+
+# ---------------------------------------------------------------------------
+# object storage instead of the volume: credentials from a Secret, never in the files
+
+
+def test_object_store_component_gives_every_pod_the_secret():
+    docs = render(components=[OBJECT_STORE_COMPONENT])
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for role, template in pod_specs(docs).items():
+        for c in template["spec"]["containers"]:
+            assert c.get("envFrom") == [{"secretRef": {"name": OBJECT_STORE_SECRET}}], role
+    for role, template in pod_specs().items():  # not without the component
+        assert all("envFrom" not in c for c in template["spec"]["containers"]), role
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert re.search(rf"kubectl -n \S+ create secret generic {OBJECT_STORE_SECRET} ", guide)
+
+
+def test_no_credential_is_written_in_the_manifests():
+    for path in K8S.rglob("*.yaml"):
+        text = path.read_text()
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            assert not re.search(rf"name:\s*{name}\s*\n\s*value:", text), f"{path}: {name}"
 
 
 # ---------------------------------------------------------------------------
