@@ -28,6 +28,7 @@ import torch
 import yaml
 from daemon_util import TINY, api_in_thread, tiny_spec
 
+from autobatch.errors import StorageError
 from autobatch.step.wrap import REPLICATED
 from launcher.cli import main
 from launcher.daemon.daemon import Daemon
@@ -37,7 +38,9 @@ from launcher.job.checkpoint import (
     list_checkpoints,
     save_checkpoint,
 )
+from launcher.job.policy import classify
 from launcher.job.spec import SpecError, parse_spec
+from launcher.job.train import _save_output
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 from ledger import exact_global_batches, last_tries, rank_lines  # noqa: E402
@@ -279,3 +282,24 @@ def test_a_uri_carrying_credentials_is_refused_without_repeating_it(tmp_path, fi
         daemon.shutdown()
     logs = list((tmp_path / "state").rglob("*"))
     assert not any(SECRET in p.read_text(errors="ignore") for p in logs if p.is_file())
+
+
+def test_a_save_to_a_missing_bucket_is_a_storage_fault_the_policy_does_not_retry(s3):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(StorageError, match="checkpoint of step 2: .*no such bucket") as info:
+        save_checkpoint("s3://no-such-bucket/ckpt", 2, REPLICATED, model, opt, {})
+    assert classify(info.value) == "storage"
+
+
+def test_a_trained_model_for_a_uri_is_saved_locally_then_uploaded(s3):
+    def save(model: torch.nn.Module, out_dir: str) -> None:
+        pathlib.Path(out_dir, "adapter").mkdir()
+        torch.save(model.state_dict(), pathlib.Path(out_dir, "adapter", "weights.pt"))
+        pathlib.Path(out_dir, "config.json").write_text("{}")
+
+    _save_output(save, torch.nn.Linear(2, 2), f"s3://{s3.bucket}/final")
+    assert sorted(s3.fs.find(f"{s3.bucket}/final")) == [
+        f"{s3.bucket}/final/adapter/weights.pt",
+        f"{s3.bucket}/final/config.json",
+    ]
