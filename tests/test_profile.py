@@ -1,4 +1,5 @@
-"""The model profile on CPU and simulated devices: fit, verification, OOM recovery, cache."""
+"""The model profile on CPU and simulated devices: fit, verification, OOM recovery, cache,
+and the time per micro-step (warm shapes, medians, a line that says when it is not trusted)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 
 from autobatch.errors import NoFitError, ProbeError
 from autobatch.planning.planner import make_plan
-from autobatch.probe import budget
+from autobatch.probe import budget, measure
 from autobatch.probe.devices import SimulatedDevice, cpu_device
 from autobatch.probe.measure import StepRunner
 from autobatch.probe.model_state import meta_model_state
@@ -23,6 +24,7 @@ from autobatch.probe.profile import (
     check_backend,
     profile_model,
 )
+from autobatch.probe.time_fit import fit_time_line
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
@@ -410,3 +412,132 @@ def test_a_profile_written_before_sharding_loads_and_says_what_sharding_needs():
     assert old.capacity("r0").max_micro_batch == p.max_micro_batch
     with pytest.raises(ProbeError, match="no model state .* sharding='full'"):
         old.capacity("r0", sharding="full", world_size=2)
+
+
+# ---------------------------------------------------------------------------
+# time per micro-step: warm shapes, medians, a robust line that says when it is not trusted
+
+
+class CostModel:
+    """A deterministic clock (planted as the probe's `measure.now`): each forward of b samples
+    costs `fixed + per_sample * b` seconds, plus `cold` on the first `cold_runs` forwards at
+    each size (kernel selection, allocator growth) and `hiccups[(b, n)]` on the n-th
+    forward at b (a disturbance on a busy machine)."""
+
+    def __init__(self, fixed, per_sample, *, cold=0.0, cold_runs=1, hiccups=None):
+        self.fixed, self.per_sample, self.cold, self.cold_runs = fixed, per_sample, cold, cold_runs
+        self.hiccups = hiccups or {}
+        self.t, self.calls = 0.0, {}
+
+    def __call__(self) -> float:
+        return self.t
+
+    def warm(self, b: int) -> float:
+        return self.fixed + self.per_sample * b
+
+    def forward(self, b: int) -> None:
+        n = self.calls[b] = self.calls.get(b, 0) + 1
+        self.t += self.warm(b) + (self.cold if n <= self.cold_runs else 0.0)
+        self.t += self.hiccups.get((b, n), 0.0)
+
+
+def costed_task(cost: CostModel) -> Task:
+    """Activations grow with b (the search measures several sizes); time is the cost model's."""
+    data = [torch.randn(256) for _ in range(8)]
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        cost.forward(len(x))
+        return model(x).square().sum()
+
+    return Task(lambda: nn.Linear(256, 256), data, torch.stack, loss_fn)
+
+
+def costed_profile(cost: CostModel, monkeypatch, memory_mib: float = 2.5) -> ModelProfile:
+    monkeypatch.setattr(measure, "now", cost)
+    return profile_model(
+        costed_task(cost), SimulatedDevice("sim", int(memory_mib * MiB)), make_optimizer=adamw
+    )
+
+
+def test_a_shapes_slow_first_micro_steps_are_never_timed_and_the_line_is_the_warm_one(
+    monkeypatch,
+):
+    # The H200 run: first micro-steps at each new shape 25x slower than warm ones made the
+    # fitted per-sample cost zero. Planted: 50 ms on the first forward at every size.
+    cost = CostModel(0.002, 0.0001, cold=0.050)
+    p = costed_profile(cost, monkeypatch)
+    assert len({m.micro_batch for m in p.measurements}) >= 3
+    for m in (m for m in p.measurements if not m.oom):
+        assert m.micro_step_runs_s == pytest.approx((cost.warm(m.micro_batch),) * 3)
+        if m.low_micro_batch:
+            assert m.low_step_runs_s == pytest.approx((cost.warm(m.low_micro_batch),) * 3)
+    assert p.time_trusted and p.time_note == ""
+    assert (p.fixed_s, p.per_sample_s) == pytest.approx((0.002, 0.0001))
+    assert p.measured_steps <= MAX_MEASURED_STEPS  # the warm-ups are micro-steps, not steps
+
+
+def test_a_shape_that_stays_slow_for_two_runs_is_outvoted_by_the_median(monkeypatch):
+    # two cold forwards per size: one is the warm-up, the other one of three timed runs
+    cost = CostModel(0.002, 0.0001, cold=0.050, cold_runs=2)
+    p = costed_profile(cost, monkeypatch)
+    assert (p.fixed_s, p.per_sample_s) == pytest.approx((0.002, 0.0001))
+    assert p.time_trusted
+
+
+def test_one_disturbed_micro_step_moves_neither_the_sizes_time_nor_the_line(monkeypatch):
+    probe = CostModel(0.002, 0.0001)
+    b = costed_profile(probe, monkeypatch).max_micro_batch
+    cost = CostModel(0.002, 0.0001, hiccups={(b, 3): 0.5})  # the 2nd timed run at the largest
+    p = costed_profile(cost, monkeypatch)
+    m = next(m for m in p.measurements if m.micro_batch == b)
+    assert max(m.micro_step_runs_s) > 0.5 and m.micro_step_s == pytest.approx(cost.warm(b))
+    assert (p.fixed_s, p.per_sample_s) == pytest.approx((0.002, 0.0001))
+
+
+def test_a_time_that_falls_with_the_micro_batch_is_flagged_untrusted_in_profile_and_plan(
+    monkeypatch,
+):
+    cost = CostModel(0.030, -0.00005)  # 30 ms less 0.05 ms per sample: not a device's line
+    p = costed_profile(cost, monkeypatch)
+    assert not p.time_trusted and "negative slope" in p.time_note
+    assert p.per_sample_s == 0 and p.fixed_s > 0  # the line the planner gets, flagged
+    cap = p.capacity("r0")
+    assert "negative slope" in cap.time_note
+    again = ModelProfile.from_json(p.to_json())
+    assert again == p and not again.time_trusted
+    plan = make_plan(4 * p.max_micro_batch, [cap, replace(cap, device_id="r1", time_note="")])
+    notes = [n for n in plan.notes if "time model not trusted" in n]
+    assert len(notes) == 1 and notes[0].startswith("sim (r0): time model not trusted: negative")
+    assert "(r1)" not in " ".join(plan.notes)
+
+
+@pytest.mark.parametrize(
+    ("points", "line", "trusted", "why"),
+    [
+        # an exact line over three sizes
+        ([(1, 0.011), (4, 0.014), (8, 0.018)], (0.010, 0.001), True, ""),
+        # one point far off (a cold shape, timed): Theil-Sen keeps the others' line
+        ([(1, 0.011), (4, 0.014), (8, 0.018), (12, 0.022), (6, 0.200)], (0.010, 0.001), True, ""),
+        # repeats at a size count as their median
+        ([(2, 0.012), (2, 0.012), (2, 0.9), (4, 0.014), (8, 0.018)], (0.010, 0.001), True, ""),
+        # time falls with the batch: constant, flagged
+        ([(1, 0.030), (4, 0.020), (8, 0.010)], (0.020, 0.0), False, "negative slope"),
+        # one size: proportional, flagged
+        ([(4, 0.008), (4, 0.008)], (0.0, 0.002), False, "one size measured"),
+        # two sizes: a line always fits them, nothing checks it
+        ([(1, 0.011), (4, 0.014)], (0.010, 0.001), False, "too few sizes"),
+        # two sizes of five far off: the robust line goes through the other three
+        ([(1, 0.010), (2, 0.030), (3, 0.011), (4, 0.040), (5, 0.012)], (0.0095, 0.0005), True, ""),
+        # no line fits: the median size is far from the robust line
+        ([(1, 0.01), (2, 0.03), (3, 0.006), (4, 0.04), (5, 0.008), (6, 0.05)], None, False, "poor"),
+        # a line through zero below b=0: a ray from the origin (no negative fixed cost)
+        ([(4, 0.002), (8, 0.010), (16, 0.026)], (0.0, 0.038 / 28), False, "poor fit"),
+        ([(10, 0.0099), (20, 0.0200), (40, 0.0401)], (0.0, 0.07 / 70), True, ""),
+    ],
+)
+def test_the_time_line_fit(points, line, trusted, why):
+    fit = fit_time_line(points)
+    if line is not None:
+        assert (fit.fixed_s, fit.per_sample_s) == pytest.approx(line, abs=1e-9)
+    assert fit.per_sample_s >= 0 and fit.fixed_s >= 0
+    assert fit.trusted is trusted and (why in fit.note if why else fit.note == "")

@@ -28,6 +28,9 @@ class DeviceCapacity:
     update, gradient all-reduce). The memory fields are optional and only used
     for reporting and for error messages.
 
+    `time_note` says why the time model is not to be trusted (a probe's fit that failed its
+    checks, autobatch.probe.time_fit); `make_plan` lists it in the plan's notes.
+
     `sharding` and `world_size` say what the memory figures hold for ("none": a
     replica, any world size). With a `memory` model (from a probe's profile),
     `sharded(mode, W)` re-derives them for another mode or world size.
@@ -48,6 +51,7 @@ class DeviceCapacity:
     sharding: Sharding = "none"
     world_size: int | None = None  # the ranks the memory figures hold for (None: any)
     memory: MemoryModel | None = None
+    time_note: str = ""  # why the time line is not trusted (the probe's fit); empty: trusted
 
     def __post_init__(self) -> None:
         check_sharding(self.sharding)

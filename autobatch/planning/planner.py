@@ -13,12 +13,14 @@ slowest rank's predicted step time is as small as it can be.
                           autobatch.planning.sharded plans for the world size it includes
     "auto"                the lightest mode that fits every device (choose_sharding)
 
-`equal_split_plan` is today's DDP recipe, as a runnable plan.
+`equal_split_plan` is today's DDP recipe, as a runnable plan. A device whose time model
+the probe did not trust (`DeviceCapacity.time_note`) is named in the plan's notes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from autobatch.levers import ShardingChoice, check_sharding
 from autobatch.planning.capacity import DeviceCapacity
@@ -55,10 +57,24 @@ def make_plan(
     micro-steps. See `autobatch.planning.sharded`.
     """
     if sharding == "auto" or check_sharding(sharding) != "none" or _sharded_inputs(devices):
-        return make_sharded_plan(
+        plan = make_sharded_plan(
             global_batch_size, devices, sharding, baseline=baseline, keep_all=keep_all
         )
-    return plan_replicas(global_batch_size, devices, baseline=baseline, keep_all=keep_all)
+    else:
+        plan = plan_replicas(global_batch_size, devices, baseline=baseline, keep_all=keep_all)
+    return _with_time_notes(plan, devices)
+
+
+def _with_time_notes(plan: Plan, devices: Sequence[DeviceCapacity]) -> Plan:
+    """A note per device whose time model is not trusted (`DeviceCapacity.time_note`)."""
+    notes = [
+        f"{d.name} ({d.device_id}): time model not trusted: {d.time_note}; its share of the "
+        "batch may be off until the ranks' measured compute rebalances the plan"
+        for d in devices
+        if d.time_note
+    ]
+    new = [n for n in notes if n not in plan.notes]
+    return replace(plan, notes=(*plan.notes, *new)) if new else plan
 
 
 def _sharded_inputs(devices: Sequence[DeviceCapacity]) -> bool:

@@ -3,6 +3,7 @@
     devices        inventory (NVML, torch, simulated devices), device lists and sizes
     measure        one real training step on one device (the step's own code), measured
     profile        profile_model: peak memory and time per micro-batch, fitted, verified
+    time_fit       the time line per micro-step, fitted robustly, and whether to trust it
     model_profile  ModelProfile, the profile as a value; -> DeviceCapacity
     budget         usable memory less headroom and what a probe cannot see (reserve)
     model_state    parameters, gradients, optimizer state, sharding units, in bytes

@@ -20,7 +20,7 @@ from autobatch.probe.devices import DeviceInfo
 from autobatch.probe.measure import MakeOptimizer, StepMeasurement
 from autobatch.tasks.task import Task, model_fingerprint
 
-PROFILE_FORMAT_VERSION = 2  # 2: gradient checkpointing; probe batches with padding
+PROFILE_FORMAT_VERSION = 3  # 2: gradient checkpointing, padded probe batches; 3: warm timings
 
 
 def default_cache_dir() -> str:
@@ -74,7 +74,7 @@ def load(cache_dir: str | os.PathLike | None, key: str) -> list[StepMeasurement]
     if data.get("format_version") != PROFILE_FORMAT_VERSION:
         return None
     try:
-        return [StepMeasurement(**m) for m in data["measurements"]]
+        return [StepMeasurement.from_dict(m) for m in data["measurements"]]
     except (KeyError, TypeError):  # written by another version: measure again
         return None
 

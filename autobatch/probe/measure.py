@@ -1,14 +1,24 @@
 """Run one real training step of a task on one device and measure it.
 
 A measured step is what training does with accumulation, one micro-batch on
-the device at a time: micro-batches of b, b and b_lo = b - max(1, b // 4)
-worst-case samples, each forward + backward, then the optimizer step. The
-second and third micro-steps run with gradients alive (the peak of an
-accumulating step); together they give the peak at b *and* its slope there
+the device at a time: micro-batches of b (several) then b_lo = b - max(1, b // 4)
+(several) worst-case samples, each forward + backward, then the optimizer step.
+The micro-steps after the first run with gradients alive (the peak of an
+accumulating step); b and b_lo together give the peak at b *and* its slope there
 (bytes per extra sample), so one step yields a tangent of peak(b), not a point.
 The optimizer step's peak is reported apart: with AdamW(foreach=True) it is the
-larger one at small b. It also times the micro-steps (warm), the forward alone,
-and the optimizer step.
+larger one at small b.
+
+Timing: a shape's first micro-steps pay for kernel selection, allocator growth and
+first touches, which later steps at that shape never pay (on an H200 they made the
+fitted per-sample cost zero). So every size is warmed before it is timed: the first
+micro-step of b (the one without gradients) is never timed, and b_lo runs
+`WARM_UP_RUNS` untimed micro-steps when this runner has not run its shape yet. Then
+`TIMED_RUNS` micro-steps of each size are timed and the median is the size's time
+(the runs themselves are kept). On CUDA the device is synchronised before and after
+every timed region, so the time is the work's, not its launch's. Warm-ups are extra
+micro-steps inside the same measured step, not extra steps. Also timed: the forward
+alone (median) and the optimizer step.
 
 Memory is measured with torch's own accounting: the CUDA caching allocator's
 peak on a GPU (plus its reserved peak, to see fragmentation); `TensorMemory`
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +51,15 @@ from autobatch.tasks.task import Task
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
+WARM_UP_RUNS = 1  # untimed micro-steps of a shape this runner has not run yet
+TIMED_RUNS = 3  # timed micro-steps per size; the size's time is their median
+
+
+def now() -> float:
+    """The probe's clock (seconds). A module function, so that a test can plant a
+    deterministic cost model (tests/test_profile.py)."""
+    return time.perf_counter()
+
 
 @dataclass(frozen=True)
 class StepMeasurement:
@@ -52,11 +72,19 @@ class StepMeasurement:
     low_peak_bytes: int | None = None  # its peak
     optimizer_peak_bytes: int | None = None  # peak during optimizer.step()
     reserved_peak_bytes: int | None = None  # CUDA: allocator's reserved peak (fragmentation)
-    micro_step_s: float | None = None  # the 2nd micro-step (warm), paced on a simulated device
-    low_step_s: float | None = None  # the b_lo micro-step
-    forward_s: float | None = None  # the 2nd micro-step's forward alone (before any pacing)
+    micro_step_s: float | None = None  # median of the warm micro-steps of b (paced if simulated)
+    low_step_s: float | None = None  # median of the warm b_lo micro-steps
+    forward_s: float | None = None  # median forward alone of b's timed micro-steps (unpaced)
     optimizer_s: float | None = None
     predicted_peak_bytes: int | None = None  # what the fit said before this step ran
+    micro_step_runs_s: tuple[float, ...] = ()  # each timed micro-step of b
+    low_step_runs_s: tuple[float, ...] = ()  # each timed micro-step of b_lo
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepMeasurement:
+        """From `dataclasses.asdict` through JSON (the timed runs back to tuples)."""
+        runs = {k: tuple(data.get(k) or ()) for k in ("micro_step_runs_s", "low_step_runs_s")}
+        return cls(**{**data, **runs})
 
     @property
     def peak_bytes(self) -> int | None:
@@ -179,6 +207,7 @@ class StepRunner:
             )
         self.pacer = Pacer(device.speed) if device.simulated and device.speed != 1.0 else None
         self.steps = 0
+        self.warm: set[int] = set()  # micro-batch sizes this runner has run (warm shapes)
 
     def _paced(self) -> contextlib.AbstractContextManager:
         return self.pacer.micro_step() if self.pacer else contextlib.nullcontext()
@@ -203,56 +232,76 @@ class StepRunner:
 
     def _micro_step(self, size: int, weight: float) -> tuple[int, int | None, float, float]:
         """Forward + backward of one micro-batch of `size`: (peak, reserved peak, seconds,
-        forward seconds). The micro-batch lives on the device only during its micro-step."""
+        forward seconds). The micro-batch lives on the device only during its micro-step;
+        it is made on the host before the clock starts (the loader's work, not the step's)."""
         m = self.meter
+        host = self.task.probe_batch(size)
         m.reset_peak()
         m.sync()
-        t0 = time.perf_counter()
+        t0 = now()
         forward_s = 0.0
 
         def forward_done() -> None:
             nonlocal forward_s
             m.sync()
-            forward_s = time.perf_counter() - t0
+            forward_s = now() - t0
 
         with self._paced():
-            mb = to_device(self.task.probe_batch(size), self.device)
+            mb = to_device(host, self.device)
             self.accumulator.micro_step(
                 mb, self.task.loss_fn, weight=weight, after_forward=forward_done
             )
             del mb
             m.sync()
-        return m.peak(), m.reserved_peak(), time.perf_counter() - t0, forward_s
+        seconds = now() - t0
+        self.warm.add(size)
+        return m.peak(), m.reserved_peak(), seconds, forward_s
+
+    def _sizes(self, b: int, lo: int | None) -> list[tuple[int, bool]]:
+        """The step's micro-batches as (size, timed): b's first micro-step (no gradients
+        alive yet) and the warm-ups of a shape not run before are not timed."""
+        sizes = [(b, False)] * max(1, 0 if b in self.warm else WARM_UP_RUNS)
+        sizes += [(b, True)] * TIMED_RUNS
+        if lo:
+            sizes += [(lo, False)] * (0 if lo in self.warm else WARM_UP_RUNS)
+            sizes += [(lo, True)] * TIMED_RUNS
+        return sizes
 
     def _step(self, b: int) -> dict[str, Any]:
         m, lo = self.meter, low_size(b)
-        sizes = [b, b] + ([lo] if lo else [])
-        weight = 1.0 / sum(sizes)
+        sizes = self._sizes(b, lo)
+        weight = 1.0 / sum(size for size, _ in sizes)
         state_before = self.state_bytes()
         with m.step():
-            runs = [self._micro_step(size, weight) for size in sizes]
+            runs = [(size, timed, *self._micro_step(size, weight)) for size, timed in sizes]
             m.reset_peak()
-            t0 = time.perf_counter()
+            t0 = now()
             with self._paced():
                 self.accumulator.update()
                 m.sync()
-            optimizer_s = time.perf_counter() - t0
+            optimizer_s = now() - t0
             optimizer_peak = m.peak()
-            reserved = [r[1] for r in runs] + [m.reserved_peak()]
+            reserved = [r[3] for r in runs] + [m.reserved_peak()]
         # A lazily built optimizer state (Adam's moments) is born in the first step;
         # in every later step it is alive during the micro-steps too.
         born = self.state_bytes() - state_before
+        at_b = [r for r in runs if r[0] == b]
+        at_lo = [r for r in runs if r[0] == lo]
+        timed_b = tuple(r[4] for r in at_b if r[1])
+        timed_lo = tuple(r[4] for r in at_lo if r[1])
         return {
             "oom": False,
-            "micro_peak_bytes": max(runs[0][0], runs[1][0]) + born,
+            "micro_peak_bytes": max(r[2] for r in at_b) + born,
             "low_micro_batch": lo,
-            "low_peak_bytes": runs[2][0] + born if lo else None,
+            "low_peak_bytes": max(r[2] for r in at_lo) + born if lo else None,
             "optimizer_peak_bytes": optimizer_peak,
             "reserved_peak_bytes": None if reserved[0] is None else max(reserved),
-            "micro_step_s": runs[1][2],
-            "low_step_s": runs[2][2] if lo else None,
-            "forward_s": runs[1][3],
+            "micro_step_s": statistics.median(timed_b),
+            "low_step_s": statistics.median(timed_lo) if lo else None,
+            "forward_s": statistics.median([r[5] for r in at_b if r[1]]),
             "optimizer_s": optimizer_s,
+            "micro_step_runs_s": timed_b,
+            "low_step_runs_s": timed_lo,
         }
 
     def entry_bytes(self) -> int:

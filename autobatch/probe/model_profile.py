@@ -55,6 +55,8 @@ class ModelProfile:
     gradient_checkpointing: bool = False  # measured with activation checkpointing on
     state: ModelState | None = None  # parameters, gradients, optimizer state, sharding units
     micro_batch_cap: int = DEFAULT_MAX_MICRO_BATCH  # the caller's max_micro_batch
+    time_trusted: bool = True  # the time line passed its checks (autobatch.probe.time_fit)
+    time_note: str = ""  # why it did not, in words
 
     @property
     def reserve_bytes(self) -> int:
@@ -97,6 +99,7 @@ class ModelProfile:
             estimated=self.estimated,
             gradient_checkpointing=self.gradient_checkpointing,
             memory=self.memory_model(),
+            time_note="" if self.time_trusted else self.time_note or "not trusted",
         )
         if sharding == "none":
             return capacity
@@ -170,7 +173,7 @@ class ModelProfile:
             )
         data["reserve"] = tuple((k, int(v)) for k, v in data["reserve"])
         data["peak_lines"] = tuple(PeakLine(**line) for line in data["peak_lines"])
-        data["measurements"] = tuple(StepMeasurement(**m) for m in data["measurements"])
+        data["measurements"] = tuple(StepMeasurement.from_dict(m) for m in data["measurements"])
         if data.get("state") is not None:  # profiles written before sharding have none
             data["state"] = ModelState(**data["state"])
         return cls(**data)

@@ -22,6 +22,11 @@ optimizer step's line.
 4. If a size did not fit (out of memory, or over budget), refit with what it showed
    or bisect if it showed nothing. The answer is always a size that was measured.
 
+The time line per micro-step is fitted to every measured size's median warm time
+(`autobatch.probe.time_fit`: Theil-Sen, never a negative slope); when the fit cannot be
+trusted the profile says so (`time_trusted`, `time_note`) and so does the plan's notes.
+Warm-ups are micro-steps inside a measured step: they never add a step.
+
 The budget each size must fit is the device's usable memory less the headroom and
 what the probe cannot see (`autobatch.probe.budget`). Profiles are cached on disk by
 what changes them (model, sample shape, precision, optimizer, device type, torch
@@ -57,6 +62,7 @@ from autobatch.probe.measure import MakeOptimizer, StepMeasurement, StepRunner
 from autobatch.probe.model_profile import DEFAULT_MAX_MICRO_BATCH, MAX_EXTRAPOLATION, ModelProfile
 from autobatch.probe.model_state import meta_model_state, model_state
 from autobatch.probe.peak import largest_under, peak_at, peak_lines
+from autobatch.probe.time_fit import fit_time_line
 from autobatch.step.precision import Precision, check_supported
 from autobatch.step.shard import BlocksFn, repeated_blocks
 from autobatch.tasks.task import Task
@@ -270,10 +276,11 @@ def _conclude(
     max_b = predicted if use_prediction else best
     if max_b < 1:
         raise ProbeError(f"{info.name}: no micro-batch fits the budget of {budget} bytes")
-    later = ok[1:] or ok  # the first step warms up and creates the optimizer state
-    times = [(m.micro_batch, m.micro_step_s) for m in later]
-    times += [(m.low_micro_batch, m.low_step_s) for m in later if m.low_micro_batch]
-    fixed_s, per_sample_s = _time_line(times)
+    later = ok[1:] or ok  # the first optimizer step creates the optimizer state
+    # Every size's time is the median of warm micro-steps (measure.py): the first step's too.
+    times = [(m.micro_batch, m.micro_step_s) for m in ok]
+    times += [(m.low_micro_batch, m.low_step_s) for m in ok if m.low_micro_batch]
+    fit = fit_time_line(times)
     unpaced = [m.micro_step_s * info.speed / m.forward_s for m in ok if m.forward_s > 0]
     frag = Budget.fragmentation(measurements)
     return ModelProfile(
@@ -285,8 +292,10 @@ def _conclude(
         reserve=tuple(static) + ((("fragmentation", frag),) if frag else ()),
         budget_bytes=budget,
         peak_lines=lines,
-        fixed_s=fixed_s,
-        per_sample_s=per_sample_s,
+        fixed_s=fit.fixed_s,
+        per_sample_s=fit.per_sample_s,
+        time_trusted=fit.trusted,
+        time_note=fit.note,
         step_overhead_s=statistics.median(m.optimizer_s for m in later),
         backward_factor=max(1.0, statistics.median(unpaced)) if unpaced else 3.0,
         max_micro_batch=max_b,
@@ -300,21 +309,6 @@ def _conclude(
         state=state,
         micro_batch_cap=cap,
     )
-
-
-def _time_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares t = a + c*b with a, c >= 0 (one point: all of it per sample)."""
-    bs = [b for b, _ in points]
-    if len(set(bs)) < 2:
-        return 0.0, sum(t / b for b, t in points) / len(points)
-    mb, mt = statistics.fmean(bs), statistics.fmean(t for _, t in points)
-    c = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b in bs)
-    if c <= 0:  # timing noise at tiny sizes: time does not grow measurably with b
-        return mt, 0.0
-    a = mt - c * mb
-    if a < 0:
-        return 0.0, sum(t for _, t in points) / sum(bs)
-    return a, c
 
 
 def _size(n: float) -> str:
