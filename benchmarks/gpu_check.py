@@ -60,8 +60,11 @@ backwards, buckets and other all-reduces per step; the first step's gradient
 against the single-process full-batch reference as a relative L2 error (next to
 the bf16 reference's own error against fp32), and the fp32 plan against the fp32
 reference (exact up to rounding); samples/s of every run (wall time on rank 0,
-steps after the first `WARMUP`). Per sharded mode: per rank the planned
-micro-batches, predicted and measured peak, all-gathers and reduce-scatters per step
+steps after the first `WARMUP`); per rank the plan's predicted compute per step
+against the measured one (the launcher's `ComputeClock`: the rank's micro-steps, the
+wait at the all-reduce left out, CUDA events on a GPU) and per micro-batch size the
+plan's time line against the median measured micro-step. Per sharded mode: per rank the
+planned micro-batches, predicted and measured peak, all-gathers and reduce-scatters per step
 (checked: "optimizer" one of each per unit and step, "full" per micro-step), the
 run's samples/s against the DDP plan runs', and the fp32 parameters, and their change
 from the initial weights, against the reference as relative L2 errors (checked: the
@@ -136,6 +139,7 @@ from autobatch.step.shard import SHARD_MODES, Sharded, repeated_blocks
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 from launcher.job import policy
+from launcher.job.rebalancing import ComputeClock
 
 GPU_MODEL = {"vocab_size": 8192, "seq_len": 512, "d_model": 512, "n_heads": 8, "n_layers": 6}
 CPU_MODEL = {"seq_len": 64}  # the demo's tiny GPT, for --cpu
@@ -335,6 +339,12 @@ class RunStats:
     first_loss: float
     last_loss: float
     losses: list[float] = field(default_factory=list)
+    # this rank's compute per timed step (ComputeClock: its micro-steps, not the wait at
+    # the all-reduce), the plan's prediction of it, and per micro-batch size the median
+    # measured micro-step against the plan's time line
+    compute_s: list[float] = field(default_factory=list)
+    predicted_compute_s: float | None = None
+    micro_step_by_size: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class _Peak:
@@ -389,7 +399,10 @@ def train(
     acc = Accumulator(ddp, opt, precision=settings.precision)
     sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
     peak = _Peak(device, model, opt)
-    syncs, buckets, others, losses = [], [], [], []
+    clock = ComputeClock(model, device)  # the launcher's: CUDA events on a GPU
+    loss_fn = clock.wrap(task.loss_fn)
+    syncs, buckets, others, losses, compute = [], [], [], [], []
+    by_size: dict[int, list[float]] = {}
     t0 = 0.0
     try:
         for step in range(settings.steps):
@@ -399,11 +412,18 @@ def train(
             batches = [to_device(task.batch(i), device) for i in sampler.micro_batches(plan, rank)]
             n_items = task.count_items(sampler.global_batch())
             before = counter.counts()
+            clock.start_step()
             with peak, _no_oom(f"rank {rank}, step {step}, {plan.ranks[rank].micro_batches}"):
                 if step == fail_at:
                     raise torch.OutOfMemoryError(f"planted failure (--plant-failure {rank})")
-                result = acc.step(batches, task.loss_fn, global_items=n_items, sync_loss=False)
+                result = acc.step(batches, loss_fn, global_items=n_items, sync_loss=False)
             _append_counts(before, counter.counts(), syncs, buckets, others)
+            if step >= WARMUP:
+                spans = clock.step_compute(len(result.micro_step_s))
+                measured = [w if c is None else c for c, w in zip(spans, result.micro_step_s)]
+                compute.append(sum(measured))
+                for size, t in zip(plan.ranks[rank].micro_batches, measured):
+                    by_size.setdefault(size, []).append(t)
             losses.append(result.loss)
             sampler.advance()
             del batches
@@ -411,6 +431,8 @@ def train(
         seconds = time.perf_counter() - t0
     finally:
         counter.close()
+        clock.close()
+    line = plan.capacity(rank).micro_step_time
     loss = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(loss)  # after the counted steps: each rank held its part of the loss
     peak_bytes, reserved = peak.result()
@@ -426,6 +448,12 @@ def train(
         first_loss=float(loss[0]),
         last_loss=float(loss[-1]),
         losses=[round(float(x), 5) for x in loss],
+        compute_s=compute,
+        predicted_compute_s=sum(line(b) for b in plan.ranks[rank].micro_batches),
+        micro_step_by_size={
+            str(b): {"predicted_s": line(b), "measured_s": statistics.median(ts)}
+            for b, ts in sorted(by_size.items())
+        },
     )
 
 
@@ -1103,6 +1131,7 @@ def report_lines(
                 f"{_set([n for run in runs for n in run['buckets_per_step']])} | "
                 f"{_set([n for run in runs for n in run['other_all_reduces_per_step']])} |"
             )
+        lines += compute_lines(plan, reports)
         lines += [
             "",
             f"- plan: {plan.summary_lines()[0]}",
@@ -1138,6 +1167,48 @@ def report_lines(
             f"reference: {errors['plan32_vs_fp32']:.2e}"
         )
     return lines
+
+
+def compute_lines(plan: Plan, reports: list[dict]) -> list[str]:
+    """Per rank, in the plan's runs: the plan's predicted compute per step against the
+    measured one (the median step; ComputeClock, the wait at the all-reduce left out), and
+    per micro-batch size the time line's micro-step against the median measured one."""
+    rows = []
+    for rep in reports:
+        runs = _runs(rep, "plan")
+        measured = [t for run in runs for t in run.get("compute_s", [])]
+        if not measured:
+            continue
+        me, predicted = plan.ranks[rep["rank"]], runs[0]["predicted_compute_s"]
+        median = statistics.median(measured)
+        sizes: dict[str, list[float]] = {}
+        for run in runs:
+            for b, row in run.get("micro_step_by_size", {}).items():
+                sizes.setdefault(b, []).append(row["measured_s"])
+        cells = "; ".join(
+            f"b={b}: {me_line(plan, rep['rank'], int(b)) * 1e3:.2f} / "
+            f"{statistics.median(ts) * 1e3:.2f} ms"
+            for b, ts in sorted(sizes.items(), key=lambda kv: int(kv[0]))
+        )
+        rows.append(
+            f"| {me.rank} | {'+'.join(map(str, me.micro_batches))} | {predicted * 1e3:.2f} ms | "
+            f"{median * 1e3:.2f} ms ({min(measured) * 1e3:.2f}-{max(measured) * 1e3:.2f}) | "
+            f"{median / predicted:.2f} | {cells} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "| rank | micro-batches (plan) | predicted compute / step | measured compute / step "
+        "(median, min-max) | measured / predicted | micro-step by size: predicted / measured |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def me_line(plan: Plan, rank: int, b: int) -> float:
+    """The plan's time line for `rank`'s micro-step of b samples."""
+    return plan.capacity(rank).micro_step_time(b)
 
 
 def sharded_lines(

@@ -1,8 +1,8 @@
 """The probe on a real NVIDIA GPU, at two memory caps: predicted vs measured, then training.
 
     OUT=<dir> bash benchmarks/gpu_run.sh      # this and gpu_check.py, see there
-    python3 benchmarks/gpu_probe_check.py [--caps-gib 3 10] [--steps 20] [--time-limit S]
-        [--no-write] [--cpu]
+    python3 benchmarks/gpu_probe_check.py [--caps-gib 3 10] [--steps 20] [--time-steps 5]
+        [--time-limit S] [--no-write] [--cpu]
 
 Runs from a bare checkout with the machine's python (torch and numpy; the
 repository goes on sys.path, see gpu_common.py). For each cap
@@ -16,8 +16,12 @@ function, one at a time, as the probe measures it; the loss sums every target
 token, so `global_items` counts target tokens) and reports OOMs, the allocator's
 peaks, and the time per step from the second step on (the first creates the
 optimizer state) against the probe's time model. One step at 1.15 x b shows how
-close to the edge b is. It also prints the NVML inventory (UUID matching on real
-hardware).
+close to the edge b is. Then the time model: per micro-batch size the probe measured
+(up to b), the fitted line's micro-step time against the median micro-step of
+--time-steps training steps at that size (the first not timed; at b, the run above),
+warm and synchronised as the probe times them, and at b whether the line is within
+`TIME_GOAL` (10%) of the measurement; the profile's line says whether its fit was
+trusted. It also prints the NVML inventory (UUID matching on real hardware).
 
 A failure (an exception at one cap, the time limit) is recorded with what was
 measured before it, in a FAILED section; the next cap still runs after an
@@ -39,6 +43,7 @@ import dataclasses
 import gc
 import math
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -58,6 +63,7 @@ from autobatch.tasks.tiny_gpt import TinyGPTConfig, tiny_gpt_task
 CFG = TinyGPTConfig(vocab_size=8192, seq_len=512, d_model=512, n_heads=8, n_layers=6)
 CPU_CFG = TinyGPTConfig(seq_len=64)  # the demo's tiny GPT, for --cpu
 TITLE = "gpu_probe_check.py: the probe at two memory caps, predicted vs measured"
+TIME_GOAL = 0.10  # predicted micro-step time within 10% of measured at the chosen size
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -119,6 +125,7 @@ def train(
     opt = adamw(model)
     acc = Accumulator(model, opt, precision=precision)
     host = [task.probe_batch(b) for _ in range(2)]
+    micro_s: list[float] = []  # the micro-steps' times from the 2nd step on (synchronised)
     n_tokens = sum(target_tokens(mb) for mb in host)  # the loss sums target tokens
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -132,8 +139,10 @@ def train(
         failed = False
         try:
             with memory:
-                acc.step(host, loss_fn, global_items=n_tokens)
+                result = acc.step(host, loss_fn, global_items=n_tokens)
             ran += 1
+            if step:
+                micro_s += result.micro_step_s  # each waited for the device (its loss on host)
         except torch.OutOfMemoryError:
             failed = True  # recover outside the handler
         if failed:
@@ -152,6 +161,8 @@ def train(
         "reserved": reserved,
         "s_per_step": (time.perf_counter() - t0) / (steps - 1) if steps > 1 else None,
         "global_items": n_tokens,
+        "micro_step_s": statistics.median(micro_s) if micro_s else None,
+        "micro_steps_timed": len(micro_s),
     }
     del model, opt, acc, memory, host, tensors
     _free(device)
@@ -174,6 +185,7 @@ def check_cap(
     cap: int,
     precision: str,
     steps: int,
+    time_steps: int,
 ) -> dict[str, Any]:
     """Probe at `cap`, then train at the chosen micro-batch; report lines as they come."""
     t0 = time.perf_counter()
@@ -196,7 +208,8 @@ def check_cap(
     record.note(
         f"  - chosen micro-batch {b} after {p.measured_steps} steps in {probe_s:.1f} s; peak "
         f"predicted {shown}, measured {_mib(m.peak_bytes)}{error}; time model "
-        f"{p.fixed_s * 1e3:.2f} ms + {p.per_sample_s * 1e3:.3f} ms/sample"
+        f"{p.fixed_s * 1e3:.2f} ms + {p.per_sample_s * 1e3:.3f} ms/sample "
+        f"({'trusted' if p.time_trusted else 'NOT trusted: ' + p.time_note})"
     )
     r = train(task, device, b, precision, steps, cap)
     result["train"] = r
@@ -210,6 +223,7 @@ def check_cap(
     )
     if r["ooms"]:
         record.fail(f"cap {_mib(cap)}: {r['ooms']} OOM in {steps} steps at the probe's b={b}")
+    result["timing"] = time_per_size(record, task, device, p, precision, cap, r, time_steps)
     over = math.ceil(1.15 * b)
     r_over = train(task, device, over, precision, 1, cap)
     result["train_over"] = r_over
@@ -218,6 +232,46 @@ def check_cap(
         edge += f", reserved peak {_mib(r_over['reserved'])}"
     record.note(f"  - 1 step at 1.15 x b = {over}: {edge}")
     return result
+
+
+def time_per_size(
+    record: gpu_common.Record,
+    task: Task,
+    device: torch.device,
+    p: ModelProfile,
+    precision: str,
+    cap: int,
+    at_b: dict[str, Any],
+    steps: int,
+) -> list[dict[str, Any]]:
+    """Per micro-batch size the probe measured (up to its choice b): the time line's
+    micro-step against the median micro-step of `steps` training steps at that size (the
+    first not timed); at b, the training run's. Warm and synchronised, as the probe times."""
+    b = p.max_micro_batch
+    sizes = {m.micro_batch for m in p.measurements if not m.oom}
+    sizes |= {m.low_micro_batch for m in p.measurements if not m.oom and m.low_micro_batch}
+    rows = []
+    for size in sorted(x for x in sizes if x <= b) + ([] if b in sizes else [b]):
+        measured = at_b if size == b else train(task, device, size, precision, steps, cap)
+        if measured["micro_step_s"] is None:
+            continue
+        predicted = p.fixed_s + p.per_sample_s * size
+        rows.append({"b": size, "predicted_s": predicted, "measured_s": measured["micro_step_s"]})
+    cells = "; ".join(
+        f"b={row['b']}: {row['predicted_s'] * 1e3:.2f} / {row['measured_s'] * 1e3:.2f} ms"
+        f" ({row['predicted_s'] / row['measured_s']:.2f}x)"
+        for row in rows
+    )
+    record.note(f"  - micro-step time, predicted / measured (median, warm): {cells}")
+    chosen = next((row for row in rows if row["b"] == b), None)
+    if chosen is not None:
+        off = chosen["predicted_s"] / chosen["measured_s"] - 1
+        goal = "within" if abs(off) <= TIME_GOAL else "NOT within"
+        record.note(
+            f"  - at the chosen b={b}: predicted {chosen['predicted_s'] * 1e3:.2f} ms, measured "
+            f"{chosen['measured_s'] * 1e3:.2f} ms ({off:+.1%}): {goal} {TIME_GOAL:.0%} (goal)"
+        )
+    return rows
 
 
 def targets(
@@ -276,7 +330,7 @@ def check(args: argparse.Namespace, record: gpu_common.Record) -> None:
             torch.cuda.set_per_process_memory_fraction(cap / total, device)
         try:
             record.data["caps"].append(
-                check_cap(record, task, device, target, cap, precision, args.steps)
+                check_cap(record, task, device, target, cap, precision, args.steps, args.time_steps)
             )
         except Exception as exc:  # record it, and try the next cap
             record.fail(f"cap {_mib(cap)}: {gpu_common.error_line(exc)}")
@@ -288,14 +342,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caps-gib", type=float, nargs="+", default=[3.0, 10.0])
     parser.add_argument("--steps", type=int, help="training steps per cap (default 20; 6 --cpu)")
+    parser.add_argument(
+        "--time-steps", type=int, help="training steps per other size timed (default 5; 3 --cpu)"
+    )
     parser.add_argument("--time-limit", type=float, help="seconds: no new cap after it")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--cpu", action="store_true", help="functional check without a GPU")
     parser.add_argument("--caps-mib", type=float, nargs="+", default=[8.0, 20.0])
     args = parser.parse_args(argv)
     args.steps = args.steps or (6 if args.cpu else 20)
-    if args.steps < 2:
-        parser.error("--steps must be >= 2 (the first is not timed)")
+    args.time_steps = args.time_steps or (3 if args.cpu else 5)
+    if args.steps < 2 or args.time_steps < 2:
+        parser.error("--steps and --time-steps must be >= 2 (the first is not timed)")
     return args
 
 

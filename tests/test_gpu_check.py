@@ -158,6 +158,39 @@ def test_the_probe_check_runs_on_a_simulated_device(tmp_path, monkeypatch):
     text = (tmp_path / "gpu_probe_check.md").read_text()
     assert "2 steps x 2 micro-batches of" in text and "0 OOM" in text
     assert "FAILED" not in text
+    # the time model: trusted or not, per size predicted vs measured, at b against the goal
+    assert "ms/sample (trusted)" in text or "ms/sample (NOT trusted: " in text
+    assert "micro-step time, predicted / measured (median, warm): b=1: " in text
+    assert "at the chosen b=" in text and "(goal)" in text
+    data = json.loads((tmp_path / "gpu_probe_check.json").read_text())
+    rows = data["caps"][0]["timing"]
+    assert rows[0]["b"] == 1 and all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in rows)
+
+
+def test_each_rank_reports_the_plans_predicted_compute_against_the_measured():
+    from autobatch.planning.plan import DeviceCapacity
+    from autobatch.planning.planner import make_plan
+
+    caps = [DeviceCapacity("r0", "a", 8, 0.001, 0.001), DeviceCapacity("r1", "b", 4, 0.002, 0.002)]
+    plan = make_plan(12, caps, keep_all=True)
+    reports = []
+    for r in plan.ranks:
+        line = plan.capacity(r.rank).micro_step_time
+        predicted = sum(line(b) for b in r.micro_batches)
+        by_size = {
+            str(b): {"predicted_s": line(b), "measured_s": 2 * line(b)} for b in r.micro_batches
+        }
+        run = {"label": "plan", "compute_s": [2 * predicted, 2.2 * predicted, 1.8 * predicted],
+               "predicted_compute_s": predicted, "micro_step_by_size": by_size}  # fmt: skip
+        reports.append({"rank": r.rank, "runs": [run, {"label": "equal split"}]})
+    lines = gpu_check.compute_lines(plan, reports)
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == plan.world_size
+    for row, r in zip(rows, plan.ranks):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(r.rank) and cells[4] == "2.00"  # measured / predicted
+        assert cells[5].startswith(f"b={r.micro_batches[0]}: ")
+    assert gpu_check.compute_lines(plan, [{"rank": 0, "runs": []}]) == []  # nothing measured
 
 
 # ---------------------------------------------------------------------------
