@@ -5,8 +5,11 @@
     scheduler: elastic jobs grow into freed devices and shrink for the head of the queue
 
 Ray is not the daemon's process: by default a head of its own per state directory
-(`rayhead`), or the cluster at `address`, kept by `raylink` (a lost head is replaced,
-a lost cluster waited for; the API answers meanwhile). Each job's driver is a detached
+(`rayhead`), or the cluster at `address`, reached through `raylink`. The API answers
+before Ray is connected (`link.waiting_for` says what it waits for). A lost head or
+cluster ends the daemon's process (`on_ray_lost`): the process serving `autobatch
+serve` is replaced by its keeper (launcher.daemon.keeper), and the new one starts a new
+head (or waits for the cluster) and re-queues what ran there. Each job's driver is a detached
 actor (`supervisor`), so a daemon that stops or dies costs its jobs nothing: the next
 start re-attaches to them by job id. Every transition is in SQLite before anything acts
 on it; a job whose supervisor died goes back to the queue, saying why, and resumes from
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -33,8 +38,8 @@ from launcher.daemon.raylink import RayLink
 from launcher.daemon.store import ACTIVE, TERMINAL, JobStore, new_job_id
 from launcher.errors import JobStateError
 from launcher.job.checkpoint import checkpoint_name, latest_checkpoint
-from launcher.job.storage import check_storage
 from launcher.job.spec import JobSpec, parse_spec
+from launcher.job.storage import check_storage
 
 
 @dataclasses.dataclass
@@ -92,19 +97,24 @@ class Daemon:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = False
+        self._lost = False  # Ray was lost: nothing more is done through it in this process
+        self._ready = threading.Event()  # Ray connected, the last run's jobs recovered
         self._loop: threading.Thread | None = None
         self.link = RayLink(self.state_dir, address, num_cpus)
+        # Called (from the Ray watch or a job thread) once Ray is lost; `autobatch serve`
+        # ends the process there, for a new one. None: the daemon stops following its jobs.
+        self.on_ray_lost: Callable[[], None] | None = None
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
-        """Connect to the daemon's Ray (starting its head if needed), re-attach to the jobs
-        that kept running, start scheduling."""
+        """Start the scheduling thread: it connects to the daemon's Ray (starting its head
+        if needed, retrying while it cannot), re-attaches to the jobs that kept running,
+        then schedules. Returns at once: requests are answered meanwhile."""
         if not self.run_jobs:
             self.recover()
+            self._ready.set()
             return
-        self.link.connect()
-        self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
-        self.recover()
+        self.link.waiting_for = "the Ray head: connecting"
         self._loop = threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)
         self._loop.start()
 
@@ -118,8 +128,12 @@ class Daemon:
             if sup is not None:
                 self._attach(rec.id, parse_spec(rec.spec), sup)
                 continue
-            gone = " and its supervisor is gone" if self.run_jobs else ""
-            self.requeue(rec, f"daemon restarted while the job was {rec.state}{gone}")
+            if self.link.lost:  # the head the job ran on is gone
+                cause = f"{self.link.lost} while the job was {rec.state}"
+            else:
+                gone = " and its supervisor is gone" if self.run_jobs else ""
+                cause = f"daemon restarted while the job was {rec.state}{gone}"
+            self.requeue(rec, cause)
             ids.append(rec.id)
         return ids
 
@@ -128,23 +142,28 @@ class Daemon:
         why, restarts = f"{cause}: {self._resume(rec)}", rec.restarts + 1
         self.transition(rec.id, "queued", why, restarts=restarts)
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
+    def shutdown(self, timeout_s: float = 30.0, *, lost: bool = False) -> None:
         """Stop following the jobs and disconnect; they keep running on their supervisors
-        (the next start re-attaches; `autobatch serve --shutdown` stops them)."""
+        (the next start re-attaches; `autobatch serve --shutdown` stops them). `lost`: Ray
+        was lost, so nothing waits on it (a job thread may be stuck in a Ray call, and any
+        Ray call, ray.shutdown() included, may end the process)."""
         with self._lock:
             self._stopping = True
             for run in self.running.values():
                 run.stop.set()
             threads = [r.thread for r in self.running.values()]
         self._wake.set()
-        deadline = time.monotonic() + timeout_s
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        if self._loop is not None:
-            self._loop.join(5)
-        if ray.is_initialized():
-            ray.shutdown()  # a driver's disconnect: the daemon never owns the cluster
-        self.store.close()
+        if not lost:
+            deadline = time.monotonic() + timeout_s
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            if self._loop is not None:
+                self._loop.join(5)
+            if ray.is_initialized():
+                ray.shutdown()  # a driver's disconnect: the daemon never owns the cluster
+            self.store.close()
+        # Lost: the store stays open (a thread stuck in a Ray call may hold the lock); every
+        # transition is committed, and the process ends without Ray's exit hooks.
 
     # -- requests ----------------------------------------------------------------
     def validate(self, data: Any) -> JobSpec:
@@ -168,6 +187,13 @@ class Daemon:
 
     def cancel(self, job_id: str, wait_s: float = 30.0) -> str:
         """Cancel a queued or active job; returns its state after at most `wait_s`."""
+        if not self._ready.wait(wait_s):  # not yet re-attached: an active job has no thread
+            rec = self.store.get(job_id)
+            if rec.state in ACTIVE:
+                raise JobStateError(
+                    f"job {job_id} is {rec.state} and the daemon is waiting for "
+                    f"{self.link.waiting_for}; cancel it again once /healthz says ok"
+                )
         with self._lock:
             rec = self.store.get(job_id)
             if rec.state in TERMINAL:
@@ -211,35 +237,50 @@ class Daemon:
 
     # -- scheduling --------------------------------------------------------------
     def _schedule_loop(self) -> None:
-        while not self._stopping:
+        if not self.link.connect_until(lambda: self._stopping, self._wake):
+            return
+        threading.Thread(target=self._watch_ray, name="ray-watch", daemon=True).start()
+        try:
+            self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
+            self.recover()
+        except Exception:  # noqa: BLE001 - a Ray that fails here is not to be trusted
+            traceback.print_exc()
+            self._ray_lost("the Ray connection failed while re-attaching to the jobs")
+            return
+        self._ready.set()
+        while not self._stopping and not self._lost:
             try:
-                if not self.link.healthy():
-                    self._ray_lost()
                 self.schedule()
             except Exception:  # noqa: BLE001 - the loop must survive; the reason is logged
                 traceback.print_exc()
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
-    def _ray_lost(self, wait_s: float = 120.0) -> None:
-        """The Ray head is gone with every job's supervisor: the jobs go back to the queue
-        (their followers see it within seconds), then the daemon connects again."""
-        self.link.waiting_for = "the jobs of the lost Ray head to go back to the queue"
+    def _watch_ray(self) -> None:
+        """Notice a lost head in a thread that never calls Ray: with the GCS gone, a Ray call
+        (the scheduler's ray.cluster_resources()) can wait for ever."""
+        while not self._stopping and not self._lost:
+            if not self.link.healthy():
+                self._ray_lost(self.link.lost_what())
+                return
+            time.sleep(self.poll_s)
+
+    def _ray_lost(self, what: str) -> None:
+        """Ray (the head, or the cluster) is gone: nothing more is done through it in this
+        process. A driver that lost its raylet exits its process from inside Ray at the next
+        call that notices, so the daemon does not reconnect here: it stops following its
+        jobs and hands over to `on_ray_lost` (`autobatch serve`: a new daemon process
+        starts a new head, or waits for the cluster, and re-queues what ran there)."""
         with self._lock:
-            threads = [r.thread for r in self.running.values()]
-        deadline = time.monotonic() + wait_s
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:  # a follower still waiting: stop following, re-queue it here
-            left = dict(self.running)
-            for run in left.values():
+            if self._lost:
+                return
+            self._lost = True
+            for run in self.running.values():
                 run.stop.set()
-        for job_id, run in left.items():
-            run.thread.join(5)
-            rec = self.store.get(job_id)
-            if rec.state in ACTIVE:
-                self.requeue(rec, "the Ray head was lost")
-        self.link.reconnect(lambda: self._stopping, self._wake)
+        self.link.waiting_for = f"a new daemon process: {what}"
+        print(f"autobatch daemon: {what}; leaving for a new daemon process", file=sys.stderr)
+        if self.on_ray_lost is not None:
+            self.on_ray_lost()
 
     def schedule(self) -> list[str]:
         """Start every queued job whose devices are all free; fail the ones that never fit."""
@@ -345,9 +386,11 @@ class Daemon:
             self.log(job_id, traceback.format_exc().rstrip())
             outcome = {"state": "failed", "error": f"internal error: {type(exc).__name__}: {exc}"}
         finally:
-            if outcome is not None:  # None: the daemon stops; the job runs on
+            if outcome is not None and outcome["state"] != "succeeded" and self._ray_gone():
+                outcome = None  # lost with Ray: the next daemon process re-queues it
+            if outcome is not None:  # None: the daemon stops, or lost Ray; the job runs on
                 self._conclude(job_id, outcome)
-                if self.link.healthy():  # else it died with the head (and ray.kill would wait)
+                if not self._ray_gone():  # else it died with the head (and ray.kill would wait)
                     supervisor.reap(sup)
                 self.sink.drop_job(job_id)
             with self._lock:
@@ -387,14 +430,25 @@ class Daemon:
                     self.transition(job_id, "cancelled", reason)
                 case "lost" if not self._stopping:
                     rec = self.store.get(job_id)
-                    gone = "was lost with the Ray head" if self.link.waiting_for else "died"
-                    why = f"the job's supervisor {gone} ({outcome['error']}): {self._resume(rec)}"
+                    why = f"the job's supervisor died ({outcome['error']}): {self._resume(rec)}"
                     restarts = rec.restarts + 1
                     self.transition(job_id, "queued", why, last_error=why, restarts=restarts)
                 case "lost":
                     pass  # the daemon stops: the next start finds out what became of it
                 case _:
                     self.transition(job_id, "failed", outcome["error"], last_error=outcome["error"])
+
+    def _ray_gone(self) -> bool:
+        """Whether this process lost Ray; a job thread asks when a Ray call failed: if the
+        head's process is gone too, the job's end is not this process's to judge (a new
+        process re-queues it), and this one leaves for it at once. A head that is only
+        slow to answer is the watch thread's to judge (`RayLink.healthy`)."""
+        if self._lost:
+            return True
+        if not self.link.head_gone():
+            return False
+        self._ray_lost(self.link.lost_what())
+        return True
 
     @staticmethod
     def _resume(rec: Any) -> str:

@@ -45,14 +45,20 @@ def running_head(state_dir: pathlib.Path) -> dict | None:
         head = json.loads(head_file(state_dir).read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(head.get("pid", -1)) or not answers(head.get("address", "")):
+    if not alive(head.get("pid", -1)) or not answers(head.get("address", "")):
         return None
     return head
 
 
 def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
-    """The address of this state directory's head, started (as its own process) if needed."""
-    head = running_head(state_dir)
+    """The address of this state directory's head, started (as its own process) if needed.
+    A head whose process runs is given START_TIMEOUT_S to answer (a busy machine) before
+    it is replaced: replacing it costs every job on it its run."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (head := running_head(state_dir)) is None and _recorded_alive(state_dir):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if head:
         return _connectable(head)
     stop_head(state_dir)  # a dead head's leftovers, if any
@@ -99,11 +105,11 @@ def stop_head(state_dir: pathlib.Path, timeout_s: float = 30.0) -> list[int]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     left = session_processes(pid)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # the head's ray.shutdown() stops most of them
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
     # What ray.shutdown() leaves (its agents ignore SIGTERM): killed by session.
     for _ in range(50):
@@ -132,7 +138,14 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def _recorded_alive(state_dir: pathlib.Path) -> bool:
+    try:
+        return alive(int(json.loads(head_file(state_dir).read_text())["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
