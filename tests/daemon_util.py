@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -21,7 +22,7 @@ from launcher.daemon.api import create_app
 from launcher.daemon.daemon import Daemon
 from launcher.daemon.guards import uvicorn_config
 from launcher.daemon.limits import Limits
-from launcher.daemon.rayhead import stop_head
+from launcher.daemon.rayhead import session_processes, stop_head
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,9 +122,15 @@ class DaemonProcess:
             time.sleep(0.1)
 
     def kill(self) -> None:
-        """SIGKILL: no clean-up at all."""
+        """SIGKILL to `autobatch serve`: no clean-up at all. Its daemon process dies with it
+        (launcher.daemon.keeper); waited for here, so the port and state are free after."""
+        daemons = children(self.proc.pid)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in daemons):
+            assert time.monotonic() < deadline, f"daemon processes {daemons} outlived their keeper"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """SIGTERM (the jobs run on), then the documented stop: `serve --shutdown`."""
@@ -163,6 +170,84 @@ class DaemonProcess:
 
     def wait_state(self, job_id: str, *states: str, timeout_s: float = 120) -> dict:
         return self.wait(job_id, lambda r: r["state"] in states, f"state {states}", timeout_s)
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`."""
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_head(state_dir: pathlib.Path) -> dict:
+    """kill -9 of the state directory's Ray head and every process it started (its
+    session, by pid); returns the head's record (pid, address)."""
+    head = json.loads((state_dir / "ray-head.json").read_text())
+    for pid in [head["pid"], *session_processes(head["pid"])]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return head
+
+
+class ApiWatch:
+    """Polls the daemon's /healthz and one job's record from a thread, each request on a
+    new connection with a deadline, and keeps every answer or failure with its time: what
+    a monitoring probe and a user would have seen."""
+
+    def __init__(self, url: str, job_id: str, timeout_s: float = 30.0) -> None:
+        self.url, self.job_id, self.timeout_s = url, job_id, timeout_s
+        self.seen: list[tuple[float, float, str, object]] = []  # (start, seconds, what, got)
+        self.job: dict | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ApiWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 5)
+
+    def _get(self, path: str) -> object:
+        t0 = time.monotonic()
+        try:
+            r = httpx.get(self.url + path, timeout=self.timeout_s)
+            got: object = r.json() if r.status_code == 200 else f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            got = exc
+        self.seen.append((t0, time.monotonic() - t0, path, got))
+        return got
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._get("/healthz")
+            job = self._get(f"/v1/jobs/{self.job_id}")
+            if isinstance(job, dict):
+                self.job = job
+            self._stop.wait(0.1)
+
+    def failures(self) -> list[tuple[float, float, str, object]]:
+        return [s for s in self.seen if not isinstance(s[3], dict)]
+
+    def longest_wait(self) -> float:
+        """The longest time from a request's start to the next answer that came back."""
+        answered = sorted(t0 + dt for t0, dt, _, got in self.seen if isinstance(got, dict))
+        waits = [0.0]
+        for t0, _, _, _ in self.seen:
+            i = bisect.bisect_left(answered, t0)
+            waits.append(answered[i] - t0 if i < len(answered) else float("inf"))
+        return max(waits)
 
 
 def transition_time(rec: dict, to_state: str) -> float:

@@ -420,7 +420,8 @@ def test_body_parser_processes_are_replaced_when_killed_and_end_with_the_daemon(
     d = DaemonProcess(tmp_path / "state", tmp_path / "cache", "--api-only")
     try:
         assert d.http.post("/v1/jobs", json=tiny_spec()).status_code == 201
-        parsers = _children(d.proc.pid)
+        (daemon,) = _children(d.proc.pid)  # under `autobatch serve` (--api-only: no standby)
+        parsers = _children(daemon)
         assert len(parsers) >= 2  # the parser processes (and multiprocessing's tracker)
         for pid in parsers:
             with contextlib.suppress(ProcessLookupError):
@@ -429,7 +430,7 @@ def test_body_parser_processes_are_replaced_when_killed_and_end_with_the_daemon(
         r = d.http.post("/v1/jobs", json=tiny_spec())
         assert r.status_code == 503 and "parser's process died; retry" in r.json()["detail"]
         assert d.http.post("/v1/jobs", json=tiny_spec()).status_code == 201  # a new pool
-        parsers = _children(d.proc.pid)
+        parsers = _children(daemon)
         d.kill()  # SIGKILL: no clean-up in the daemon
         deadline = time.monotonic() + 10
         while parsers & {int(p.name) for p in pathlib.Path("/proc").glob("[0-9]*")}:

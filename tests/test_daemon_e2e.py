@@ -17,8 +17,17 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
-from daemon_util import ROOT, DaemonProcess, lowerable_rank, tiny_spec, transition_time
+from daemon_util import (
+    ROOT,
+    ApiWatch,
+    DaemonProcess,
+    kill_head,
+    lowerable_rank,
+    tiny_spec,
+    transition_time,
+)
 from prometheus_util import prometheus
 from test_launcher import assert_every_global_batch_exact
 
@@ -322,37 +331,56 @@ def test_an_elastic_job_shrinks_for_a_queued_job_then_grows_back(daemon, tmp_pat
     assert_every_global_batch_exact(spec, ledger, through=rec["progress"]["step"])
 
 
-def test_a_lost_ray_head_is_replaced_and_the_job_resumes_while_the_api_answers(tmp_path, profiles):
-    """kill -9 of the daemon's Ray head (its whole session) mid-job: the daemon stays up and
-    answers, says what it waits for, starts a new head, and the job resumes from its
-    checkpoint and succeeds with every global batch exact."""
-    import os
+# The longest the API may take to answer while its daemon process is replaced: the old one
+# finishes the requests under way, the keeper's standby (imports done) serves; connections
+# wait in the socket's backlog meanwhile. Measured: 2 s at a load of 20 on two cores. A
+# new process without a standby would import torch, Ray and FastAPI first: 5 s idle, 20 s
+# at a load of 7.
+API_WAIT_S = 15.0
 
+
+def test_a_lost_ray_head_is_replaced_and_the_job_resumes_while_the_api_answers(tmp_path, profiles):
+    """kill -9 of every process of the daemon's Ray head mid-job: `autobatch serve` (the same
+    pid) answers throughout, never refusing a connection, says what it waits for, starts a
+    new head, and the job resumes from its checkpoint and succeeds with every global batch
+    exact."""
     state = tmp_path / "state"
-    spec = tiny_spec("headless", max_steps=120, checkpoint={"interval": 10}, audit_samples=True)
+    spec = tiny_spec("headless", max_steps=100, checkpoint={"interval": 10}, audit_samples=True)
     d = DaemonProcess(state, profiles)
     try:
         job = d.submit(spec)
         d.wait(job, lambda r: _step(r) >= 12, "12 steps")
-        head = json.loads((state / "ray-head.json").read_text())
-        os.killpg(head["pid"], signal.SIGKILL)  # the head and everything it started
-        waited_for, deadline = set(), time.monotonic() + 240
-        while (rec := d.job(job))["state"] != "succeeded":
-            assert rec["state"] != "failed", rec["last_error"]
-            assert time.monotonic() < deadline, rec["transitions"]
-            health = d.http.get("/healthz")
-            assert health.status_code == 200 and d.proc.poll() is None
-            waited_for.add(health.json()["waiting_for"])
-            time.sleep(0.2)
-        assert any(waited_for - {None}), "/healthz never said what the daemon waited for"
+        with ApiWatch(d.url, job, timeout_s=API_WAIT_S) as watch:
+            time.sleep(0.5)  # answers before the loss, too
+            head = kill_head(state)
+            deadline = time.monotonic() + 300
+            while (watch.job or {}).get("state") != "succeeded":
+                assert (watch.job or {}).get("state") != "failed", watch.job["last_error"]
+                assert time.monotonic() < deadline, (watch.job or {}).get("transitions")
+                assert d.proc.poll() is None, "autobatch serve exited"
+                time.sleep(0.2)
+        rec = watch.job
+        failures = watch.failures()
+        print(f"the API through the head's loss: {len(watch.seen)} requests, the longest wait "
+              f"{watch.longest_wait():.2f} s, failed: {failures}")  # fmt: skip
+        refused = [f for f in failures if isinstance(f[3], httpx.ConnectError)]
+        assert not refused, refused  # the socket never closed
+        # Only a request in flight when a daemon process died can be cut: one at most.
+        assert len(failures) <= 1, failures
+        assert watch.longest_wait() < API_WAIT_S, watch.longest_wait()
+        waited = {got["waiting_for"] for _, _, what, got in watch.seen
+                  if what == "/healthz" and isinstance(got, dict)}  # fmt: skip
+        assert any(waited - {None}), "/healthz never said what the daemon waited for"
+        assert int((state / "daemon.lock").read_text()) == d.proc.pid  # the same serve
         assert json.loads((state / "ray-head.json").read_text())["pid"] != head["pid"]
         assert rec["restarts"] == 1 and rec["last_error"] is None  # the re-queue, counted
         reasons = [t["reason"] for t in rec["transitions"]]
         lost = [r for r in reasons if "Ray head" in r and "lost" in r]
-        assert lost and all("resuming from checkpoint" in r for r in lost), reasons
+        assert len(lost) == 1 and "resuming from checkpoint" in lost[0], reasons
         assert_every_global_batch_exact(spec, pathlib.Path(rec["spec"]["checkpoint"]["dir"]))
     finally:
         d.stop()
+    assert session_processes(head["pid"]) == []
 
 
 def test_logs_follow_reconnects_to_a_restarted_daemon_and_repeats_no_line(tmp_path, profiles):
