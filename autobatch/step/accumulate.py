@@ -231,7 +231,10 @@ class Accumulator:
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
+        clip = getattr(self.wrapping, "clip_grad_norm", None)  # a wrapping's global norm
+        if self.max_grad_norm is not None and clip is not None:
+            grad_norm = clip(self.model, self.max_grad_norm)
+        elif self.max_grad_norm is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         skipped = False
