@@ -1,0 +1,235 @@
+"""The joint plan of memory-proportional sharding: per device, its slice of the model's
+state and its micro-batch size, chosen together.
+
+Under proportional sharding (autobatch.step.proportional) device r holds, in every
+micro-step, the gathered flat parameters and gradient (2 P e bytes, the same on every
+rank), its slice of s_r elements with the slice's gradient and AdamW's two states
+(4 s_r e, plus AdamW's 4-byte step when s_r > 0: `state_bytes`), and the activations
+of its micro-batch b_r. So under its memory M_r
+
+    fixed_r + 2 P e + per_sample_r * b_r + 4 e s_r + 4 [s_r > 0]  <=  M_r
+
+and the slices must cover the model: sum s_r = P. Every rank runs the same number k of
+micro-steps (each gathers); rank r's n_r samples (k <= n_r <= k b_r, micro-batches of
+ceil or floor n_r / k) take o_r + k a_r + c_r n_r seconds. The plan minimises the
+slowest rank's time (ties: the fewest micro-steps) with sum n_r = B exactly.
+
+Memory given to samples is memory taken from state: for a step time T and a k, each
+rank can do at most N_r(T) samples; among the choices b_r (n_r = min(k b_r, N_r)) that
+cover B samples, a knapsack over the ranks (samples covered -> the most state room)
+finds whether the rooms can hold P elements. Feasibility only grows with T, so each k
+bisects the sorted step times the ranks can have. The slices then fill each rank's
+room in proportion to it. A device may hold no state (s_r = 0).
+
+Pure values: imports numpy and autobatch.errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from autobatch.errors import PlanError
+
+ADAM_STEP_BYTES = 4  # as autobatch.step.proportional (the planner does not import the step)
+SLICE_COPIES = 4  # the slice, its gradient, AdamW's two states
+
+
+@dataclass(frozen=True)
+class ProportionalDevice:
+    """One device's budget and models (bytes, seconds)."""
+
+    memory_bytes: int  # what the plan may use
+    fixed_bytes: int  # outside the sharded state: activations' intercept, frozen weights
+    per_sample_bytes: float  # activations per sample of a micro-batch
+    fixed_s: float  # a_r: per micro-step
+    per_sample_s: float  # c_r: per sample
+    step_overhead_s: float = 0.0  # o_r: per optimizer step
+
+
+@dataclass(frozen=True)
+class ProportionalPlan:
+    micro_steps: int  # k, on every rank
+    samples: tuple[int, ...]  # n_r, summing to the global batch
+    micro_batches: tuple[tuple[int, ...], ...]  # each rank's k micro-batch sizes
+    slices: tuple[int, ...]  # s_r, summing to the model's trainable elements
+    step_s: float  # the slowest rank's predicted time
+    peak_bytes: tuple[int, ...]  # each rank's predicted peak under the model above
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        total = sum(self.slices)
+        return tuple(s / total for s in self.slices)
+
+
+def state_room(d: ProportionalDevice, b: int, total_elems: int, element_size: int) -> int:
+    """The most slice elements device `d` holds beside micro-batch `b` (0: none, or -1 when
+    even an empty slice does not fit)."""
+    free = d.memory_bytes - d.fixed_bytes - 2 * total_elems * element_size
+    free -= d.per_sample_bytes * b
+    if free < 0:
+        return -1
+    per = SLICE_COPIES * element_size
+    return max(0, math.floor((free - ADAM_STEP_BYTES) / per))
+
+
+def peak_bytes(d: ProportionalDevice, b: int, s: int, total_elems: int, element_size: int) -> int:
+    state = SLICE_COPIES * s * element_size + (ADAM_STEP_BYTES if s else 0)
+    return math.ceil(
+        d.fixed_bytes + 2 * total_elems * element_size + d.per_sample_bytes * b + state
+    )
+
+
+def plan_proportional(
+    global_batch_size: int,
+    devices: Sequence[ProportionalDevice],
+    total_elems: int,
+    element_size: int = 4,
+) -> ProportionalPlan:
+    """The fastest plan (see the module's docstring); PlanError when none fits."""
+    B, W = global_batch_size, len(devices)
+    if W < 1 or B < W:
+        raise PlanError(f"global_batch_size={B} must be >= the number of devices ({W})")
+    caps = [_largest_b(d, total_elems, element_size, B) for d in devices]
+    best: tuple[float, int, list[int], list[int]] | None = None
+    for k in range(1, B // W + 1):
+        if any(k * m < k for m in caps) or sum(k * m for m in caps) < B:
+            continue
+        floor = max(d.step_overhead_s + k * (d.fixed_s + d.per_sample_s) for d in devices)
+        if best is not None and floor > best[0]:
+            continue
+        found = _best_for_k(B, devices, caps, k, total_elems, element_size)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = (found[0], k, found[1], found[2])
+    if best is None:
+        raise PlanError(
+            f"no plan fits: {total_elems} elements of state (x{SLICE_COPIES} at "
+            f"{element_size} bytes, plus the gathered parameters and gradient on every "
+            f"device) and a global batch of {B} do not fit the devices' memory"
+        )
+    step_s, k, samples, bs = best
+    rooms = [state_room(d, b, total_elems, element_size) for d, b in zip(devices, bs)]
+    slices = _fill(total_elems, rooms)
+    return ProportionalPlan(
+        micro_steps=k,
+        samples=tuple(samples),
+        micro_batches=tuple(_ragged(n, k) for n in samples),
+        slices=tuple(slices),
+        step_s=step_s,
+        peak_bytes=tuple(
+            peak_bytes(d, max(_ragged(n, k)), s, total_elems, element_size)
+            for d, n, s in zip(devices, samples, slices)
+        ),
+    )
+
+
+def _largest_b(d: ProportionalDevice, P: int, e: int, B: int) -> int:
+    """The largest micro-batch with an empty slice (0: not even one sample)."""
+    b = 0
+    while b < B and state_room(d, b + 1, P, e) >= 0:
+        b += 1
+    return b
+
+
+def _time(d: ProportionalDevice, k: int, n: int) -> float:
+    return d.step_overhead_s + k * d.fixed_s + d.per_sample_s * n
+
+
+def _best_for_k(
+    B: int, devices: Sequence[ProportionalDevice], caps: list[int], k: int, P: int, e: int
+) -> tuple[float, list[int], list[int]] | None:
+    """(step time, samples, micro-batch sizes) of the fastest plan with k micro-steps."""
+    times = sorted(
+        {_time(d, k, n) for d, m in zip(devices, caps) for n in range(k, min(B, k * m) + 1)}
+    )
+    lo, hi, found = 0, len(times) - 1, None
+    while lo <= hi:  # the smallest feasible time
+        mid = (lo + hi) // 2
+        choice = _cover(B, devices, caps, k, times[mid], P, e)
+        if choice is None:
+            lo = mid + 1
+        else:
+            found, hi = (times[mid], *choice), mid - 1
+    if found is None:
+        return None
+    T, samples, bs = found
+    return max(_time(d, k, n) for d, n in zip(devices, samples)), samples, bs
+
+
+def _cover(
+    B: int,
+    devices: Sequence[ProportionalDevice],
+    caps: list[int],
+    k: int,
+    T: float,
+    P: int,
+    e: int,
+) -> tuple[list[int], list[int]] | None:
+    """Samples per rank within step time T summing to B whose state rooms hold P elements
+    (a knapsack over the ranks: samples covered, capped at B -> the most room), or None."""
+    dp = np.full(B + 1, -1, dtype=np.int64)  # -1: not reachable
+    dp[0] = 0
+    back = []  # per rank, per covered count: (the count before, the rank's b)
+    for d, m in zip(devices, caps, strict=True):
+        limit = _limit(d, m, k, T, B)
+        if limit < k:
+            return None
+        new = np.full(B + 1, -1, dtype=np.int64)
+        prev_of = np.zeros(B + 1, dtype=np.int64)
+        b_of = np.zeros(B + 1, dtype=np.int64)
+        src = np.nonzero(dp >= 0)[0]
+        for b in range(1, math.ceil(limit / k) + 1):
+            room = state_room(d, b, P, e)
+            if room < 0:
+                break
+            dst = np.minimum(src + min(k * b, limit), B)
+            val = dp[src] + room
+            for t, v, q in zip(dst, val, src, strict=True):
+                if v > new[t]:
+                    new[t], prev_of[t], b_of[t] = v, q, b
+        back.append((prev_of, b_of))
+        dp = new
+    if dp[B] < P:
+        return None
+    bs = [0] * len(devices)
+    covered = B
+    for r in range(len(devices) - 1, -1, -1):
+        prev_of, b_of = back[r]
+        bs[r] = int(b_of[covered])
+        covered = int(prev_of[covered])
+    samples = [min(k * b, _limit(d, m, k, T, B)) for d, m, b in zip(devices, caps, bs, strict=True)]
+    excess = sum(samples) - B  # taking fewer samples never costs time or memory
+    for r in sorted(range(len(devices)), key=lambda r: -_time(devices[r], k, samples[r])):
+        cut = min(excess, samples[r] - k)
+        samples[r] -= cut
+        excess -= cut
+    return samples, [math.ceil(n / k) for n in samples]
+
+
+def _limit(d: ProportionalDevice, m: int, k: int, T: float, B: int) -> int:
+    """The most samples within step time T and micro-batch cap m (< k: none fits)."""
+    limit = min(m * k, B)
+    while limit >= k and _time(d, k, limit) > T:
+        limit -= 1
+    return limit
+
+
+def _fill(total: int, rooms: list[int]) -> list[int]:
+    """`total` elements over the ranks in proportion to their rooms, none over its room."""
+    space = sum(rooms)
+    slices = [total * room // space for room in rooms]
+    for r in sorted(range(len(rooms)), key=lambda r: -(rooms[r] - slices[r])):
+        if sum(slices) == total:
+            break
+        add = min(rooms[r] - slices[r], total - sum(slices))
+        slices[r] += add
+    assert sum(slices) == total and all(s <= room for s, room in zip(slices, rooms))
+    return slices
+
+
+def _ragged(n: int, k: int) -> tuple[int, ...]:
+    """n samples as k micro-batches differing by at most one, the larger first."""
+    return tuple(n // k + (1 if i < n % k else 0) for i in range(k))
