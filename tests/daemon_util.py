@@ -113,12 +113,20 @@ class DaemonProcess:
             raise AssertionError(f"daemon did not start: {line!r}; see {self.log.name}")
         self.url = line.split(" on ")[1].split()[0]
         self.http = httpx.Client(base_url=self.url, timeout=30)
-        deadline = time.monotonic() + 30
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        """Until /healthz says ok: the API answers before the daemon's Ray is connected
+        (starting a head takes long on a busy machine), and jobs run only after."""
+        deadline = time.monotonic() + timeout_s
+        health = None
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if self.http.get("/healthz").status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "daemon /healthz never answered"
+                answer = self.http.get("/healthz")
+                health = answer.json() if answer.status_code == 200 else answer.status_code
+                if isinstance(health, dict) and health["status"] == "ok":
+                    return
+            assert time.monotonic() < deadline, f"daemon not ready: /healthz said {health}"
             time.sleep(0.1)
 
     def kill(self) -> None:
