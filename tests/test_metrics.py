@@ -49,6 +49,8 @@ DESIGN_METRICS = [
     ("autobatch_plan_efficiency_ratio", "gauge"),
     ("autobatch_train_loss", "gauge"),
     ("autobatch_padding_waste_ratio", "gauge"),
+    ("autobatch_checkpoint_stall_seconds", "gauge"),
+    ("autobatch_checkpoint_write_seconds", "gauge"),
     ("autobatch_jobs", "gauge"),
 ]
 RANK_LABELS = {"job_id", "rank", "node", "device", "device_uuid"}
@@ -86,6 +88,8 @@ def snap(job: str = "j1", rank: int = 0, **kw) -> RankSnapshot:
         plan_predicted_compute_s=0.375,
         train_loss=2.5,
         padding_waste_ratio=0.125,
+        checkpoint_stall_s=0.002,
+        checkpoint_write_s=0.25,
         step_durations_s=(0.5,),
         samples_processed_total=230,
         tokens_processed_total=23_000,

@@ -89,6 +89,18 @@ GAUGES = (
     ),
     ("autobatch_train_loss", "train_loss", "Training loss of the last optimizer step."),
     (
+        "autobatch_checkpoint_stall_seconds",
+        "checkpoint_stall_s",
+        "Time the training loop of this rank was blocked by its last checkpoint save (the "
+        "previous write finishing, the copy to host memory; the whole write when synchronous).",
+    ),
+    (
+        "autobatch_checkpoint_write_seconds",
+        "checkpoint_write_s",
+        "Time this rank's last completed checkpoint write took, from the copy to host memory "
+        "to complete (in the background when checkpoint.async).",
+    ),
+    (
         "autobatch_padding_waste_ratio",
         "padding_waste_ratio",
         "Padded tokens over all tokens of this rank's micro-batches in the last step.",

@@ -72,6 +72,11 @@ class RankSnapshot:
     plan_predicted_compute_s: float | None = None
     train_loss: float | None = None
     padding_waste_ratio: float | None = None  # variable-length data: padded / all tokens
+    # this rank's last checkpoint: how long the training loop was blocked by the save (the
+    # previous write finishing, the copy to host memory), and how long its last completed
+    # write took in the background after the copy
+    checkpoint_stall_s: float | None = None
+    checkpoint_write_s: float | None = None
     step_durations_s: tuple[float, ...] = ()
     # totals
     samples_processed_total: int = 0

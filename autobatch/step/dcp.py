@@ -3,6 +3,7 @@ shards, and a checkpoint loads on any number of ranks (DCP reshards by global of
 or in one process into the plain, unwrapped model (a final export).
 
     save_sharded(directory, model, optimizer, extra={"step": 100})   # every rank
+    pending = begin_save_sharded(directory, model, optimizer, extra=...)  # in the background
     extra = load_sharded(directory, model, optimizer)                # every rank, any world
 
 The model and optimizer states go through `get_state_dict`/`set_state_dict`, so the
@@ -21,6 +22,14 @@ shards, DCP's `.metadata` and `extra.json` are written. Locally the ranks also w
 was renamed into place; it has DCP's `.metadata`). An object store has no rename: the
 shards go straight to `<directory>/`, and only the marker says they are all there
 (`is_complete`).
+
+In the background (`begin_save_sharded`): DCP's `async_save` copies each rank's shards to
+host memory, then a thread writes them and runs DCP's collectives on a gloo group of its
+own (the training loop's collectives go on meanwhile on the default group: one group for
+both would interleave them). DCP's save returns on rank 0 only after every rank reported
+its shards written and `.metadata` is written; only then does rank 0, in that thread, write
+`extra.json` and the marker (and locally rename the directory into place). A rank killed
+while the write is in flight leaves no marker: the checkpoint never counts.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from autobatch.step import storage
 from autobatch.step.atomic import replace_directory
+from autobatch.step.background import PendingSave
 
 EXTRA_FILE = "extra.json"
 COMMIT_FILE = "COMMITTED"  # written last: the checkpoint is whole
@@ -99,6 +109,99 @@ def _save_to_object_store(
         store.write_bytes(f"{name}/{COMMIT_FILE}", b'{"complete": true}')
     _barrier()
     return uri
+
+
+def begin_save_sharded(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> PendingSave:
+    """`save_sharded` in the background; collective: every rank calls it at the same point.
+    Returns once this rank's shards are copied to host memory; `wait()` on the result gives
+    the checkpoint's directory once this rank's part is written (on rank 0: once the
+    checkpoint is complete), or raises the write's error. `before_commit`: called in the
+    writing thread once this rank's shards are written, before it reports them (a
+    fault-injection seam: a rank killed there leaves the checkpoint incomplete)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    lead = _rank() == 0
+    extra_json = json.dumps(extra or {})  # as it is now: the caller's dict may change
+    hook = before_commit or (lambda: None)
+    if storage.is_uri(directory):
+        uri = str(directory).rstrip("/")
+        parent, name = uri.rsplit("/", 1)
+        store = storage.Storage(parent)
+        if lead:
+            store.remove(f"{name}/{COMMIT_FILE}")  # a whole one of this step is whole no more
+            store.remove(name)  # a crashed save's leftovers
+        _barrier()
+        writer = _hooked(FsspecWriter, hook)(uri, sync_files=False, **store.options)
+
+        def commit_object(_: Any) -> str:
+            if lead:
+                store.write_bytes(f"{name}/{EXTRA_FILE}", extra_json.encode())
+                store.write_bytes(f"{name}/{COMMIT_FILE}", b'{"complete": true}')
+            return uri
+
+        commit: Callable[[Any], Any] = commit_object
+    else:
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+        _barrier()
+        writer = _hooked(FileSystemWriter, hook)(tmp)
+
+        def commit_local(_: Any) -> Path:
+            if lead:
+                _write_json(tmp / EXTRA_FILE, json.loads(extra_json))
+                _write_json(tmp / COMMIT_FILE, {"complete": True})
+                replace_directory(tmp, final)
+            return final
+
+        commit = commit_local
+    state = _state(model, optimizer)
+    started = PendingSave.of(
+        _future(dcp.async_save(state, storage_writer=writer, process_group=_background_group()))
+    )
+    return started.then(commit)
+
+
+def _future(response: Any) -> Any:
+    """The future of the write, whatever shape `async_save` answers in (torch 2.13: a
+    Future, or an AsyncSaveResponse when the stager copies in the background)."""
+    return getattr(response, "upload_completion", response)
+
+
+def _hooked(writer_class: type, hook: Callable[[], None]) -> type:
+    """`writer_class` calling `hook` once this rank's shards are written, before DCP hears."""
+
+    class Hooked(writer_class):  # type: ignore[misc, valid-type]
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            written.wait()
+            hook()
+            return written
+
+    return Hooked
+
+
+_GROUP: list[Any] = [None, None]  # [the default group it was made in, the gloo group]
+
+
+def _background_group() -> Any:
+    """A gloo group over the default group's ranks for the writing thread's collectives
+    (made once per default group; collective, so made where every rank saves)."""
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    if _GROUP[0] is not world:
+        _GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _GROUP[1]
 
 
 def is_complete(directory: str | os.PathLike) -> bool:

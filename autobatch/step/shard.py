@@ -57,7 +57,8 @@ from autobatch.errors import PlanError
 from autobatch.levers import SHARD_MODES as SHARD_MODES  # benchmarks read them here too
 from autobatch.levers import ShardMode, check_shard_mode
 from autobatch.step import storage
-from autobatch.step.dcp import load_sharded, save_sharded
+from autobatch.step.background import PendingSave
+from autobatch.step.dcp import begin_save_sharded, load_sharded, save_sharded
 
 BlocksFn = Callable[[nn.Module], Iterable[nn.Module]]
 """model -> the submodules sharded as their own units (gathered one at a time)."""
@@ -172,6 +173,19 @@ class Sharded:
     ) -> Path | str:
         """Collective: every rank writes its shards; rank 0 `extra` (small JSON)."""
         return save_sharded(path, model, optimizer, extra=extra, before_commit=before_commit)
+
+    def begin_save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> PendingSave:
+        """Collective: every rank's shards copied to host memory, then written in the
+        background (DCP's async_save); complete on rank 0's `wait()`."""
+        return begin_save_sharded(path, model, optimizer, extra=extra, before_commit=before_commit)
 
     def load(
         self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from autobatch.levers import check_sharding
 from autobatch.step import storage
 from autobatch.step.atomic import write_atomically
+from autobatch.step.background import PendingSave, to_host
 from autobatch.step.shard import Sharded
 
 
@@ -67,6 +68,20 @@ class ModelWrapping(Protocol):
         the training state) as one checkpoint at `path` (a local path, or an object store's
         URI: then a str), complete only when whole. `before_commit`: called in the middle,
         before the checkpoint is complete (a fault-injection seam)."""
+        ...
+
+    def begin_save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> PendingSave:
+        """`save` in the background: returns once the state is copied to host memory; the
+        result's `wait()` gives the checkpoint once complete (or raises the write's error).
+        `before_commit`: called in the middle of the background write."""
         ...
 
     def load(
@@ -143,19 +158,29 @@ class Replicated:
         """Rank 0 writes the file (on an object store: one object, put whole); the other
         ranks return its path at once."""
         if not dist.is_initialized() or dist.get_rank() == 0:
-            state = {**extra, "model": _module(model).state_dict()}
-            if optimizer is not None:
-                state["optimizer"] = optimizer.state_dict()
+            state = _replica_state(model, optimizer, extra)
             if before_commit is not None:
                 before_commit()
-            if storage.is_uri(path):
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                parent, name = str(path).rsplit("/", 1)
-                storage.Storage(parent).write_bytes(name, buffer.getvalue())
-            else:
-                write_atomically(path, lambda f: torch.save(state, f))
+            _write_replica(path, state)
         return str(path) if storage.is_uri(path) else Path(path)
+
+    def begin_save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> PendingSave:
+        """Rank 0 copies the state to host memory and a thread writes the file (the other
+        ranks return its path at once). `before_commit`: called in that thread once the
+        file's bytes are written, before it is renamed into place (or put)."""
+        where = str(path) if storage.is_uri(path) else Path(path)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return PendingSave.finished(where)
+        state = to_host(_replica_state(model, optimizer, extra))
+        return PendingSave.start(lambda: _write_replica(path, state, before_commit) or where)
 
     def load(
         self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -185,6 +210,31 @@ class Replicated:
 
 
 REPLICATED = Replicated()
+
+
+def _replica_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    state = {**extra, "model": _module(model).state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    return state
+
+
+def _write_replica(
+    path: str | os.PathLike, state: dict[str, Any], written: Callable[[], None] | None = None
+) -> None:
+    """One torch file, whole: on an object store one put, locally renamed into place;
+    `written()` called once its bytes are written, before that."""
+    mid = written or (lambda: None)
+    if storage.is_uri(path):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        mid()
+        parent, name = str(path).rsplit("/", 1)
+        storage.Storage(parent).write_bytes(name, buffer.getvalue())
+    else:
+        write_atomically(path, lambda f: (torch.save(state, f), mid()))
 
 
 def read_replica(path: str | os.PathLike) -> dict[str, Any]:

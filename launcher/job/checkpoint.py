@@ -13,7 +13,9 @@ written last by rank 0, exists (locally also one renamed into place before marke
 existed, `autobatch.step.dcp.is_complete`). Listing and resuming skip incomplete ones;
 retention never deletes the newest complete one, and removes incomplete ones older than
 it. This module names checkpoints, finds the latest, rotates old ones, and refuses to
-resume a job from a checkpoint in another wrapping's format. A save that fails for want
+resume a job from a checkpoint in another wrapping's format. `begin_checkpoint` saves in
+the background (the state copied to host memory, then written by a thread; retention runs
+once the write is complete); `save_checkpoint` waits for it. A save that fails for want
 of storage (no space, no permission, a read-only or unreachable file system or store)
 raises a StorageError naming the directory and what is missing, which the failure
 policy does not retry.
@@ -32,6 +34,7 @@ import torch.distributed as dist
 
 from autobatch.errors import LaunchError, StorageError
 from autobatch.step import storage
+from autobatch.step.background import PendingSave
 from autobatch.step.dcp import is_complete
 from autobatch.step.wrap import ModelWrapping, read_replica
 
@@ -54,20 +57,59 @@ def save_checkpoint(
 ) -> Checkpoint:
     """The checkpoint of `step` (every rank calls it; `state` is the rest of the training
     state, small JSON); rank 0 then removes all but the newest `keep` complete ones."""
+    return begin_checkpoint(
+        directory, step, wrapping, model, optimizer, state,
+        keep=keep, before_commit=before_commit, background=False,
+    ).wait()  # fmt: skip
+
+
+def begin_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    wrapping: ModelWrapping,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    keep: int = 2,
+    before_commit: Callable[[], None] | None = None,
+    background: bool = True,
+) -> PendingSave:
+    """The checkpoint of `step`, as `save_checkpoint`; `background`: returns once the state
+    is copied to host memory and writes it in a thread (`wrapping.begin_save`). The result's
+    `wait()` gives the checkpoint once complete, after rank 0's retention, or raises the
+    StorageError (or other error) of the write; call it before the next save."""
     store = storage.Storage(directory)
     final = store.join(f"step_{step:08d}{wrapping.checkpoint_suffix}")
+
+    def fault(exc: BaseException) -> StorageError | None:
+        found = store.fault(exc)
+        if found is None:
+            return None
+        return StorageError(f"checkpoint of step {step}: {found}", found.path)
+
     try:
         if store.local:
             pathlib.Path(store.root).mkdir(parents=True, exist_ok=True)
-        path = wrapping.save(final, model, optimizer, state, before_commit=before_commit)
+        begin = getattr(wrapping, "begin_save", None) if background else None
+        if begin is not None:
+            pending = begin(final, model, optimizer, state, before_commit=before_commit)
+        else:  # synchronous (or a wrapping that only saves in the foreground)
+            path = wrapping.save(final, model, optimizer, state, before_commit=before_commit)
+            pending = PendingSave.finished(path)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
-        fault = store.fault(exc)
-        if fault is None:
+        found = fault(exc)
+        if found is None:
             raise
-        raise StorageError(f"checkpoint of step {step}: {fault}", fault.path) from exc
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        _rotate(store, keep)
-    return path
+        raise found from exc
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+
+    def retention(path: Checkpoint) -> Checkpoint:
+        if lead:
+            _rotate(store, keep)
+        return path
+
+    return pending.then(retention, fault=fault)
 
 
 def restore_checkpoint(

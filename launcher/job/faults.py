@@ -2,10 +2,15 @@
 
 Each fires on the job's first attempt only, but `slow`: a slow device stays slow.
 
-    crash        kill -9 of the rank's process before the step
+    crash        kill -9 of the rank's process before the step, once the checkpoint being
+                 written in the background (if any) is complete or failed: a drill of a
+                 crash between saves
     crash_in_save  kill -9 of the rank's process in the middle of the checkpoint taken after
                  the step's `step` steps are done: its part written, the checkpoint not yet
-                 complete (before a replica's put, or a sharded checkpoint's marker)
+                 complete (synchronous: before a replica's put, or a sharded checkpoint's
+                 marker; in the background: while the write is in flight, a replica's file
+                 written and not renamed into place or put, a rank's shards written and not
+                 yet reported, so the checkpoint has neither DCP's metadata nor its marker)
     oom          out of memory in a micro-step of the step
     short_batch  the rank drops the last sample of its step (a planted bug)
     slow         the device runs at `factor` x its speed from the step on, while its profile
@@ -36,9 +41,11 @@ class Faults:
         self.pending = [f for f in mine if f.kind != "slow"] if ctx.attempt == 0 else []
         self.pacer: Pacer | None = None  # the rank's, for `slow`
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, *, settle: Callable[[], None] = lambda: None) -> None:
+        """`settle`: waits for the checkpoint in flight (called before a crash)."""
         for f in self.pending:
             if f.kind == "crash" and f.step == step:
+                settle()
                 os.kill(os.getpid(), 9)  # a real kill -9 of this worker process
         if self.pacer is not None and self.slows:
             self.pacer.slow_down(math.prod(f.factor for f in self.slows if f.step <= step))

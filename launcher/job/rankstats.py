@@ -39,6 +39,18 @@ class RankStats:
         self.replans = dict(ctx.replans)
         self.last: dict[str, Any] = {}
         self.durations: list[float] = []
+        self.checkpoint_stall_s: float | None = None  # the last save's, on this rank
+        self.checkpoint_write_s: float | None = None  # the last completed write's
+
+    def on_checkpoint(self, stall_s: float) -> None:
+        """A save began: the training loop waited `stall_s` for it (the previous write
+        finishing, the copy to host memory; the whole write when synchronous)."""
+        self.checkpoint_stall_s = stall_s
+
+    def on_checkpoint_written(self, write_s: float | None) -> None:
+        """A save's write completed, `write_s` after its copy to host memory."""
+        if write_s is not None:
+            self.checkpoint_write_s = write_s
 
     def on_oom(self, here: bool, plan: Plan) -> None:
         self.oom_events += int(here)
@@ -121,6 +133,8 @@ class RankStats:
             plan_predicted_compute_s=self.last["predicted_compute"],
             train_loss=self.last["loss"],
             padding_waste_ratio=self.last["padding"],
+            checkpoint_stall_s=self.checkpoint_stall_s,
+            checkpoint_write_s=self.checkpoint_write_s,
             step_durations_s=durations,
             samples_processed_total=self.samples,
             tokens_processed_total=self.tokens,

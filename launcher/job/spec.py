@@ -139,12 +139,18 @@ class DevicesSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
     # default: runs/<job name>/checkpoints; a local path every node shares, or an object
     # store's URI, s3://bucket/prefix or gs://bucket/prefix (docs/storage.md), credentials
     # from the environment only
     dir: str | None = None
     interval: Annotated[int, Field(ge=1)] = 50
     resume: bool = True
+    # true: a save copies the state to host memory and a thread writes it while training
+    # goes on (the next save, the end or a resize waits for it); false: the loop waits for
+    # the write (for debugging). Written `async` in a spec (a Python keyword here).
+    background: bool = Field(default=True, alias="async")
 
 
 class FaultSpec(_Strict):

@@ -11,8 +11,10 @@ rebuilt for the lowered plan. The model is wrapped as the plan's sharding says
 and gathers it (a replica's file, or a sharded model's shards). Every rebalance
 window the ranks share their measured compute and may switch, together and
 between two steps, to a new split of the same global batch (closed-loop balance,
-`launcher.job.rebalancing`). Restarts and re-plans after a lost worker are the
-runner's. Injected faults are `launcher.job.faults`.
+`launcher.job.rebalancing`). Checkpoints are copied to host memory and written in the
+background (`checkpoint.async`, launcher.job.checkpoint): the next save, the end of the
+attempt and a stop for a resize wait for the write in flight. Restarts and re-plans after
+a lost worker are the runner's. Injected faults are `launcher.job.faults`.
 """
 
 from __future__ import annotations
@@ -38,16 +40,21 @@ from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step import storage
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
 from autobatch.step.atomic import storage_error
+from autobatch.step.background import PendingSave
 from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
-from launcher.job.checkpoint import restore_checkpoint, save_checkpoint
+from launcher.job.checkpoint import begin_checkpoint, restore_checkpoint
 from launcher.job.context import RankContext, RankOutcome
 from launcher.job.faults import Faults
 from launcher.job.optim import build_optimizer, build_schedule
 from launcher.job.rankstats import RankStats
 from launcher.job.rebalancing import ComputeClock, Rebalancer
 from launcher.job.tasks import load_task
+
+# With an error in flight, how long a rank waits for its checkpoint write to finish (the
+# runner kills the ranks ranks.FAILURE_GRACE_S after the first failure in any case).
+SETTLE_S = 10.0
 
 
 def train_rank(
@@ -61,7 +68,7 @@ def train_rank(
     rank = _Rank(ctx)
     try:
         while rank.sampler.step < rank.total:
-            rank.faults.before_step(rank.sampler.step)
+            rank.faults.before_step(rank.sampler.step, settle=rank.settle_quietly)
             rank.rebalance_if_due()  # between two steps, on every rank alike
             t0 = time.perf_counter()
             indices, batches, lengths_of = rank.share()
@@ -87,8 +94,12 @@ def train_rank(
             more = rank.sampler.step < rank.total
             if stop_requested is not None and more and rank.stop_agreed(stop_requested):
                 rank.checkpoint()
+                rank.settle_checkpoint()  # complete before the runner resizes from it
                 return rank.outcome(stopped=True)
+        rank.settle_checkpoint()  # the last one complete (or its error) before the outcome
     finally:
+        if sys.exc_info()[0] is not None:
+            rank.settle_quietly()  # a write in flight finishes if it can: a peer's death
         rank.close_data()
         rank.clock.close()
         if rank.audit is not None:  # an object store's segment of the attempt's last steps
@@ -134,6 +145,7 @@ class _Rank:
         if state is not None and self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])  # fp16: the scale it had
         self.last_checkpoint = ctx.resume_from
+        self.saving: PendingSave | None = None  # the checkpoint being written, if any
         self._saved_step = self.sampler.step if ctx.resume_from else -1
         self.faults = Faults(ctx)
         self.loss_fn, self.memory = self._device_loss()
@@ -292,11 +304,15 @@ class _Rank:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """A synchronous checkpoint of the current step (once per step)."""
+        """The checkpoint of the current step (once per step): the previous one complete
+        first, then this one copied to host memory and (checkpoint.async) written in the
+        background. The time the loop waits here is the save's stall (a metric)."""
         step = self.sampler.step
         if self._saved_step == step:
             return
         self._saved_step = step
+        t0 = time.perf_counter()
+        self.settle_checkpoint()
         if self.audit is not None and self.audit.segmented:
             # Every rank's lines of the steps before this one are stored before the
             # checkpoint can count as complete (steps after it are redone on resume).
@@ -311,7 +327,7 @@ class _Rank:
             "job": self.ctx.job,
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
-        path = save_checkpoint(
+        self.saving = begin_checkpoint(
             self.ctx.checkpoint_dir,
             step,
             self.wrapping,
@@ -319,8 +335,25 @@ class _Rank:
             self.optimizer,
             state,
             before_commit=lambda: self.faults.in_save(step),
+            background=self.spec.checkpoint.background,
         )
-        self.last_checkpoint = str(path)
+        self.stats.on_checkpoint(time.perf_counter() - t0)
+
+    def settle_checkpoint(self) -> None:
+        """The checkpoint in flight, complete: waits for its write; its error (a StorageError
+        where storage is missing) raised here, at the next save or the end."""
+        saving, self.saving = self.saving, None
+        if saving is not None:
+            self.last_checkpoint = str(saving.wait())
+            self.stats.on_checkpoint_written(saving.write_s)
+
+    def settle_quietly(self, timeout_s: float = SETTLE_S) -> None:
+        """Before a crash drill, or with an error in flight: the write in flight finishes
+        if it can within `timeout_s` (none of its errors raised); else it never counts."""
+        with contextlib.suppress(BaseException):
+            if self.saving is not None:
+                self.saving.wait(timeout_s)
+                self.settle_checkpoint()
 
     def outcome(self, *, stopped: bool = False) -> RankOutcome:
         params = output = None
