@@ -42,14 +42,32 @@ CASES = {
 }
 
 
-def train(case: Case, wrapping: Proportional, plan: list[list[int]], rank: int, on_peak=None):
-    """STEPS optimizer steps of global batches 0.. on this rank; (model, optimizer, norms)."""
+def train(
+    case: Case,
+    wrapping: Proportional,
+    plan: list[list[int]],
+    rank: int,
+    on_peak=None,
+    *,
+    first: int = 0,
+    steps: int = STEPS,
+    resume: str | None = None,
+):
+    """`steps` optimizer steps of global batches first.. on this rank, after loading the
+    replica-format checkpoint `resume`; (model, optimizer, norms)."""
     model = wrapping.wrap(case.build_model(), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if resume is not None:
+        saved = torch.load(resume, weights_only=True)
+        if isinstance(model, ProportionalModule):
+            model.load_replica(saved["model"], optimizer, saved["optimizer"])
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
     acc = Accumulator(model, optimizer, max_grad_norm=MAX_GRAD_NORM, wrapping=wrapping)
     size = sum(map(sum, plan))
     norms = []
-    for j in range(STEPS):
+    for j in range(first, first + steps):
         start = j * size + sum(map(sum, plan[:rank]))
         micro_batches = []
         for n in plan[rank]:
@@ -148,6 +166,55 @@ def three_rank_main(rank: int, world_size: int) -> dict:
     for name, shares in SHARES.items():
         out["memory"][name] = memory_main(rank, shares)
     return out
+
+
+RESUME_PLAN = [[4, 2], [3, 3]]  # two ranks, the same global batch of 12
+RESUME_SHARES = (0.2, 0.8)
+SAVED_AT, RESUMED_FOR = 2, 2
+
+
+def save_main(rank: int, world_size: int, path: str) -> None:
+    """SAVED_AT steps on 3 ranks with shares 70/25/5; rank 0 writes the replica's format."""
+    model, optimizer, _ = train(
+        token_case(torch.float64), Proportional(SHARES["70/25/5"]), PLAN, rank, steps=SAVED_AT
+    )
+    state = {
+        "model": model.full_state_dict(),
+        "optimizer": model.replica_optimizer_state(optimizer),
+    }
+    if rank == 0:
+        torch.save({**state, "step": SAVED_AT}, path)
+
+
+def resume_main(rank: int, world_size: int, path: str) -> dict:
+    model, _, _ = train(
+        token_case(torch.float64),
+        Proportional(RESUME_SHARES),
+        RESUME_PLAN,
+        rank,
+        first=SAVED_AT,
+        steps=RESUMED_FOR,
+        resume=path,
+    )
+    return whole(model)
+
+
+def test_checkpoint_of_three_ranks_resumes_on_two_ranks_with_other_shares(tmp_path):
+    path = str(tmp_path / "step.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_ranks(save_main, 3, path)
+        resumed = run_ranks(resume_main, 2, path)
+    case = token_case(torch.float64)
+    want = whole(train(case, Proportional((1.0,)), [[12]], 0, steps=SAVED_AT + RESUMED_FOR)[0])
+    for rank, got in enumerate(resumed):
+        diff = rel_diff(got, want)
+        assert diff <= 1e-10, f"rank {rank}: max relative diff {diff:.3g}"
+    # the file is a replica's checkpoint: a plain AdamW in one process resumes from it too
+    plain = train(
+        case, Proportional((1.0,)), [[12]], 0, first=SAVED_AT, steps=RESUMED_FOR, resume=path
+    )
+    assert rel_diff(whole(plain[0]), want) <= 1e-10
 
 
 @pytest.fixture(scope="module")

@@ -266,6 +266,71 @@ class ProportionalModule(nn.Module):
                 state[name] = flat[offsets[i] : offsets[i] + n].view(self.shapes[i]).clone()
         return state
 
+    # -- checkpoints: the replica's format, resumable on any ranks and shares ----------
+    def _gather_flat(self, mine: torch.Tensor | None) -> torch.Tensor:
+        """Collective: a flat buffer of P elements whose owners' parts are their `mine`."""
+        full = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        for owner in range(self.world):
+            lo, hi = self.slices.bounds(owner)
+            if lo == hi:
+                continue
+            if owner == self.rank and mine is not None:
+                full[lo:hi].copy_(mine.detach())
+            if self.world > 1:
+                dist.broadcast(full[lo:hi], src=owner)
+        return full
+
+    def replica_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Collective: `optimizer`'s state (AdamW over the slice) as the state dict of an
+        AdamW over the plain module's trainable parameters (one group, in order)."""
+        state = optimizer.state.get(self.slice, {})
+        steps = torch.tensor([float(state["step"]) if "step" in state else 0.0])
+        if self.world > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        flats = {key: self._gather_flat(state.get(key)) for key in ("exp_avg", "exp_avg_sq")}
+        per_param: dict[int, dict] = {}
+        if steps.item() > 0:
+            offset = 0
+            for i, (n, shape) in enumerate(zip(self.numels, self.shapes, strict=True)):
+                per_param[i] = {"step": torch.tensor(steps.item())}
+                for key, flat in flats.items():
+                    per_param[i][key] = flat[offset : offset + n].view(shape).clone()
+                offset += n
+        (group,) = optimizer.state_dict()["param_groups"]
+        return {
+            "state": per_param,
+            "param_groups": [{**group, "params": list(range(len(self.params)))}],
+        }
+
+    def load_replica(
+        self,
+        model_state: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        optimizer_state: dict | None,
+    ) -> None:
+        """A replica's state dicts (`full_state_dict`, `replica_optimizer_state`, or a
+        Replicated checkpoint's) into this rank's slice and its optimizer."""
+        lo, hi = self.slices.bounds(self.rank)
+        names = {id(p): n for n, p in self.inner.named_parameters()}
+        flat = torch.cat([model_state[names[id(p)]].reshape(-1) for p in self.params])
+        with torch.no_grad():
+            self.slice.copy_(flat[lo:hi])
+            trainable = {id(p) for p in self.params}
+            for name, p in self.inner.named_parameters():
+                if id(p) not in trainable:
+                    p.copy_(model_state[name])
+        if optimizer is None or optimizer_state is None:
+            return
+        state = {}
+        saved = optimizer_state["state"]
+        if saved and hi > lo:
+            state[0] = {"step": saved[0]["step"].clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = torch.cat([saved[i][key].reshape(-1) for i in range(len(self.params))])
+                state[0][key] = whole[lo:hi].clone()
+        (group,) = optimizer_state["param_groups"]
+        optimizer.load_state_dict({"state": state, "param_groups": [{**group, "params": [0]}]})
+
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     seen: set[int] = set()
