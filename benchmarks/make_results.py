@@ -43,6 +43,7 @@ BENCHMARKS = (
     ("bench_sharding.py", (), 1200, r"RESULT|goals"),
     ("bench_elastic.py", (), 1500, r"RESULT|goals"),
     ("bench_rebalance.py", (), 1800, r"RESULT"),
+    ("bench_checkpoint.py", (), 1200, r"RESULT|goals"),
 )
 HEADLINES = {script.removesuffix(".py"): re.compile(pattern) for script, *_, pattern in BENCHMARKS}
 
