@@ -11,6 +11,9 @@ term in the memory model (`autobatch.planning.memory`), a wrapping of the model
                             ranks may run different numbers of micro-steps
                "full"       FSDP2: parameters, gradients and optimizer state sharded;
                             every rank runs the same number of micro-steps
+               "proportional"  each rank owns a contiguous slice, of a planned size, of
+                            the flat trainable state; whole parameters gathered at every
+                            micro-step; every rank runs the same number of micro-steps
                "auto"       (a choice, not a mode) the lightest mode that fits every device
 
 The planner, the step and the launcher's spec all read these names: this module is
@@ -24,7 +27,7 @@ from typing import Literal, get_args
 
 from autobatch.errors import PlanError
 
-Sharding = Literal["none", "optimizer", "full"]
+Sharding = Literal["none", "optimizer", "full", "proportional"]
 SHARDINGS: tuple[Sharding, ...] = get_args(Sharding)  # lightest first
 ShardMode = Literal["optimizer", "full"]  # the modes that shard (FSDP2)
 SHARD_MODES: tuple[ShardMode, ...] = get_args(ShardMode)
@@ -42,7 +45,7 @@ def check_name(field: str, value: object, allowed: Sequence[str]) -> str:
 
 
 def check_sharding(value: object, *, field: str = "sharding") -> Sharding:
-    """`value` if it names a sharding mode ("none", "optimizer", "full")."""
+    """`value` if it names a sharding mode ("none", "optimizer", "full", "proportional")."""
     return check_name(field, value, SHARDINGS)  # type: ignore[return-value]
 
 

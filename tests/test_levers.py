@@ -29,17 +29,25 @@ from autobatch.planning.memory import SHARDING_TERMS, ModelState, Term, sharding
     "check, value, message",
     [
         # a mode no layer knows
-        (check_sharding, "zero2", "sharding='zero2' must be one of 'none', 'optimizer', 'full'"),
+        (
+                check_sharding,
+                "zero2",
+                "sharding='zero2' must be one of 'none', 'optimizer', 'full', 'proportional'",
+            ),
         # "none" is no mode of the sharded wrapping
         (check_shard_mode, "none", "mode='none' must be one of 'optimizer', 'full'"),
         # a user's choice may be "auto"; names are case-sensitive
         (
             check_sharding_choice,
             "Auto",
-            "sharding='Auto' must be one of 'none', 'optimizer', 'full', 'auto'",
+            "sharding='Auto' must be one of 'none', 'optimizer', 'full', 'proportional', 'auto'",
         ),
         # not text at all
-        (check_sharding, 3, "sharding=3 must be one of 'none', 'optimizer', 'full'"),
+        (
+            check_sharding,
+            3,
+            "sharding=3 must be one of 'none', 'optimizer', 'full', 'proportional'",
+        ),
     ],
 )
 def test_a_bad_name_is_refused_naming_the_field_the_value_and_the_choices(check, value, message):
@@ -49,7 +57,7 @@ def test_a_bad_name_is_refused_naming_the_field_the_value_and_the_choices(check,
 
 
 def test_a_good_name_comes_back():
-    assert [check_sharding(s) for s in SHARDINGS] == ["none", "optimizer", "full"]
+    assert [check_sharding(s) for s in SHARDINGS] == ["none", "optimizer", "full", "proportional"]
     assert [check_shard_mode(s) for s in SHARD_MODES] == ["optimizer", "full"]
     assert check_sharding_choice("auto") == "auto"
     assert check_sharding("full", field="plan.sharding") == "full"

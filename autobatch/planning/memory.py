@@ -35,6 +35,17 @@ full       `fully_shard(reshard_after_forward=True)`, gradients reduce-scattered
            and the reduce-scatter input, plus the next unit's prefetched all-gather.
                micro(b) - S (1 - 1/W) + R + 4 U       opt(b) / W
 
+proportional  `autobatch.step.proportional`: the trainable parameters are one flat
+           unit (G bytes: a gradient per trainable parameter) split into
+           contiguous slices, of sizes the plan chooses, one per rank. Every
+           micro-step gathers the whole unit and a whole flat gradient (2 G,
+           transient), beside the rank's slice, its gradient and its AdamW state
+           (`state_bytes` there); frozen parameters (P - G) stay whole. With even
+           slices (this term; `plan_proportional` sizes them per device):
+               micro(b) - S + (P - G) + 2 G + ceil((2 G + O) / W)   opt(b) / W
+           With one flat unit every rank holds the whole model's parameters and
+           gradients at once: more than "full" (which gathers one block at a time).
+
 On one rank `Sharded` leaves the model unwrapped: every mode is a replica there.
 opt(b) / W: the optimizer step's bytes are parameters, gradients, state and the
 optimizer's temporaries per parameter, all sharded. Sharded modes need no DDP
@@ -50,7 +61,7 @@ repeats this from a measured profile through `Sharded`. The CUDA context, NCCL a
 the allocator's fragmentation stay in the profile's reserve, as for a replica.
 
 Each lever is one term (`Term`): what its setting does to a replica's lines on one
-rank. Sharding's three terms are `SHARDING_TERMS`, one function per mode.
+rank. Sharding's four terms are `SHARDING_TERMS`, one function per mode.
 
 Pure values: imports autobatch.errors and autobatch.levers only.
 """
@@ -168,10 +179,23 @@ def _fully_sharded(state: ModelState, world_size: int) -> Term:
     return Term(-S + _ceil_div(S, W) + gathered, W, frees_replica_reserve=True)
 
 
+def _proportional(state: ModelState, world_size: int) -> Term:
+    """ "proportional" with even slices: the flat unit's parameters and gradient gathered
+    (2 G, the transients of `autobatch.step.proportional.state_bytes`), frozen parameters
+    whole, and 1/W of the slice, its gradient and its optimizer state."""
+    W = world_size
+    if W == 1:  # one rank: `Proportional` leaves the model as it is
+        return Term(frees_replica_reserve=True)
+    grads, opt = state.grads_bytes, state.optimizer_bytes
+    held = (state.params_bytes - grads) + 2 * grads + _ceil_div(2 * grads + opt, W)
+    return Term(held - state.total_bytes, W, frees_replica_reserve=True)
+
+
 SHARDING_TERMS: dict[Sharding, Callable[[ModelState, int], Term]] = {
     "none": _replica,
     "optimizer": _optimizer_sharded,
     "full": _fully_sharded,
+    "proportional": _proportional,
 }
 
 

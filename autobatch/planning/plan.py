@@ -32,6 +32,7 @@ class RankPlan:
     predicted_time_s: float
     predicted_peak_bytes: int | None = None
     state_bytes: int | None = None  # parameters, gradients, optimizer state held (sharded or not)
+    state_slice: int | None = None  # "proportional": the trainable elements this rank owns
 
     @property
     def samples(self) -> int:
@@ -110,11 +111,15 @@ class Plan:
 
     def _check_sharding(self) -> None:
         counts = {r.accumulation_steps for r in self.ranks}
-        if self.sharding == "full" and len(counts) > 1:
+        if self.sharding in ("full", "proportional") and len(counts) > 1:
             raise PlanError(
-                f"sharding='full' needs the same number of micro-steps on every rank; got "
-                f"{[r.accumulation_steps for r in self.ranks]} (each forward all-gathers)"
+                f"sharding={self.sharding!r} needs the same number of micro-steps on every "
+                f"rank; got {[r.accumulation_steps for r in self.ranks]} (each micro-step "
+                "gathers the parameters)"
             )
+        slices = [r.state_slice for r in self.ranks]
+        if self.sharding == "proportional" and any(s is None or s < 0 for s in slices):
+            raise PlanError(f"sharding='proportional' needs every rank's state_slice; got {slices}")
         by_id = {d.device_id: d for d in self.inputs}
         for r in self.ranks:
             d = by_id.get(r.device_id)
@@ -131,6 +136,13 @@ class Plan:
     @property
     def world_size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def state_slices(self) -> tuple[int, ...] | None:
+        """"proportional": the trainable elements each rank owns, in rank order (else None)."""
+        if self.sharding != "proportional":
+            return None
+        return tuple(r.state_slice for r in self.ranks)  # type: ignore[misc]
 
     @property
     def predicted_samples_per_s(self) -> float:
@@ -222,6 +234,9 @@ class Plan:
             }
             if with_state:
                 row["state/rank"] = size_text(r.state_bytes)
+            if self.sharding == "proportional":
+                total = sum(self.state_slices or ()) or 1
+                row["share"] = f"{100 * (r.state_slice or 0) / total:.1f}%"
             row["pred. peak"] = size_text(r.predicted_peak_bytes) if r.predicted_peak_bytes else "-"
             row["pred. time"] = f"{r.predicted_time_s * 1e3:.1f} ms"
             rows.append(row)
@@ -252,6 +267,9 @@ class Plan:
             "optimizer": "FSDP2, parameters gathered for the whole step, gradients "
             "reduce-scattered at its end, optimizer state sharded",
             "full": "FSDP2, parameters, gradients and optimizer state sharded; every rank "
+            f"runs {self.ranks[0].accumulation_steps} micro-step(s)",
+            "proportional": "each rank owns a planned share of the flat parameters, gradients "
+            "and optimizer state; the whole model gathered at every micro-step; every rank "
             f"runs {self.ranks[0].accumulation_steps} micro-step(s)",
         }[self.sharding]
         states = {r.state_bytes for r in self.ranks if r.state_bytes is not None}

@@ -11,6 +11,8 @@ slowest rank's predicted step time is as small as it can be.
     "none"                replicas: the replica solver (autobatch.planning.solver)
     "optimizer", "full"   a device's memory depends on how many ranks share the model:
                           autobatch.planning.sharded plans for the world size it includes
+    "proportional"        slices of the flat state and micro-batches planned jointly
+                          (autobatch.planning.proportional, via planning.sharded)
     "auto"                the lightest mode that fits every device (choose_sharding)
 
 `equal_split_plan` is today's DDP recipe, as a runnable plan. A device whose time model

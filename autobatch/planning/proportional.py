@@ -21,18 +21,24 @@ finds whether the rooms can hold P elements. Feasibility only grows with T, so e
 bisects the sorted step times the ranks can have. The slices then fill each rank's
 room in proportion to it. A device may hold no state (s_r = 0).
 
-Pure values: imports numpy and autobatch.errors.
+`make_proportional_plan` feeds it from a probe's figures (each `DeviceCapacity`'s memory
+model and time line, the inputs "full"'s equal-steps planner gets) and returns a `Plan`
+whose ranks carry their slices (`RankPlan.state_slice`).
+
+Pure values: imports numpy, autobatch.errors and planning's values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from autobatch.errors import PlanError
+from autobatch.planning.capacity import DeviceCapacity
+from autobatch.planning.plan import ExcludedDevice, Plan, RankPlan, size_text
 
 ADAM_STEP_BYTES = 4  # as autobatch.step.proportional (the planner does not import the step)
 SLICE_COPIES = 4  # the slice, its gradient, AdamW's two states
@@ -233,3 +239,107 @@ def _fill(total: int, rooms: list[int]) -> list[int]:
 def _ragged(n: int, k: int) -> tuple[int, ...]:
     """n samples as k micro-batches differing by at most one, the larger first."""
     return tuple(n // k + (1 if i < n % k else 0) for i in range(k))
+
+
+# ---------------------------------------------------------------------------
+# from a probe's capacities to a Plan
+
+ELEMENT_BYTES = 4  # a trainable parameter's bytes (float32 weights; autocast does not change them)
+
+
+def make_proportional_plan(
+    global_batch_size: int, devices: Sequence[DeviceCapacity], *, keep_all: bool = False
+) -> Plan:
+    """The joint plan over the devices where the gathered model and one sample fit (with
+    `keep_all`, every device or a PlanError). Each device's figures come from its memory
+    model (`DeviceCapacity.memory`, a probe's replica lines): the micro-steps' lines less
+    the replica's state are the activations, the budget is the proportional one (no DDP
+    buckets), and the state is G bytes of trainable parameters at `ELEMENT_BYTES`."""
+    B = global_batch_size
+    for d in devices:
+        if d.memory is None:
+            raise PlanError(
+                f"device {d.device_id!r} ({d.name}) has no memory model: sharding="
+                "'proportional' needs its model state and peak lines (DeviceCapacity.memory)"
+            )
+    state = devices[0].memory.state  # type: ignore[union-attr]
+    total = max(1, state.grads_bytes // ELEMENT_BYTES)
+    W = len(devices)
+    fits = [d for d in devices if state_room(_device(d, W), 1, total, ELEMENT_BYTES) >= 0]
+    if not fits or (keep_all and len(fits) < len(devices)):
+        unfit = [d for d in devices if d not in fits]
+        raise PlanError(
+            "with sharding proportional, "
+            + "; ".join(
+                f"{d.name} ({d.device_id}) needs "
+                f"{size_text(peak_bytes(_device(d, W), 1, 0, total, ELEMENT_BYTES))} for one "
+                f"sample (the gathered model and its gradient), its budget is "
+                f"{size_text(_device(d, W).memory_bytes)}"
+                for d in unfit
+            )
+        )
+    W = len(fits)
+    pdevs = [_device(d, W) for d in fits]
+    joint = plan_proportional(B, pdevs, total, ELEMENT_BYTES)
+    ranks, inputs = [], []
+    frozen = state.params_bytes - state.grads_bytes
+    for i, (d, pd) in enumerate(zip(fits, pdevs, strict=True)):
+        mbs, s = joint.micro_batches[i], joint.slices[i]
+        largest = max(mbs)
+        while largest < B and state_room(pd, largest + 1, total, ELEMENT_BYTES) >= s:
+            largest += 1
+        held = frozen + 2 * total * ELEMENT_BYTES + SLICE_COPIES * s * ELEMENT_BYTES
+        held += ADAM_STEP_BYTES if s else 0
+        cap = replace(d.sharded("proportional", W), max_micro_batch=largest)
+        inputs.append(cap)
+        ranks.append(
+            RankPlan(
+                rank=i,
+                device_id=d.device_id,
+                device_name=d.name,
+                micro_batches=mbs,
+                max_micro_batch=largest,
+                predicted_time_s=d.time_of(mbs),
+                predicted_peak_bytes=joint.peak_bytes[i],
+                state_bytes=held,
+                state_slice=s,
+            )
+        )
+    excluded = tuple(
+        ExcludedDevice(d.device_id, d.name, "with sharding proportional, one sample does not "
+                       "fit beside the gathered model and its gradient")
+        for d in devices
+        if d not in fits
+    )  # fmt: skip
+    note = (
+        "proportional sharding gathers the whole flat model and its gradient at every "
+        "micro-step (one unit): the predicted times leave that communication out"
+    )
+    return Plan(
+        global_batch_size=B,
+        ranks=tuple(ranks),
+        predicted_step_time_s=max(r.predicted_time_s for r in ranks),
+        ideal_samples_per_s=sum(c.best_samples_per_s(B) for c in inputs),
+        excluded=excluded,
+        inputs=tuple(inputs),
+        notes=(note,),
+        sharding="proportional",
+    )
+
+
+def _device(d: DeviceCapacity, W: int) -> ProportionalDevice:
+    """`d`'s figures for the joint planner: activations = the micro-steps' lines less the
+    replica's state, plus the frozen parameters every rank keeps whole."""
+    memory = d.memory
+    assert memory is not None
+    state = memory.state
+    fixed = max(x.fixed_bytes for x in memory.micro_lines) - state.total_bytes
+    fixed += state.params_bytes - state.grads_bytes
+    return ProportionalDevice(
+        memory_bytes=memory.budget("proportional", W),
+        fixed_bytes=max(0, math.ceil(fixed)),
+        per_sample_bytes=max(x.per_sample_bytes for x in memory.micro_lines),
+        fixed_s=d.fixed_s,
+        per_sample_s=d.per_sample_s,
+        step_overhead_s=d.step_overhead_s,
+    )

@@ -15,7 +15,8 @@ rank computes the same `Proposal`:
    not touched: a new plan never asks for a micro-batch the probe did not show fits;
 3. the plan made again with `make_plan` on the refitted capacities: the same global
    batch, the same ranks in the same order (`keep_all`: a running process group cannot
-   shrink), the same sharding (under "full" every rank keeps the same micro-step count);
+   shrink), the same sharding (under "full" every rank keeps the same micro-step count;
+   under "proportional" the plan stays: its slices are fixed while the ranks run);
 4. `switch` when the refitted time lines predict the new plan's step shorter than the
    current plan's by more than `threshold` (relative), and so do the time lines refitted
    from each single step of the window, all but one step in four (`outliers`): sustained,
@@ -144,7 +145,10 @@ def propose(
     per_step = step_ratios(measured, predicted)
     ratios = _medians(per_step)
     capacities = refit(plan, ratios)
-    new = make_plan(plan.global_batch_size, capacities, keep_all=True, sharding=plan.sharding)
+    if plan.sharding == "proportional":  # the ranks' slices are fixed until a restart:
+        new = plan  # a new joint plan would move them (not built: no switch)
+    else:
+        new = make_plan(plan.global_batch_size, capacities, keep_all=True, sharding=plan.sharding)
     devices = [r.device_id for r in plan.ranks]
     if [r.device_id for r in new.ranks] != devices:
         raise PlanError(f"a rebalanced plan keeps every rank on its device, in order: {devices}")

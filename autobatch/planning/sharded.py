@@ -19,8 +19,13 @@ world size it includes:
 replica solver, `autobatch.planning.solver`). "full" all-gathers in every forward,
 so every rank runs the same number of micro-steps (`autobatch.planning.equal_steps`).
 
+"proportional" is planned jointly, slices and micro-batches together
+(`autobatch.planning.proportional`).
+
 `choose_sharding` is the "auto" mode: no sharding when a replica fits every device,
-else the lightest mode that fits every device.
+else the lightest FSDP2 mode that fits every device; only when none does, "proportional"
+if its joint plan fits every device (with one flat unit that is rare: every rank then
+holds the whole model's parameters and gradients during its micro-steps).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from autobatch.errors import PlanError
-from autobatch.levers import SHARDINGS, Sharding, ShardingChoice, check_sharding
+from autobatch.levers import Sharding, ShardingChoice, check_sharding
 from autobatch.planning.capacity import DeviceCapacity
 from autobatch.planning.equal_steps import equal_accumulation_shares
 from autobatch.planning.plan import ExcludedDevice, Plan, size_text
+from autobatch.planning.proportional import make_proportional_plan
 from autobatch.planning.solver import (
     assemble,
     check_inputs,
@@ -42,6 +48,7 @@ from autobatch.planning.solver import (
     rank_plan,
 )
 
+FSDP_MODES: tuple[Sharding, ...] = ("optimizer", "full")  # what `choose_sharding` tries
 WHAT_IS_SHARDED = {
     "optimizer": "optimizer state and reduced gradients sharded",
     "full": "parameters, gradients and optimizer state sharded",
@@ -59,12 +66,17 @@ def make_sharded_plan(
     """`make_plan(..., sharding=...)`: the fastest plan for the world size it includes."""
     check_inputs(global_batch_size, devices, each_must_fit=None)
     if sharding == "auto":
-        mode, why = choose_sharding(devices)
+        try:
+            mode, why = choose_sharding(devices)
+        except PlanError as none_fits:
+            return _proportional_if_it_fits(global_batch_size, devices, none_fits)
         plan = make_sharded_plan(
             global_batch_size, devices, mode, baseline=baseline, keep_all=keep_all
         )
         return replace(plan, notes=(why, *plan.notes))
-    if check_sharding(sharding) == "none":
+    if check_sharding(sharding) == "proportional":
+        return make_proportional_plan(global_batch_size, devices, keep_all=keep_all)
+    if sharding == "none":
         replicas = [d.sharded("none") for d in devices]
         return plan_replicas(global_batch_size, replicas, baseline=baseline, keep_all=keep_all)
     if keep_all:
@@ -93,7 +105,7 @@ def choose_sharding(
     replicas = [d.sharded("none") for d in devices]
     if not _unfit(replicas):
         return "none", f"sharding none: a full replica fits every device ({_tightest(replicas)})"
-    for mode in SHARDINGS[1:]:
+    for mode in FSDP_MODES:
         caps = _at(devices, mode, W)
         if not _unfit(caps):
             return mode, (
@@ -107,6 +119,23 @@ def choose_sharding(
         "lower the sequence length, use bf16/fp16 or gradient checkpointing, or leave "
         "these devices out"
     )
+
+
+def _proportional_if_it_fits(
+    B: int, devices: Sequence[DeviceCapacity], none_fits: PlanError
+) -> Plan:
+    """"auto" when no FSDP2 mode fits every device: "proportional" if its joint plan keeps
+    every device, else the FSDP2 modes' error."""
+    try:
+        plan = make_proportional_plan(B, devices, keep_all=True)
+    except PlanError:
+        raise none_fits from None
+    why = (
+        f"sharding proportional (planned shares of the flat state per device): {none_fits}; "
+        f"with shares {[r.state_slice for r in plan.ranks]} of the trainable elements, every "
+        "device fits"
+    )
+    return replace(plan, notes=(why, *plan.notes))
 
 
 # ---------------------------------------------------------------------------
