@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autobatch.errors import PlanError
 from autobatch.step.precision import Precision, autocast, check_precision
 from autobatch.step.wrap import REPLICATED, ModelWrapping
 
@@ -75,6 +76,12 @@ class Accumulator:
         self.device_type = next(model.parameters()).device.type
         if precision == "fp16" and scaler is None and loss_scaling:
             scaler = torch.amp.GradScaler(self.device_type)
+        if scaler is not None and not getattr(wrapping, "scales_fp16", True):
+            raise PlanError(
+                f"precision='fp16' with loss scaling is not supported by {wrapping!r}: the "
+                "scaler's inf check would see only this rank's part of the gradients; use "
+                "bf16 or fp32"
+            )
         self.scaler = scaler
         self.agree_on_oom = agree_on_oom
         self.wrapping = wrapping

@@ -42,14 +42,18 @@ per-block units (the whole flat model is gathered at once), host offload.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from autobatch.errors import PlanError
+from autobatch.step import storage
 
 ADAM_STATES = 2  # AdamW's exp_avg and exp_avg_sq, each the size of the slice
 ADAM_STEP_BYTES = 4  # AdamW's `step`: a float32 scalar per parameter (here one: the slice)
@@ -349,34 +353,46 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 class Proportional:
     """Memory-proportional sharding over the default process group: rank r owns the
     share `shares[r]` of the flat trainable state (`ProportionalModule`); the plain module
-    when there is no group or it has one rank.
+    when there is no group or it has one rank. `shares` None: equal shares. A plan's
+    `state_slices` (element counts) are shares too: on the model they were planned for they
+    are its exact slices.
 
     >>> wrapping = Proportional((0.7, 0.25, 0.05))
     >>> model = wrapping.wrap(model, device)
     >>> acc = Accumulator(model, AdamW(model.parameters()), wrapping=wrapping)
+
+    A checkpoint is a replica's (`autobatch.step.wrap.Replicated`): rank 0 writes one torch
+    file with the whole model and an AdamW state over the plain module's parameters,
+    gathered from the slices; every rank loads its slice from it. So a checkpoint resumes
+    on any ranks, any shares and any mode.
     """
 
     sharding = "proportional"
     retries_oom_in_place = False  # every micro-step gathers: an OOM leaves collectives unmatched
+    checkpoint_suffix = ".pt"  # a replica's one file
+    scales_fp16 = False  # a GradScaler's inf check would see only this rank's slice
 
-    def __init__(self, shares: Sequence[float]) -> None:
-        Slices.from_shares(1, shares)  # checks them
-        self.shares = tuple(float(s) for s in shares)
+    def __init__(self, shares: Sequence[float] | None = None) -> None:
+        if shares is not None:
+            Slices.from_shares(1, shares)  # checks them
+        self.shares = None if shares is None else tuple(float(s) for s in shares)
 
     def __repr__(self) -> str:
-        return f"Proportional({list(self.shares)})"
+        return f"Proportional({None if self.shares is None else list(self.shares)})"
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         model = model.to(device)
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return model
-        if len(self.shares) != dist.get_world_size():
+        W = dist.get_world_size()
+        shares = self.shares if self.shares is not None else (1.0,) * W
+        if len(shares) != W:
             raise PlanError(
-                f"Proportional has {len(self.shares)} shares; the group has "
-                f"{dist.get_world_size()} ranks: give one share per rank"
+                f"Proportional has {len(shares)} shares; the group has {W} ranks: give one "
+                "share per rank"
             )
         total = sum(p.numel() for p in _trainable(model))
-        return ProportionalModule(model, Slices.from_shares(total, self.shares))
+        return ProportionalModule(model, Slices.from_shares(total, shares))
 
     def micro_step(self, wrapped: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
         if not isinstance(wrapped, ProportionalModule):
@@ -402,3 +418,68 @@ class Proportional:
             return wrapped.clip_grad_norm_(max_norm)
         params = [p for p in wrapped.parameters() if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # -- checkpoints and the whole model: a replica's -------------------------------
+    def save(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path | str:
+        """Collective: the slices gathered into a replica's state; rank 0 writes its file."""
+        if not isinstance(model, ProportionalModule):
+            return _replicated().save(path, model, optimizer, extra, before_commit=before_commit)
+        state = {**extra, "model": model.full_state_dict()}
+        if optimizer is not None:
+            state["optimizer"] = model.replica_optimizer_state(optimizer)
+        if model.rank == 0:
+            if before_commit is not None:
+                before_commit()
+            _wrap()._write_replica(path, state)
+        return str(path) if storage.is_uri(path) else Path(path)
+
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """Every rank reads the replica's file and keeps its slice (of any saved world)."""
+        if not isinstance(model, ProportionalModule):
+            return _replicated().load(path, model, optimizer)
+        state = _wrap().read_replica(path)
+        model.load_replica(state.pop("model"), optimizer, state.pop("optimizer", None))
+        return state
+
+    def holds_checkpoint(self, path: str | os.PathLike) -> bool:
+        return _replicated().holds_checkpoint(path)
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective: the plain module's state dict, whole, on every rank."""
+        if isinstance(model, ProportionalModule):
+            return model.full_state_dict()
+        return model.state_dict()
+
+    def plain_model(
+        self,
+        model: nn.Module,
+        full_state: dict[str, torch.Tensor],
+        build: Callable[[], nn.Module],
+    ) -> nn.Module:
+        """A fresh module with the full state (the sharded one's parameters are empty)."""
+        if not isinstance(model, ProportionalModule):
+            return model
+        plain = build()
+        plain.load_state_dict(full_state)
+        return plain
+
+
+def _wrap():  # noqa: ANN202
+    """autobatch.step.wrap (it imports this module): the replica's checkpoint file."""
+    from autobatch.step import wrap
+
+    return wrap
+
+
+def _replicated():  # noqa: ANN202
+    return _wrap().REPLICATED

@@ -7,7 +7,9 @@ whether an out-of-memory can be retried in place, the checkpoint's format (save,
 load), and the whole model (its full state, the plain module for export). Two
 wrappings implement it: `Replicated`, a full replica per rank (torch DDP when a
 process group of more than one rank is up), and `Sharded` (autobatch.step.shard:
-FSDP2, "optimizer" or "full" sharding). `wrapping_for(sharding)` names one.
+FSDP2, "optimizer" or "full" sharding) and `Proportional` (autobatch.step.proportional:
+planned slices of the flat state, checkpoints in the replica's format).
+`wrapping_for(sharding)` names one.
 """
 
 from __future__ import annotations
@@ -249,9 +251,22 @@ def _module(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def wrapping_for(sharding: str) -> ModelWrapping:
+def wrapping_for(sharding: str, *, slices: Sequence[int] | None = None) -> ModelWrapping:
     """The wrapping of a sharding mode: "none" (a replica per rank, DDP), "optimizer" or
-    "full" (`Sharded`)."""
-    if check_sharding(sharding) == "none":
+    "full" (`Sharded`), "proportional" (`Proportional`, with the plan's `state_slices`;
+    None: equal shares)."""
+    mode = check_sharding(sharding)
+    if mode == "none":
         return REPLICATED
-    return Sharded(sharding)  # type: ignore[arg-type]
+    if mode == "proportional":
+        from autobatch.step.proportional import Proportional  # it imports this module's format
+
+        return Proportional(slices)
+    return Sharded(mode)  # type: ignore[arg-type]
+
+
+def held_module(wrapped: nn.Module) -> nn.Module:
+    """The module that holds this rank's parameters (the optimizer's, the checkpoint's):
+    DDP's module; else the wrapped model itself (FSDP2 wraps in place; `Proportional`'s
+    module holds the rank's slice)."""
+    return _module(wrapped)

@@ -287,6 +287,23 @@ class JobSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _proportional_limits(self) -> JobSpec:
+        if self.sharding != "proportional":
+            return self
+        if self.precision == "fp16":
+            raise ValueError(
+                "precision: fp16 is not supported with sharding: proportional (the loss "
+                "scaler's inf check would see only this rank's slice of the gradients): use "
+                "bf16 or fp32, or sharding: full"
+            )
+        if self.optimizer.name == "sgd" and self.optimizer.momentum > 0:
+            raise ValueError(
+                "optimizer.momentum > 0 with optimizer.name: sgd is not supported with "
+                "sharding: proportional (its checkpoints gather AdamW's state only): use adamw"
+            )
+        return self
+
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:

@@ -41,7 +41,7 @@ from autobatch.step import storage
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
 from autobatch.step.atomic import storage_error
 from autobatch.step.background import PendingSave
-from autobatch.step.wrap import wrapping_for
+from autobatch.step.wrap import held_module, wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
 from launcher.job.checkpoint import begin_checkpoint, restore_checkpoint
@@ -122,9 +122,10 @@ class _Rank:
         if self.plan.capacity(ctx.rank).gradient_checkpointing:
             task.checkpoint_activations(self.model)
         # Wrapped before the optimizer is built: a sharded model's parameters are DTensors.
-        self.wrapping = wrapping_for(self.plan.sharding)
+        self.wrapping = wrapping_for(self.plan.sharding, slices=self.plan.state_slices)
         self.wrapping.check_plan([r.accumulation_steps for r in self.plan.ranks])
         wrapped = self.wrapping.wrap(self.model, self.device)
+        self.model = held_module(wrapped)  # proportional: the module holding this rank's slice
         self.optimizer = build_optimizer(spec.optimizer)(self.model)
         self.sampler = GlobalBatchSampler(
             len(task.dataset), spec.global_batch_size, seed=spec.seed, epoch_end=spec.epoch_end
