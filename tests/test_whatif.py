@@ -345,7 +345,7 @@ def test_what_if_as_json_holds_the_specs_own_levers(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     own = {"precision": "fp32", "lora": True, "gradient_checkpointing": True, "sharding": "none"}
     assert data["own"] == own and [r["own"] for r in data["rows"]].count(True) == 1
-    assert len(data["rows"]) == 2 * 2 * 2 * 3 and data["estimated"]  # fp32, bf16 (an H100)
+    assert len(data["rows"]) == 2 * 2 * 2 * 4 and data["estimated"]  # fp32, bf16 (an H100)
     assert all(math.isfinite(r["samples_per_s"]) for r in data["rows"] if r["fits"])
 
 
