@@ -3,22 +3,34 @@ and a node lost mid-run: the job is re-planned on the devices left, same global 
 
 Three nodes of one CPU each, so the placement group's three one-CPU bundles land one per
 node. The cluster is started and shut down by this module, apart from other tests' Ray.
+
+Also a job checkpointing to s3:// (a loopback S3-compatible server) whose rank is killed:
+it resumes at the checkpoint's step with every global batch exact, the driver finding the
+checkpoint through the URI. The nodes are started before the test's environment names
+the store: their rank actors reach it only because the launcher passes the standard
+variables on to them. Nothing is written to a local folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import sys
 
 import pytest
 import ray
-from daemon_util import DaemonProcess
+from daemon_util import TINY, DaemonProcess, tiny_spec
 from ray.cluster_utils import Cluster
 from test_launcher import SIMS_3, assert_every_global_batch_exact, assert_same_parameters, job
 
+from launcher.job.checkpoint import checkpoint_name, list_checkpoints
 from launcher.job.controller import JobController
 from launcher.job.events import Planned, Progress, Resized, RunnerEvent
 from launcher.job.spec import parse_spec
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from ledger import exact_global_batches, rank_lines  # noqa: E402 (benchmarks/ledger.py)
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +115,30 @@ def test_autobatch_serve_starts_its_own_head_beside_a_cluster_started_here(three
         assert daemon.http.get("/healthz").status_code == 200
     finally:
         daemon.stop()
+
+
+def test_a_multi_node_job_on_s3_resumes_at_the_checkpoint_with_the_ledger_exact(
+    three_nodes, s3, tmp_path
+):
+    uri = f"s3://{s3.bucket}/cluster/job"
+    spec = tiny_spec(
+        "s3-nodes",
+        sims=("big", "mid"),
+        max_steps=4,
+        audit_samples=True,
+        faults=[{"kind": "crash", "rank": 1, "step": 3}],
+        checkpoint={"dir": uri, "interval": 2},
+        output_dir=str(tmp_path / "final"),
+    )
+    summary = JobController(
+        parse_spec(spec), address=three_nodes[0].address, runs_root=str(tmp_path / "runs")
+    ).run()
+    assert summary.steps == 4 and summary.restarts == 1
+    assert [checkpoint_name(c) for c in list_checkpoints(uri)] == [
+        "step_00000002.pt",
+        "step_00000004.pt",
+    ]
+    retried = [json.loads(line) for _, line in rank_lines(uri)]
+    assert min(e["step"] for e in retried if e["attempt"] == 1) == 2  # resumed at step 2
+    assert exact_global_batches(uri, TINY["dataset_size"], 24, 1, 4)
+    assert not (tmp_path / "runs").exists()  # no local copy of anything
