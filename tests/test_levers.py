@@ -30,10 +30,10 @@ from autobatch.planning.memory import SHARDING_TERMS, ModelState, Term, sharding
     [
         # a mode no layer knows
         (
-                check_sharding,
-                "zero2",
-                "sharding='zero2' must be one of 'none', 'optimizer', 'full', 'proportional'",
-            ),
+            check_sharding,
+            "zero2",
+            "sharding='zero2' must be one of 'none', 'optimizer', 'full', 'proportional'",
+        ),
         # "none" is no mode of the sharded wrapping
         (check_shard_mode, "none", "mode='none' must be one of 'optimizer', 'full'"),
         # a user's choice may be "auto"; names are case-sensitive

@@ -139,7 +139,7 @@ class Plan:
 
     @property
     def state_slices(self) -> tuple[int, ...] | None:
-        """"proportional": the trainable elements each rank owns, in rank order (else None)."""
+        """Under "proportional", the trainable elements each rank owns, in rank order; else None."""
         if self.sharding != "proportional":
             return None
         return tuple(r.state_slice for r in self.ranks)  # type: ignore[misc]

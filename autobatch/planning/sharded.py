@@ -124,8 +124,8 @@ def choose_sharding(
 def _proportional_if_it_fits(
     B: int, devices: Sequence[DeviceCapacity], none_fits: PlanError
 ) -> Plan:
-    """"auto" when no FSDP2 mode fits every device: "proportional" if its joint plan keeps
-    every device, else the FSDP2 modes' error."""
+    """For "auto" when no FSDP2 mode fits every device: "proportional" if its joint plan
+    keeps every device, else the FSDP2 modes' error."""
     try:
         plan = make_proportional_plan(B, devices, keep_all=True)
     except PlanError:
