@@ -54,6 +54,7 @@ from torch import nn
 
 from autobatch.errors import PlanError
 from autobatch.step import storage
+from autobatch.step.replicated import REPLICATED, read_replica, write_replica
 
 ADAM_STATES = 2  # AdamW's exp_avg and exp_avg_sq, each the size of the slice
 ADAM_STEP_BYTES = 4  # AdamW's `step`: a float32 scalar per parameter (here one: the slice)
@@ -431,14 +432,14 @@ class Proportional:
     ) -> Path | str:
         """Collective: the slices gathered into a replica's state; rank 0 writes its file."""
         if not isinstance(model, ProportionalModule):
-            return _replicated().save(path, model, optimizer, extra, before_commit=before_commit)
+            return REPLICATED.save(path, model, optimizer, extra, before_commit=before_commit)
         state = {**extra, "model": model.full_state_dict()}
         if optimizer is not None:
             state["optimizer"] = model.replica_optimizer_state(optimizer)
         if model.rank == 0:
             if before_commit is not None:
                 before_commit()
-            _wrap()._write_replica(path, state)
+            write_replica(path, state)
         return str(path) if storage.is_uri(path) else Path(path)
 
     def load(
@@ -446,13 +447,13 @@ class Proportional:
     ) -> dict[str, Any]:
         """Every rank reads the replica's file and keeps its slice (of any saved world)."""
         if not isinstance(model, ProportionalModule):
-            return _replicated().load(path, model, optimizer)
-        state = _wrap().read_replica(path)
+            return REPLICATED.load(path, model, optimizer)
+        state = read_replica(path)
         model.load_replica(state.pop("model"), optimizer, state.pop("optimizer", None))
         return state
 
     def holds_checkpoint(self, path: str | os.PathLike) -> bool:
-        return _replicated().holds_checkpoint(path)
+        return REPLICATED.holds_checkpoint(path)
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective: the plain module's state dict, whole, on every rank."""
@@ -472,14 +473,3 @@ class Proportional:
         plain = build()
         plain.load_state_dict(full_state)
         return plain
-
-
-def _wrap():  # noqa: ANN202
-    """autobatch.step.wrap (it imports this module): the replica's checkpoint file."""
-    from autobatch.step import wrap
-
-    return wrap
-
-
-def _replicated():  # noqa: ANN202
-    return _wrap().REPLICATED
