@@ -29,14 +29,19 @@ def brute_force_step_time(B: int, devices: list[DeviceCapacity], at_least: int =
     return best
 
 
+def _per_sample(low: float, high: float) -> st.SearchStrategy[float]:
+    """A per-sample cost, often exactly 0: what the probe's fit gives when it finds no
+    slope (a time line "taken as constant"), and the refit of a rebalance keeps."""
+    return st.one_of(st.just(0.0), st.floats(low, high))
+
+
+def _spec(m, a, o, c) -> st.SearchStrategy[tuple]:
+    # a micro-step of one sample must cost some time (fixed_s + per_sample_s >= 1 ns)
+    return st.tuples(m, a, c, o).filter(lambda t: t[1] + t[2] >= 1e-9)
+
+
 devices_strategy = st.lists(
-    st.builds(
-        lambda m, a, c, o: (m, a, c, o),
-        st.integers(1, 40),
-        st.floats(0.0, 0.05),
-        st.floats(1e-5, 0.01),
-        st.floats(0.0, 0.05),
-    ),
+    _spec(st.integers(1, 40), st.floats(0.0, 0.05), st.floats(0.0, 0.05), _per_sample(1e-5, 0.01)),
     min_size=1,
     max_size=6,
 )
@@ -62,7 +67,7 @@ def test_plan_sums_to_global_batch_and_respects_limits(B, spec):
 
 # Up to 4 devices and B <= 64: small enough for the brute force.
 small_fleets = st.lists(
-    st.tuples(st.integers(1, 16), st.floats(0.0, 0.2), st.floats(1e-4, 0.05), st.floats(0.0, 0.1)),
+    _spec(st.integers(1, 16), st.floats(0.0, 0.2), st.floats(0.0, 0.1), _per_sample(1e-4, 0.05)),
     min_size=1,
     max_size=4,
 )
@@ -93,6 +98,17 @@ def test_plan_keeping_every_device_is_the_exhaustive_optimum_with_one_sample_eac
     assert min(r.samples for r in plan.ranks) >= 1
     want = brute_force_step_time(B, devices, at_least=1)
     assert plan.predicted_step_time_s == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_a_device_whose_samples_cost_nothing_still_plans_the_whole_batch(keep_all):
+    # Found in CI: a time line "taken as constant" (per_sample_s = 0) beside a step
+    # overhead; the solver's closed-form capacity rounded 2 micro-steps down to 1 and
+    # asserted that its feasible bound did not cover the global batch.
+    constant = dev(0, 31, a=0.01, c=0.0, o=0.03927560671722833)
+    plan = make_plan(42, [constant], keep_all=keep_all)
+    assert plan.ranks[0].micro_batches == (21, 21)
+    assert plan.predicted_step_time_s == pytest.approx(constant.rank_time(42), rel=1e-12)
 
 
 def test_plan_keeping_every_device_plans_the_slow_devices_own_time():
@@ -220,6 +236,7 @@ def test_infeasible_inputs_raise_clear_errors(B, devices, match):
         ({"fixed_s": -1.0}, r"fixed_s=-1.0 must be a finite number >= 0"),
         ({"per_sample_s": float("nan")}, r"per_sample_s=nan"),
         ({"fixed_s": 0.0, "per_sample_s": 0.0}, r"cannot take no time"),
+        ({"fixed_s": 5e-324, "per_sample_s": 0.0}, r"at least 1e-09 s"),
     ],
 )
 def test_bad_time_model_is_rejected(kwargs, match):

@@ -17,6 +17,8 @@ from autobatch.errors import PlanError
 from autobatch.levers import Sharding, check_sharding
 from autobatch.planning.memory import MemoryModel, check_world_size
 
+MIN_MICRO_STEP_S = 1e-9  # no device runs a micro-step of one sample faster than this
+
 
 @dataclass(frozen=True)
 class DeviceCapacity:
@@ -67,10 +69,10 @@ class DeviceCapacity:
                 raise PlanError(
                     f"device {self.device_id!r}: {name}={value!r} must be a finite number >= 0"
                 )
-        if self.fixed_s + self.per_sample_s <= 0:
+        if self.fixed_s + self.per_sample_s < MIN_MICRO_STEP_S:
             raise PlanError(
-                f"device {self.device_id!r}: fixed_s + per_sample_s must be > 0 "
-                "(a micro-step cannot take no time)"
+                f"device {self.device_id!r}: fixed_s + per_sample_s must be at least "
+                f"{MIN_MICRO_STEP_S:g} s (a micro-step cannot take no time)"
             )
 
     def micro_step_time(self, b: int) -> float:

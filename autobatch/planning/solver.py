@@ -127,21 +127,17 @@ class _Fleet:
         return np.where(s > 0, t, 0.0)
 
     def capacity(self, T: float) -> np.ndarray:
-        """Per device, the most samples it can do in one step of at most T seconds."""
-        rest = T - self.o
-        full = self.a + self.c * self.m
-        k = np.floor(np.maximum(rest, 0.0) / full).astype(np.int64)
-        s = k * self.m  # k full micro-batches
-        # ... or one more, partial, micro-batch
-        with np.errstate(divide="ignore", invalid="ignore"):
-            room = rest - (k + 1) * self.a
-            partial = np.where(self.c > 0, np.floor(room / self.c), np.where(room >= 0, self.m, -1))
-        partial = np.minimum(partial, (k + 1) * self.m)
-        s = np.maximum(s, np.where(room >= 0, partial, 0)).astype(np.int64)
-        s = np.clip(s, 0, self.B)
-        for _ in range(3):  # floating-point rounding: make T(s) <= T hold exactly
-            s = np.where(self.time(s) > T, s - 1, s)
-        return np.where((s < self.B) & (self.time(s + 1) <= T), s + 1, s)
+        """Per device, the most samples (at most B) it can do in one step of at most T
+        seconds. A binary search on the step time itself, which never falls as a device's
+        samples grow: exact where a closed form rounds (a per-sample cost of 0, a fixed
+        cost lost beside the step overhead)."""
+        fits = np.zeros_like(self.m)  # time(0) = 0 <= T
+        over = np.full_like(self.m, self.B + 1)  # never timed: mid < over
+        while np.any(over - fits > 1):
+            mid = (fits + over) // 2
+            ok = self.time(mid) <= T
+            fits, over = np.where(ok, mid, fits), np.where(ok, over, mid)
+        return fits
 
 
 def _plan_keeping_all(B: int, devices: Sequence[DeviceCapacity], *, baseline: bool) -> Plan:
