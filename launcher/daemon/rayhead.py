@@ -98,6 +98,25 @@ def _connectable(head: dict) -> str:
     return head["address"]
 
 
+def exposure_warning(state_dir: pathlib.Path) -> str | None:
+    """What an operator must know when the head runs without Ray's token authentication.
+
+    Ray 2.60 binds its servers on every interface of the node and turns a loopback node
+    address given to `ray.init`/`ray start` into the node's own address, so the head
+    cannot be held to 127.0.0.1; its token (on by default) is what keeps others out."""
+    try:
+        mode = json.loads(head_file(state_dir).read_text()).get("auth_mode", "disabled")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if mode != "disabled":
+        return None
+    return (
+        "the Ray head runs with token authentication off (RAY_AUTH_MODE=disabled) and "
+        "listens on every interface of this node: anyone who reaches this node's Ray "
+        "ports can run code in it; unset RAY_AUTH_MODE, or keep the node's ports closed"
+    )
+
+
 def stop_head(state_dir: pathlib.Path, timeout_s: float = 30.0) -> list[int]:
     """Stop the state directory's head and every process it started; returns their pids."""
     try:

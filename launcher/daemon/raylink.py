@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class RayLink:
             self._head_pid = _recorded_pid(self.state_dir)
             if before is not None and before != self._head_pid:
                 self.lost = f"the Ray head (pid {before}) was lost"
+            if warning := rayhead.exposure_warning(self.state_dir):
+                print(f"autobatch daemon: {warning}", file=sys.stderr, flush=True)
         else:
             address = self.address
         cluster.connect(address)
