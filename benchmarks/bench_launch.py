@@ -41,7 +41,7 @@ checkpoint check), from step `STEADY` on;
 each run gives its median step; printed: the median and range of the runs' medians and
 the ratio launcher / plain of each pair (median and range). Then the loop's own costs,
 each timed alone in this process over many calls (medians): a snapshot's push (a Ray
-call to a collector actor, the snapshot pickled), a ledger line (the launcher's `_Audit`,
+call to a collector actor, the snapshot pickled), a ledger line (the launcher's `AuditLedger`,
 local directory), the step's small all-reduce (3 numbers; a 1-rank gloo group: the call's
 cost, not the wait for other ranks), the DataLoader's next step against collating inline,
 the compute clock's hooks (one call per parameter and micro-step, the step's read-out and
@@ -400,14 +400,14 @@ def component_costs(tmp: str, snapshot: Any, collector: Any) -> dict[str, float]
     import torch.distributed as dist
 
     from autobatch.tasks.loader import StepLoader, default_num_workers
-    from launcher.job.train import _Audit
+    from launcher.job.audit import AuditLedger
 
     costs = {"snapshot push (Ray call)": per_call_s(lambda: collector.push.remote(snapshot))}
     ray.get(collector.drain.remote())
     task, model, acc, plan, sampler = plain_parts(tmp)
     indices = [list(mb) for mb in sampler.micro_batches(plan, 0)]
     ctx = SimpleNamespace(checkpoint_dir=f"{tmp}/ledger", rank=0, run="bench", attempt=0)
-    audit = _Audit(ctx)
+    audit = AuditLedger(ctx)
     costs["ledger line"] = per_call_s(lambda: audit.record(0, indices))
     with socket.socket() as s:  # the step's small all-reduce (loss, OOM flag, samples)
         s.bind(("127.0.0.1", 0))

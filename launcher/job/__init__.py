@@ -6,6 +6,7 @@
     cluster     connect, reserve bundles, place actors, wait for them
     worker      the actor in each bundle: inventory, probe, rendezvous, train
     context     what a rank is sent and returns;  train  its training loop
+    audit       a rank's ledger of the dataset indices it processed, step by step
     rebalancing a rank's measured compute; the switch to a rebalanced plan between steps
     faults      the faults a spec injects into a rank (drills)
     rankstats   a rank's metrics snapshots

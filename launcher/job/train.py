@@ -20,8 +20,6 @@ a lost worker are the runner's. Injected faults are `launcher.job.faults`.
 from __future__ import annotations
 
 import contextlib
-import json
-import pathlib
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autobatch.errors import LaunchError, StorageError
+from autobatch.errors import LaunchError
 from autobatch.metrics.snapshot import RankSnapshot
 from autobatch.planning.plan import Plan
 from autobatch.planning.sampler import GlobalBatchSampler
@@ -39,11 +37,11 @@ from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step import storage
 from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
-from autobatch.step.atomic import storage_error
 from autobatch.step.background import PendingSave
 from autobatch.step.wrap import held_module, wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy
+from launcher.job.audit import AuditLedger
 from launcher.job.checkpoint import begin_checkpoint, restore_checkpoint
 from launcher.job.context import RankContext, RankOutcome
 from launcher.job.faults import Faults
@@ -157,7 +155,7 @@ class _Rank:
         self.rebalancer = Rebalancer.of(spec, state.get("rebalances", []) if state else ())
         self.max_len = task.max_length() if task.sample_length else None
         self.stats = RankStats(ctx, self.plan, self.max_len, start_step=self.sampler.step)
-        self.audit = _Audit(ctx) if spec.audit_samples else None
+        self.audit = AuditLedger(ctx) if spec.audit_samples else None
         self._indices: list = []
         self.data_workers = (
             spec.data_workers
@@ -376,83 +374,6 @@ class _Rank:
             output,
             stopped=stopped,
         )
-
-
-class _Audit:
-    """Every step's dataset indices of this rank, one JSON line per try of a step.
-
-    Written before the step's collectives: a rank killed right after the gradient
-    all-reduce (the step then done on every rank) still has its line. A step tried
-    again (in place after an out-of-memory, in a later attempt, or in a later run on
-    the same checkpoint directory) is written again; each line names its run and the
-    attempt within it, and a step's last try (the newest run's highest attempt, the
-    rank's last line of it) is what the rank processed (benchmarks/ledger.py).
-
-    A local checkpoint directory: each line appended to samples-rank<r>.jsonl as the step
-    starts. An object store (no append): the lines are kept and written as segment
-    objects, samples-rank<r>/<run>-a<attempt>-<seq>.jsonl, at every checkpoint (before it
-    can count as complete) and at the end of the attempt; the steps of a killed attempt
-    after its last checkpoint lose their lines, and are redone, with lines, on resume."""
-
-    def __init__(self, ctx: RankContext) -> None:
-        self.store = storage.Storage(ctx.checkpoint_dir)
-        self.segmented = not self.store.local
-        self.rank, self.run, self.attempt = ctx.rank, ctx.run, ctx.attempt
-        self._pending: list[str] = []
-        self._seq = 0
-        d = pathlib.Path(self.store.root)
-        self.path = d / f"samples-rank{ctx.rank}.jsonl"
-        if not self.segmented:
-            self._write(lambda: d.mkdir(parents=True, exist_ok=True))
-
-    def record(self, step: int, micro_batches: list) -> None:
-        line = json.dumps(
-            {
-                "run": self.run,
-                "attempt": self.attempt,
-                "step": step,
-                "micro_batches": [[int(i) for i in mb] for mb in micro_batches],
-            }
-        )
-        if self.segmented:
-            self._pending.append(line)
-        else:
-            self._write(lambda: _append_line(self.path, line))
-
-    def flush(self, *, quiet: bool = False) -> None:
-        """The kept lines as one segment object (an object store; nothing to do locally).
-        `quiet`: an error is already in flight, this one is not raised over it."""
-        if not self._pending:
-            return
-        name = (
-            f"samples-rank{self.rank}/{self.run or 'run'}-a{self.attempt:04d}-{self._seq:06d}.jsonl"
-        )
-        data = ("\n".join(self._pending) + "\n").encode()
-        try:
-            self.store.write_bytes(name, data)
-        except StorageError as exc:
-            if quiet:
-                return
-            raise StorageError(f"audit ledger: {exc}", exc.path) from exc
-        except Exception:
-            if quiet:
-                return
-            raise
-        self._pending, self._seq = [], self._seq + 1
-
-    def _write(self, write: Callable[[], None]) -> None:
-        try:
-            write()
-        except OSError as exc:
-            fault = storage_error(self.path.parent, exc)
-            if fault is None:
-                raise
-            raise StorageError(f"audit ledger: {fault}", fault.path) from exc
-
-
-def _append_line(path: pathlib.Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
 
 
 def _save_output(
