@@ -200,6 +200,36 @@ def test_a_cache_hit_skips_the_measurement(tmp_path):
     assert tight.max_micro_batch < first.max_micro_batch
 
 
+def test_the_search_never_measures_past_its_cap_and_verifies_the_cap_when_it_fits():
+    device = SimulatedDevice("sim", 30 * MiB)
+    free = profile_model(tiny_gpt_task(dataset_size=16), device, make_optimizer=adamw)
+    assert free.max_micro_batch > 24, "the device must fit more than the cap"
+    capped = profile_model(
+        tiny_gpt_task(dataset_size=16), device, make_optimizer=adamw, max_micro_batch=24
+    )
+    assert max(m.micro_batch for m in capped.measurements) == 24
+    assert (capped.max_micro_batch, capped.verified, capped.micro_batch_cap) == (24, True, 24)
+    assert capped.measured_steps < free.measured_steps
+
+
+def test_a_jobs_probe_is_capped_at_its_global_batch():
+    from launcher.job.spec import JobSpec
+    from launcher.job.worker import probe
+
+    spec = JobSpec.model_validate(
+        {
+            "name": "cap",
+            "task_args": {"dataset_size": 16},
+            "global_batch_size": 6,
+            "max_steps": 1,
+            "devices": {"select": "simulated", "simulated": [{"name": "s", "memory": "30MiB"}]},
+        }
+    )
+    p = probe(spec, "fp32", SimulatedDevice("sim", 30 * MiB).info(), None)
+    assert p.micro_batch_cap == 6 and p.max_micro_batch == 6
+    assert max(m.micro_batch for m in p.measurements) == 6
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -213,8 +243,9 @@ def test_a_cache_hit_skips_the_measurement(tmp_path):
                 worst_case_sample=lambda: torch.zeros(16, dtype=torch.long),
             )
         },
+        {"max_micro_batch": 24},  # the search's cap: nothing above it was measured
     ],
-    ids=["precision", "optimizer-flags", "optimizer", "device", "sequence-length"],
+    ids=["precision", "optimizer-flags", "optimizer", "device", "sequence-length", "cap"],
 )
 def test_what_changes_a_profile_changes_its_cache_key(tmp_path, change):
     args = {

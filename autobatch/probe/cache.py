@@ -1,7 +1,8 @@
 """The on-disk profile cache: keyed by what changes a profile, written atomically.
 
 A key holds the model's fingerprint, the sample shape, precision, optimizer,
-device type and torch version; a hit lets the probe re-derive the largest
+device type and torch version (and `profile_model` adds gradient checkpointing and the
+search's cap); a hit lets the probe re-derive the largest
 micro-batch for the current budget without running a step.
 """
 

@@ -75,6 +75,7 @@ def plan_for_group(
             precision=precision,
             headroom_fraction=headroom_fraction,
             backend=dist.get_backend(group) if world > 1 else None,
+            max_micro_batch=global_batch_size,  # no rank's micro-batch is ever larger
             cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
             gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
         )

@@ -30,8 +30,8 @@ Warm-ups are micro-steps inside a measured step: they never add a step.
 The budget each size must fit is the device's usable memory less the headroom and
 what the probe cannot see (`autobatch.probe.budget`). Profiles are cached on disk by
 what changes them (model, sample shape, precision, optimizer, device type, torch
-version); a cache hit re-derives the largest micro-batch for the current budget
-without running a step.
+version, the search's cap `max_micro_batch`: a job's is its global batch); a cache hit
+re-derives the largest micro-batch for the current budget without running a step.
 
 The profile also counts the model's state (`autobatch.probe.model_state`), so that
 `ModelProfile.capacity(sharding=, world_size=)` predicts what fits when the model is
@@ -112,6 +112,10 @@ def profile_model(
     (`NCCL_RESERVE_BYTES`).
     `gradient_checkpointing=None`: without it, and with it (`Task.enable_gradient_checkpointing`)
     when micro-batch 1 does not fit without it.
+    `max_micro_batch`: the largest micro-batch the search tries; a job passes its global
+    batch, the most a rank can ever take in one micro-step, so it never measures sizes it
+    cannot use (the cap is part of the cache key: a profile searched under a smaller cap
+    says nothing verified beyond it).
     `shard_blocks`: the blocks a sharded job wraps one by one (`Sharded(blocks=)`), for
     the units in the profile's `state`. `measure=False`: the cached profile only, None
     when there is none (a lookup that runs no step, so several may run at once).
@@ -135,6 +139,7 @@ def profile_model(
     _check_settings(headroom_fraction, headroom_bytes, extra_reserve_bytes, max_micro_batch)
     key_fields, grad_bytes = cache.key_fields(task, info, make_optimizer, precision)
     key_fields["gradient_checkpointing"] = gradient_checkpointing
+    key_fields["max_micro_batch"] = max_micro_batch  # the search's cap: what was measured
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     static = [("extra", extra_reserve_bytes)] if extra_reserve_bytes else []
     static += comm_reserve(check_backend(backend), grad_bytes)

@@ -110,6 +110,7 @@ def probe(
         precision=precision,
         headroom_fraction=spec.memory_headroom,
         backend="nccl" if device.is_cuda else "gloo",  # as the runner picks
+        max_micro_batch=spec.global_batch_size,  # no rank's micro-batch is ever larger
         cache_dir=cache_dir,
         gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
         measure=measure,
