@@ -53,12 +53,13 @@ def test_invalid_spec_names_the_field(tmp_path):
     assert "global_batch_size: Input should be greater than or equal to 1 (got -4)" in result.stderr
 
 
-def test_dry_run_plans_declared_gpus_as_json_without_hardware():
-    result = autobatch(
-        "plan", "configs/demo.yaml", "--dry-run", "--devices", "2xA100-80GB,4xT4-16GB", "--json"
-    )
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+def test_dry_run_plans_declared_gpus_as_json_without_hardware(capsys, monkeypatch):
+    from launcher.cli import main  # in this process: a subprocess costs seconds of imports
+
+    monkeypatch.chdir(ROOT)
+    args = ["plan", "configs/demo.yaml", "--dry-run", "--devices", "2xA100-80GB,4xT4-16GB"]
+    assert main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["global_batch_size"] == 128
     assert sum(sum(r["micro_batches"]) for r in plan["ranks"]) == 128
     assert all(d["estimated"] for d in plan["inputs"])

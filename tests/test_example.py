@@ -21,9 +21,14 @@ def _loss_lines(cmd: list[str]) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.startswith("step ")]
 
 
+@pytest.fixture(scope="module")
+def one() -> list[str]:
+    """The example alone, in one process: what every torchrun run below must print."""
+    return _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
+
+
 @pytest.mark.parametrize("sharding", ["none", "full"])
-def test_example_gives_the_same_losses_on_one_and_three_ranks(sharding):
-    one = _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
+def test_example_gives_the_same_losses_on_one_and_three_ranks(one, sharding):
     three = _loss_lines(
         [
             "env",

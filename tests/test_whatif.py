@@ -319,15 +319,17 @@ def write_spec(tmp_path: Path, model_dir: str, **fields: object) -> str:
     return str(path)
 
 
-def test_what_if_prints_a_table_of_every_combination(tmp_path):
+def test_what_if_prints_a_table_of_every_combination(tmp_path, capsys):
+    from launcher.cli import main  # in this process: a subprocess costs seconds of imports
+
     model_dir = config_dir(tmp_path / "m", TINY_LLAMA, num_hidden_layers=2)
     spec = write_spec(tmp_path, model_dir, precision="bf16")
-    result = autobatch("plan", spec, "--what-if", "--devices", "2xA100-80GB,1xL4-24GB")
-    assert result.returncode == 0, result.stderr
-    assert "what if: llama, 2 layers, global batch 32" in result.stdout
-    assert "A100-80GB x2" in result.stdout and "L4-24GB x1" in result.stdout
-    assert "spec (bf16, no LoRA, no checkpointing, sharding none)" in result.stdout
-    assert "fastest that fits" in result.stdout
+    assert main(["plan", spec, "--what-if", "--devices", "2xA100-80GB,1xL4-24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "what if: llama, 2 layers, global batch 32" in out
+    assert "A100-80GB x2" in out and "L4-24GB x1" in out
+    assert "spec (bf16, no LoRA, no checkpointing, sharding none)" in out
+    assert "fastest that fits" in out
 
 
 def test_what_if_as_json_holds_the_specs_own_levers(tmp_path, capsys):
@@ -349,12 +351,13 @@ def test_what_if_as_json_holds_the_specs_own_levers(tmp_path, capsys):
     assert all(math.isfinite(r["samples_per_s"]) for r in data["rows"] if r["fits"])
 
 
-def test_a_causal_lm_dry_run_needs_only_the_config(tmp_path):
+def test_a_causal_lm_dry_run_needs_only_the_config(tmp_path, capsys):
+    from launcher.cli import main  # in this process: a subprocess costs seconds of imports
+
     model_dir = config_dir(tmp_path / "m", TINY_LLAMA, num_hidden_layers=2)
     spec = write_spec(tmp_path, model_dir, sharding="full")
-    result = autobatch("plan", spec, "--dry-run", "--devices", "2xA100-80GB,2xT4-16GB", "--json")
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+    assert main(["plan", spec, "--dry-run", "--devices", "2xA100-80GB,2xT4-16GB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["sharding"] == "full" and all(d["estimated"] for d in plan["inputs"])
     assert sum(sum(r["micro_batches"]) for r in plan["ranks"]) == 32
 
