@@ -73,7 +73,7 @@ class Replicated:
             if before_commit is not None:
                 before_commit()
             write_replica(path, state)
-        return str(path) if storage.is_uri(path) else Path(path)
+        return storage.location(path)
 
     def begin_save(
         self,
@@ -87,7 +87,7 @@ class Replicated:
         """Rank 0 copies the state to host memory and a thread writes the file (the other
         ranks return its path at once). `before_commit`: called in that thread once the
         file's bytes are written, before it is renamed into place (or put)."""
-        where = str(path) if storage.is_uri(path) else Path(path)
+        where = storage.location(path)
         if dist.is_initialized() and dist.get_rank() != 0:
             return PendingSave.finished(where)
         state = to_host(_replica_state(model, optimizer, extra))
