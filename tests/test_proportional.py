@@ -20,11 +20,15 @@ from test_sharding import MAX_GRAD_NORM, TOLERANCE, Case, rel_diff, sample_case,
 from autobatch.errors import PlanError
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.proportional import (
+    Layout,
     Proportional,
     ProportionalModule,
     Slices,
+    load_replica,
+    replica_optimizer_state,
     state_bytes,
 )
+from autobatch.tasks.tiny_gpt import checkpoint_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -34,11 +38,26 @@ SHARES = {
     "0/70/30": (0.0, 0.70, 0.30),  # rank 0 (the most samples) holds no state at all
 }
 STEPS = 3
+
+
+def recomputed_case(dtype: torch.dtype) -> Case:
+    """The token case with each block's forward recomputed inside its backward."""
+    case = token_case(dtype)
+
+    def build() -> torch.nn.Module:
+        model = token_case(dtype).build_model()
+        checkpoint_blocks(model)
+        return model
+
+    return Case(build, case.loss_fn, case.batch, case.items)
+
+
 CASES = {
-    ("sample", torch.float64): lambda: sample_case(torch.float64),
+    ("sample", torch.float64): lambda: sample_case(torch.float64),  # one unit: the root
     ("sample", torch.float32): lambda: sample_case(torch.float32),
-    ("token", torch.float64): lambda: token_case(torch.float64),
+    ("token", torch.float64): lambda: token_case(torch.float64),  # the root and 2 blocks
     ("token", torch.float32): lambda: token_case(torch.float32),
+    ("recomputed", torch.float64): lambda: recomputed_case(torch.float64),
 }
 
 
@@ -60,7 +79,7 @@ def train(
     if resume is not None:
         saved = torch.load(resume, weights_only=True)
         if isinstance(model, ProportionalModule):
-            model.load_replica(saved["model"], optimizer, saved["optimizer"])
+            load_replica(model, saved["model"], optimizer, saved["optimizer"])
         else:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -92,10 +111,10 @@ def whole(model) -> dict[str, torch.Tensor]:
 
 def held_bytes(model: ProportionalModule, optimizer: torch.optim.Optimizer) -> int:
     """The bytes of the distinct storages behind every tensor the sharded state holds: the
-    slice and its gradient, the module's parameters and gradients (views of the full
-    buffers while gathered), the full buffers, the optimizer's state."""
-    tensors = [model.slice, model.slice.grad, model.full_params, model.full_grads]
-    for p in model.params:
+    pieces and their gradients, the module's parameters and gradients (views of the units'
+    buffers while gathered), the units' buffers and gradients, the optimizer's state."""
+    tensors = [*model.unit_buffers, *model.grads]
+    for p in [*model.pieces, *model.params]:
         tensors += [p.data, p.grad]
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
@@ -107,21 +126,26 @@ def held_bytes(model: ProportionalModule, optimizer: torch.optim.Optimizer) -> i
 
 
 class PeakProbe:
-    """Records held_bytes at the end of every micro-step's reduce (the predicted peak: both
-    full buffers and the slice's gradient alive) and after every optimizer step."""
+    """Records held_bytes when each unit's gradient is complete (right after its reduce,
+    before it is freed: the predicted peak of the largest block) and after each gather."""
 
     def __init__(self) -> None:
         self.step = 0
-        self.at_reduce: list[tuple[int, int]] = []  # (step, bytes)
+        self.at_reduce: list[tuple[int, int, int]] = []  # (step, unit, bytes)
+        self.at_gather: list[tuple[int, int]] = []  # (step, bytes)
 
     def install(self, model: ProportionalModule, optimizer: torch.optim.Optimizer) -> None:
-        reduce = model._reduce
+        reduce, gather = model._reduce, model._gather
 
-        def measured_reduce() -> None:
-            reduce()
-            self.at_reduce.append((self.step, held_bytes(model, optimizer)))
+        def measured_reduce(u: int) -> None:
+            reduce(u)
+            self.at_reduce.append((self.step, u, held_bytes(model, optimizer)))
 
-        model._reduce = measured_reduce
+        def measured_gather(u: int, *, grads: bool) -> None:
+            gather(u, grads=grads)
+            self.at_gather.append((self.step, held_bytes(model, optimizer)))
+
+        model._reduce, model._gather = measured_reduce, measured_gather
 
 
 def memory_main(rank: int, shares: tuple[float, ...]) -> dict:
@@ -144,9 +168,9 @@ def memory_main(rank: int, shares: tuple[float, ...]) -> dict:
         acc.step(mbs, case.loss_fn, global_items=case.items(range(j * size, (j + 1) * size)))
         after_step.append(held_bytes(model, optimizer))
     return {
-        "slice": model.slice.numel(),
-        "total": model.total,
+        "layout": model.layout,
         "at_reduce": probe.at_reduce,
+        "at_gather": probe.at_gather,
         "after_step": after_step,
     }
 
@@ -162,7 +186,7 @@ def three_rank_main(rank: int, world_size: int) -> dict:
         for name, shares in SHARES.items():
             model, _, norms = train(make(), Proportional(shares), PLAN, rank)
             out["trained"][kind, dtype, name] = (whole(model), norms)
-            out["slices"][kind, name] = model.slice.numel()
+            out["slices"][kind, name] = model.slices.sizes[rank]
     for name, shares in SHARES.items():
         out["memory"][name] = memory_main(rank, shares)
     return out
@@ -180,7 +204,7 @@ def save_main(rank: int, world_size: int, path: str) -> None:
     )
     state = {
         "model": model.full_state_dict(),
-        "optimizer": model.replica_optimizer_state(optimizer),
+        "optimizer": replica_optimizer_state(model, optimizer),
     }
     if rank == 0:
         torch.save({**state, "step": SAVED_AT}, path)
@@ -238,7 +262,7 @@ def reference(case: Case) -> tuple[dict[str, torch.Tensor], list[float]]:
 @pytest.mark.parametrize(
     "kind, dtype",
     list(CASES),
-    ids=["sample-f64", "sample-f32", "token-f64", "token-f32"],
+    ids=["sample-f64", "sample-f32", "token-f64", "token-f32", "recomputed-f64"],
 )
 def test_uneven_slices_on_three_ranks_equal_the_full_batch_steps(three_ranks, kind, dtype, shares):
     want, want_norms = reference(CASES[kind, dtype]())
@@ -253,7 +277,7 @@ def test_uneven_slices_on_three_ranks_equal_the_full_batch_steps(three_ranks, ki
 
 def test_slices_follow_the_shares_and_a_rank_may_own_nothing(three_ranks):
     sizes = [res["slices"]["token", "0/70/30"] for res in three_ranks]
-    assert sizes[0] == 0 and sum(sizes) == three_ranks[0]["memory"]["0/70/30"]["total"]
+    assert sizes[0] == 0 and sum(sizes) == three_ranks[0]["memory"]["0/70/30"]["layout"].total
     sizes = [res["slices"]["token", "70/25/5"] for res in three_ranks]
     total = sum(sizes)
     assert [round(s / total, 2) for s in sizes] == [0.70, 0.25, 0.05]
@@ -261,13 +285,26 @@ def test_slices_follow_the_shares_and_a_rank_may_own_nothing(three_ranks):
 
 @pytest.mark.parametrize("shares", list(SHARES))
 def test_held_bytes_equal_the_memory_model_on_every_rank(three_ranks, shares):
+    """At each unit's reduce a rank holds its state, the root gathered with its gradient and
+    that block gathered with its gradient, nothing else (no other block): the largest
+    block's is the peak `state_bytes` predicts; between steps, the slice and AdamW."""
+    e = 4  # float32
     for rank, res in enumerate(three_ranks):
         mem = res["memory"][shares]
-        s, P, e = mem["slice"], mem["total"], 4  # float32
-        for step, measured in mem["at_reduce"]:
-            predicted = sum(state_bytes(s, P, e, stepped=step > 0).values())
-            assert measured == predicted, f"rank {rank}, step {step}"
-        between = state_bytes(s, P, e)
+        layout = mem["layout"]
+        assert layout.n_units == 3  # the root and two blocks
+        root = layout.unit_size(0)
+        for step, u, measured in mem["at_reduce"]:
+            parts = state_bytes(layout, rank, e, stepped=step > 0)
+            state = parts["slice"] + parts["slice_grad"] + parts["optimizer"]
+            block = layout.unit_size(u) if u > 0 else 0
+            assert measured == state + 2 * (root + block) * e, f"rank {rank}, step {step}"
+        for step in range(STEPS):
+            peak = sum(state_bytes(layout, rank, e, stepped=step > 0).values())
+            reduces = [m for s, _, m in mem["at_reduce"] if s == step]
+            gathers = [m for s, m in mem["at_gather"] if s == step]
+            assert max(reduces) == peak and max(gathers) <= peak, f"rank {rank}, step {step}"
+        between = state_bytes(layout, rank, e)
         for measured in mem["after_step"]:
             assert measured == between["slice"] + between["optimizer"], f"rank {rank}"
 
@@ -309,3 +346,46 @@ def test_unequal_micro_step_counts_are_refused():
 def test_one_process_trains_the_plain_module():
     model = sample_case(torch.float32).build_model()
     assert Proportional((1.0,)).wrap(model, torch.device("cpu")) is model
+
+
+# the layout: units [root 3 | block 4 | block 4] = 11 elements, parameters of 3, 2+2, 4
+LAYOUT_PARAMS = ((3, 2, 2, 4), (0, 1, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "sizes, rank, pieces, owners",
+    [
+        # a rank's range cut at unit boundaries; each unit's parts by owner
+        ((5, 6, 0), 0, [(0, 0, 3), (1, 3, 2)], [[(0, 0, 3)], [(0, 3, 5), (1, 5, 7)], [(1, 7, 11)]]),
+        ((5, 6, 0), 1, [(1, 5, 2), (2, 7, 4)], None),
+        ((5, 6, 0), 2, [], None),  # a rank at 0 owns no piece
+        (
+            (0, 11, 0),
+            1,
+            [(0, 0, 3), (1, 3, 4), (2, 7, 4)],
+            [[(1, 0, 3)], [(1, 3, 7)], [(1, 7, 11)]],
+        ),
+        ((3, 1, 7), 1, [(1, 3, 1)], [[(0, 0, 3)], [(1, 3, 4), (2, 4, 7)], [(2, 7, 11)]]),
+    ],
+)
+def test_the_layout_cuts_slices_into_pieces_per_unit(sizes, rank, pieces, owners):
+    layout = Layout(*LAYOUT_PARAMS, Slices(sizes))
+    assert [(x.unit, x.start, x.size) for x in layout.pieces(rank)] == pieces
+    assert sum(x.size for x in layout.pieces(rank)) == sizes[rank]
+    if owners is not None:
+        assert [layout.owners(u) for u in range(3)] == owners
+    assert [layout.unit_bounds(u) for u in range(3)] == [(0, 3), (3, 7), (7, 11)]
+    assert layout.gathered_elems() == 3 + 4  # the root and the largest block
+
+
+def test_state_bytes_count_the_root_and_the_largest_block_gathered():
+    layout = Layout((3, 2, 2, 4, 1), (0, 1, 1, 2, 3), Slices((6, 6, 0)))  # blocks of 4, 4, 1
+    assert state_bytes(layout, 0, 4) == {
+        "slice": 24,
+        "slice_grad": 24,
+        "optimizer": 48 + 4 * 2,  # two pieces: of the root and of the first block
+        "gathered": (3 + 4) * 4,
+        "gathered_grads": (3 + 4) * 4,
+    }
+    assert state_bytes(layout, 2, 4)["optimizer"] == 0  # nothing owned, nothing stepped
+    assert state_bytes(layout, 1, 4, stepped=False)["optimizer"] == 0

@@ -1,5 +1,6 @@
 """The joint plan of proportional sharding (slice and micro-batch per device) against a
-brute-force oracle on small cases, and its values' invariants."""
+brute-force oracle on small cases, its values' invariants, and its memory model against
+the step's (`autobatch.step.proportional_layout.state_bytes`) on one model."""
 
 from __future__ import annotations
 
@@ -8,13 +9,23 @@ import math
 import random
 
 import pytest
+import torch
 
 from autobatch.errors import PlanError
+from autobatch.planning.memory import ModelState, sharding_term
 from autobatch.planning.proportional import (
+    ADAM_STEP_BYTES,
     ProportionalDevice,
+    Units,
+    peak_bytes,
     plan_proportional,
     state_room,
 )
+from autobatch.planning.proportional import units_of as units_of_state
+from autobatch.probe.model_state import model_state
+from autobatch.step.proportional_layout import Layout, Slices, state_bytes
+from autobatch.step.proportional_module import units_of as units_of_module
+from autobatch.tasks.tiny_gpt import TinyGPT, TinyGPTConfig
 
 
 def oracle(B: int, devices: list[ProportionalDevice], P: int, e: int) -> float | None:
@@ -97,3 +108,60 @@ def test_shares_follow_the_room_left_beside_the_micro_batch():
 def test_state_that_fits_nowhere_is_refused_with_the_sizes():
     with pytest.raises(PlanError, match=r"no plan fits: 1000 elements of state"):
         plan_proportional(2, [ProportionalDevice(9000, 0, 1, 0.0, 1.0)] * 2, 1000)
+
+
+def test_per_block_units_hold_what_one_flat_unit_cannot():
+    """Gathering the root and one block instead of the whole model frees 2 (P - g) e bytes
+    on every device: a model that does not fit as one flat unit fits in units."""
+    P, gathered = 10_000, 1_000
+    devices = [ProportionalDevice(3 * P * 4, 0, 10, 0.0, 1.0)] * 2  # each: 3 P e bytes
+    with pytest.raises(PlanError, match="no plan fits"):
+        plan_proportional(4, devices, P)  # 2 P e gathered on each: P e left, 4 P e needed
+    plan = plan_proportional(4, devices, P, units=Units(gathered, 11))
+    assert sum(plan.slices) == P
+    for d, s, peak in zip(devices, plan.slices, plan.peak_bytes):
+        assert peak == 2 * gathered * 4 + 10 * 2 + 16 * s + (4 * 11 if s else 0)
+        assert peak <= d.memory_bytes
+
+
+# ---------------------------------------------------------------------------
+# the planner's memory model against the step's (one model, counted by both)
+
+GPT = TinyGPTConfig(vocab_size=64, seq_len=16, d_model=32, n_heads=2, n_layers=5)
+
+
+def gpt_state_and_layout(sizes: tuple[int, ...]) -> tuple[ModelState, Layout]:
+    torch.manual_seed(0)
+    model = TinyGPT(GPT)
+    _, unit_params = units_of_module(model)
+    params = [p for ps in unit_params for p in ps]
+    units = tuple(u for u, ps in enumerate(unit_params) for _ in ps)
+    total = sum(p.numel() for p in params)
+    layout = Layout(tuple(p.numel() for p in params), units, Slices.from_shares(total, sizes))
+    return model_state(model, optimizer_bytes=2 * 4 * total), layout
+
+
+@pytest.mark.parametrize("shares", [(0.7, 0.25, 0.05), (0.0, 0.7, 0.3), (1, 1, 1)])
+def test_the_plans_state_bytes_are_the_steps_on_every_rank(shares):
+    """What the planner holds per rank (gathered units, slice, gradient, AdamW) equals the
+    step's `state_bytes` for the same slices, but for AdamW's 4-byte steps, which the
+    planner counts per unit of the model (the step: per unit a rank's slice meets)."""
+    state, layout = gpt_state_and_layout(shares)
+    units = units_of_state(state)
+    assert units.gathered_elems == layout.gathered_elems()
+    assert units.count == layout.n_units == GPT.n_layers + 1
+    zero = ProportionalDevice(10**9, 0, 0, 0.0, 1.0)  # no activations: the state alone
+    for rank, s in enumerate(layout.slices.sizes):
+        step = state_bytes(layout, rank, 4)
+        planned = peak_bytes(zero, 0, s, layout.total, 4, units)
+        steps = ADAM_STEP_BYTES * len(layout.pieces(rank))
+        assert planned - (ADAM_STEP_BYTES * units.count if s else 0) == sum(step.values()) - steps
+
+
+def test_the_even_memory_term_is_the_steps_state_at_even_slices():
+    """`memory`'s "proportional" term (even shares, for `auto` and the what-if) is the
+    step's largest rank at even slices, to AdamW's steps and the ceil of the division."""
+    state, layout = gpt_state_and_layout((1, 1, 1))
+    held = state.total_bytes + sharding_term(state, "proportional", 3).micro_bytes
+    step = max(sum(state_bytes(layout, r, 4).values()) for r in range(3))
+    assert abs(held - step) <= ADAM_STEP_BYTES * layout.n_units + 4 * 3

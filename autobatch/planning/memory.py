@@ -35,16 +35,17 @@ full       `fully_shard(reshard_after_forward=True)`, gradients reduce-scattered
            and the reduce-scatter input, plus the next unit's prefetched all-gather.
                micro(b) - S (1 - 1/W) + R + 4 U       opt(b) / W
 
-proportional  `autobatch.step.proportional`: the trainable parameters are one flat
-           unit (G bytes: a gradient per trainable parameter) split into
-           contiguous slices, of sizes the plan chooses, one per rank. Every
-           micro-step gathers the whole unit and a whole flat gradient (2 G,
-           transient), beside the rank's slice, its gradient and its AdamW state
+proportional  `autobatch.step.proportional`: the trainable parameters (G bytes) laid out
+           flat unit by unit (the root, then the blocks "full" shards) and split
+           into contiguous slices, of sizes the plan chooses, one per rank. A
+           micro-step gathers the root for its whole length and each block only
+           while it runs (forward, then again for its backward), each with its
+           gradient: at most the root and the largest block at once, 2 (R + U),
+           beside the rank's slice, its gradient and its AdamW state
            (`state_bytes` there); frozen parameters (P - G) stay whole. With even
            slices (this term; `plan_proportional` sizes them per device):
-               micro(b) - S + (P - G) + 2 G + ceil((2 G + O) / W)   opt(b) / W
-           With one flat unit every rank holds the whole model's parameters and
-           gradients at once: more than "full" (which gathers one block at a time).
+               micro(b) - S + (P - G) + 2 (R + U) + ceil((2 G + O) / W)   opt(b) / W
+           (R + U at most G; G when the units are unknown: one flat unit.)
 
 On one rank `Sharded` leaves the model unwrapped: every mode is a replica there.
 opt(b) / W: the optimizer step's bytes are parameters, gradients, state and the
@@ -180,15 +181,23 @@ def _fully_sharded(state: ModelState, world_size: int) -> Term:
 
 
 def _proportional(state: ModelState, world_size: int) -> Term:
-    """ "proportional" with even slices: the flat unit's parameters and gradient gathered
-    (2 G, the transients of `autobatch.step.proportional.state_bytes`), frozen parameters
-    whole, and 1/W of the slice, its gradient and its optimizer state."""
+    """ "proportional" with even slices: the root and the largest block gathered with their
+    gradients (2 (R + U), the transients of `autobatch.step.proportional.state_bytes`),
+    frozen parameters whole, and 1/W of the slice, its gradient and its optimizer state."""
     W = world_size
     if W == 1:  # one rank: `Proportional` leaves the model as it is
         return Term(frees_replica_reserve=True)
     grads, opt = state.grads_bytes, state.optimizer_bytes
-    held = (state.params_bytes - grads) + 2 * grads + _ceil_div(2 * grads + opt, W)
+    held = (state.params_bytes - grads) + 2 * proportional_gathered_bytes(state)
+    held += _ceil_div(2 * grads + opt, W)
     return Term(held - state.total_bytes, W, frees_replica_reserve=True)
+
+
+def proportional_gathered_bytes(state: ModelState) -> int:
+    """Under "proportional", the most trainable parameter bytes gathered at once: the root
+    unit and the largest block (R + U; at most G), or G when the units are not known."""
+    units = state.root_unit_bytes + state.largest_unit_bytes
+    return min(units, state.grads_bytes) if units else state.grads_bytes
 
 
 SHARDING_TERMS: dict[Sharding, Callable[[ModelState, int], Term]] = {

@@ -1,13 +1,14 @@
 """The joint plan of memory-proportional sharding: per device, its slice of the model's
 state and its micro-batch size, chosen together.
 
-Under proportional sharding (autobatch.step.proportional) device r holds, in every
-micro-step, the gathered flat parameters and gradient (2 P e bytes, the same on every
-rank), its slice of s_r elements with the slice's gradient and AdamW's two states
-(4 s_r e, plus AdamW's 4-byte step when s_r > 0: `state_bytes`), and the activations
-of its micro-batch b_r. So under its memory M_r
+Under proportional sharding (autobatch.step.proportional) device r holds, at the peak
+of a micro-step, the root unit and the largest block gathered with their gradients
+(2 g e bytes, g = R + U elements, the same on every rank; g = P for one flat unit), its
+slice of s_r elements with the slice's gradient and AdamW's two states (4 s_r e, plus
+AdamW's 4-byte step per piece, at most one per unit: n 4 [s_r > 0] bytes,
+`state_bytes`), and the activations of its micro-batch b_r. So under its memory M_r
 
-    fixed_r + 2 P e + per_sample_r * b_r + 4 e s_r + 4 [s_r > 0]  <=  M_r
+    fixed_r + 2 g e + per_sample_r * b_r + 4 e s_r + 4 n [s_r > 0]  <=  M_r
 
 and the slices must cover the model: sum s_r = P. Every rank runs the same number k of
 micro-steps (each gathers); rank r's n_r samples (k <= n_r <= k b_r, micro-batches of
@@ -38,6 +39,7 @@ import numpy as np
 
 from autobatch.errors import PlanError
 from autobatch.planning.capacity import DeviceCapacity
+from autobatch.planning.memory import ModelState, proportional_gathered_bytes
 from autobatch.planning.plan import ExcludedDevice, Plan, RankPlan, size_text
 
 ADAM_STEP_BYTES = 4  # as autobatch.step.proportional (the planner does not import the step)
@@ -71,22 +73,41 @@ class ProportionalPlan:
         return tuple(s / total for s in self.slices)
 
 
-def state_room(d: ProportionalDevice, b: int, total_elems: int, element_size: int) -> int:
+@dataclass(frozen=True)
+class Units:
+    """What a micro-step gathers at once (elements: the root and the largest block) and how
+    many units there are (each piece of a slice has AdamW's step); one flat unit: (P, 1)."""
+
+    gathered_elems: int
+    count: int = 1
+
+
+def state_room(
+    d: ProportionalDevice, b: int, total_elems: int, element_size: int, units: Units | None = None
+) -> int:
     """The most slice elements device `d` holds beside micro-batch `b` (0: none, or -1 when
     even an empty slice does not fit)."""
-    free = d.memory_bytes - d.fixed_bytes - 2 * total_elems * element_size
+    units = units or Units(total_elems)
+    free = d.memory_bytes - d.fixed_bytes - 2 * units.gathered_elems * element_size
     free -= d.per_sample_bytes * b
     if free < 0:
         return -1
     per = SLICE_COPIES * element_size
-    return max(0, math.floor((free - ADAM_STEP_BYTES) / per))
+    return max(0, math.floor((free - ADAM_STEP_BYTES * units.count) / per))
 
 
-def peak_bytes(d: ProportionalDevice, b: int, s: int, total_elems: int, element_size: int) -> int:
-    state = SLICE_COPIES * s * element_size + (ADAM_STEP_BYTES if s else 0)
-    return math.ceil(
-        d.fixed_bytes + 2 * total_elems * element_size + d.per_sample_bytes * b + state
-    )
+def peak_bytes(
+    d: ProportionalDevice,
+    b: int,
+    s: int,
+    total_elems: int,
+    element_size: int,
+    units: Units | None = None,
+) -> int:
+    units = units or Units(total_elems)
+    state = SLICE_COPIES * s * element_size + (ADAM_STEP_BYTES * units.count if s else 0)
+    gathered = 2 * units.gathered_elems * element_size
+    return math.ceil(d.fixed_bytes + gathered + d.per_sample_bytes * b + state)
 
 
 def plan_proportional(
@@ -94,12 +115,15 @@ def plan_proportional(
     devices: Sequence[ProportionalDevice],
     total_elems: int,
     element_size: int = 4,
+    units: Units | None = None,
 ) -> ProportionalPlan:
-    """The fastest plan (see the module's docstring); PlanError when none fits."""
+    """The fastest plan (see the module's docstring); PlanError when none fits. `units`:
+    one flat unit when not given."""
     B, W = global_batch_size, len(devices)
+    units = units or Units(total_elems)
     if W < 1 or B < W:
         raise PlanError(f"global_batch_size={B} must be >= the number of devices ({W})")
-    caps = [_largest_b(d, total_elems, element_size, B) for d in devices]
+    caps = [_largest_b(d, total_elems, element_size, B, units) for d in devices]
     best: tuple[float, int, list[int], list[int]] | None = None
     for k in range(1, B // W + 1):
         if any(k * m < k for m in caps) or sum(k * m for m in caps) < B:
@@ -107,17 +131,18 @@ def plan_proportional(
         floor = max(d.step_overhead_s + k * (d.fixed_s + d.per_sample_s) for d in devices)
         if best is not None and floor > best[0]:
             continue
-        found = _best_for_k(B, devices, caps, k, total_elems, element_size)
+        found = _best_for_k(B, devices, caps, k, total_elems, element_size, units)
         if found is not None and (best is None or found[0] < best[0]):
             best = (found[0], k, found[1], found[2])
     if best is None:
         raise PlanError(
             f"no plan fits: {total_elems} elements of state (x{SLICE_COPIES} at "
-            f"{element_size} bytes, plus the gathered parameters and gradient on every "
-            f"device) and a global batch of {B} do not fit the devices' memory"
+            f"{element_size} bytes, plus {units.gathered_elems} gathered parameters and "
+            f"their gradient on every device) and a global batch of {B} do not fit the "
+            "devices' memory"
         )
     step_s, k, samples, bs = best
-    rooms = [state_room(d, b, total_elems, element_size) for d, b in zip(devices, bs)]
+    rooms = [state_room(d, b, total_elems, element_size, units) for d, b in zip(devices, bs)]
     slices = _fill(total_elems, rooms)
     return ProportionalPlan(
         micro_steps=k,
@@ -126,16 +151,16 @@ def plan_proportional(
         slices=tuple(slices),
         step_s=step_s,
         peak_bytes=tuple(
-            peak_bytes(d, max(_ragged(n, k)), s, total_elems, element_size)
+            peak_bytes(d, max(_ragged(n, k)), s, total_elems, element_size, units)
             for d, n, s in zip(devices, samples, slices)
         ),
     )
 
 
-def _largest_b(d: ProportionalDevice, P: int, e: int, B: int) -> int:
+def _largest_b(d: ProportionalDevice, P: int, e: int, B: int, units: Units) -> int:
     """The largest micro-batch with an empty slice (0: not even one sample)."""
     b = 0
-    while b < B and state_room(d, b + 1, P, e) >= 0:
+    while b < B and state_room(d, b + 1, P, e, units) >= 0:
         b += 1
     return b
 
@@ -145,7 +170,13 @@ def _time(d: ProportionalDevice, k: int, n: int) -> float:
 
 
 def _best_for_k(
-    B: int, devices: Sequence[ProportionalDevice], caps: list[int], k: int, P: int, e: int
+    B: int,
+    devices: Sequence[ProportionalDevice],
+    caps: list[int],
+    k: int,
+    P: int,
+    e: int,
+    units: Units,
 ) -> tuple[float, list[int], list[int]] | None:
     """(step time, samples, micro-batch sizes) of the fastest plan with k micro-steps."""
     times = sorted(
@@ -154,7 +185,7 @@ def _best_for_k(
     lo, hi, found = 0, len(times) - 1, None
     while lo <= hi:  # the smallest feasible time
         mid = (lo + hi) // 2
-        choice = _cover(B, devices, caps, k, times[mid], P, e)
+        choice = _cover(B, devices, caps, k, times[mid], P, e, units)
         if choice is None:
             lo = mid + 1
         else:
@@ -173,6 +204,7 @@ def _cover(
     T: float,
     P: int,
     e: int,
+    units: Units,
 ) -> tuple[list[int], list[int]] | None:
     """Samples per rank within step time T summing to B whose state rooms hold P elements
     (a knapsack over the ranks: samples covered, capped at B -> the most room), or None."""
@@ -188,7 +220,7 @@ def _cover(
         b_of = np.zeros(B + 1, dtype=np.int64)
         src = np.nonzero(dp >= 0)[0]
         for b in range(1, math.ceil(limit / k) + 1):
-            room = state_room(d, b, P, e)
+            room = state_room(d, b, P, e, units)
             if room < 0:
                 break
             dst = np.minimum(src + min(k * b, limit), B)
@@ -254,7 +286,8 @@ def make_proportional_plan(
     `keep_all`, every device or a PlanError). Each device's figures come from its memory
     model (`DeviceCapacity.memory`, a probe's replica lines): the micro-steps' lines less
     the replica's state are the activations, the budget is the proportional one (no DDP
-    buckets), and the state is G bytes of trainable parameters at `ELEMENT_BYTES`."""
+    buckets), and the state is G bytes of trainable parameters at `ELEMENT_BYTES`, of
+    which the root and the largest block are gathered at once (`units_of`)."""
     B = global_batch_size
     for d in devices:
         if d.memory is None:
@@ -264,32 +297,34 @@ def make_proportional_plan(
             )
     state = devices[0].memory.state  # type: ignore[union-attr]
     total = max(1, state.grads_bytes // ELEMENT_BYTES)
+    units = units_of(state)
     W = len(devices)
-    fits = [d for d in devices if state_room(_device(d, W), 1, total, ELEMENT_BYTES) >= 0]
+    fits = [d for d in devices if state_room(_device(d, W), 1, total, ELEMENT_BYTES, units) >= 0]
     if not fits or (keep_all and len(fits) < len(devices)):
         unfit = [d for d in devices if d not in fits]
         raise PlanError(
             "with sharding proportional, "
             + "; ".join(
                 f"{d.name} ({d.device_id}) needs "
-                f"{size_text(peak_bytes(_device(d, W), 1, 0, total, ELEMENT_BYTES))} for one "
-                f"sample (the gathered model and its gradient), its budget is "
+                f"{size_text(peak_bytes(_device(d, W), 1, 0, total, ELEMENT_BYTES, units))} "
+                "for one sample (the root and the largest block gathered with their "
+                "gradients), its budget is "
                 f"{size_text(_device(d, W).memory_bytes)}"
                 for d in unfit
             )
         )
     W = len(fits)
     pdevs = [_device(d, W) for d in fits]
-    joint = plan_proportional(B, pdevs, total, ELEMENT_BYTES)
+    joint = plan_proportional(B, pdevs, total, ELEMENT_BYTES, units)
     ranks, inputs = [], []
     frozen = state.params_bytes - state.grads_bytes
     for i, (d, pd) in enumerate(zip(fits, pdevs, strict=True)):
         mbs, s = joint.micro_batches[i], joint.slices[i]
         largest = max(mbs)
-        while largest < B and state_room(pd, largest + 1, total, ELEMENT_BYTES) >= s:
+        while largest < B and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= s:
             largest += 1
-        held = frozen + 2 * total * ELEMENT_BYTES + SLICE_COPIES * s * ELEMENT_BYTES
-        held += ADAM_STEP_BYTES if s else 0
+        held = frozen + 2 * units.gathered_elems * ELEMENT_BYTES
+        held += SLICE_COPIES * s * ELEMENT_BYTES + (ADAM_STEP_BYTES * units.count if s else 0)
         cap = replace(d.sharded("proportional", W), max_micro_batch=largest)
         inputs.append(cap)
         ranks.append(
@@ -307,13 +342,13 @@ def make_proportional_plan(
         )
     excluded = tuple(
         ExcludedDevice(d.device_id, d.name, "with sharding proportional, one sample does not "
-                       "fit beside the gathered model and its gradient")
+                       "fit beside the root and the largest block gathered")
         for d in devices
         if d not in fits
     )  # fmt: skip
     note = (
-        "proportional sharding gathers the whole flat model and its gradient at every "
-        "micro-step (one unit): the predicted times leave that communication out"
+        "proportional sharding gathers each unit (the root, each block) and reduces its "
+        "gradient in every micro-step: the predicted times leave that communication out"
     )
     return Plan(
         global_batch_size=B,
@@ -325,6 +360,15 @@ def make_proportional_plan(
         notes=(note,),
         sharding="proportional",
     )
+
+
+def units_of(state: ModelState) -> Units:
+    """The units of a probed model: R + U gathered at once (G when unknown), and
+    1 + (G - R) / U units (exact when the blocks are of one size, a transformer's)."""
+    gathered = proportional_gathered_bytes(state) // ELEMENT_BYTES
+    U, R, G = state.largest_unit_bytes, state.root_unit_bytes, state.grads_bytes
+    count = 1 + (-(-max(0, G - R) // U) if U else 0)
+    return Units(max(1, gathered), count)
 
 
 def _device(d: DeviceCapacity, W: int) -> ProportionalDevice:
