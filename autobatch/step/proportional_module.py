@@ -168,7 +168,7 @@ class ProportionalModule(nn.Module):
         lo, hi = self.bounds[u]
         if buf.untyped_storage().nbytes() == 0 and hi > lo:
             buf.untyped_storage().resize_((hi - lo) * buf.element_size())
-            buf.detach()  # an op a memory counter sees: the storage's new size
+            buf.detach()  # an op: a memory counter (TensorMemory) sees the storage's new size
             with torch.no_grad():
                 for piece, start, size in self.owned():
                     if lo <= start < hi:
@@ -197,6 +197,7 @@ class ProportionalModule(nn.Module):
             self.params[i].grad = None
             self.params[i].data = empty
         self.unit_buffers[u].untyped_storage().resize_(0)
+        self.unit_buffers[u].detach()  # and its size 0 (no op sees a storage's resize_)
         self.grads[u] = None
 
     def _reduce(self, u: int) -> None:
