@@ -1,7 +1,8 @@
 """Sharding as a memory lever, measured: the largest model each mode trains on 3 mixed devices.
 
     .venv/bin/python benchmarks/bench_sharding.py [--steps 6] [--speed-scale 0.5]
-        [--retries 2] [--max-layers 64] [--search-only]
+        [--retries 2] [--max-layers 64] [--max-layers-carried 256] [--search-only]
+        [--proportional-only]
 
 Three simulated devices of 48, 20 and 12 MiB, speeds 1 : 0.5 : 0.25 (times
 --speed-scale, as in bench_hetero), all three kept (`devices.keep_all`: the goals are
@@ -40,6 +41,24 @@ grow with the layers, a sharding unit (one block) stays the same size.
    the devices' samples/s alone. The sharded runs' parameters against the replicated
    run's.
 
+4. `proportional` past the probe. The launcher plans only a model that some device runs as
+   a replica (its probe measures a replica's step; the others get that profile carried
+   over), which stops every mode below 48 layers here (a replica fits sim-a100 at 40
+   layers, not at 48), below what proportional sharding holds. So this part probes each size on the reference device (512 MiB: a
+   replica fits), carries that profile to the three devices as the runner carries one
+   (`ModelProfile.carried_to`: their memory, headroom and speed), and plans "full" and
+   "proportional" on them (`keep_all`): doubled from 16 layers, then bisected per mode
+   (full's largest matches part 1's, from the devices' own probes). Proportional's
+   largest then trains through the library, not the launcher: 3 gloo ranks
+   (torch.multiprocessing), `wrapping_for("proportional", slices=plan.state_slices)`,
+   the plan's micro-batches from `GlobalBatchSampler`, AdamW and clipping as the job
+   spec says, each rank's simulated memory enforced by `TensorMemory` from the first
+   step (peak measured against the plan's prediction); an out-of-memory bisects smaller
+   sizes (--retries). Its parameters are compared with one process that takes each
+   global batch whole, beside float32's own noise on the same model: one process taking
+   micro-batches of 4 against the whole batch. `--proportional-only` skips parts 1's
+   training, 2 and 3 (the search of part 1 still runs: none's and full's sizes).
+
 Parameters are compared as tests/test_sharding.py does: float32, per tensor
 ||a - b|| / ||b||, the largest over the tensors, <= 1e-5 (the largest element's
 difference is printed too: Adam turns float32 rounding in a near-zero gradient element
@@ -58,8 +77,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
+import pickle
+import socket
 import sys
 import tempfile
 import time
@@ -69,18 +91,26 @@ from dataclasses import dataclass, field
 import hetero_sim  # benchmarks/hetero_sim.py, next to this script
 import ray
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hetero_sim import ForeignLoad, calibrate, worker_setup
 from ledger import exact_global_batches  # benchmarks/ledger.py
 
 from autobatch.errors import LaunchError, NoFitError, PlanError
 from autobatch.metrics.snapshot import RankSnapshot
+from autobatch.planning.capacity import DeviceCapacity
 from autobatch.planning.plan import Plan
+from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.devices import SimulatedDevice, parse_memory
 from autobatch.probe.profile import ModelProfile
+from autobatch.probe.simulated import TensorMemory
+from autobatch.step.accumulate import Accumulator
+from autobatch.step.wrap import REPLICATED, wrapping_for
 from launcher.job.collector import SnapshotCollector
 from launcher.job.controller import JobController
 from launcher.job.events import JobSummary
+from launcher.job.optim import build_optimizer
 from launcher.job.spec import parse_spec
 from launcher.job.tasks import load_task
 from launcher.job.worker import probe
@@ -434,6 +464,209 @@ def each_mode_and_alone(
 
 
 # ---------------------------------------------------------------------------
+# 4. past the probe: proportional against full on figures carried from a large device
+
+
+def carried_capacities(layers: int, cache_dir: str) -> list[DeviceCapacity]:
+    """The model probed on the reference device (a replica fits there), its profile carried
+    to each of the three devices as the runner carries it to a device a replica does not
+    fit (`ModelProfile.carried_to`): their memory, their speed."""
+    spec = parse_spec(job_spec("ref", layers, "none", [REFERENCE_DEVICE], 1, cache_dir))
+    ref = SimulatedDevice("sim-ref", parse_memory(REFERENCE_DEVICE["memory"]), 1.0)
+    profile = probe(spec, "fp32", ref.info(0), cache_dir)
+    caps = []
+    for i, (name, memory, speed) in enumerate(DEVICES):
+        info = SimulatedDevice(name, parse_memory(memory), speed).info(i)
+        carried = profile.carried_to(
+            info, headroom_fraction=spec.memory_headroom, time_scale=1.0 / speed
+        )
+        caps.append(carried.capacity(f"dev{i}", name))
+    return caps
+
+
+def carried_search(low: int, max_layers: int, cache_dir: str) -> dict[str, tuple[int, Plan]]:
+    """Per mode ("full", "proportional"), the largest layer count that plans on the carried
+    figures (`keep_all`): doubled from `low` (which plans in both), then bisected."""
+    plans: dict[int, dict[str, Plan | str]] = {}
+
+    def at(layers: int) -> dict[str, Plan | str]:
+        if layers not in plans:
+            caps = carried_capacities(layers, cache_dir)
+            plans[layers] = {}
+            for mode in ("full", "proportional"):
+                try:
+                    plans[layers][mode] = make_sharded_plan(GLOBAL_BATCH, caps, mode, keep_all=True)
+                except PlanError as exc:
+                    plans[layers][mode] = str(exc)
+            cells = [
+                f"{m} " + ("/".join(str(r.max_micro_batch) for r in p.ranks)
+                           if isinstance(p, Plan) else "-")
+                for m, p in plans[layers].items()
+            ]  # fmt: skip
+            print(f"  {layers:>3} layers {count_params(layers) / 1e6:6.3f} M  {'  '.join(cells)}")
+        return plans[layers]
+
+    best = {}
+    for mode in ("full", "proportional"):
+        lo, hi = low, low
+        while hi <= max_layers and isinstance(at(hi)[mode], Plan):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if isinstance(at(mid)[mode], Plan) else (lo, mid)
+        best[mode] = (lo, at(lo)[mode])
+    return best
+
+
+@dataclass(frozen=True)
+class LibraryRun:
+    """3 gloo ranks trained through the library (no launcher), each rank's simulated memory
+    enforced from the first step: per rank its measured peak (the max over the steps)."""
+
+    layers: int
+    plan: Plan
+    peaks: tuple[int, ...]
+    oom: tuple[str, ...]  # per rank: '' or the out-of-memory error
+    difference: tuple[float, float]  # parameters vs one process, whole batch
+    noise: tuple[float, float]  # one process in micro-batches of 4 vs whole: float32 alone
+    seconds: float
+
+
+def _library_rank(rank: int, world: int, port: int, layers: int, plan: Plan, steps: int,
+                  out_dir: str) -> None:  # fmt: skip
+    """One rank: the plan's micro-batches, `Proportional` with its slices, AdamW with
+    clipping as the job spec says, the device's memory enforced by `TensorMemory`."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    spec = parse_spec(job_spec("lib", layers, "proportional", simulated(1.0), steps, out_dir))
+    task = load_task(spec)
+    torch.manual_seed(spec.seed)
+    model = task.build_model()
+    if plan.capacity(rank).gradient_checkpointing:
+        task.checkpoint_activations(model)
+    wrapping = wrapping_for("proportional", slices=plan.state_slices)
+    wrapped = wrapping.wrap(model, torch.device("cpu"))
+    optimizer = build_optimizer(spec.optimizer)(wrapped)
+    acc = Accumulator(wrapped, optimizer, max_grad_norm=spec.optimizer.max_grad_norm,
+                      wrapping=wrapping)  # fmt: skip
+    sampler = GlobalBatchSampler(len(task.dataset), GLOBAL_BATCH, seed=spec.seed)
+    limit = parse_memory(DEVICES[rank][1])
+    memory = TensorMemory(limit, model=wrapped, optimizer=optimizer)
+    peaks, oom = [], ""
+    try:
+        for _ in range(steps):
+            batches = [task.batch(idx) for idx in sampler.micro_batches(plan, rank)]
+            n_items = task.count_items(sampler.global_batch())
+            with memory:
+                acc.step(batches, task.loss_fn, global_items=n_items)
+            peaks.append(memory.peak_bytes)
+            sampler.advance()
+        full = wrapping.full_state(wrapped)
+    except torch.OutOfMemoryError as exc:
+        oom, full = str(exc), None
+    except RuntimeError as exc:  # a peer ran out of memory and left its collectives
+        oom, full = f"stopped with its peer: {str(exc)[:80]}", None
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump((max(peaks, default=0), oom, full if rank == 0 else None), f)
+    if not oom:
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # the peers wait in a collective: their timeout ends them
+
+
+def _one_process(layers: int, steps: int, tmp: str, micro: int = 0) -> dict[str, torch.Tensor]:
+    """The same steps in one process, each global batch as one micro-batch (no limit), or
+    as micro-batches of `micro` samples: float32 rounding alone then moves the result."""
+    torch.set_num_threads(1)
+    spec = parse_spec(job_spec("lib-ref", layers, "none", [REFERENCE_DEVICE], steps, tmp))
+    task = load_task(spec)
+    torch.manual_seed(spec.seed)
+    model = task.build_model()
+    optimizer = build_optimizer(spec.optimizer)(model)
+    acc = Accumulator(model, optimizer, max_grad_norm=spec.optimizer.max_grad_norm,
+                      wrapping=REPLICATED)  # fmt: skip
+    sampler = GlobalBatchSampler(len(task.dataset), GLOBAL_BATCH, seed=spec.seed)
+    for _ in range(steps):
+        indices = sampler.global_batch()
+        size = micro or len(indices)
+        parts = [task.batch(indices[i : i + size]) for i in range(0, len(indices), size)]
+        acc.step(parts, task.loss_fn, global_items=task.count_items(indices))
+        sampler.advance()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_library(layers: int, plan: Plan, steps: int, tmp: str) -> LibraryRun:
+    out_dir = tempfile.mkdtemp(dir=tmp)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    mp.spawn(_library_rank, args=(3, port, layers, plan, steps, out_dir), nprocs=3, join=True)
+    seconds = time.monotonic() - t0
+    results = []
+    for r in range(3):
+        with open(os.path.join(out_dir, f"{r}.pkl"), "rb") as f:
+            results.append(pickle.load(f))
+    full = results[0][2]
+    difference = noise = (math.inf, math.inf)
+    if full is not None:
+        whole = _one_process(layers, steps, tmp)
+        difference = differences(full, whole)
+        noise = differences(_one_process(layers, steps, tmp, micro=4), whole)
+    return LibraryRun(
+        layers, plan, tuple(r[0] for r in results), tuple(r[1] for r in results), difference,
+        noise, seconds,
+    )  # fmt: skip
+
+
+def train_library_largest(
+    best: tuple[int, Plan], known: int, steps: int, retries: int, tmp: str
+) -> tuple[LibraryRun | None, dict[int, str]]:
+    """The largest model proportional plans on the carried figures, trained through the
+    library; when a rank runs out of memory, smaller ones bisected above `known`."""
+    layers, plan = best
+    lo, hi, good, failed = known, layers + 1, None, {}
+    for _ in range(1 + retries):
+        print(f"train proportional through the library: {layers} layers")
+        run = train_library(layers, plan, steps, tmp)
+        print_library_run(run)
+        if any(run.oom):
+            failed[layers] = "ran out of memory"
+            hi = layers
+        else:
+            good, lo = run, layers
+        if hi - lo <= 1:
+            break
+        layers = (lo + hi) // 2
+        plan = make_sharded_plan(
+            GLOBAL_BATCH, carried_capacities(layers, tmp), "proportional", keep_all=True
+        )
+    return good, failed
+
+
+def print_library_run(run: LibraryRun) -> None:
+    print(f"  proportional-{run.layers} (library, 3 gloo ranks): {run.seconds:.0f} s")
+    for rank, peak, oom in zip(run.plan.ranks, run.peaks, run.oom):
+        predicted = rank.predicted_peak_bytes
+        ratio = f"{peak / predicted:.2f}" if peak and predicted else "-"
+        print(
+            f"    rank {rank.rank} {rank.device_name:<8} micro-batches "
+            f"{'+'.join(map(str, rank.micro_batches)):<16} share {rank.state_slice:>8} "
+            f"peak measured {_mib(peak):>9} / predicted {_mib(predicted):>9} ({ratio})"
+            + (f"  OUT OF MEMORY: {oom}" if oom else "")
+        )
+    print(
+        f"    parameters vs one process: {run.difference[0]:.1e} (largest element "
+        f"{run.difference[1]:.1e}); float32's own: one process in micro-batches of 4 vs "
+        f"whole batches {run.noise[0]:.1e} (largest element {run.noise[1]:.1e})"
+    )
+
+
+# ---------------------------------------------------------------------------
 # reporting
 
 
@@ -546,9 +779,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
     parser.add_argument("--speed-scale", type=float, default=0.5, help="the largest's speed")
     parser.add_argument("--max-layers", type=int, default=64, help="where the search stops")
+    parser.add_argument(
+        "--max-layers-carried", type=int, default=256, help="where part 4's search stops"
+    )
     parser.add_argument("--retries", type=int, default=2, help="smaller sizes after an OOM")
     parser.add_argument("--quiet-wait", type=float, default=5.0, help="max s to wait per job")
     parser.add_argument("--search-only", action="store_true", help="probe and plan only")
+    parser.add_argument(
+        "--proportional-only", action="store_true", help="only part 4: proportional past the probe"
+    )
     args = parser.parse_args()
     if args.steps <= SKIP + 1:
         parser.error(f"--steps must be > {SKIP + 1}")
@@ -571,7 +810,7 @@ def main() -> None:
         print("search: probe every device, plan each mode on all 3 ranks (micro-batch limits)")
         best = search(args.max_layers, f"{tmp}/search-profiles")
         print(f"search done in {time.monotonic() - t0:.0f} s")
-        if not args.search_only:
+        if not args.search_only and not args.proportional_only:
 
             def each_mode(replicated: Run, layers: int) -> None:
                 nonlocal same, diffs, alone
@@ -583,8 +822,49 @@ def main() -> None:
             for mode in MODES[1:]:
                 known = largest["none"].layers if same[mode].no_oom() else 0
                 largest[mode] = train_largest(tmp, mode, best[mode], known, sims, args)
-    report(best, largest, same, diffs, alone)
+        if not args.search_only:
+            proportional_past_the_probe(best, largest, args, f"{tmp}/carried")
+    if not args.proportional_only:
+        report(best, largest, same, diffs, alone)
     print(f"wall time {time.monotonic() - t0:.0f} s")
+
+
+def proportional_past_the_probe(
+    best: dict[str, Size], largest: dict[str, Largest], args: argparse.Namespace, cache: str
+) -> None:
+    """Part 4 and its RESULT and goal lines: proportional vs full (and none) in layers."""
+    print("proportional past the probe: figures probed on sim-ref (512 MiB), carried over")
+    found = carried_search(16, args.max_layers_carried, cache)  # 16 plans in both
+    (full_layers, _), prop = found["full"], found["proportional"]
+    print(
+        f"  largest that plans on the carried figures: full {full_layers}, proportional {prop[0]}"
+    )
+    run, failed = train_library_largest(prop, 0, args.steps, args.retries, cache)
+    trained = {m: (x.layers, x.params) for m, x in largest.items() if x.run is not None}
+    none = trained.get("none", (best["none"].layers, best["none"].params))
+    full = trained.get("full", (best["full"].layers, best["full"].params))
+    ok = run is not None and run.difference[0] <= TOLERANCE
+    layers = run.layers if run is not None else 0
+    params = count_params(layers) if layers else 0
+    fails = ", ".join(f"{n} layers {why}" for n, why in sorted(failed.items(), reverse=True))
+    print(
+        "RESULT largest model proportional trains on all 3 ranks (library, figures carried "
+        f"from sim-ref): {params / 1e6:.3f} M parameters ({layers} layers, "
+        f"{params / full[1]:.2f}x full's {full[1] / 1e6:.3f} M at {full[0]} layers, "
+        f"{params / none[1]:.2f}x none's {none[1] / 1e6:.3f} M)" + (f"; {fails}" if fails else "")
+    )
+    if run is not None:
+        worst = max(p / r.predicted_peak_bytes for p, r in zip(run.peaks, run.plan.ranks))
+        print(
+            f"RESULT proportional-{layers}: peak measured / predicted, the highest rank's "
+            f"{worst:.2f}; parameters vs one process {run.difference[0]:.1e} (one process "
+            f"in micro-batches of 4 vs whole: {run.noise[0]:.1e})"
+        )
+    print(
+        f"goals (proportional): >= 2x full {_met(params >= 2 * full[1])}; no OOM "
+        f"{_met(run is not None and not any(run.oom))}; parameters (<= {TOLERANCE:g}) "
+        f"{_met(ok)}"
+    )
 
 
 if __name__ == "__main__":
