@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autobatch.errors import PlanError
+from autobatch.planning.capacity import MIN_MICRO_STEP_S
 from autobatch.planning.equal_steps import equal_accumulation_shares, min_max_shares
 from autobatch.planning.memory import (
     MemoryModel,
@@ -175,7 +176,7 @@ fleets = st.lists(
         st.floats(0.0, 0.2),
         st.one_of(st.just(0.0), st.floats(1e-4, 0.05)),  # no per-sample cost: takes all it may
         st.floats(0.0, 0.1),
-    ).filter(lambda d: d[1] + d[2] > 0),
+    ).filter(lambda d: d[1] + d[2] >= MIN_MICRO_STEP_S),  # a micro-step takes some time
     min_size=1,
     max_size=3,
 )
