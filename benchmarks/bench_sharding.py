@@ -44,10 +44,11 @@ grow with the layers, a sharding unit (one block) stays the same size.
 4. `proportional` past the probe. The launcher plans only a model that some device runs as
    a replica (its probe measures a replica's step; the others get that profile carried
    over), which stops every mode below 48 layers here (a replica fits sim-a100 at 40
-   layers, not at 48), below what proportional sharding holds. So this part probes each size on the reference device (512 MiB: a
-   replica fits), carries that profile to the three devices as the runner carries one
-   (`ModelProfile.carried_to`: their memory, headroom and speed), and plans "full" and
-   "proportional" on them (`keep_all`): doubled from 16 layers, then bisected per mode
+   layers, not at 48), below what proportional sharding holds. So this part probes each
+   size on the reference device (512 MiB: a replica fits), carries that profile to the
+   three devices as the runner carries one (`ModelProfile.carried_to`: their memory,
+   headroom and speed), and plans "full" and "proportional" on them (`keep_all`):
+   doubled from 16 layers, then bisected per mode
    (full's largest matches part 1's, from the devices' own probes). Proportional's
    largest then trains through the library, not the launcher: 3 gloo ranks
    (torch.multiprocessing), `wrapping_for("proportional", slices=plan.state_slices)`,

@@ -40,7 +40,7 @@ BENCHMARKS = (
     ("bench_daemon.py", (), 900, r"GET|p50"),
     ("bench_lengths.py", (), 600, r"RESULT|padding waste"),
     ("bench_dataloader.py", (), 300, r"RESULT"),
-    ("bench_sharding.py", (), 1200, r"RESULT|goals"),
+    ("bench_sharding.py", (), 2400, r"RESULT|goals"),
     ("bench_elastic.py", (), 1500, r"RESULT|goals"),
     ("bench_rebalance.py", (), 1800, r"RESULT"),
     ("bench_checkpoint.py", (), 1200, r"RESULT|goals"),

@@ -24,8 +24,8 @@ so every rank runs the same number of micro-steps (`autobatch.planning.equal_ste
 
 `choose_sharding` is the "auto" mode: no sharding when a replica fits every device,
 else the lightest FSDP2 mode that fits every device; only when none does, "proportional"
-if its joint plan fits every device (with one flat unit that is rare: every rank then
-holds the whole model's parameters and gradients during its micro-steps).
+if its joint plan fits every device (it holds one block at a time, as `full` does, and
+a planned share of the state instead of an even one).
 """
 
 from __future__ import annotations

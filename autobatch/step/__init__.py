@@ -7,7 +7,10 @@
                 model gathered; wrapping_for(sharding) to name one
     replicated  Replicated: a replica per rank (DDP); its checkpoint file (one torch file)
     shard       Sharded: FSDP2, "optimizer" (ragged micro-step counts) or "full" sharding
-    proportional  Proportional: planned slices of the flat state, per-owner collectives
+    proportional  Proportional: planned ranges of the state, gathered a block at a time;
+                its checkpoint (a replica's file)
+    proportional_layout   Slices, Layout: the units laid out flat, each rank's range
+    proportional_module   ProportionalModule: the gathers, frees and gradient reduces
     dcp         save_sharded / load_sharded: checkpoints that load on any number of ranks
     atomic      atomic writes of a file or a directory (the wrappings' checkpoints)
     storage     a checkpoint location: a local path or an object store's URI (fsspec)
