@@ -273,3 +273,13 @@ def test_device_where_one_sample_does_not_fit_is_left_out_with_the_reason():
     assert "d2" in {d.device_id for d in plan.inputs}  # a re-plan still knows it
     with pytest.raises(PlanError, match=r"'d2' \(GPU2\) cannot fit even one sample"):
         make_plan(24, devices, keep_all=True)  # a running group cannot leave it out
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(None, "-"), (512, "512 B"), (3 * 2**20, "3.0 MiB"), (-2101878784, "-1.96 GiB")],
+)
+def test_sizes_are_written_in_the_largest_unit_that_keeps_them_readable(n, text):
+    from autobatch.planning.plan import size_text
+
+    assert size_text(n) == text

@@ -290,6 +290,8 @@ def size_text(n: int | None) -> str:
     """Bytes as the plan's tables write them: GiB, MiB, KiB or B; "-" for unknown."""
     if n is None:
         return "-"
+    if n < 0:  # a budget the reserves overdraw (the what-if's DDP buckets on a small GPU)
+        return f"-{size_text(-n)}"
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if n >= 2**20:
