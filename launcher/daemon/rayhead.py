@@ -33,6 +33,9 @@ from launcher.errors import HeadError
 HEAD_FILE = "ray-head.json"
 NAMESPACE = "autobatch"
 START_TIMEOUT_S = 90.0
+# Ray gives its raylet 30 s to register with the GCS (fixed in Ray 2.60); on a busy machine
+# that can pass, and the head exits: a new start usually makes it.
+START_ATTEMPTS = 3
 
 
 def head_file(state_dir: pathlib.Path) -> pathlib.Path:
@@ -62,8 +65,29 @@ def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
     if head:
         return _connectable(head)
     stop_head(state_dir)  # a dead head's leftovers, if any
-    path = head_file(state_dir)
-    path.unlink(missing_ok=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for attempt in range(1, START_ATTEMPTS + 1):
+        proc = _spawn(state_dir, num_cpus)
+        while (head := running_head(state_dir)) is None:
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                stop_head(state_dir)
+                raise HeadError(f"the Ray head did not start within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+        if head:
+            return _connectable(head)
+        _kill_session(proc.pid)  # what the failed start left (it recorded no pid)
+        if attempt == START_ATTEMPTS or time.monotonic() > deadline:
+            break
+    raise HeadError(
+        f"the Ray head exited with status {proc.returncode} while starting ({attempt} "
+        f"time(s)); see {pathlib.Path(state_dir) / 'ray-head.log'}"
+    )
+
+
+def _spawn(state_dir: pathlib.Path, num_cpus: int) -> subprocess.Popen:
+    head_file(state_dir).unlink(missing_ok=True)
     log = (pathlib.Path(state_dir) / "ray-head.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.daemon.rayhead", str(state_dir), str(num_cpus)],
@@ -71,18 +95,7 @@ def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
         cwd=os.getcwd(),
     )  # fmt: skip
     log.close()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while (head := running_head(state_dir)) is None:
-        if proc.poll() is not None:
-            raise HeadError(
-                f"the Ray head exited with status {proc.returncode} while starting; "
-                f"see {pathlib.Path(state_dir) / 'ray-head.log'}"
-            )
-        if time.monotonic() > deadline:
-            stop_head(state_dir)
-            raise HeadError(f"the Ray head did not start within {START_TIMEOUT_S:.0f} s")
-        time.sleep(0.2)
-    return _connectable(head)
+    return proc
 
 
 def _connectable(head: dict) -> str:
@@ -130,17 +143,20 @@ def stop_head(state_dir: pathlib.Path, timeout_s: float = 30.0) -> list[int]:
         deadline = time.monotonic() + timeout_s
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-    # What ray.shutdown() leaves (its agents ignore SIGTERM): killed by session.
+    _kill_session(pid)  # what ray.shutdown() leaves (its agents ignore SIGTERM)
+    head_file(state_dir).unlink(missing_ok=True)
+    return sorted(set(left) | {pid})
+
+
+def _kill_session(sid: int) -> None:
     for _ in range(50):
-        rest = session_processes(pid)
+        rest = session_processes(sid)
         if not rest:
             break
         for p in rest:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.1)
-    head_file(state_dir).unlink(missing_ok=True)
-    return sorted(set(left) | {pid})
 
 
 def session_processes(sid: int) -> list[int]:

@@ -46,6 +46,7 @@ class RayLink:
         self.lost: str | None = None  # at connect: the head the last process used is gone
         self._head_pid: int | None = None
         self._unanswered_since: float | None = None
+        self._warned = False  # the head's exposure said
 
     @property
     def owns_head(self) -> bool:
@@ -61,8 +62,10 @@ class RayLink:
             self._head_pid = _recorded_pid(self.state_dir)
             if before is not None and before != self._head_pid:
                 self.lost = f"the Ray head (pid {before}) was lost"
-            if warning := rayhead.exposure_warning(self.state_dir):
+            warning = rayhead.exposure_warning(self.state_dir)
+            if warning and not self._warned:  # once a process, not at every try
                 print(f"autobatch daemon: {warning}", file=sys.stderr, flush=True)
+                self._warned = True
         else:
             address = self.address
         cluster.connect(address)
