@@ -38,6 +38,7 @@ from autobatch.probe.devices import (
     parse_simulated,
 )
 from autobatch.probe.measure import MakeOptimizer
+from autobatch.probe.model_profile import search_cap
 from autobatch.probe.profile import profile_model
 from autobatch.step.precision import Precision
 from autobatch.tasks.task import Task
@@ -75,7 +76,7 @@ def plan_for_group(
             precision=precision,
             headroom_fraction=headroom_fraction,
             backend=dist.get_backend(group) if world > 1 else None,
-            max_micro_batch=global_batch_size,  # no rank's micro-batch is ever larger
+            max_micro_batch=search_cap(global_batch_size),
             cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
             gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
         )

@@ -25,6 +25,14 @@ from autobatch.probe.measure import StepMeasurement
 from autobatch.probe.peak import PeakLine, largest_under, micro_lines, optimizer_line, peak_at
 
 DEFAULT_MAX_MICRO_BATCH = 4096
+
+
+def search_cap(global_batch_size: int) -> int:
+    """The largest micro-batch a job's probe searches: no rank's is ever larger than the
+    global batch, and none past the default cap however large the batch."""
+    return min(global_batch_size, DEFAULT_MAX_MICRO_BATCH)
+
+
 MAX_EXTRAPOLATION = 4  # predict at most 4x beyond the largest size that fitted, else go 2/3 way
 
 

@@ -12,6 +12,7 @@
     proportional_layout   Slices, Layout: the units laid out flat, each rank's range
     proportional_module   ProportionalModule: the gathers, frees and gradient reduces
     dcp         save_sharded / load_sharded: checkpoints that load on any number of ranks
+    collective  where a small collective's tensor lives (nccl: the GPU)
     atomic      atomic writes of a file or a directory (the wrappings' checkpoints)
     storage     a checkpoint location: a local path or an object store's URI (fsspec)
     background  saves written in a thread once the state is copied to host memory

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autobatch.errors import PlanError
+from autobatch.step.collective import collective_device
 from autobatch.step.precision import Precision, autocast, check_precision
 from autobatch.step.wrap import REPLICATED, ModelWrapping
 
@@ -281,9 +282,3 @@ class Accumulator:
 
     def _collective_device(self) -> torch.device:
         return collective_device(next(self.model.parameters()).device)
-
-
-def collective_device(device: torch.device) -> torch.device:
-    """Where a small collective's tensor lives: the rank's GPU under nccl, else the CPU."""
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    return device if nccl else torch.device("cpu")

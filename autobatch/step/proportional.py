@@ -8,7 +8,7 @@ its total memory rather than by its smallest device.
 The trainable parameters (one dtype) are laid out flat unit by unit (the root, then each
 block "full" shards as a unit: `autobatch.step.proportional_layout`); rank r owns
 [start_r, start_r + size_r) of that layout (`Slices`; size_r may be 0) as pieces, one per
-parameter its range meets. Frozen parameters are not sharded: every rank keeps them
+unit its range meets. Frozen parameters are not sharded: every rank keeps them
 whole (a LoRA base). In a micro-step the root is gathered for the whole micro-step and
 each block only while it runs forward and again for its backward, its gradient reduced
 into its owners' pieces right after (`autobatch.step.proportional_module`). So a rank
@@ -38,6 +38,7 @@ from torch import nn
 
 from autobatch.errors import PlanError
 from autobatch.step import storage
+from autobatch.step.collective import collective_device
 from autobatch.step.proportional_layout import (
     ADAM_STATES as ADAM_STATES,
 )
@@ -63,7 +64,10 @@ def replica_optimizer_state(model: ProportionalModule, optimizer: torch.optim.Op
     AdamW over the plain module's trainable parameters (one group, `parameters()` order)."""
     owned = [p for p, _, _ in model.owned()]
     states = [optimizer.state.get(p, {}) for p in owned]
-    steps = torch.tensor([max((float(st["step"]) for st in states if "step" in st), default=0.0)])
+    steps = torch.tensor(
+        [max((float(st["step"]) for st in states if "step" in st), default=0.0)],
+        device=collective_device(model.device),  # nccl reduces only GPU tensors
+    )
     if model.world > 1:
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     flats = {k: model.unflatten(model.gather_flat([st.get(k) for st in states])) for k in KEYS}
@@ -204,7 +208,7 @@ class Proportional:
             if before_commit is not None:
                 before_commit()
             write_replica(path, state)
-        return str(path) if storage.is_uri(path) else Path(path)
+        return storage.location(path)
 
     def load(
         self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None

@@ -10,8 +10,9 @@ keeps its range as pieces, one per unit its range meets (the optimizer steps pie
 by piece: its temporaries are at most a unit's, below what a micro-step gathers).
 
 Why one range per rank, not each unit split by the shares: the bytes a rank holds are the
-same (its slice, and the gathered units), and a unit then has one owner or two, not W:
-fewer collectives per unit, and the checkpoint's gather stays one contiguous range.
+same (its slice, and the gathered units), and a unit then has only the owners whose
+ranges meet it (usually one or two), not W: fewer collectives per unit, and the
+checkpoint's gather stays one contiguous range.
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ def state_bytes(layout: Layout, rank: int, element_size: int, *, stepped: bool =
 
     The peak is in a micro-step, at the end of the largest block's backward (its
     gradient complete, not yet reduced); between steps a rank holds slice and optimizer
-    only. The optimizer step's temporaries (AdamW per piece, not foreach) are at most
-    2 max(R, U) e, below the gathered part. Activations are the model's own (the
+    only. Not counted: the optimizer step's temporaries. Without foreach (CPU) AdamW
+    steps piece by piece, at most 2 max(R, U) e, below the gathered part; foreach AdamW
+    (CUDA's default) takes about one more copy of the slice, s e, which can exceed a
+    micro-step's peak on a rank with a large slice. Activations are the model's own (the
     replica's lines)."""
     s, e = layout.slices.sizes[rank], element_size
     gathered = layout.gathered_elems() * e

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autobatch.errors import PlanError
+from autobatch.step.collective import collective_device
 from autobatch.step.proportional_layout import Layout, Slices
 from autobatch.step.shard import repeated_blocks
 
@@ -268,10 +269,10 @@ class ProportionalModule(nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the pieces' gradients so the global norm is at most `max_norm`, as
         torch.nn.utils.clip_grad_norm_ on a replica; returns the norm before clipping."""
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=collective_device(self.device))
         grads = [p.grad for p in self.pieces if p.grad is not None]
         for g in grads:
-            sq += g.detach().double().pow(2).sum().cpu()
+            sq += g.detach().double().pow(2).sum().to(sq.device)
         if self.world > 1:
             dist.all_reduce(sq)
         norm = float(sq.sqrt())

@@ -36,8 +36,9 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.probe.measure import to_device
 from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step import storage
-from autobatch.step.accumulate import Accumulator, LossFn, StepResult, collective_device
+from autobatch.step.accumulate import Accumulator, LossFn, StepResult
 from autobatch.step.background import PendingSave
+from autobatch.step.collective import collective_device
 from autobatch.step.wrap import held_module, wrapping_for
 from autobatch.tasks.loader import StepBatches, StepLoader, default_num_workers
 from launcher.job import policy

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from autobatch.probe.devices import DeviceInfo, SimulatedDevice, inventory
+from autobatch.probe.model_profile import search_cap
 from autobatch.probe.profile import ModelProfile, profile_model
 from autobatch.step.precision import Precision
 from launcher.job.optim import build_optimizer
@@ -110,7 +111,7 @@ def probe(
         precision=precision,
         headroom_fraction=spec.memory_headroom,
         backend="nccl" if device.is_cuda else "gloo",  # as the runner picks
-        max_micro_batch=spec.global_batch_size,  # no rank's micro-batch is ever larger
+        max_micro_batch=search_cap(spec.global_batch_size),
         cache_dir=cache_dir,
         gradient_checkpointing=None,  # on where micro-batch 1 does not fit without it
         measure=measure,
