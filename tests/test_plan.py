@@ -35,13 +35,13 @@ def _per_sample(low: float, high: float) -> st.SearchStrategy[float]:
     return st.one_of(st.just(0.0), st.floats(low, high))
 
 
-def _spec(m, a, o, c) -> st.SearchStrategy[tuple]:
+def _spec(m, a, c, o) -> st.SearchStrategy[tuple]:
     # a micro-step of one sample must cost some time (fixed_s + per_sample_s >= 1 ns)
     return st.tuples(m, a, c, o).filter(lambda t: t[1] + t[2] >= 1e-9)
 
 
 devices_strategy = st.lists(
-    _spec(st.integers(1, 40), st.floats(0.0, 0.05), st.floats(0.0, 0.05), _per_sample(1e-5, 0.01)),
+    _spec(st.integers(1, 40), st.floats(0.0, 0.05), _per_sample(1e-5, 0.01), st.floats(0.0, 0.05)),
     min_size=1,
     max_size=6,
 )
@@ -67,7 +67,7 @@ def test_plan_sums_to_global_batch_and_respects_limits(B, spec):
 
 # Up to 4 devices and B <= 64: small enough for the brute force.
 small_fleets = st.lists(
-    _spec(st.integers(1, 16), st.floats(0.0, 0.2), st.floats(0.0, 0.1), _per_sample(1e-4, 0.05)),
+    _spec(st.integers(1, 16), st.floats(0.0, 0.2), _per_sample(1e-4, 0.05), st.floats(0.0, 0.1)),
     min_size=1,
     max_size=4,
 )
