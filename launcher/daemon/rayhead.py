@@ -72,6 +72,7 @@ def ensure_head(state_dir: pathlib.Path, num_cpus: int) -> str:
             if proc.poll() is not None:
                 break
             if time.monotonic() > deadline:
+                _kill_session(proc.pid)  # it may not have recorded its pid yet
                 stop_head(state_dir)
                 raise HeadError(f"the Ray head did not start within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.2)
