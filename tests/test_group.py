@@ -18,7 +18,7 @@ from autobatch import Accumulator, GlobalBatchSampler, Replicated, Task, plan_fo
 from autobatch.errors import DeviceSpecError, PlanError
 from autobatch.probe.group import SIMULATED_ENV
 
-B = 48
+B = 64  # more than the three devices hold in one micro-step each: someone accumulates
 DEVICES = "sim-big:80KiB,sim-mid:64KiB:0.5,sim-small:52KiB:0.25"  # measured, not fixed
 g = torch.Generator().manual_seed(1)
 X = torch.randn(96, 16, generator=g, dtype=torch.float64)
