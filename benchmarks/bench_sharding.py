@@ -59,6 +59,9 @@ grow with the layers, a sharding unit (one block) stays the same size.
    global batch whole, beside float32's own noise on the same model: one process taking
    micro-batches of 4 against the whole batch. `--proportional-only` skips parts 1's
    training, 2 and 3 (the search of part 1 still runs: none's and full's sizes).
+5. `proportional` against `full` in samples/s, at the largest model full plans on the
+   carried figures: both through the library as in part 4, each rank paced to its
+   device's speed (1 : 0.5 : 0.25, `Pacer`), twice each in alternation.
 
 Parameters are compared as tests/test_sharding.py does: float32, per tensor
 ||a - b|| / ||b||, the largest over the tensors, <= 1e-5 (the largest element's
@@ -105,7 +108,7 @@ from autobatch.planning.sampler import GlobalBatchSampler
 from autobatch.planning.sharded import make_sharded_plan
 from autobatch.probe.devices import SimulatedDevice, parse_memory
 from autobatch.probe.profile import ModelProfile
-from autobatch.probe.simulated import TensorMemory
+from autobatch.probe.simulated import Pacer, TensorMemory
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.wrap import REPLICATED, wrapping_for
 from launcher.job.collector import SnapshotCollector
@@ -117,6 +120,7 @@ from launcher.job.tasks import load_task
 from launcher.job.worker import probe
 
 MODES = ("none", "optimizer", "full")
+PAIR = ("full", "proportional")  # part 4's and 5's modes
 DEVICES = (("sim-a100", "48MiB", 1.0), ("sim-l4", "20MiB", 0.5), ("sim-t4", "12MiB", 0.25))
 REFERENCE_DEVICE = {"name": "sim-ref", "memory": "512MiB", "speed": 1.0}  # any size fits
 MODEL = {"dataset_size": 2048, "vocab_size": 64, "seq_len": 16, "d_model": 64, "n_heads": 4}
@@ -494,7 +498,7 @@ def carried_search(low: int, max_layers: int, cache_dir: str) -> dict[str, tuple
         if layers not in plans:
             caps = carried_capacities(layers, cache_dir)
             plans[layers] = {}
-            for mode in ("full", "proportional"):
+            for mode in PAIR:
                 try:
                     plans[layers][mode] = make_sharded_plan(GLOBAL_BATCH, caps, mode, keep_all=True)
                 except PlanError as exc:
@@ -508,7 +512,7 @@ def carried_search(low: int, max_layers: int, cache_dir: str) -> dict[str, tuple
         return plans[layers]
 
     best = {}
-    for mode in ("full", "proportional"):
+    for mode in PAIR:
         lo, hi = low, low
         while hi <= max_layers and isinstance(at(hi)[mode], Plan):
             lo, hi = hi, hi * 2
@@ -531,38 +535,52 @@ class LibraryRun:
     difference: tuple[float, float]  # parameters vs one process, whole batch
     noise: tuple[float, float]  # one process in micro-batches of 4 vs whole: float32 alone
     seconds: float
+    step_s: tuple[float, ...]  # rank 0's wall time of each step
+
+    @property
+    def samples_per_s(self) -> float:
+        """Steady state: the steps after the first SKIP."""
+        return GLOBAL_BATCH * len(self.step_s[SKIP:]) / sum(self.step_s[SKIP:])
 
 
 def _library_rank(rank: int, world: int, port: int, layers: int, plan: Plan, steps: int,
-                  out_dir: str) -> None:  # fmt: skip
-    """One rank: the plan's micro-batches, `Proportional` with its slices, AdamW with
-    clipping as the job spec says, the device's memory enforced by `TensorMemory`."""
+                  out_dir: str, speeds: tuple[float, ...] | None) -> None:  # fmt: skip
+    """One rank: the plan's micro-batches and sharding (`Proportional` with its slices),
+    AdamW with clipping as the job spec says, the device's memory enforced by
+    `TensorMemory`; with `speeds`, the rank's device paced to its speed (`Pacer`)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )  # fmt: skip
-    spec = parse_spec(job_spec("lib", layers, "proportional", simulated(1.0), steps, out_dir))
+    spec = parse_spec(job_spec("lib", layers, plan.sharding, simulated(1.0), steps, out_dir))
     task = load_task(spec)
     torch.manual_seed(spec.seed)
     model = task.build_model()
     if plan.capacity(rank).gradient_checkpointing:
         task.checkpoint_activations(model)
-    wrapping = wrapping_for("proportional", slices=plan.state_slices)
+    wrapping = wrapping_for(plan.sharding, slices=plan.state_slices)
     wrapped = wrapping.wrap(model, torch.device("cpu"))
     optimizer = build_optimizer(spec.optimizer)(wrapped)
+    loss_fn = task.loss_fn
+    if speeds is not None:
+        pacer = Pacer(speeds[rank])  # its forward, backward and optimizer step, not collectives
+        pacer.attach(optimizer)
+        loss_fn = pacer.wrap_loss_fn(loss_fn)
     acc = Accumulator(wrapped, optimizer, max_grad_norm=spec.optimizer.max_grad_norm,
                       wrapping=wrapping)  # fmt: skip
     sampler = GlobalBatchSampler(len(task.dataset), GLOBAL_BATCH, seed=spec.seed)
     limit = parse_memory(DEVICES[rank][1])
     memory = TensorMemory(limit, model=wrapped, optimizer=optimizer)
-    peaks, oom = [], ""
+    peaks, oom, step_s = [], "", []
     try:
         for _ in range(steps):
+            t0 = time.perf_counter()
             batches = [task.batch(idx) for idx in sampler.micro_batches(plan, rank)]
             n_items = task.count_items(sampler.global_batch())
             with memory:
-                acc.step(batches, task.loss_fn, global_items=n_items)
+                acc.step(batches, loss_fn, global_items=n_items)
+            step_s.append(time.perf_counter() - t0)
             peaks.append(memory.peak_bytes)
             sampler.advance()
         full = wrapping.full_state(wrapped)
@@ -571,7 +589,7 @@ def _library_rank(rank: int, world: int, port: int, layers: int, plan: Plan, ste
     except RuntimeError as exc:  # a peer ran out of memory and left its collectives
         oom, full = f"stopped with its peer: {str(exc)[:80]}", None
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
-        pickle.dump((max(peaks, default=0), oom, full if rank == 0 else None), f)
+        pickle.dump((max(peaks, default=0), oom, full if rank == 0 else None, step_s), f)
     if not oom:
         dist.barrier()
         dist.destroy_process_group()
@@ -600,13 +618,24 @@ def _one_process(layers: int, steps: int, tmp: str, micro: int = 0) -> dict[str,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_library(layers: int, plan: Plan, steps: int, tmp: str) -> LibraryRun:
+def train_library(
+    layers: int,
+    plan: Plan,
+    steps: int,
+    tmp: str,
+    *,
+    speeds: tuple[float, ...] | None = None,
+    compare: bool = True,
+) -> LibraryRun:
+    """3 gloo ranks on `plan`; with `compare`, rank 0's parameters against one process."""
     out_dir = tempfile.mkdtemp(dir=tmp)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t0 = time.monotonic()
-    mp.spawn(_library_rank, args=(3, port, layers, plan, steps, out_dir), nprocs=3, join=True)
+    mp.spawn(
+        _library_rank, args=(3, port, layers, plan, steps, out_dir, speeds), nprocs=3, join=True
+    )
     seconds = time.monotonic() - t0
     results = []
     for r in range(3):
@@ -614,13 +643,13 @@ def train_library(layers: int, plan: Plan, steps: int, tmp: str) -> LibraryRun:
             results.append(pickle.load(f))
     full = results[0][2]
     difference = noise = (math.inf, math.inf)
-    if full is not None:
+    if full is not None and compare:
         whole = _one_process(layers, steps, tmp)
         difference = differences(full, whole)
         noise = differences(_one_process(layers, steps, tmp, micro=4), whole)
     return LibraryRun(
         layers, plan, tuple(r[0] for r in results), tuple(r[1] for r in results), difference,
-        noise, seconds,
+        noise, seconds, tuple(results[0][3]),
     )  # fmt: skip
 
 
@@ -650,16 +679,19 @@ def train_library_largest(
 
 
 def print_library_run(run: LibraryRun) -> None:
-    print(f"  proportional-{run.layers} (library, 3 gloo ranks): {run.seconds:.0f} s")
+    print(f"  {run.plan.sharding}-{run.layers} (library, 3 gloo ranks): {run.seconds:.0f} s")
     for rank, peak, oom in zip(run.plan.ranks, run.peaks, run.oom):
         predicted = rank.predicted_peak_bytes
         ratio = f"{peak / predicted:.2f}" if peak and predicted else "-"
+        share = "-" if rank.state_slice is None else rank.state_slice
         print(
             f"    rank {rank.rank} {rank.device_name:<8} micro-batches "
-            f"{'+'.join(map(str, rank.micro_batches)):<16} share {rank.state_slice:>8} "
+            f"{'+'.join(map(str, rank.micro_batches)):<16} share {share:>8} "
             f"peak measured {_mib(peak):>9} / predicted {_mib(predicted):>9} ({ratio})"
             + (f"  OUT OF MEMORY: {oom}" if oom else "")
         )
+    if not math.isfinite(run.difference[0]):
+        return
     print(
         f"    parameters vs one process: {run.difference[0]:.1e} (largest element "
         f"{run.difference[1]:.1e}); float32's own: one process in micro-batches of 4 vs "
@@ -861,11 +893,41 @@ def proportional_past_the_probe(
             f"{worst:.2f}; parameters vs one process {run.difference[0]:.1e} (one process "
             f"in micro-batches of 4 vs whole: {run.noise[0]:.1e})"
         )
+    ratio = speed_against_full(full_layers, args.steps, cache)
     print(
         f"goals (proportional): >= 2x full {_met(params >= 2 * full[1])}; no OOM "
         f"{_met(run is not None and not any(run.oom))}; parameters (<= {TOLERANCE:g}) "
-        f"{_met(ok)}"
+        f"{_met(ok)}; samples/s >= full's at full's largest {_met(ratio >= 1.0)}"
     )
+
+
+def speed_against_full(layers: int, steps: int, cache: str) -> float:
+    """Part 5: proportional's samples/s over full's at the largest model full plans on the
+    carried figures. Both train through the library (part 4's ranks), each rank paced to
+    its device's speed (`Pacer`: its measured forward, backward and optimizer step
+    stretched by 1/speed, collectives not), alternately twice (full, proportional, full,
+    proportional: a drift in the machine's load falls on both); each mode's mean."""
+    caps = carried_capacities(layers, cache)
+    plans = {m: make_sharded_plan(GLOBAL_BATCH, caps, m, keep_all=True) for m in PAIR}
+    speeds = tuple(speed for _, _, speed in DEVICES)
+    got: dict[str, list[float]] = {m: [] for m in PAIR}
+    for _ in range(2):
+        for mode in PAIR:
+            run = train_library(layers, plans[mode], steps, cache, speeds=speeds, compare=False)
+            print_library_run(run)
+            if any(run.oom):
+                print(f"RESULT {mode}-{layers} (paced) ran out of memory: no speed to compare")
+                return 0.0
+            got[mode].append(run.samples_per_s)
+            print(f"    {run.samples_per_s:.2f} samples/s (paced, steps after the first {SKIP})")
+    mean = {m: sum(v) / len(v) for m, v in got.items()}
+    ratio = mean["proportional"] / mean["full"]
+    runs = "; ".join(f"{m} {' '.join(f'{x:.2f}' for x in v)}" for m, v in got.items())
+    print(
+        f"RESULT samples/s at full's largest ({layers} layers, library, paced "
+        f"{'/'.join(map(str, speeds))}): proportional/full {ratio:.2f} ({runs})"
+    )
+    return ratio
 
 
 if __name__ == "__main__":
