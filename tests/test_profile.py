@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from autobatch.errors import NoFitError, ProbeError
 from autobatch.planning.planner import make_plan
 from autobatch.probe import budget, measure
-from autobatch.probe.devices import SimulatedDevice, cpu_device
+from autobatch.probe.devices import SimulatedDevice, cpu_device, host_stand_in
 from autobatch.probe.measure import StepRunner
 from autobatch.probe.model_state import meta_model_state
 from autobatch.probe.peak import PeakLine, largest_under
@@ -432,6 +432,26 @@ def test_a_profile_plans_a_sharded_model_over_any_world_size():
     assert full.state_bytes() < replica.state_bytes() == p.state.total_bytes
     plan = make_plan(64, [full, replace(full, device_id="r1")], sharding="full")
     assert plan.world_size == 2 and len({r.accumulation_steps for r in plan.ranks}) == 1
+
+
+def test_a_profile_carried_to_another_device_takes_its_memory_speed_and_extra_reserve():
+    task = tiny_gpt_task(dataset_size=16)
+    p = profile_model(task, SimulatedDevice("sim", 6 * MiB), make_optimizer=adamw)
+    small = SimulatedDevice("small", 2 * MiB, 0.25).info()
+    extra = (("gpu_overhead", 100 * 1024),)
+    plain = p.carried_to(small, headroom_fraction=0.1, time_scale=4.0)
+    more = p.carried_to(small, headroom_fraction=0.1, time_scale=4.0, extra_reserve=extra)
+    assert plain.budget_bytes == 2 * MiB - int(0.1 * 2 * MiB) - p.reserve_bytes
+    assert more.budget_bytes == plain.budget_bytes - 100 * 1024
+    assert dict(more.reserve)["gpu_overhead"] == 100 * 1024 and more.estimated
+    assert plain.per_sample_s == 4.0 * p.per_sample_s and plain.state == p.state
+    assert more.max_micro_batch <= plain.max_micro_batch < p.max_micro_batch
+
+
+def test_the_host_stands_in_at_the_devices_speed_with_half_its_memory():
+    stand_in = host_stand_in(SimulatedDevice("sim-t4", 2 * MiB, 0.25).info())
+    assert (stand_in.name, stand_in.speed, stand_in.simulated) == ("host", 0.25, True)
+    assert stand_in.total_bytes == cpu_device().total_bytes // 2
 
 
 def test_a_profile_written_before_sharding_loads_and_says_what_sharding_needs():

@@ -68,6 +68,25 @@ def test_auto_shards_a_model_whose_replica_does_not_fit_the_smallest_device(loca
     assert_same_parameters(summary.parameters, reference.parameters)
 
 
+def test_a_model_no_device_holds_as_a_replica_trains_on_the_host_cpus_figures(local_ray, tmp_path):  # noqa: F811
+    four_layers = {**TINY, "n_layers": 4}  # a replica does not fit 300 KiB at micro-batch 1
+    # lr 1e-3: AdamW turns float32 rounding in a near-zero gradient element into a step of
+    # up to lr (at 1e-2 one element of 4 blocks ended 1.3e-5 relative off the reference);
+    # a wrong gradient still moves elements by ~lr, 1e-3 relative
+    adamw = {"name": "adamw", "lr": 1e-3}
+    spec = job(tmp_path, task_args=four_layers, sharding="auto", optimizer=adamw)
+    summary, _ = run(spec)
+    plan = summary.plan
+    assert plan.sharding == "proportional" and plan.world_size == 3  # "full" does not fit
+    carried = [n for n in plan.notes if "a replica does not fit" in n]
+    assert len(carried) == 3 and all("the host CPU's measurements" in n for n in carried)
+    assert summary.steps == 6 and summary.restarts == 0 and summary.oom_events == 0
+    assert_every_global_batch_exact(spec, tmp_path / "ckpt")
+    one = {"select": "simulated", "simulated": [{"name": "sim-1", "memory": "4MiB"}]}
+    reference, _ = run(job(tmp_path / "ref", task_args=four_layers, devices=one, optimizer=adamw))
+    assert_same_parameters(summary.parameters, reference.parameters)
+
+
 @pytest.mark.parametrize("where", ["first", "last"], ids=["no_sync", "synced"])
 def test_an_oom_in_a_sharded_step_restarts_lowered_from_the_shards(replicated, tmp_path, where):
     # Under sharding an OOM may stop a forward between its all-gathers: the ranks cannot

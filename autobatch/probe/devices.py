@@ -305,6 +305,20 @@ def cpu_device() -> DeviceInfo:
     )
 
 
+def host_stand_in(device: DeviceInfo) -> DeviceInfo:
+    """This host's CPU standing in for `device` where not one sample of a replica fits the
+    device: a simulated device named "host", of half the host's physical memory, at the
+    device's speed. What it measures of a replica (the model's state and a sample's
+    activations, in tensor bytes) is what a sharded plan needs; its times are the CPU's
+    (for a GPU, far off until the ranks' measured compute rebalances the plan).
+
+    >>> host_stand_in(SimulatedDevice("sim-t4", 2**20, 0.25).info()).speed
+    0.25
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    return SimulatedDevice("host", os.sysconf("SC_PHYS_PAGES") * page // 2, device.speed).info()
+
+
 def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:

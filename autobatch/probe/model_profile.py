@@ -120,18 +120,26 @@ class ModelProfile:
         return capacity.sharded(sharding, world_size)
 
     def carried_to(
-        self, info: DeviceInfo, *, headroom_fraction: float, time_scale: float
+        self,
+        info: DeviceInfo,
+        *,
+        headroom_fraction: float,
+        time_scale: float,
+        extra_reserve: tuple[tuple[str, int], ...] = (),
     ) -> ModelProfile:
         """This profile on another device of the job, one where a replica does not fit a
         sample (so nothing could be measured there) but a sharded model may: the memory
         lines and state are the model's, the budget the device's (its total memory less
-        the headroom and this profile's reserve), the times times `time_scale` (how much
-        slower the device is). Estimated, never verified."""
+        the headroom, this profile's reserve and `extra_reserve`: what the source device
+        did not have), the times times `time_scale` (how much slower the device is).
+        Estimated, never verified."""
         usable = info.total_bytes
         headroom = int(headroom_fraction * usable)
-        budget = usable - headroom - self.reserve_bytes
+        reserve = (*self.reserve, *extra_reserve)
+        budget = usable - headroom - sum(v for _, v in reserve)
         return replace(
             self,
+            reserve=reserve,
             device_name=info.name,
             device_uuid=info.uuid,
             usable_bytes=usable,

@@ -5,7 +5,8 @@ Each device's actor takes its inventory; one device of each type not seen yet in
 run is measured (one at a time, so timings are not disturbed; the profile cache answers
 for types measured before), the others share its profile. Under sharding, a device a
 replica does not fit gets the fastest measured device's profile carried over to its
-memory and speed (an estimate, noted in the plan). `precision: auto` is chosen once
+memory and speed (an estimate, noted in the plan); where no device holds a replica, the
+fastest device's host CPU measures one in its place. `precision: auto` is chosen once
 per run: a resized job keeps it, its training run must not change.
 """
 
@@ -22,6 +23,7 @@ from autobatch.planning.plan import ExcludedDevice, Plan
 from autobatch.planning.planner import equal_split_plan, make_plan
 from autobatch.probe.cache import default_cache_dir
 from autobatch.probe.devices import DeviceInfo
+from autobatch.probe.estimate import GPU_OVERHEAD_BYTES
 from autobatch.probe.profile import ModelProfile
 from autobatch.step.precision import Precision, choose_precision
 from launcher.job import cluster
@@ -88,7 +90,7 @@ class Prober:
                 self.profiles[key] = self._profile(self.placement.worker(i), infos[i], cache)
         profiles = {key: self.profiles[key] for key in by_type}
         if self.spec.sharding != "none":
-            self._carry_profiles(profiles, {k: infos[i] for k, i in by_type.items()})
+            self._carry_profiles(profiles, by_type, infos, cache)
         return profiles
 
     def _cached(self, new: dict[tuple, int], infos: dict, cache: str) -> dict:
@@ -113,25 +115,41 @@ class Prober:
                 return str(exc.cause)
             raise
 
-    def _carry_profiles(self, profiles: dict, infos: dict) -> None:
+    def _carry_profiles(self, profiles: dict, by_type: dict, infos: dict, cache: str) -> None:
         """Sharding may fit a model on a device where a replica does not fit one sample
         (nothing could be measured there): it gets the profile of the fastest device that
-        was measured, carried over to its memory and speed (an estimate, noted)."""
-        measured = [k for k, p in profiles.items() if not isinstance(p, str)]
-        if not measured:
+        was measured, carried over to its memory and speed (an estimate, noted). Where no
+        device holds a replica, the fastest device's host measures it (`host_stand_in`)."""
+        unfit = {k: p for k, p in profiles.items() if isinstance(p, str)}
+        if not unfit:
             return
-        src = max(measured, key=lambda k: infos[k].speed)
-        for key, why in [(k, p) for k, p in profiles.items() if isinstance(p, str)]:
-            info = infos[key]
-            profiles[key] = profiles[src].carried_to(
+        speed = {k: infos[by_type[k]].speed for k in profiles}
+        measured = [k for k in profiles if k not in unfit]
+        src = max(measured or profiles, key=speed.get)
+        source = profiles[src] if measured else self._host_profile(by_type[src], infos, cache)
+        if isinstance(source, str):
+            return  # not even the host holds a replica: every device says why it cannot
+        whose = f"{infos[by_type[src]].name}'s" if measured else "the host CPU's"
+        for key, why in unfit.items():
+            info = infos[by_type[key]]
+            # a CPU's tensors leave out the CUDA context, workspaces and fragmentation
+            extra = (("gpu_overhead", GPU_OVERHEAD_BYTES),) if info.is_cuda and not measured else ()
+            profiles[key] = source.carried_to(
                 info,
                 headroom_fraction=self.spec.memory_headroom,
-                time_scale=infos[src].speed / info.speed,
+                time_scale=speed[src] / info.speed,
+                extra_reserve=extra,
             )
             self.notes.append(
-                f"{info.name}: a replica does not fit ({why}); its figures are {infos[src].name}'s "
+                f"{info.name}: a replica does not fit ({why}); its figures are {whose} "
                 "measurements carried over to its memory and speed, for sharding"
             )
+
+    def _host_profile(self, i: int, infos: dict, cache: str) -> ModelProfile | str:
+        worker, info = self.placement.worker(i), infos[i]
+        return self._answer(
+            worker.host_profile.remote(self.spec, self.precision, info, cache), info
+        )
 
     def _resolve_precision(self, infos: list[DeviceInfo]) -> None:
         if self.precision is None:

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 import torch
 
-from autobatch.probe.devices import DeviceInfo, SimulatedDevice, inventory
+from autobatch.probe.devices import DeviceInfo, SimulatedDevice, host_stand_in, inventory
 from autobatch.probe.model_profile import search_cap
 from autobatch.probe.profile import ModelProfile, profile_model
 from autobatch.step.precision import Precision
@@ -47,6 +47,13 @@ class DeviceWorker:
     ) -> ModelProfile | None:
         """The device's profile (None: not cached, and `measure` is False)."""
         return probe(spec, precision, info, cache_dir, measure=measure)
+
+    def host_profile(
+        self, spec: JobSpec, precision: Precision, device: DeviceInfo, cache_dir: str | None
+    ) -> ModelProfile:
+        """The model measured on this node's CPU standing in for `device` (a replica does
+        not fit it): `host_stand_in`."""
+        return probe(spec, precision, host_stand_in(device), cache_dir)
 
     def address(self) -> tuple[str, int, int]:
         return ray.util.get_node_ip_address(), free_port(), os.getpid()
