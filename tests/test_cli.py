@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -43,6 +44,19 @@ def test_user_errors_end_in_one_line_and_exit_2(args, message):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["print", "rich"])
+def test_a_reader_that_leaves_ends_the_output_quietly(as_json):
+    read, write = os.pipe()
+    os.close(read)  # as `autobatch ... | head` once head has what it wanted
+    args = ["plan", "configs/demo.yaml", "--dry-run", "--devices", "2xA100-80GB,T4-16GB"]
+    with os.fdopen(write, "w") as closed:
+        done = subprocess.run(
+            [sys.executable, "-m", "launcher.cli", *args, *(["--json"] if as_json else [])],
+            cwd=ROOT, stdout=closed, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1 and done.stderr == ""
 
 
 def test_invalid_spec_names_the_field(tmp_path):
