@@ -41,10 +41,11 @@ grow with the layers, a sharding unit (one block) stays the same size.
    the devices' samples/s alone. The sharded runs' parameters against the replicated
    run's.
 
-4. `proportional` past the probe. The launcher plans only a model that some device runs as
-   a replica (its probe measures a replica's step; the others get that profile carried
-   over), which stops every mode below 48 layers here (a replica fits sim-a100 at 40
-   layers, not at 48), below what proportional sharding holds. So this part probes each
+4. `proportional` past the probe. Part 1 probes as the launcher's worker does, which
+   measures a replica on each device (the others get that profile carried over); a
+   replica fits sim-a100 at 40 layers, not at 48, below what proportional sharding
+   holds. (The launcher then measures a replica on the host CPU instead: part 1's
+   search does not.) So this part probes each
    size on the reference device (512 MiB: a replica fits), carries that profile to the
    three devices as the runner carries one (`ModelProfile.carried_to`: their memory,
    headroom and speed), and plans "full" and "proportional" on them (`keep_all`):
