@@ -253,6 +253,40 @@ def test_a_combination_that_does_not_fit_says_where_and_by_how_much(mixed):
             assert (f"{d.name}: {gib}" in o.problem) == (d.max_micro_batch == 0), o.problem
 
 
+def test_proportional_fits_by_its_joint_plan_not_by_even_shares(mixed):
+    """Its shares are the plan's to choose: a T4 may hold little or none of the state, so
+    it fits where 1/3 of the state each (full's figures, or proportional's even ones) does
+    not; and every planned rank stays within its budget at its share."""
+    by_levers = {levers_of(o): o for o in mixed.outcomes}
+    full = by_levers["fp32", False, False, "full"]
+    prop = by_levers["fp32", False, False, "proportional"]
+    assert not full.fits and prop.fits, (full.problem, prop.problem)
+    for o in mixed.outcomes:
+        if o.levers.sharding != "proportional" or not o.fits:
+            continue
+        plan, W = o.plan, o.plan.world_size
+        state = plan.inputs[0].memory.state
+        assert sum(plan.state_slices) == state.grads_bytes // 4  # the model, once
+        for r, d in zip(plan.ranks, plan.inputs, strict=True):
+            assert r.predicted_peak_bytes <= d.memory.budget("proportional", W)
+        assert sum(o.to_dict()["state_shares"]) == pytest.approx(1.0)
+    t4 = next(d for d in prop.plan.inputs if d.name == "T4-16GB")
+    even = t4.memory.peak_bytes(1, "proportional", 3)  # 1/3 of the state each
+    assert even > t4.memory.budget("proportional", 3)
+
+
+def test_the_summary_names_what_only_one_sharding_mode_fits(mixed):
+    only = mixed.only_with()
+    for o in mixed.outcomes:  # brute force over the table
+        same = [p for p in mixed.outcomes if levers_of(p)[:3] == levers_of(o)[:3]]
+        alone = o.fits and sum(p.fits for p in same) == 1
+        assert (o.levers in only.get(o.levers.sharding, [])) == alone
+    assert [lv.precision for lv in only["proportional"]] == ["fp32", "fp16", "fp16"]
+    line = next(x for x in mixed.summary_lines() if "only with sharding proportional" in x)
+    assert "fp32, no LoRA, no checkpointing" in line
+    assert mixed.to_dict()["only_with"]["proportional"][0]["lora"] is False
+
+
 # ---------------------------------------------------------------------------
 # errors: one line naming the thing and what is allowed
 
@@ -405,8 +439,11 @@ def test_the_8b_what_if_takes_seconds_not_minutes(tmp_path):
         },
     )
     t0 = time.monotonic()
-    result = autobatch("plan", spec, "--what-if", "--devices", "2xA100-80GB,4xL4-24GB", timeout=300)
+    result = autobatch("plan", spec, "--what-if", "--devices", "2xA100-80GB,4xT4-16GB", timeout=300)
     seconds = time.monotonic() - t0
     assert result.returncode == 0, result.stderr
     assert "llama, 32 layers" in result.stdout and "fastest that fits" in result.stdout
+    # a full fine-tune fits those T4s only when the A100s hold most of the state
+    only = "fits only with sharding proportional: fp32, no LoRA, checkpointing; fp16, no LoRA, "
+    assert only in " ".join(result.stdout.split()), result.stdout
     assert seconds < 120, f"{seconds:.1f} s"  # 322 s before depth scaling; ~15 s on a quiet box

@@ -314,15 +314,12 @@ def make_proportional_plan(
             )
         )
     W = len(fits)
-    pdevs = [_device(d, W) for d in fits]
-    joint = plan_proportional(B, pdevs, total, ELEMENT_BYTES, units)
+    joint = plan_proportional(B, [_device(d, W) for d in fits], total, ELEMENT_BYTES, units)
     ranks, inputs = [], []
     frozen = state.params_bytes - state.grads_bytes
-    for i, (d, pd) in enumerate(zip(fits, pdevs, strict=True)):
+    for i, d in enumerate(fits):
         mbs, s = joint.micro_batches[i], joint.slices[i]
-        largest = max(mbs)
-        while largest < B and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= s:
-            largest += 1
+        largest = rank_fit(d, W, s, B)[0]
         held = frozen + 2 * units.gathered_elems * ELEMENT_BYTES
         held += SLICE_COPIES * s * ELEMENT_BYTES + (ADAM_STEP_BYTES * units.count if s else 0)
         cap = replace(d.sharded("proportional", W), max_micro_batch=largest)
@@ -360,6 +357,26 @@ def make_proportional_plan(
         notes=(note,),
         sharding="proportional",
     )
+
+
+def rank_fit(
+    d: DeviceCapacity, world_size: int, state_slice: int, global_batch_size: int
+) -> tuple[int, int, int]:
+    """Device `d` among `world_size` ranks under "proportional", owning `state_slice`
+    trainable elements (0: none): (its largest micro-batch up to the global batch, 0 when
+    not even one sample fits; its peak at micro-batch 1; its budget), in bytes."""
+    assert d.memory is not None
+    state = d.memory.state
+    total = max(1, state.grads_bytes // ELEMENT_BYTES)
+    units, pd = units_of(state), _device(d, world_size)
+    largest = 0
+    while (
+        largest < global_batch_size
+        and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= state_slice
+    ):
+        largest += 1
+    need = peak_bytes(pd, 1, state_slice, total, ELEMENT_BYTES, units)
+    return largest, need, pd.memory_bytes
 
 
 def units_of(state: ModelState) -> Units:

@@ -10,7 +10,7 @@ outcome, and the whole table with its text (`autobatch.probe.whatif` computes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from autobatch.levers import Sharding
@@ -99,8 +99,14 @@ class Outcome:
             "world_size": self.plan.world_size if self.plan else None,
             "step_time_s": self.plan.predicted_step_time_s if self.plan else None,
             "samples_per_s": self.samples_per_s,
+            "state_shares": self._state_shares(),
             "problem": self.problem,
         }
+
+    def _state_shares(self) -> list[float] | None:
+        """Under "proportional", each rank's part of the trainable state, in rank order."""
+        slices = self.plan.state_slices if self.plan else None
+        return [s / sum(slices) for s in slices] if slices else None
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,16 @@ class WhatIf:
 
     def own_outcome(self) -> Outcome | None:
         return next((o for o in self.outcomes if o.levers == self.own), None)
+
+    def only_with(self) -> dict[Sharding, list[Levers]]:
+        """Per sharding mode, the combinations that fit with it and with no other mode."""
+        only: dict[Sharding, list[Levers]] = {}
+        for o in self.outcomes:
+            lv = o.levers
+            same = [p for p in self.outcomes if replace(p.levers, sharding=lv.sharding) == lv]
+            if o.fits and not any(p.fits for p in same if p is not o):
+                only.setdefault(lv.sharding, []).append(lv)
+        return only
 
     def device_types(self) -> list[tuple[str, int]]:
         names = list(dict.fromkeys(self.devices))
@@ -165,13 +181,19 @@ class WhatIf:
                 f"fastest that fits ({fastest.levers.text()}): {fastest.samples_per_s:,.2f} "
                 f"samples/s on {fastest.plan.world_size} of {len(self.devices)} devices"
             )
+        for mode, levers in self.only_with().items():
+            which = "; ".join(lv.text().rsplit(", sharding", 1)[0] for lv in levers)
+            lines.append(f"fits only with sharding {mode}: {which}")
         lines.append(
-            "samples/s leave communication out: DDP's all-reduce, and FSDP's all-gathers and "
-            "reduce-scatters (every forward and backward with sharding full)"
+            "samples/s leave communication out: DDP's all-reduce, FSDP's all-gathers and "
+            "reduce-scatters (every forward and backward with sharding full), proportional's "
+            "broadcasts and reduces (every micro-step)"
         )
         lines.append(
             "micro-batch columns: the largest micro-batch per device type ('-': one sample "
-            "does not fit); needs: a training step's peak at micro-batch 1 on one rank; has: "
+            "does not fit; under proportional, at the type's planned share of the state, or "
+            "with none where no plan fits); needs: a training step's peak at micro-batch 1 on "
+            "one rank; has: "
             f"the GPU's memory less the headroom, {size_text(GPU_OVERHEAD_BYTES)} for the CUDA "
             "context and workspaces, and the process group's buffers"
         )
@@ -186,6 +208,7 @@ class WhatIf:
             "max_seq_len": self.max_seq_len,
             "own": self.own.to_dict() if self.own else None,
             "fastest": fastest.levers.to_dict() if fastest else None,
+            "only_with": {m: [lv.to_dict() for lv in lvs] for m, lvs in self.only_with().items()},
             "rows": [
                 {**o.to_dict(), "own": o.levers == self.own, "fastest": o is fastest}
                 for o in self.outcomes

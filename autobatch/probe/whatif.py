@@ -37,6 +37,7 @@ from autobatch.errors import PlanError
 from autobatch.levers import SHARDINGS
 from autobatch.planning.capacity import DeviceCapacity
 from autobatch.planning.planner import make_plan
+from autobatch.planning.proportional import rank_fit
 from autobatch.planning.sharded import choose_sharding
 from autobatch.probe.devices import parse_devices
 from autobatch.probe.estimate import GPU_SPECS, GpuSpec, StepTrace, estimate_capacity
@@ -170,6 +171,8 @@ def capacities(
 def outcome(levers: Levers, caps: Sequence[DeviceCapacity], job: LMJob) -> Outcome:
     """The plan for one combination, or which device types one sample does not fit."""
     mode = levers.sharding
+    if mode == "proportional":
+        return _proportional_outcome(levers, caps, job)
     at_all = [d.sharded(mode, None if mode == "none" else len(caps)) for d in caps]
     unfit = [d for d in _one_of_each_name(at_all) if d.max_micro_batch < 1]
     if unfit:
@@ -180,6 +183,41 @@ def outcome(levers: Levers, caps: Sequence[DeviceCapacity], job: LMJob) -> Outco
     except PlanError as exc:
         return Outcome(levers, _fits(at_all), None, f"no plan: {exc}")
     return Outcome(levers, _fits(plan.inputs), plan)
+
+
+def _proportional_outcome(levers: Levers, caps: Sequence[DeviceCapacity], job: LMJob) -> Outcome:
+    """Under "proportional" a device fits when one sample does beside the gathered units
+    with no share of the state (the shares are the joint plan's to choose, not 1/W each);
+    the columns are then each type's figures at its planned share."""
+    W, B = len(caps), job.global_batch_size
+    empty = _proportional_fits(caps, [0] * W, B)
+    unfit = [f for f in empty if f.max_micro_batch < 1]
+    if unfit:
+        why = "; ".join(f"{f.name}: needs {size_text(f.needs_bytes)}, has "
+                        f"{size_text(f.has_bytes)}" for f in unfit)  # fmt: skip
+        return Outcome(levers, empty, None, f"does not fit: {why} (with no share of the state)")
+    try:
+        plan = make_plan(B, caps, sharding="proportional", keep_all=job.keep_all)
+    except PlanError as exc:
+        return Outcome(levers, empty, None, f"no plan: {exc}")
+    by_id = {r.device_id: r.state_slice or 0 for r in plan.ranks}
+    planned = [d for d in caps if d.device_id in by_id]
+    fits = _proportional_fits(planned, [by_id[d.device_id] for d in planned], B)
+    return Outcome(levers, fits, plan)
+
+
+def _proportional_fits(
+    caps: Sequence[DeviceCapacity], slices: Sequence[int], global_batch_size: int
+) -> tuple[DeviceFit, ...]:
+    """One DeviceFit per device type, from its first device with its slice."""
+    first: dict[str, tuple[DeviceCapacity, int]] = {}
+    for d, s in zip(caps, slices, strict=True):
+        first.setdefault(d.name, (d, s))
+    return tuple(
+        DeviceFit(d.name, sum(c.name == d.name for c in caps),
+                  *rank_fit(d, len(caps), s, global_batch_size))
+        for d, s in first.values()
+    )  # fmt: skip
 
 
 def _fits(caps: Sequence[DeviceCapacity]) -> tuple[DeviceFit, ...]:
