@@ -3,7 +3,7 @@ planned, trained.
 
     OUT=<dir> bash benchmarks/gpu_run.sh      # this and gpu_probe_check.py, see there
     python3 benchmarks/gpu_check.py [--caps-gib 4 2.5 1.5] [--steps 30] [--rounds 2]
-        [--sharding [optimizer] [full]] [--sharded-steps 8]
+        [--sharding [optimizer] [full] [proportional]] [--sharded-steps 8]
         [--time-limit S] [--no-write] [--cpu] [--plant-failure RANK]
 
 Runs from a bare checkout with the machine's python (torch and numpy; the
@@ -28,14 +28,19 @@ AdamW(foreach=True), in phases:
    the gradient all-reduce is the only collective of a step; the launcher's
    worker adds one, see bench_hetero). A DDP communication hook counts gradient
    buckets and `dist.all_reduce` is wrapped to count any other all-reduce;
-5. sharded, per mode of --sharding (default both): the same ranks, group and
-   capacities with the model under `Sharded(mode)` (FSDP2, autobatch.step.shard),
-   planned by `make_sharded_plan` (every rank kept); `EXACT_STEPS` fp32 optimizer
+5. sharded, per mode of --sharding (default all three): the same ranks, group and
+   capacities with the model under `Sharded(mode)` (FSDP2, autobatch.step.shard) or
+   `Proportional(plan.state_slices)` (autobatch.step.proportional: each rank owns the
+   planned share of the flat state; its broadcasts and reduces go through host memory
+   under gloo by design), planned by `make_sharded_plan` (every rank kept; proportional
+   jointly, shares and micro-batches); `EXACT_STEPS` fp32 optimizer
    steps of a plan at a third of each sharded limit, whose parameters are kept for
    the single-process full-batch reference (the same steps in one process), then
    --sharded-steps steps in the check's precision, whose peak is measured against
    the plan's prediction (no DDP buckets: sharded modes hold none) and whose
-   all-gathers and reduce-scatters are counted (`FsdpCollectives`).
+   all-gathers and reduce-scatters (proportional: broadcasts and reduces) are counted
+   (`ShardedCollectives`). Proportional runs in fp32 where the GPU has no bf16 (it refuses
+   fp16's loss scaler).
 
 The gradient all-reduce goes through host memory: the comm hook copies each
 bucket to the host, all-reduces it there (one all-reduce per bucket, as DDP's
@@ -65,7 +70,9 @@ against the measured one (the launcher's `ComputeClock`: the rank's micro-steps,
 wait at the all-reduce left out, CUDA events on a GPU) and per micro-batch size the
 plan's time line against the median measured micro-step. Per sharded mode: per rank the
 planned micro-batches, predicted and measured peak, all-gathers and reduce-scatters per step
-(checked: "optimizer" one of each per unit and step, "full" per micro-step), the
+(checked: "optimizer" one of each per unit and step, "full" per micro-step; "proportional"
+a broadcast per owner of each unit in the forward and of each block again in the backward,
+a reduce per owner of each unit, per micro-step), the
 run's samples/s against the DDP plan runs', and the fp32 parameters, and their change
 from the initial weights, against the reference as relative L2 errors (checked: the
 change within `UPDATE_TOLERANCE`, every peak within the prediction + `PEAK_SLACK`).
@@ -135,7 +142,9 @@ from autobatch.probe.measure import to_device
 from autobatch.probe.profile import ModelProfile, profile_model
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
-from autobatch.step.shard import SHARD_MODES, Sharded, repeated_blocks
+from autobatch.step.proportional import ProportionalModule
+from autobatch.step.shard import SHARD_MODES, repeated_blocks
+from autobatch.step.wrap import wrapping_for
 from autobatch.tasks.task import Task
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 from launcher.job import policy
@@ -154,6 +163,12 @@ UPDATE_TOLERANCE = 1e-4  # sharded: fp32 change of the parameters, relative L2 e
 PEAK_SLACK = 0.05  # sharded: a measured peak may exceed the prediction by this much
 GATHERS = ("all_gather_single", "all_gather_into_tensor")  # FSDP2's, by torch version
 SCATTERS = ("reduce_scatter_single", "reduce_scatter_tensor")
+CHECK_MODES = (*SHARD_MODES, "proportional")
+COLLECTIVE_NAMES = {  # what each mode's gathers and reduces are, as the report names them
+    "optimizer": ("all-gathers", "reduce-scatters"),
+    "full": ("all-gathers", "reduce-scatters"),
+    "proportional": ("broadcasts", "reduces"),
+}
 TITLE = "gpu_check.py: 3 ranks with different memory caps on one GPU, DDP and FSDP2"
 
 
@@ -168,7 +183,7 @@ class Settings:
     work_dir: str
     t0: float  # the parent's start (time.time()), for progress lines
     plant_failure: int | None = None
-    sharding: tuple[str, ...] = ()  # FSDP2 modes to run after the DDP runs
+    sharding: tuple[str, ...] = ()  # sharded modes to run after the DDP runs
     sharded_steps: int = 8  # per sharded run
     staged_fsdp: bool = True  # FSDP2's collectives through host memory (`stage_fsdp`)
 
@@ -524,17 +539,19 @@ def _free(device: torch.device) -> None:
 # the sharded case: the same ranks, group and capacities under FSDP2 (`Sharded(mode)`)
 
 
-class FsdpCollectives:
-    """Counts FSDP2's all-gathers and reduce-scatters (under every name torch has given
-    them: FSDP2 calls exactly one per collective; torch's own aliases call each other
-    through the module's globals, which this leaves alone)."""
+class ShardedCollectives:
+    """Counts a sharded mode's gathers and reduces: FSDP2's all-gathers and reduce-scatters
+    (under every name torch has given them: FSDP2 calls exactly one per collective; torch's
+    own aliases call each other through the module's globals, which this leaves alone), or
+    with `proportional`, `Proportional`'s broadcasts and reduces."""
 
-    def __init__(self) -> None:
-        names = [n for n in (*GATHERS, *SCATTERS) if hasattr(dist, n)]
+    def __init__(self, *, proportional: bool = False) -> None:
+        gathers, scatters = (("broadcast",), ("reduce",)) if proportional else (GATHERS, SCATTERS)
+        names = [n for n in (*gathers, *scatters) if hasattr(dist, n)]
         self.calls = {"gather": 0, "scatter": 0}
         self._originals = {n: getattr(dist, n) for n in names}
         for name, fn in self._originals.items():
-            setattr(dist, name, self._counting("gather" if name in GATHERS else "scatter", fn))
+            setattr(dist, name, self._counting("gather" if name in gathers else "scatter", fn))
 
     def _counting(self, kind: str, fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -555,7 +572,7 @@ class _Staged:
     """A collective FSDP2 calls in place of its own, counted in `counter`; buffers are
     allocated as FSDP2's default allocates them."""
 
-    def __init__(self, counter: FsdpCollectives) -> None:
+    def __init__(self, counter: ShardedCollectives) -> None:
         self.counter = counter
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -611,7 +628,7 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)[:rows].contiguous()
 
 
-def stage_fsdp(model: torch.nn.Module, counter: FsdpCollectives) -> None:
+def stage_fsdp(model: torch.nn.Module, counter: ShardedCollectives) -> None:
     """Every FSDP2 unit's all-gathers and reduce-scatters through host memory, as the DDP
     runs' all-reduces (see the module docstring); counted in `counter`."""
     for module in model.modules():
@@ -620,14 +637,20 @@ def stage_fsdp(model: torch.nn.Module, counter: FsdpCollectives) -> None:
             module.set_custom_reduce_scatter(_StagedReduceScatter(counter))
 
 
-def expected_collectives(mode: str, blocks: int, micro_steps: int) -> tuple[int, int]:
-    """A rank's all-gathers and reduce-scatters per optimizer step, with `blocks` sharded
-    blocks and the root: "optimizer" gathers and reduce-scatters each unit once whatever
-    the micro-step count; "full" gathers every unit in each forward and each block again in
-    each backward (the root stays gathered), and reduce-scatters every unit each time."""
+def expected_collectives(
+    mode: str, blocks: int, micro_steps: int, unit_owners: tuple[int, ...] = ()
+) -> tuple[int, int]:
+    """A rank's gathers and reduces per optimizer step, with `blocks` sharded blocks and the
+    root: "optimizer" gathers and reduce-scatters each unit once whatever the micro-step
+    count; "full" gathers every unit in each forward and each block again in each backward
+    (the root stays gathered), and reduce-scatters every unit each time; "proportional" as
+    "full", with a broadcast and a reduce per owner of a unit (`unit_owners`, root first)."""
     units = blocks + 1
     if mode == "optimizer":
         return units, units
+    if mode == "proportional":
+        pairs = sum(unit_owners)
+        return micro_steps * (2 * pairs - unit_owners[0]), micro_steps * pairs
     return micro_steps * (units + blocks), micro_steps * units
 
 
@@ -684,6 +707,7 @@ class ShardedStats:
     scatters_per_step: tuple[int, ...]
     first_loss: float
     last_loss: float
+    unit_owners: tuple[int, ...] = ()  # proportional: each unit's owners, the root first
 
 
 def train_sharded(
@@ -696,19 +720,21 @@ def train_sharded(
     precision: str,
     steps: int,
 ) -> tuple[ShardedStats, dict[str, torch.Tensor]]:
-    """`steps` optimizer steps of `plan` under `Sharded(mode)` from the seeded initial
-    weights; the stats and the parameters at the end (whole, fp32, on the host)."""
+    """`steps` optimizer steps of `plan` under its wrapping (`Sharded(mode)`, or
+    `Proportional` with the plan's slices) from the seeded initial weights; the stats and
+    the parameters at the end (whole, fp32, on the host)."""
     task = settings.task()
     torch.manual_seed(SEED)
-    wrapping = Sharded(mode)  # type: ignore[arg-type]
+    wrapping = wrapping_for(mode, slices=plan.state_slices)
     wrapping.check_plan([r.accumulation_steps for r in plan.ranks])
     model = wrapping.wrap(task.build_model(), device)
-    opt = adamw(model)  # after wrap: on the DTensor parameters
+    opt = adamw(model)  # after wrap: on the DTensor parameters, or the rank's pieces
     acc = Accumulator(model, opt, precision=precision, wrapping=wrapping)
     sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=SEED)
     peak = _Peak(device, model, opt)
-    counter = FsdpCollectives()
-    if settings.staged_fsdp:
+    proportional = isinstance(model, ProportionalModule)
+    counter = ShardedCollectives(proportional=proportional)
+    if settings.staged_fsdp and not proportional:
         stage_fsdp(model, counter)
     gathers, scatters, losses = [], [], []
     t0 = 0.0
@@ -733,7 +759,10 @@ def train_sharded(
         seconds = time.perf_counter() - t0
     finally:
         counter.close()
-    params = {n: _whole(p) for n, p in model.named_parameters()}  # a collective
+    params = _whole_params(model)  # a collective
+    owners = ()
+    if proportional:
+        owners = tuple(len(model.layout.owners(u)) for u in range(model.layout.n_units))
     loss = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(loss)
     peak_bytes, reserved = peak.result()
@@ -748,8 +777,18 @@ def train_sharded(
         scatters_per_step=tuple(scatters),
         first_loss=float(loss[0]),
         last_loss=float(loss[-1]),
+        unit_owners=owners,
     )
     return stats, params
+
+
+def _whole_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: every parameter whole, fp32, on the host, by the plain module's names."""
+    if isinstance(model, ProportionalModule):
+        names = {n for n, _ in model.inner.named_parameters()}
+        state = model.full_state_dict()
+        return {n: t.detach().float().cpu() for n, t in state.items() if n in names}
+    return {n: _whole(p) for n, p in model.named_parameters()}
 
 
 def run_sharded(
@@ -784,11 +823,14 @@ def run_sharded(
         del params
         log.say(f"sharded {mode}: {EXACT_STEPS} fp32 steps, micro-batches {_micro(plan32)}, kept")
     with log.phase(f"sharded {mode}: run"):
+        precision = settings.precision
+        if mode == "proportional" and precision == "fp16":
+            precision = "fp32"  # Proportional refuses fp16's loss scaler (see the docstring)
         stats, _ = train_sharded(
-            settings, rank, device, plan, mode, precision=settings.precision,
+            settings, rank, device, plan, mode, precision=precision,
             steps=settings.sharded_steps,
         )  # fmt: skip
-        entry["run"] = asdict(stats)
+        entry.update(run=asdict(stats), precision=precision)
         speed = "-" if stats.samples_per_s is None else f"{stats.samples_per_s:.1f}"
         log.say(
             f"sharded {mode}: {speed} samples/s, loss {stats.first_loss:.3f} -> "
@@ -1223,13 +1265,19 @@ def sharded_lines(
         if len(entries) < settings.world or not all("plan_json" in e for e in entries):
             continue
         plan = Plan.from_json(entries[0]["plan_json"])
+        title = f"Sharded({mode!r}), FSDP2"
+        if mode == "proportional":
+            slices = plan.state_slices or ()
+            shares = "/".join(f"{s / sum(slices):.0%}" for s in slices)
+            title = f"Proportional (state shares {shares})"
+        gathers, reduces = COLLECTIVE_NAMES[mode]
         lines += [
             "",
-            f"Sharded({mode!r}), FSDP2 on the same gloo group: {plan.summary_lines()[0]}",
+            f"{title} on the same gloo group: {plan.summary_lines()[0]}",
             "",
             "| rank | cap | largest micro-batch (sharded) | micro-batches (plan) | accum | "
-            "predicted peak | measured peak | reserved peak | all-gathers / step | "
-            "reduce-scatters / step |",
+            f"predicted peak | measured peak | reserved peak | {gathers} / step | "
+            f"{reduces} / step |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for rep, entry in zip(reports, entries):
@@ -1244,6 +1292,7 @@ def sharded_lines(
             )
         lines.append("")
         run = entries[0].get("run")
+        run_precision = entries[0].get("precision", settings.precision)
         if run is not None:
             speed = "-" if run["samples_per_s"] is None else f"{run['samples_per_s']:.1f}"
             versus = ""
@@ -1251,7 +1300,7 @@ def sharded_lines(
                 ratio = run["samples_per_s"] / statistics.median(plan_runs)
                 versus = f" ({ratio:.2f}x the DDP plan runs' median)"
             lines.append(
-                f"- run ({settings.sharded_steps} steps, {settings.precision}): {speed} "
+                f"- run ({settings.sharded_steps} steps, {run_precision}): {speed} "
                 f"samples/s{versus}; loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}"
             )
         if errors is not None and mode in errors:
@@ -1277,10 +1326,13 @@ def sharded_verdict(
             entry = rep["sharded"][mode]
             me = Plan.from_json(entry["plan_json"]).ranks[rep["rank"]]
             run, who = entry["run"], f"rank {rep['rank']} {mode}"
-            want = expected_collectives(mode, entry["blocks"], me.accumulation_steps)
+            want = expected_collectives(
+                mode, entry["blocks"], me.accumulation_steps, tuple(run.get("unit_owners", ()))
+            )
             got = set(zip(run["gathers_per_step"], run["scatters_per_step"]))
             if got != {want}:
-                bad.append(f"{who}: (all-gathers, reduce-scatters) per step {got}, not {want}")
+                names = ", ".join(COLLECTIVE_NAMES[mode])
+                bad.append(f"{who}: ({names}) per step {got}, not {want}")
             if run["peak_bytes"] > (1 + PEAK_SLACK) * me.predicted_peak_bytes:
                 bad.append(
                     f"{who}: measured peak {_mib(run['peak_bytes'])} above the predicted "
@@ -1355,11 +1407,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sharding",
         nargs="*",
-        choices=SHARD_MODES,
-        default=list(SHARD_MODES),
+        choices=CHECK_MODES,
+        default=list(CHECK_MODES),
         metavar="MODE",
-        help="FSDP2 modes to run after the DDP runs: optimizer, full (default both; none "
-        "given: neither)",
+        help="sharded modes to run after the DDP runs: optimizer, full (FSDP2), proportional "
+        "(default all three; none given: none)",
     )
     parser.add_argument("--sharded-steps", type=int, default=8, help="per sharded run")
     parser.add_argument(

@@ -6,7 +6,8 @@
 # Needs only the machine's python3 with torch (CUDA build) and numpy: not this project's venv
 # nor the installed package (the scripts put the repository on sys.path); nvidia-ml-py is
 # used when present (the NVML inventory). Runs gpu_probe_check.py (limit PROBE_LIMIT_S, 100 s)
-# then gpu_check.py (limit CHECK_LIMIT_S, 330 s: DDP, then FSDP2 'optimizer' and 'full'): under
+# then gpu_check.py (limit CHECK_LIMIT_S, 330 s: DDP, then FSDP2 'optimizer' and 'full', then
+# 'proportional'): under
 # 7 1/2 minutes in all. Each script stops itself 15-20 s before its limit and reports what it
 # measured; `timeout` kills what is left.
 #
@@ -15,7 +16,7 @@
 # included, and its measurements). On a GPU the scripts also update benchmarks/RESULTS.md.
 # --cpu: both scripts' functional check on simulated devices (no GPU needed).
 # GPU_CHECK_ARGS: more arguments for gpu_check.py, e.g. "--plant-failure 1", "--sharding full"
-# (FSDP2 'full' only), "--sharding" (no FSDP2).
+# (FSDP2 'full' only), "--sharding" (no sharded mode).
 set -u
 cd "$(dirname "$0")/.."
 

@@ -211,6 +211,19 @@ def test_fsdp_collectives_per_step_by_mode(mode, blocks, micro_steps, want):
     assert gpu_check.expected_collectives(mode, blocks, micro_steps) == want
 
 
+@pytest.mark.parametrize(
+    ("owners", "micro_steps", "want"),
+    [
+        ((1, 1, 1), 1, (5, 3)),  # one owner per unit: as "full"
+        ((1, 2, 1), 2, (2 * 7, 2 * 4)),  # a block split over two ranks: two of each for it
+        ((3,), 1, (3, 3)),  # the root alone, owned by three: gathered once
+    ],
+)
+def test_proportional_collectives_per_step_count_owners(owners, micro_steps, want):
+    blocks = len(owners) - 1
+    assert gpu_check.expected_collectives("proportional", blocks, micro_steps, owners) == want
+
+
 def _sharded_params(rank: int, world_size: int, staged: bool) -> tuple[dict, tuple[int, int]]:
     from autobatch.step.shard import Sharded
 
@@ -218,7 +231,7 @@ def _sharded_params(rank: int, world_size: int, staged: bool) -> tuple[dict, tup
     model = nn.Sequential(nn.Linear(8, 33), nn.GELU(), nn.Linear(33, 7), nn.Linear(7, 2))
     wrapping = Sharded("full", blocks=lambda m: [m[0], m[2]])
     model = wrapping.wrap(model, torch.device("cpu"))
-    counter = gpu_check.FsdpCollectives()
+    counter = gpu_check.ShardedCollectives()
     if staged:
         gpu_check.stage_fsdp(model, counter)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the update scales with the gradient
@@ -298,7 +311,9 @@ def test_the_sharded_case_runs_on_the_cpu(tmp_path, monkeypatch):
     assert "FAILED" not in text and "checks: all passed" in text
     for mode in ("optimizer", "full"):
         assert f"Sharded('{mode}'), FSDP2 on the same gloo group" in text
+    assert "Proportional (state shares " in text and "| broadcasts / step |" in text
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    for rank in data["ranks"]:  # every rank ran both modes, FSDP2's collectives as expected
-        assert set(rank["sharded"]) == {"optimizer", "full"}
+    for rank in data["ranks"]:  # every rank ran every mode, the collectives as expected
+        assert set(rank["sharded"]) == {"optimizer", "full", "proportional"}
         assert len(rank["sharded"]["full"]["run"]["gathers_per_step"]) == 2
+        assert len(rank["sharded"]["proportional"]["run"]["unit_owners"]) >= 2

@@ -36,7 +36,10 @@ def oracle(B: int, devices: list[ProportionalDevice], P: int, e: int) -> float |
         for samples in itertools.product(range(k, B + 1), repeat=W):
             if sum(samples) != B:
                 continue
-            rooms = [state_room(d, math.ceil(n / k), P, e) for d, n in zip(devices, samples)]
+            bs = [math.ceil(n / k) for n in samples]
+            if any(d.cap is not None and b > d.cap for d, b in zip(devices, bs)):
+                continue  # beyond what its figures hold for
+            rooms = [state_room(d, b, P, e) for d, b in zip(devices, bs)]
             if min(rooms) < 0 or sum(rooms) < P:
                 continue
             t = max(
@@ -60,6 +63,7 @@ def random_case(seed: int) -> tuple[int, list[ProportionalDevice], int]:
             fixed_s=rng.choice([0.0, 0.5, 1.0]),
             per_sample_s=rng.choice([0.1, 0.25, 1.0]),
             step_overhead_s=rng.choice([0.0, 0.3]),
+            cap=rng.choice([None, None, 1, 2, 3]),
         )
         for _ in range(W)
     ]
@@ -82,8 +86,9 @@ def test_plan_is_as_fast_as_the_brute_force_oracle(seed):
     assert all(len(mb) == plan.micro_steps and min(mb) >= 1 for mb in plan.micro_batches)
     assert [sum(mb) for mb in plan.micro_batches] == list(plan.samples)
     assert sum(plan.slices) == P and min(plan.slices) >= 0
-    for d, peak in zip(devices, plan.peak_bytes):
+    for d, peak, mb in zip(devices, plan.peak_bytes, plan.micro_batches):
         assert peak <= d.memory_bytes
+        assert d.cap is None or max(mb) <= d.cap
 
 
 def test_a_device_with_room_for_activations_only_holds_no_state():

@@ -56,6 +56,7 @@ class ProportionalDevice:
     fixed_s: float  # a_r: per micro-step
     per_sample_s: float  # c_r: per sample
     step_overhead_s: float = 0.0  # o_r: per optimizer step
+    cap: int | None = None  # the largest micro-batch its figures hold for (None: any)
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ def plan_proportional(
 
 
 def _largest_b(d: ProportionalDevice, P: int, e: int, B: int, units: Units) -> int:
-    """The largest micro-batch with an empty slice (0: not even one sample)."""
-    b = 0
-    while b < B and state_room(d, b + 1, P, e, units) >= 0:
+    """The largest micro-batch with an empty slice, at most its cap (0: not even one sample)."""
+    b, top = 0, min(B, d.cap or B)
+    while b < top and state_room(d, b + 1, P, e, units) >= 0:
         b += 1
     return b
 
@@ -369,11 +370,8 @@ def rank_fit(
     state = d.memory.state
     total = max(1, state.grads_bytes // ELEMENT_BYTES)
     units, pd = units_of(state), _device(d, world_size)
-    largest = 0
-    while (
-        largest < global_batch_size
-        and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= state_slice
-    ):
+    largest, top = 0, min(global_batch_size, pd.cap or global_batch_size)
+    while largest < top and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= state_slice:
         largest += 1
     need = peak_bytes(pd, 1, state_slice, total, ELEMENT_BYTES, units)
     return largest, need, pd.memory_bytes
@@ -403,4 +401,5 @@ def _device(d: DeviceCapacity, W: int) -> ProportionalDevice:
         fixed_s=d.fixed_s,
         per_sample_s=d.per_sample_s,
         step_overhead_s=d.step_overhead_s,
+        cap=memory.cap,
     )
