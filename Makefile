@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/autobatch run configs/demo.yaml
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the 25 slowest tests listed at the end
 
 lint: install
 	$(VENV)/bin/ruff check .

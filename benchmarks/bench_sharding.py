@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sharding.py [--steps 6] [--speed-scale 0.5]
         [--retries 2] [--max-layers 64] [--max-layers-carried 256] [--search-only]
-        [--proportional-only]
+        [--proportional-only] [--what-if-only]
 
 Three simulated devices of 48, 20 and 12 MiB, speeds 1 : 0.5 : 0.25 (times
 --speed-scale, as in bench_hetero), all three kept (`devices.keep_all`: the goals are
@@ -63,6 +63,10 @@ grow with the layers, a sharding unit (one block) stays the same size.
 5. `proportional` against `full` in samples/s, at the largest model full plans on the
    carried figures: both through the library as in part 4, each rank paced to its
    device's speed (1 : 0.5 : 0.25, `Pacer`), twice each in alternation.
+6. The what-if on GPUs not here: `autobatch plan configs/whatif-llama-8b.yaml --what-if
+   --devices 2xA100-80GB,4xT4-16GB --json` (a subprocess, estimates from the model's
+   config.json): the lever combinations only `proportional` fits, with its state shares.
+   `--what-if-only` runs this part alone (seconds).
 
 Parameters are compared as tests/test_sharding.py does: float32, per tensor
 ||a - b|| / ||b||, the largest over the tensors, <= 1e-5 (the largest element's
@@ -822,7 +826,11 @@ def main() -> None:
     parser.add_argument(
         "--proportional-only", action="store_true", help="only part 4: proportional past the probe"
     )
+    parser.add_argument("--what-if-only", action="store_true", help="only part 6: the what-if")
     args = parser.parse_args()
+    if args.what_if_only:
+        what_if_llama()
+        return
     if args.steps <= SKIP + 1:
         parser.error(f"--steps must be > {SKIP + 1}")
     sys.stdout.reconfigure(line_buffering=True)
@@ -860,7 +868,44 @@ def main() -> None:
             proportional_past_the_probe(best, largest, args, f"{tmp}/carried")
     if not args.proportional_only:
         report(best, largest, same, diffs, alone)
+    what_if_llama()
     print(f"wall time {time.monotonic() - t0:.0f} s")
+
+
+WHAT_IF_DEVICES = "2xA100-80GB,4xT4-16GB"
+
+
+def what_if_llama() -> None:
+    """Part 6: the combinations of levers only proportional fits, from the CLI's JSON."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable, "-m", "launcher.cli", "plan", "configs/whatif-llama-8b.yaml",
+        "--what-if", "--devices", WHAT_IF_DEVICES, "--json",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"what-if failed: {done.stderr.strip()}")
+    result = json.loads(done.stdout)
+    rows = {
+        (r["precision"], r["lora"], r["gradient_checkpointing"], r["sharding"]): r
+        for r in result["rows"]
+    }
+    only = []
+    for lv in result["only_with"].get("proportional", []):
+        key = (lv["precision"], lv["lora"], lv["gradient_checkpointing"])
+        shares = "/".join(f"{s:.1%}" for s in rows[(*key, "proportional")]["state_shares"])
+        lora = "LoRA" if lv["lora"] else "no LoRA"
+        ckpt = "checkpointing" if lv["gradient_checkpointing"] else "no checkpointing"
+        only.append(f"{lv['precision']}, {lora}, {ckpt} (state shares {shares})")
+    print(
+        f"RESULT what-if {result['model']} on {WHAT_IF_DEVICES} (estimates, "
+        f"{time.monotonic() - t0:.0f} s): fits only with proportional: "
+        + ("; ".join(only) or "none")
+    )
 
 
 def proportional_past_the_probe(

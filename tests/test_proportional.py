@@ -11,13 +11,33 @@ an MLP, a per-token loss on a tiny GPT) are those of tests/test_sharding.py.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 from distributed import run_ranks
-from test_sharding import MAX_GRAD_NORM, TOLERANCE, Case, rel_diff, sample_case, token_case
+from test_sharding import (
+    GPT_CFG,
+    MAX_GRAD_NORM,
+    TOLERANCE,
+    Case,
+    rel_diff,
+    sample_case,
+    token_case,
+)
 
 from autobatch.errors import PlanError
+from autobatch.planning.capacity import DeviceCapacity
+from autobatch.planning.memory import MemoryModel
+from autobatch.planning.proportional import (
+    ADAM_STEP_BYTES,
+    peak_bytes,
+    proportional_device,
+    step_peak_bytes,
+)
+from autobatch.planning.proportional import units_of as units_of_state
+from autobatch.probe.model_state import model_state
+from autobatch.probe.peak import PeakLine
 from autobatch.probe.simulated import TensorMemory
 from autobatch.step.accumulate import Accumulator
 from autobatch.step.proportional import (
@@ -29,7 +49,7 @@ from autobatch.step.proportional import (
     replica_optimizer_state,
     state_bytes,
 )
-from autobatch.tasks.tiny_gpt import checkpoint_blocks
+from autobatch.tasks.tiny_gpt import TinyGPT, checkpoint_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -308,6 +328,101 @@ def test_held_bytes_equal_the_memory_model_on_every_rank(three_ranks, shares):
         between = state_bytes(layout, rank, e)
         for measured in mem["after_step"]:
             assert measured == between["slice"] + between["optimizer"], f"rank {rank}"
+
+
+# ---------------------------------------------------------------------------
+# the optimizer step's temporaries (foreach AdamW, CUDA's default; on the CPU by request)
+
+
+def _step_peaks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[int]:
+    """Each later `optimizer.step()`'s peak of live tensor bytes (the memory counter)."""
+    peaks, step = [], optimizer.step
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with TensorMemory(model=model, optimizer=optimizer) as memory:
+            out = step(*args, **kwargs)
+        peaks.append(memory.peak_bytes)
+        return out
+
+    optimizer.step = counted
+    return peaks
+
+
+def deep_case() -> Case:
+    """The token case on 8 wider blocks: most of the state in blocks, a small root, so a
+    big slice (more than twice the root and a block) outweighs what a micro-step gathers."""
+    case = token_case(torch.float32)
+    config = replace(GPT_CFG, d_model=32, n_layers=8)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return TinyGPT(config)
+
+    return Case(build, case.loss_fn, case.batch, case.items)
+
+
+def foreach_main(rank: int, world_size: int, shares: tuple[float, ...]) -> dict:
+    case = deep_case()
+    wrapping = Proportional(shares)
+    model = wrapping.wrap(case.build_model(), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    peaks = _step_peaks(model, optimizer)
+    train_steps(case, model, optimizer, wrapping, rank)
+    return {"slice": model.layout.slices.sizes[rank], "peak": peaks[-1]}
+
+
+def train_steps(case: Case, model, optimizer, wrapping, rank: int) -> None:  # noqa: ANN001
+    acc = Accumulator(model, optimizer, wrapping=wrapping)
+    size = sum(map(sum, PLAN))
+    for j in range(2):  # AdamW's state is born in the first step: the second is the peak
+        start = j * size + sum(map(sum, PLAN[:rank]))
+        mbs = []
+        for n in PLAN[rank]:
+            mbs.append(case.batch(range(start, start + n)))
+            start += n
+        acc.step(mbs, case.loss_fn, global_items=case.items(range(j * size, (j + 1) * size)))
+
+
+def test_the_plan_counts_the_foreach_optimizer_steps_temporaries_on_every_rank():
+    """foreach AdamW makes one temporary copy of what it steps: on a rank, of its slice,
+    which a big slice makes the step's peak, above any micro-step's. The planner takes the
+    temporaries per element from a replica's measured step (the probe's optimizer line)
+    and predicts each rank's step peak from its slice; the ranks' counted peaks meet it."""
+    case = deep_case()
+    model = case.build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    replica_peaks = _step_peaks(model, optimizer)
+    train_steps(case, model, optimizer, Proportional((1.0,)), 0)
+    params = [p for p in model.parameters()]
+    P = sum(p.numel() for p in params)
+    opt_bytes = sum(
+        t.untyped_storage().nbytes()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
+    state = model_state(model, optimizer_bytes=opt_bytes)
+    memory = MemoryModel(
+        budget_bytes=2**40,
+        micro_lines=(PeakLine(state.total_bytes, 0.0),),
+        optimizer_line=PeakLine(replica_peaks[-1], 0.0),
+        state=state,
+        max_micro_batch=1,
+        cap=1,
+    )
+    device = proportional_device(DeviceCapacity("d", "d", 1, 0.0, 1.0, memory=memory), 3)
+    assert device.step_temp_bytes == pytest.approx(4.0, rel=0.05)  # one float32 copy
+    units = units_of_state(state)
+    shares = (0.9, 0.1, 0.0)
+    for rank, res in enumerate(run_ranks(foreach_main, 3, shares)):
+        s = res["slice"]
+        predicted = step_peak_bytes(device, s, 4, units)
+        slack = ADAM_STEP_BYTES * units.count  # AdamW's steps per unit, not per piece
+        assert res["peak"] <= predicted <= res["peak"] * 1.01 + slack, (rank, s, res["peak"])
+        if rank == 0:  # the big slice: its step, not its micro-steps, decides its peak
+            assert peak_bytes(device, 0, s, P, 4, units) == predicted
+            no_temps = replace(device, step_temp_bytes=0.0)
+            assert peak_bytes(no_temps, 0, s, P, 4, units) < res["peak"]
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def random_case(seed: int) -> tuple[int, list[ProportionalDevice], int]:
             per_sample_s=rng.choice([0.1, 0.25, 1.0]),
             step_overhead_s=rng.choice([0.0, 0.3]),
             cap=rng.choice([None, None, 1, 2, 3]),
+            step_fixed_bytes=rng.choice([0, 30]),
+            step_temp_bytes=rng.choice([0.0, 0.0, 4.0, 9.5]),  # foreach AdamW: 4 (one copy)
         )
         for _ in range(W)
     ]
@@ -89,6 +91,20 @@ def test_plan_is_as_fast_as_the_brute_force_oracle(seed):
     for d, peak, mb in zip(devices, plan.peak_bytes, plan.micro_batches):
         assert peak <= d.memory_bytes
         assert d.cap is None or max(mb) <= d.cap
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_room_is_the_largest_slice_whose_peak_fits(seed):
+    """state_room against peak_bytes, by brute force over the slice: the micro-step's and
+    the optimizer step's peaks both within the memory, and one more element not."""
+    B, devices, P = random_case(seed)
+    units = Units(max(1, P // 3), 4)
+    for d in devices:
+        for b in range(1, 4):
+            room = state_room(d, b, P, 4, units)
+            top = d.memory_bytes // 16 + 2  # a slice element takes 16 bytes or more
+            fits = [s for s in range(top) if peak_bytes(d, b, s, P, 4, units) <= d.memory_bytes]
+            assert room == (max(fits) if fits else -1), (d, b)
 
 
 def test_a_device_with_room_for_activations_only_holds_no_state():

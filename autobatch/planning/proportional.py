@@ -57,6 +57,8 @@ class ProportionalDevice:
     per_sample_s: float  # c_r: per sample
     step_overhead_s: float = 0.0  # o_r: per optimizer step
     cap: int | None = None  # the largest micro-batch its figures hold for (None: any)
+    step_fixed_bytes: int = 0  # at the optimizer step, outside the slice: frozen weights
+    step_temp_bytes: float = 0.0  # the optimizer step's temporaries per slice element
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,18 @@ def state_room(
     d: ProportionalDevice, b: int, total_elems: int, element_size: int, units: Units | None = None
 ) -> int:
     """The most slice elements device `d` holds beside micro-batch `b` (0: none, or -1 when
-    even an empty slice does not fit)."""
+    even an empty slice does not fit), in its micro-steps and in its optimizer step."""
     units = units or Units(total_elems)
     free = d.memory_bytes - d.fixed_bytes - 2 * units.gathered_elems * element_size
     free -= d.per_sample_bytes * b
-    if free < 0:
+    at_step = d.memory_bytes - d.step_fixed_bytes
+    if free < 0 or at_step < 0:
         return -1
+    steps = ADAM_STEP_BYTES * units.count
     per = SLICE_COPIES * element_size
-    return max(0, math.floor((free - ADAM_STEP_BYTES * units.count) / per))
+    beside_micro_batch = math.floor((free - steps) / per)
+    beside_step_temps = math.floor((at_step - steps) / (per + d.step_temp_bytes))
+    return max(0, min(beside_micro_batch, beside_step_temps))
 
 
 def peak_bytes(
@@ -105,10 +111,26 @@ def peak_bytes(
     element_size: int,
     units: Units | None = None,
 ) -> int:
+    """Device `d`'s peak at micro-batch `b` with a slice of `s` elements: the larger of a
+    micro-step's (the units gathered, the activations) and the optimizer step's."""
     units = units or Units(total_elems)
-    state = SLICE_COPIES * s * element_size + (ADAM_STEP_BYTES * units.count if s else 0)
     gathered = 2 * units.gathered_elems * element_size
-    return math.ceil(d.fixed_bytes + gathered + d.per_sample_bytes * b + state)
+    micro_step = (
+        d.fixed_bytes + gathered + d.per_sample_bytes * b + _slice_bytes(s, element_size, units)
+    )
+    return max(math.ceil(micro_step), step_peak_bytes(d, s, element_size, units))
+
+
+def step_peak_bytes(d: ProportionalDevice, s: int, element_size: int, units: Units) -> int:
+    """Device `d`'s peak in the optimizer step with a slice of `s` elements: the slice with
+    its gradient and AdamW's state, and the step's temporaries."""
+    return math.ceil(
+        d.step_fixed_bytes + _slice_bytes(s, element_size, units) + d.step_temp_bytes * s
+    )
+
+
+def _slice_bytes(s: int, element_size: int, units: Units) -> int:
+    return SLICE_COPIES * s * element_size + (ADAM_STEP_BYTES * units.count if s else 0)
 
 
 def plan_proportional(
@@ -300,22 +322,27 @@ def make_proportional_plan(
     total = max(1, state.grads_bytes // ELEMENT_BYTES)
     units = units_of(state)
     W = len(devices)
-    fits = [d for d in devices if state_room(_device(d, W), 1, total, ELEMENT_BYTES, units) >= 0]
+    pdevs = {d.device_id: proportional_device(d, W) for d in devices}
+    fits = [
+        d for d in devices if state_room(pdevs[d.device_id], 1, total, ELEMENT_BYTES, units) >= 0
+    ]
     if not fits or (keep_all and len(fits) < len(devices)):
         unfit = [d for d in devices if d not in fits]
         raise PlanError(
             "with sharding proportional, "
             + "; ".join(
                 f"{d.name} ({d.device_id}) needs "
-                f"{size_text(peak_bytes(_device(d, W), 1, 0, total, ELEMENT_BYTES, units))} "
+                f"{size_text(peak_bytes(pdevs[d.device_id], 1, 0, total, ELEMENT_BYTES, units))} "
                 "for one sample (the root and the largest block gathered with their "
                 "gradients), its budget is "
-                f"{size_text(_device(d, W).memory_bytes)}"
+                f"{size_text(pdevs[d.device_id].memory_bytes)}"
                 for d in unfit
             )
         )
     W = len(fits)
-    joint = plan_proportional(B, [_device(d, W) for d in fits], total, ELEMENT_BYTES, units)
+    joint = plan_proportional(
+        B, [proportional_device(d, W) for d in fits], total, ELEMENT_BYTES, units
+    )
     ranks, inputs = [], []
     frozen = state.params_bytes - state.grads_bytes
     for i, d in enumerate(fits):
@@ -369,7 +396,7 @@ def rank_fit(
     assert d.memory is not None
     state = d.memory.state
     total = max(1, state.grads_bytes // ELEMENT_BYTES)
-    units, pd = units_of(state), _device(d, world_size)
+    units, pd = units_of(state), proportional_device(d, world_size)
     largest, top = 0, min(global_batch_size, pd.cap or global_batch_size)
     while largest < top and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= state_slice:
         largest += 1
@@ -386,14 +413,19 @@ def units_of(state: ModelState) -> Units:
     return Units(max(1, gathered), count)
 
 
-def _device(d: DeviceCapacity, W: int) -> ProportionalDevice:
+def proportional_device(d: DeviceCapacity, W: int) -> ProportionalDevice:
     """`d`'s figures for the joint planner: activations = the micro-steps' lines less the
-    replica's state, plus the frozen parameters every rank keeps whole."""
+    replica's state, plus the frozen parameters every rank keeps whole; the optimizer
+    step's temporaries = the replica's step peak less its state, per trainable element
+    (foreach AdamW, CUDA's default: one copy of the parameters, so one element's bytes;
+    piece by piece, the CPU's, two copies of the largest piece, below a micro-step's
+    peak, here spread over the elements)."""
     memory = d.memory
     assert memory is not None
     state = memory.state
-    fixed = max(x.fixed_bytes for x in memory.micro_lines) - state.total_bytes
-    fixed += state.params_bytes - state.grads_bytes
+    frozen = state.params_bytes - state.grads_bytes
+    fixed = max(x.fixed_bytes for x in memory.micro_lines) - state.total_bytes + frozen
+    temps = max(0.0, memory.optimizer_line.fixed_bytes - state.total_bytes)
     return ProportionalDevice(
         memory_bytes=memory.budget("proportional", W),
         fixed_bytes=max(0, math.ceil(fixed)),
@@ -402,4 +434,6 @@ def _device(d: DeviceCapacity, W: int) -> ProportionalDevice:
         per_sample_s=d.per_sample_s,
         step_overhead_s=d.step_overhead_s,
         cap=memory.cap,
+        step_fixed_bytes=frozen,
+        step_temp_bytes=temps / max(1, state.grads_bytes // ELEMENT_BYTES),
     )

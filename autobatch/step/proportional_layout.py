@@ -155,11 +155,12 @@ def state_bytes(layout: Layout, rank: int, element_size: int, *, stepped: bool =
 
     The peak is in a micro-step, at the end of the largest block's backward (its
     gradient complete, not yet reduced); between steps a rank holds slice and optimizer
-    only. Not counted: the optimizer step's temporaries. Without foreach (CPU) AdamW
-    steps piece by piece, at most 2 max(R, U) e, below the gathered part; foreach AdamW
-    (CUDA's default) takes about one more copy of the slice, s e, which can exceed a
-    micro-step's peak on a rank with a large slice. Activations are the model's own (the
-    replica's lines)."""
+    only. Not here: the optimizer step's temporaries. Without foreach (CPU) AdamW steps
+    piece by piece, two copies of the largest piece, below the gathered part; foreach
+    AdamW (CUDA's default) takes one more copy of the slice, s e, which exceeds a
+    micro-step's peak on a rank with a large slice (the planner counts it:
+    `autobatch.planning.proportional.step_peak_bytes`). Activations are the model's own
+    (the replica's lines)."""
     s, e = layout.slices.sizes[rank], element_size
     gathered = layout.gathered_elems() * e
     pieces = len(layout.pieces(rank))
