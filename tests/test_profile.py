@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from autobatch.errors import NoFitError, ProbeError
 from autobatch.planning.planner import make_plan
+from autobatch.planning.proportional import proportional_device
 from autobatch.probe import budget, measure
 from autobatch.probe.devices import SimulatedDevice, cpu_device, host_stand_in
 from autobatch.probe.measure import StepRunner
@@ -446,6 +447,25 @@ def test_a_profile_carried_to_another_device_takes_its_memory_speed_and_extra_re
     assert dict(more.reserve)["gpu_overhead"] == 100 * 1024 and more.estimated
     assert plain.per_sample_s == 4.0 * p.per_sample_s and plain.state == p.state
     assert more.max_micro_batch <= plain.max_micro_batch < p.max_micro_batch
+
+
+def test_a_carried_profile_raises_the_optimizer_step_by_what_the_target_adds():
+    """Carried from a CPU to a GPU, the optimizer step takes one more copy of the trainable
+    parameters (foreach AdamW): the step's line, the replica's limit and the proportional
+    planner's temporaries per element all see it."""
+    task = tiny_gpt_task(dataset_size=16)
+    p = profile_model(task, SimulatedDevice("sim", 6 * MiB), make_optimizer=adamw)
+    target = SimulatedDevice("target", 6 * MiB).info()
+    extra = p.state.grads_bytes
+    plain = p.carried_to(target, headroom_fraction=0.05, time_scale=1.0)
+    more = p.carried_to(target, headroom_fraction=0.05, time_scale=1.0, extra_optimizer_bytes=extra)
+    step = plain.memory_model().optimizer_line
+    assert more.memory_model().optimizer_line.fixed_bytes == step.fixed_bytes + extra
+    assert more.peak_bytes(1) >= step.at(1) + extra  # the replica's peak(b) too
+    assert more.max_micro_batch <= plain.max_micro_batch
+    devices = [proportional_device(x.capacity("r0"), 2) for x in (plain, more)]
+    per_element = extra / (p.state.grads_bytes // 4)
+    assert devices[1].step_temp_bytes == pytest.approx(devices[0].step_temp_bytes + per_element)
 
 
 def test_the_host_stands_in_at_the_devices_speed_with_half_its_memory():

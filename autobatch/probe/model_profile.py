@@ -126,26 +126,40 @@ class ModelProfile:
         headroom_fraction: float,
         time_scale: float,
         extra_reserve: tuple[tuple[str, int], ...] = (),
+        extra_optimizer_bytes: int = 0,
     ) -> ModelProfile:
         """This profile on another device of the job, one where a replica does not fit a
         sample (so nothing could be measured there) but a sharded model may: the memory
         lines and state are the model's, the budget the device's (its total memory less
         the headroom, this profile's reserve and `extra_reserve`: what the source device
         did not have), the times times `time_scale` (how much slower the device is).
-        Estimated, never verified."""
+        `extra_optimizer_bytes`: what the optimizer step takes there beyond the source's
+        (foreach AdamW on a GPU, one copy of the trainable parameters, where a CPU steps
+        tensor by tensor). Estimated, never verified."""
         usable = info.total_bytes
         headroom = int(headroom_fraction * usable)
         reserve = (*self.reserve, *extra_reserve)
         budget = usable - headroom - sum(v for _, v in reserve)
+        measurements = tuple(
+            replace(m, optimizer_peak_bytes=m.optimizer_peak_bytes + extra_optimizer_bytes)
+            if m.optimizer_peak_bytes is not None
+            else m
+            for m in self.measurements
+        )
+        lines = self.peak_lines  # peak(b) is their max: the raised optimizer line joins them
+        if extra_optimizer_bytes:
+            lines = (*lines, optimizer_line([m for m in measurements if not m.oom]))
         return replace(
             self,
+            measurements=measurements,
+            peak_lines=lines,
             reserve=reserve,
             device_name=info.name,
             device_uuid=info.uuid,
             usable_bytes=usable,
             headroom_bytes=headroom,
             budget_bytes=budget,
-            max_micro_batch=largest_under(self.peak_lines, budget, self.micro_batch_cap),
+            max_micro_batch=largest_under(lines, budget, self.micro_batch_cap),
             fixed_s=self.fixed_s * time_scale,
             per_sample_s=self.per_sample_s * time_scale,
             step_overhead_s=self.step_overhead_s * time_scale,

@@ -132,13 +132,16 @@ class Prober:
         whose = f"{infos[by_type[src]].name}'s" if measured else "the host CPU's"
         for key, why in unfit.items():
             info = infos[by_type[key]]
-            # a CPU's tensors leave out the CUDA context, workspaces and fragmentation
-            extra = (("gpu_overhead", GPU_OVERHEAD_BYTES),) if info.is_cuda and not measured else ()
+            # a CPU's tensors leave out the CUDA context, workspaces and fragmentation, and
+            # its optimizer steps tensor by tensor where a GPU's foreach AdamW copies them all
+            on_gpu = info.is_cuda and not measured
+            extra = (("gpu_overhead", GPU_OVERHEAD_BYTES),) if on_gpu else ()
             profiles[key] = source.carried_to(
                 info,
                 headroom_fraction=self.spec.memory_headroom,
                 time_scale=speed[src] / info.speed,
                 extra_reserve=extra,
+                extra_optimizer_bytes=source.state.grads_bytes if on_gpu and source.state else 0,
             )
             self.notes.append(
                 f"{info.name}: a replica does not fit ({why}); its figures are {whose} "
