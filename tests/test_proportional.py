@@ -105,19 +105,24 @@ def train(
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
     acc = Accumulator(model, optimizer, max_grad_norm=MAX_GRAD_NORM, wrapping=wrapping)
-    size = sum(map(sum, plan))
     norms = []
     for j in range(first, first + steps):
-        start = j * size + sum(map(sum, plan[:rank]))
-        micro_batches = []
-        for n in plan[rank]:
-            micro_batches.append(case.batch(range(start, start + n)))
-            start += n
-        n_items = case.items(range(j * size, (j + 1) * size))
+        micro_batches, n_items = rank_batches(case, plan, rank, j)
         if on_peak is not None:
             on_peak.step = j
         norms.append(acc.step(micro_batches, case.loss_fn, global_items=n_items).grad_norm)
     return model, optimizer, norms
+
+
+def rank_batches(case: Case, plan: list[list[int]], rank: int, step: int) -> tuple[list, int]:
+    """This rank's micro-batches of global batch `step` under `plan`, and the batch's items."""
+    size = sum(map(sum, plan))
+    start = step * size + sum(map(sum, plan[:rank]))
+    micro_batches = []
+    for n in plan[rank]:
+        micro_batches.append(case.batch(range(start, start + n)))
+        start += n
+    return micro_batches, case.items(range(step * size, (step + 1) * size))
 
 
 def whole(model) -> dict[str, torch.Tensor]:
@@ -177,16 +182,11 @@ def memory_main(rank: int, shares: tuple[float, ...]) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     probe.install(model, optimizer)
     acc = Accumulator(model, optimizer, max_grad_norm=MAX_GRAD_NORM, wrapping=wrapping)
-    size = sum(map(sum, PLAN))
     after_step = []
     for j in range(STEPS):
         probe.step = j
-        start = j * size + sum(map(sum, PLAN[:rank]))
-        mbs = []
-        for n in PLAN[rank]:
-            mbs.append(case.batch(range(start, start + n)))
-            start += n
-        acc.step(mbs, case.loss_fn, global_items=case.items(range(j * size, (j + 1) * size)))
+        mbs, n_items = rank_batches(case, PLAN, rank, j)
+        acc.step(mbs, case.loss_fn, global_items=n_items)
         after_step.append(held_bytes(model, optimizer))
     return {
         "layout": model.layout,
@@ -373,14 +373,9 @@ def foreach_main(rank: int, world_size: int, shares: tuple[float, ...]) -> dict:
 
 def train_steps(case: Case, model, optimizer, wrapping, rank: int) -> None:  # noqa: ANN001
     acc = Accumulator(model, optimizer, wrapping=wrapping)
-    size = sum(map(sum, PLAN))
     for j in range(2):  # AdamW's state is born in the first step: the second is the peak
-        start = j * size + sum(map(sum, PLAN[:rank]))
-        mbs = []
-        for n in PLAN[rank]:
-            mbs.append(case.batch(range(start, start + n)))
-            start += n
-        acc.step(mbs, case.loss_fn, global_items=case.items(range(j * size, (j + 1) * size)))
+        mbs, n_items = rank_batches(case, PLAN, rank, j)
+        acc.step(mbs, case.loss_fn, global_items=n_items)
 
 
 def test_the_plan_counts_the_foreach_optimizer_steps_temporaries_on_every_rank():
