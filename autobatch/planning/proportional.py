@@ -349,7 +349,7 @@ def make_proportional_plan(
         mbs, s = joint.micro_batches[i], joint.slices[i]
         largest = rank_fit(d, W, s, B)[0]
         held = frozen + 2 * units.gathered_elems * ELEMENT_BYTES
-        held += SLICE_COPIES * s * ELEMENT_BYTES + (ADAM_STEP_BYTES * units.count if s else 0)
+        held += _slice_bytes(s, ELEMENT_BYTES, units)
         cap = replace(d.sharded("proportional", W), max_micro_batch=largest)
         inputs.append(cap)
         ranks.append(
