@@ -94,9 +94,12 @@ def train(
     resume: str | None = None,
 ):
     """`steps` optimizer steps of global batches first.. on this rank, after loading the
-    replica-format checkpoint `resume`; (model, optimizer, norms)."""
+    replica-format checkpoint `resume`, measured by `on_peak` (a PeakProbe); (model,
+    optimizer, norms)."""
     model = wrapping.wrap(case.build_model(), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if on_peak is not None:
+        on_peak.install(model, optimizer)
     if resume is not None:
         saved = torch.load(resume, weights_only=True)
         if isinstance(model, ProportionalModule):
@@ -328,6 +331,90 @@ def test_held_bytes_equal_the_memory_model_on_every_rank(three_ranks, shares):
         between = state_bytes(layout, rank, e)
         for measured in mem["after_step"]:
             assert measured == between["slice"] + between["optimizer"], f"rank {rank}"
+
+
+# ---------------------------------------------------------------------------
+# a block parameter that gets no gradient in a micro-step
+
+
+class GatedBlock(torch.nn.Module):
+    """A block whose `extra` runs only for micro-batches holding a sample whose first input
+    feature is over `threshold`, weighted by that mask, so each sample's loss is the same
+    whichever micro-batch it is in; where none is, `extra` gets no gradient."""
+
+    def __init__(self, width: int, threshold: float) -> None:
+        super().__init__()
+        self.lin, self.extra = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+        self.threshold = threshold
+        self.runs = {"used": 0, "unused": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.lin(x))
+        mask = (x[:, :1] > self.threshold).to(x.dtype)
+        used = bool(mask.any())
+        self.runs["used" if used else "unused"] += 1
+        return y + self.extra(x) * mask if used else y
+
+
+def gated_case(threshold: float) -> Case:
+    """sample_case's data (float64) through a root and three gated blocks."""
+    case = sample_case(torch.float64)
+
+    class Gated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(5, 8), torch.nn.Linear(8, 1)
+            self.blocks = torch.nn.ModuleList(GatedBlock(8, threshold) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.inp(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.out(x)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return Gated().double()
+
+    return Case(build, case.loss_fn, case.batch, case.items)
+
+
+def gated_main(rank: int, world_size: int) -> dict:
+    """Trained with `extra` used on some ranks' micro-steps and not others'; and held bytes
+    with `extra` never used (threshold inf)."""
+    model, _, _ = train(gated_case(0.0), Proportional(SHARES["70/25/5"]), PLAN, rank)
+    runs = [dict(b.runs) for b in model.inner.blocks]
+    probe = PeakProbe()
+    never, _, _ = train(
+        gated_case(float("inf")), Proportional(SHARES["70/25/5"]), PLAN, rank, probe
+    )
+    return {
+        "trained": whole(model),
+        "runs": runs,
+        "layout": never.layout,
+        "at_gather": probe.at_gather,
+    }
+
+
+def test_a_block_parameter_without_a_gradient_is_reduced_with_its_block():
+    """A parameter used on some ranks' micro-steps and not on others' (data decides): every
+    rank reduces the block at the same point (when its inputs' gradients are computed), so
+    the collectives match and the step equals the full batch's; a parameter never used does
+    not keep its block gathered past its backward (held bytes at each gather within the
+    peak the memory model predicts)."""
+    results = run_ranks(gated_main, 3)
+    runs = [r for res in results for block in res["runs"] for r in [block]]
+    assert sum(r["used"] for r in runs) > 0 and sum(r["unused"] for r in runs) > 0
+    reference_model, _, _ = train(gated_case(0.0), Proportional((1.0,)), [[12]], 0)
+    # every block's extra runs in every global batch: AdamW sees a gradient for it in
+    # every step there too (a parameter with none is skipped, one with a zero one is not)
+    assert all(block.runs["unused"] == 0 for block in reference_model.blocks)
+    want = whole(reference_model)
+    for rank, res in enumerate(results):
+        assert rel_diff(res["trained"], want) <= 1e-10, f"rank {rank}"
+        peak = sum(state_bytes(res["layout"], rank, 8).values())
+        held = [m for step, m in res["at_gather"] if step > 0]  # AdamW's state born
+        assert max(held) <= peak, f"rank {rank}: {max(held)} bytes held at a gather > {peak}"
 
 
 # ---------------------------------------------------------------------------

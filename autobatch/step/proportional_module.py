@@ -10,9 +10,11 @@ rank:
     forward   before each block: the block gathered; after it: its parameters freed
     backward  before each block's backward (a hook on its outputs' gradients): the block
               gathered again and a zero gradient allocated; once every parameter of the
-              block has its gradient (`register_post_accumulate_grad_hook`): each owner's
-              part reduced (SUM) to it, which adds it / W to its pieces' gradients; the
-              block's parameters and gradient freed
+              block has its gradient (`register_post_accumulate_grad_hook`), or else once
+              the gradients of its inputs are computed (a parameter that got none: an
+              identity on the block's inputs, `_InputsDone`): each owner's part reduced
+              (SUM) to it, which adds it / W to its pieces' gradients; the block's
+              parameters and gradient freed
     exit      every unit not yet reduced (the root; a block without gradients) reduced in
               unit order, the root freed
 
@@ -31,6 +33,7 @@ straight into the unit's buffer and nothing is padded.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -219,12 +222,27 @@ class ProportionalModule(nn.Module):
 
     # -- the hooks of a block --------------------------------------------------
     def _pre_forward(self, u: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple) -> None:
-            if self.active and self.phase[u] == "free":
-                self._gather(u, grads=False)
-                self.phase[u] = "forward"
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not self.active or self.phase[u] != "free":
+                return None  # recomputed inside its backward (checkpointing): gathered
+            self._gather(u, grads=False)
+            self.phase[u] = "forward"
+            at = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+            if not at:
+                return None
+            on_done = functools.partial(self._inputs_done, u)
+            watched = _InputsDone.apply(on_done, *(args[i] for i in at))
+            return tuple(watched[at.index(i)] if i in at else a for i, a in enumerate(args))
 
         return hook
+
+    def _inputs_done(self, u: int) -> None:
+        """The gradients of block u's inputs are computed, so every gradient its parameters
+        get has been accumulated (autograd runs those first): a parameter still without one
+        got none in this micro-step; the block is reduced and freed now, not at the end."""
+        if self.active and self.phase[u] == "backward":
+            self._reduce(u)
+            self._free(u)
 
     def _post_forward(self, u: int):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> object:
@@ -315,6 +333,21 @@ class ProportionalModule(nn.Module):
             got = whole.get(id(tensor))
             state[name] = tensor.detach().clone() if got is None else got
         return state
+
+
+class _InputsDone(torch.autograd.Function):
+    """Identity on a block's inputs; its backward calls `done` (as FSDP2's post-backward
+    hook on a unit's inputs)."""
+
+    @staticmethod
+    def forward(ctx, done, *inputs):  # noqa: ANN001, ANN002, ANN205
+        ctx.done = done
+        return inputs
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN002, ANN205
+        ctx.done()
+        return (None, *grads)
 
 
 def _tensors(value: object) -> Iterator[torch.Tensor]:
