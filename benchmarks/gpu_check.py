@@ -39,8 +39,8 @@ AdamW(foreach=True), in phases:
    --sharded-steps steps in the check's precision, whose peak is measured against
    the plan's prediction (no DDP buckets: sharded modes hold none) and whose
    all-gathers and reduce-scatters (proportional: broadcasts and reduces) are counted
-   (`ShardedCollectives`). Proportional runs in fp32 where the GPU has no bf16 (it refuses
-   fp16's loss scaler).
+   (`ShardedCollectives`). Proportional is left out where the GPU has no bf16 (it refuses
+   fp16's loss scaler; its plan comes from the probe's fp16 figures).
 
 The gradient all-reduce goes through host memory: the comm hook copies each
 bucket to the host, all-reduces it there (one all-reduce per bucket, as DDP's
@@ -823,14 +823,11 @@ def run_sharded(
         del params
         log.say(f"sharded {mode}: {EXACT_STEPS} fp32 steps, micro-batches {_micro(plan32)}, kept")
     with log.phase(f"sharded {mode}: run"):
-        precision = settings.precision
-        if mode == "proportional" and precision == "fp16":
-            precision = "fp32"  # Proportional refuses fp16's loss scaler (see the docstring)
         stats, _ = train_sharded(
-            settings, rank, device, plan, mode, precision=precision,
+            settings, rank, device, plan, mode, precision=settings.precision,
             steps=settings.sharded_steps,
         )  # fmt: skip
-        entry.update(run=asdict(stats), precision=precision)
+        entry["run"] = asdict(stats)
         speed = "-" if stats.samples_per_s is None else f"{stats.samples_per_s:.1f}"
         log.say(
             f"sharded {mode}: {speed} samples/s, loss {stats.first_loss:.3f} -> "
@@ -1292,7 +1289,6 @@ def sharded_lines(
             )
         lines.append("")
         run = entries[0].get("run")
-        run_precision = entries[0].get("precision", settings.precision)
         if run is not None:
             speed = "-" if run["samples_per_s"] is None else f"{run['samples_per_s']:.1f}"
             versus = ""
@@ -1300,7 +1296,7 @@ def sharded_lines(
                 ratio = run["samples_per_s"] / statistics.median(plan_runs)
                 versus = f" ({ratio:.2f}x the DDP plan runs' median)"
             lines.append(
-                f"- run ({settings.sharded_steps} steps, {run_precision}): {speed} "
+                f"- run ({settings.sharded_steps} steps, {settings.precision}): {speed} "
                 f"samples/s{versus}; loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}"
             )
         if errors is not None and mode in errors:
@@ -1454,6 +1450,10 @@ def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, 
             )
             return
     bf16 = args.cpu or torch.cuda.is_bf16_supported()
+    sharding = tuple(dict.fromkeys(args.sharding))
+    if not bf16 and "proportional" in sharding:
+        sharding = tuple(m for m in sharding if m != "proportional")
+        record.say("proportional left out: this GPU has no bf16, and it refuses fp16")
     caps = [c * 2**20 for c in args.caps_mib] if args.cpu else [c * 2**30 for c in args.caps_gib]
     if not args.cpu and sum(caps) > 0.8 * torch.cuda.get_device_properties(0).total_memory:
         record.fail(f"--caps-gib {args.caps_gib} do not fit this GPU with room for 3 contexts")
@@ -1468,7 +1468,7 @@ def check(args: argparse.Namespace, record: gpu_common.Record, state: dict[str, 
         work_dir=tempfile.mkdtemp(prefix="gpu_check-"),
         t0=record.t0,
         plant_failure=args.plant_failure,
-        sharding=tuple(dict.fromkeys(args.sharding)),
+        sharding=sharding,
         sharded_steps=args.sharded_steps,
         staged_fsdp=(args.fsdp_collectives or ("direct" if args.cpu else "staged")) == "staged",
     )

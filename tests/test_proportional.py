@@ -356,20 +356,26 @@ class GatedBlock(torch.nn.Module):
         return y + self.extra(x) * mask if used else y
 
 
-def gated_case(threshold: float) -> Case:
-    """sample_case's data (float64) through a root and three gated blocks."""
+def gated_case(threshold: float, *, shared: bool = False) -> Case:
+    """sample_case's data (float64) through a root and three gated blocks; `shared`: two
+    blocks, the first called again after the second, each given its input by keyword."""
     case = sample_case(torch.float64)
 
     class Gated(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inp, self.out = torch.nn.Linear(5, 8), torch.nn.Linear(8, 1)
-            self.blocks = torch.nn.ModuleList(GatedBlock(8, threshold) for _ in range(3))
+            n = 2 if shared else 3
+            self.blocks = torch.nn.ModuleList(GatedBlock(8, threshold) for _ in range(n))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.inp(x)
-            for block in self.blocks:
-                x = block(x)
+            if shared:
+                for block in (self.blocks[0], self.blocks[1], self.blocks[0]):
+                    x = block(x=x)
+            else:
+                for block in self.blocks:
+                    x = block(x)
             return self.out(x)
 
     def build() -> torch.nn.Module:
@@ -388,8 +394,10 @@ def gated_main(rank: int, world_size: int) -> dict:
     never, _, _ = train(
         gated_case(float("inf")), Proportional(SHARES["70/25/5"]), PLAN, rank, probe
     )
+    shared, _, _ = train(gated_case(0.0, shared=True), Proportional(SHARES["70/25/5"]), PLAN, rank)
     return {
         "trained": whole(model),
+        "shared": whole(shared),
         "runs": runs,
         "layout": never.layout,
         "at_gather": probe.at_gather,
@@ -399,9 +407,10 @@ def gated_main(rank: int, world_size: int) -> dict:
 def test_a_block_parameter_without_a_gradient_is_reduced_with_its_block():
     """A parameter used on some ranks' micro-steps and not on others' (data decides): every
     rank reduces the block at the same point (when its inputs' gradients are computed), so
-    the collectives match and the step equals the full batch's; a parameter never used does
-    not keep its block gathered past its backward (held bytes at each gather within the
-    peak the memory model predicts)."""
+    the collectives match and the step equals the full batch's, also for a block called
+    twice with its input by keyword; a parameter never used does not keep its block
+    gathered past its backward (held bytes at each gather within the peak the memory
+    model predicts)."""
     results = run_ranks(gated_main, 3)
     runs = [r for res in results for block in res["runs"] for r in [block]]
     assert sum(r["used"] for r in runs) > 0 and sum(r["unused"] for r in runs) > 0
@@ -410,8 +419,11 @@ def test_a_block_parameter_without_a_gradient_is_reduced_with_its_block():
     # every step there too (a parameter with none is skipped, one with a zero one is not)
     assert all(block.runs["unused"] == 0 for block in reference_model.blocks)
     want = whole(reference_model)
+    shared_reference, _ = reference(gated_case(0.0, shared=True))
     for rank, res in enumerate(results):
         assert rel_diff(res["trained"], want) <= 1e-10, f"rank {rank}"
+        # a block called twice is reduced once, after both calls' backward
+        assert rel_diff(res["shared"], shared_reference) <= 1e-10, f"rank {rank}, shared"
         peak = sum(state_bytes(res["layout"], rank, 8).values())
         held = [m for step, m in res["at_gather"] if step > 0]  # AdamW's state born
         assert max(held) <= peak, f"rank {rank}: {max(held)} bytes held at a gather > {peak}"

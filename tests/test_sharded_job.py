@@ -19,6 +19,7 @@ from test_launcher import (
     run,
 )
 
+from autobatch.errors import LaunchError
 from launcher.job.checkpoint import checkpoint_sharding, list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -85,6 +86,20 @@ def test_a_model_no_device_holds_as_a_replica_trains_on_the_host_cpus_figures(lo
     one = {"select": "simulated", "simulated": [{"name": "sim-1", "memory": "4MiB"}]}
     reference, _ = run(job(tmp_path / "ref", task_args=four_layers, devices=one, optimizer=adamw))
     assert_same_parameters(summary.parameters, reference.parameters)
+
+
+def test_auto_never_picks_proportional_for_fp16(local_ray, tmp_path):  # noqa: F811
+    """Where only proportional fits, fp16 is refused at planning, naming what to change:
+    proportional cannot scale fp16 losses. (6 layers on 200 KiB: a replica needs ~400 KiB,
+    "full" over two ranks 295 KiB, proportional holding no state ~120 KiB; in fp32 auto
+    picks proportional.)"""
+    sims = [{"name": "sim-big", "memory": "4MiB"}, {"name": "sim-tiny", "memory": "200KiB"}]
+    devices = {"select": "simulated", "simulated": sims, "keep_all": True}
+    six_layers = {**TINY, "n_layers": 6}
+    spec = job(tmp_path, task_args=six_layers, sharding="auto", precision="fp16", devices=devices)
+    with pytest.raises(LaunchError, match="only proportional fits these devices, and "
+                       "proportional cannot train in fp16.*set precision: fp32"):  # fmt: skip
+        run(spec)
 
 
 @pytest.mark.parametrize("where", ["first", "last"], ids=["no_sync", "synced"])

@@ -281,7 +281,10 @@ def test_the_summary_names_what_only_one_sharding_mode_fits(mixed):
         same = [p for p in mixed.outcomes if levers_of(p)[:3] == levers_of(o)[:3]]
         alone = o.fits and sum(p.fits for p in same) == 1
         assert (o.levers in only.get(o.levers.sharding, [])) == alone
-    assert [lv.precision for lv in only["proportional"]] == ["fp32", "fp16", "fp16"]
+    assert [lv.precision for lv in only["proportional"]] == ["fp32"]
+    for o in mixed.outcomes:  # the launcher refuses fp16 with proportional; so does the table
+        if o.levers.sharding == "proportional" and o.levers.precision == "fp16":
+            assert not o.fits and o.problem.startswith("not supported: fp16's loss scaler")
     line = next(x for x in mixed.summary_lines() if "only with sharding proportional" in x)
     assert "fp32, no LoRA, no checkpointing" in line
     assert mixed.to_dict()["only_with"]["proportional"][0]["lora"] is False
@@ -444,6 +447,6 @@ def test_the_8b_what_if_takes_seconds_not_minutes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "llama, 32 layers" in result.stdout and "fastest that fits" in result.stdout
     # a full fine-tune fits those T4s only when the A100s hold most of the state
-    only = "fits only with sharding proportional: fp32, no LoRA, checkpointing; fp16, no LoRA, "
-    assert only in " ".join(result.stdout.split()), result.stdout
+    only = "fits only with sharding proportional: fp32, no LoRA, checkpointing\n"
+    assert only in result.stdout, result.stdout
     assert seconds < 120, f"{seconds:.1f} s"  # 322 s before depth scaling; ~15 s on a quiet box

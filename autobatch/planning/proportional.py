@@ -180,10 +180,11 @@ def plan_proportional(
     )
 
 
-def _largest_b(d: ProportionalDevice, P: int, e: int, B: int, units: Units) -> int:
-    """The largest micro-batch with an empty slice, at most its cap (0: not even one sample)."""
-    b, top = 0, min(B, d.cap or B)
-    while b < top and state_room(d, b + 1, P, e, units) >= 0:
+def _largest_b(d: ProportionalDevice, P: int, e: int, B: int, units: Units, s: int = 0) -> int:
+    """The largest micro-batch beside a slice of `s` elements (default: none), at most B and
+    the device's cap (0: not even one sample)."""
+    b, top = 0, B if d.cap is None else min(B, d.cap)
+    while b < top and state_room(d, b + 1, P, e, units) >= s:
         b += 1
     return b
 
@@ -397,9 +398,7 @@ def rank_fit(
     state = d.memory.state
     total = max(1, state.grads_bytes // ELEMENT_BYTES)
     units, pd = units_of(state), proportional_device(d, world_size)
-    largest, top = 0, min(global_batch_size, pd.cap or global_batch_size)
-    while largest < top and state_room(pd, largest + 1, total, ELEMENT_BYTES, units) >= state_slice:
-        largest += 1
+    largest = _largest_b(pd, total, ELEMENT_BYTES, global_batch_size, units, state_slice)
     need = peak_bytes(pd, 1, state_slice, total, ELEMENT_BYTES, units)
     return largest, need, pd.memory_bytes
 

@@ -8,7 +8,9 @@ and planned:
     precision      fp32, and bf16 when every GPU has it, else fp16 (autocast)
     LoRA           off, or on with the job's adapter (a default one when it has none)
     checkpointing  gradient (activation) checkpointing off or on
-    sharding       none (DDP), optimizer, full (FSDP2; `autobatch.planning.memory`)
+    sharding       none (DDP), optimizer, full (FSDP2; `autobatch.planning.memory`),
+                   proportional (planned shares; `autobatch.planning.proportional`, not
+                   with fp16)
 
 Each combination says whether one sample fits every device, the largest
 micro-batch of each device type, and the samples/s of its plan; or, where it
@@ -191,6 +193,9 @@ def _proportional_outcome(levers: Levers, caps: Sequence[DeviceCapacity], job: L
     the columns are then each type's figures at its planned share."""
     W, B = len(caps), job.global_batch_size
     empty = _proportional_fits(caps, [0] * W, B)
+    if levers.precision == "fp16":
+        why = "not supported: fp16's loss scaler would check one rank's slice of the gradients"
+        return Outcome(levers, empty, None, why)
     unfit = [f for f in empty if f.max_micro_batch < 1]
     if unfit:
         why = "; ".join(f"{f.name}: needs {size_text(f.needs_bytes)}, has "
@@ -209,15 +214,15 @@ def _proportional_outcome(levers: Levers, caps: Sequence[DeviceCapacity], job: L
 def _proportional_fits(
     caps: Sequence[DeviceCapacity], slices: Sequence[int], global_batch_size: int
 ) -> tuple[DeviceFit, ...]:
-    """One DeviceFit per device type, from its first device with its slice."""
-    first: dict[str, tuple[DeviceCapacity, int]] = {}
+    """One DeviceFit per device type: of its devices, the one with the smallest largest
+    micro-batch at its slice."""
+    tightest: dict[str, DeviceFit] = {}
     for d, s in zip(caps, slices, strict=True):
-        first.setdefault(d.name, (d, s))
-    return tuple(
-        DeviceFit(d.name, sum(c.name == d.name for c in caps),
-                  *rank_fit(d, len(caps), s, global_batch_size))
-        for d, s in first.values()
-    )  # fmt: skip
+        count = sum(c.name == d.name for c in caps)
+        fit = DeviceFit(d.name, count, *rank_fit(d, len(caps), s, global_batch_size))
+        if d.name not in tightest or fit.max_micro_batch < tightest[d.name].max_micro_batch:
+            tightest[d.name] = fit
+    return tuple(tightest.values())
 
 
 def _fits(caps: Sequence[DeviceCapacity]) -> tuple[DeviceFit, ...]:

@@ -6,8 +6,8 @@ parameters outside every block), then each block (`autobatch.step.shard.repeated
 the units FSDP2's "full" shards), each unit's parameters in `parameters()` order. Rank r
 owns the contiguous range [start_r, start_r + size_r) of that layout (`Slices`; size_r may
 be 0). A unit is gathered whole when it runs, from the owners its range meets; a rank
-keeps its range as pieces, one per unit its range meets (the optimizer steps piece
-by piece: its temporaries are at most a unit's, below what a micro-step gathers).
+keeps its range as pieces, one per unit its range meets (the optimizer's temporaries:
+see `state_bytes`).
 
 Why one range per rank, not each unit split by the shares: the bytes a rank holds are the
 same (its slice, and the gathered units), and a unit then has only the owners whose

@@ -16,7 +16,7 @@ rank:
               (SUM) to it, which adds it / W to its pieces' gradients; the block's
               parameters and gradient freed
     exit      every unit not yet reduced (the root; a block without gradients) reduced in
-              unit order, the root freed
+              the backward's order (the last block first, the root last), the root freed
 
 A unit's parameters are views of one buffer per unit; freeing it resizes that buffer's
 storage to 0 and gathering resizes it back (as FSDP2 does), so the views autograd saved
@@ -39,6 +39,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autobatch.errors import PlanError
 from autobatch.step.collective import collective_device
@@ -117,13 +118,15 @@ class ProportionalModule(nn.Module):
                          for lo, hi in self.bounds]  # fmt: skip
         self.grads: list[torch.Tensor | None] = [None] * n_units
         self.phase = ["free"] * n_units  # free, forward, backward, reduced
+        self.watched = [False] * n_units  # the block's inputs watched in this micro-step
         self.pending = [0] * n_units  # parameters whose gradient is still to come
         for u in range(n_units):
             self._free(u)
         self.active = False
         self.hooks = []
         for u, block in enumerate(blocks, start=1):
-            self.hooks.append(block.register_forward_pre_hook(self._pre_forward(u)))
+            pre_forward = self._pre_forward(u)
+            self.hooks.append(block.register_forward_pre_hook(pre_forward, with_kwargs=True))
             self.hooks.append(block.register_forward_hook(self._post_forward(u)))
         for i, p in enumerate(self.params):
             self.hooks.append(p.register_post_accumulate_grad_hook(self._accumulated(i)))
@@ -155,7 +158,7 @@ class ProportionalModule(nn.Module):
             self.active = True
             self._gather(0, grads=True)
             yield
-            for u in range(self.layout.n_units):
+            for u in reversed(range(self.layout.n_units)):  # the backward's order, root last
                 if self.phase[u] != "reduced":
                     if self.grads[u] is None:  # never reached its backward: a zero gradient
                         self._gather(u, grads=True)
@@ -165,6 +168,7 @@ class ProportionalModule(nn.Module):
             for u in range(self.layout.n_units):
                 self._free(u)
                 self.phase[u] = "free"
+                self.watched[u] = False
 
     def _gather(self, u: int, *, grads: bool) -> None:
         """Unit u's parameters gathered into its buffer (once), with a zero gradient."""
@@ -222,17 +226,22 @@ class ProportionalModule(nn.Module):
 
     # -- the hooks of a block --------------------------------------------------
     def _pre_forward(self, u: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             if not self.active or self.phase[u] != "free":
                 return None  # recomputed inside its backward (checkpointing): gathered
             self._gather(u, grads=False)
             self.phase[u] = "forward"
-            at = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+            if self.watched[u]:
+                return None  # called again in this micro-step: its first call's inputs tell
+            self.watched[u] = True
+            leaves, spec = tree_flatten((args, kwargs))
+            at = [i for i, x in enumerate(leaves) if torch.is_tensor(x) and x.requires_grad]
             if not at:
                 return None
             on_done = functools.partial(self._inputs_done, u)
-            watched = _InputsDone.apply(on_done, *(args[i] for i in at))
-            return tuple(watched[at.index(i)] if i in at else a for i, a in enumerate(args))
+            for i, x in zip(at, _InputsDone.apply(on_done, *(leaves[i] for i in at))):
+                leaves[i] = x
+            return tree_unflatten(leaves, spec)
 
         return hook
 

@@ -180,6 +180,12 @@ def plan_job(spec: JobSpec, probed: Sequence[cluster.ProbedDevice], notes: Seque
             spec.global_batch_size, capacities, sharding=spec.sharding,
             keep_all=spec.devices.keep_all,
         )  # fmt: skip
+    if plan.sharding == "proportional" and fit[0].profile.precision == "fp16":
+        raise LaunchError(
+            "sharding: auto found only proportional fits these devices, and proportional "
+            "cannot train in fp16 (its loss scaler would check one rank's slice of the "
+            "gradients): set precision: fp32 (or bf16 where every GPU has it), or add devices"
+        )
     checkpointed = sorted({d.info.name for d in fit if d.profile.gradient_checkpointing})
     why = "micro-batch 1 does not fit without it"
     notes = [*notes, *(f"gradient checkpointing on {n}: {why}" for n in checkpointed)]
