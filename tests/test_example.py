@@ -1,5 +1,5 @@
-"""The README's library example runs as written, alone and under torchrun (replicated and
-fully sharded), with the same losses."""
+"""The README's library example runs as written, alone and under torchrun (replicated,
+fully sharded and in planned slices), with the same losses."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def one() -> list[str]:
     return _loss_lines([sys.executable, "-m", "autobatch.tasks.example"])
 
 
-@pytest.mark.parametrize("sharding", ["none", "full"])
+@pytest.mark.parametrize("sharding", ["none", "full", "proportional"])
 def test_example_gives_the_same_losses_on_one_and_three_ranks(one, sharding):
     three = _loss_lines(
         [

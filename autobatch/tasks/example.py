@@ -4,6 +4,7 @@
     AUTOBATCH_SIMULATED_DEVICES="sim-big:24MiB,sim-mid:12MiB:0.5,sim-small:6MiB:0.25" \\
         torchrun --nproc_per_node 3 -m autobatch.tasks.example     # three gloo ranks
     ... -m autobatch.tasks.example --sharding full                 # FSDP2, ZeRO-3
+    ... -m autobatch.tasks.example --sharding proportional         # planned slices
 
 Whatever the number of ranks and the sharding, every optimizer step sees the same
 24 samples and the run's losses are the same (up to float rounding).
@@ -19,7 +20,8 @@ from autobatch import Accumulator, GlobalBatchSampler, plan_for_group, wrapping_
 from autobatch.tasks.tiny_gpt import tiny_gpt_task
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--sharding", default="none", choices=["none", "optimizer", "full", "auto"])
+modes = ["none", "optimizer", "full", "proportional", "auto"]
+parser.add_argument("--sharding", default="none", choices=modes)
 sharding = parser.parse_args().sharding
 rank = int(os.environ.get("RANK", "0"))
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -41,9 +43,10 @@ torch.manual_seed(0)
 model = task.build_model()
 if plan.capacity(rank).gradient_checkpointing:
     task.checkpoint_activations(model)
-wrapping = wrapping_for(plan.sharding)  # DDP or FSDP2 when the group has several ranks
-wrapped = wrapping.wrap(model, torch.device("cpu"))  # before the optimizer: FSDP2 shards
-acc = Accumulator(wrapped, make_optimizer(model), max_grad_norm=1.0, wrapping=wrapping)
+# DDP, FSDP2 or the plan's proportional slices when the group has several ranks
+wrapping = wrapping_for(plan.sharding, slices=plan.state_slices)
+wrapped = wrapping.wrap(model, torch.device("cpu"))  # before the optimizer: it shards
+acc = Accumulator(wrapped, make_optimizer(wrapped), max_grad_norm=1.0, wrapping=wrapping)
 sampler = GlobalBatchSampler(len(task.dataset), plan.global_batch_size, seed=0)
 
 for step in range(30):
